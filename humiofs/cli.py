@@ -1,0 +1,283 @@
+"""Command line: argparse subcommands, logging setup and exit codes.
+
+main(argv) returns the exit code; every HumiofsError becomes one line on stderr and its code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from humiofs import config as configmod
+from humiofs import errors, generations
+from humiofs.config import Config
+from humiofs.errors import HumiofsError, Interrupted, StoreError
+from humiofs.format import Generation
+from humiofs.progress import human_bytes
+from humiofs.store import Store, is_store, list_stores
+
+log = logging.getLogger("humiofs")
+
+EPILOG = """\
+settings come from --config (a KEY=VALUE env file as for docker --env-file), then the
+environment, then flags (highest). The key is never taken from the command line: set
+BACKUP_KEY in the env file or environment, or use --key-file.
+exit codes: 0 ok, 1 internal error, 2 bad usage or settings, 3 wrong key, 4 store locked by
+another writer, 5 store damaged, 6 restore target or mountpoint unusable, 7 backup disk full or
+not writable, 8 finished but some files were skipped, 130 interrupted."""
+
+
+def _common(p: argparse.ArgumentParser, need_name: bool = True) -> None:
+    g = p.add_argument_group("settings")
+    g.add_argument("--config", "-c", type=Path, metavar="ENV_FILE",
+                   help="KEY=VALUE settings file (docker --env-file format)")
+    g.add_argument("--key-file", type=Path, metavar="FILE",
+                   help="read the key from the first line of FILE instead of BACKUP_KEY")
+    g.add_argument("--backup-dir", metavar="DIR", help="overrides BACKUP_DIR")
+    if need_name:
+        g.add_argument("--name", metavar="NAME", help="overrides BACKUP_NAME")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="humiofs", description="Encrypted backups of a Humio/LogScale node's data "
+        "directory, restorable with plain file copies from a read-only FUSE mount.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("backup", help="back up DIRECTORY into BACKUP_DIR/BACKUP_NAME",
+                       description="Store the current state of DIRECTORY as a new generation in "
+                       "BACKUP_DIR/BACKUP_NAME (created on first use). Unchanged files are not "
+                       "read again.", epilog=EPILOG, formatter_class=fmt)
+    _common(p)
+    p.add_argument("--directory", metavar="DIR", help="overrides DIRECTORY")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="skip matching entries; /PATTERN is anchored at DIRECTORY, PATTERN "
+                   "matches a name at any depth (added to BACKUP_EXCLUDE and /jvm-tmp)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    p.add_argument("--watch", action="store_true",
+                   help="keep running: back up every BACKUP_INTERVAL_SECONDS (default 60)")
+    p.add_argument("--interval", type=float, metavar="SECONDS",
+                   help="with --watch, overrides BACKUP_INTERVAL_SECONDS")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", help="write a generation back to disk",
+                       description="Rebuild the node tree of the latest generation (or --at "
+                       "TIME) in --to DIR: contents, holes, symlinks, modes and mtimes (owners "
+                       "too when run as root).", epilog=EPILOG, formatter_class=fmt)
+    _common(p)
+    p.add_argument("--to", type=Path, required=True, metavar="DIR", help="restore target")
+    p.add_argument("--at", metavar="TIME", help="the latest generation at or before TIME "
+                   "(ISO 8601 such as 2026-11-24T10:00, or @UNIXSECONDS)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--missing-only", action="store_true",
+                      help="only write files that are absent from DIR (restore missing segments)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace files that exist in DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("ls", help="list the backups in BACKUP_DIR and their generations",
+                       description="List the stores in BACKUP_DIR (or only --name) with their "
+                       "generations. Without a key only names and times are shown.",
+                       epilog=EPILOG, formatter_class=fmt)
+    _common(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("key", help="key management", description="Key management.")
+    ksub = p.add_subparsers(dest="key_command", metavar="ACTION")
+    ksub.required = True
+    kp = ksub.add_parser("change", help="re-wrap the store key under a new BACKUP_KEY",
+                         description="Wrap the store's master key under a new key read from "
+                         "--new-key-file. No data is re-encrypted; the old key stops working.",
+                         epilog=EPILOG, formatter_class=fmt)
+    _common(kp)
+    kp.add_argument("--new-key-file", type=Path, required=True, metavar="FILE",
+                    help="file whose first line is the new key")
+    kp.set_defaults(func=cmd_key_change)
+
+    _add_extra_commands(sub, fmt)
+    return parser
+
+
+def _add_extra_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+                        fmt: type[argparse.HelpFormatter]) -> None:
+    """Commands implemented in their own modules (mount_cli: mount, umount; maint_cli: check,
+    prune)."""
+    for module in ("humiofs.mount_cli", "humiofs.maint_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError:
+            continue
+        mod.add_commands(sub, _common, fmt, EPILOG)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    flags = {
+        "BACKUP_DIR": getattr(args, "backup_dir", None),
+        "BACKUP_NAME": getattr(args, "name", None),
+        "DIRECTORY": getattr(args, "directory", None),
+    }
+    return configmod.load(flags, env_file=args.config, key_file=args.key_file)
+
+
+def open_store(cfg: Config) -> Store:
+    """Opens the configured store (it must exist)."""
+    return Store.open(cfg.store_path(), cfg.need_key())
+
+
+def open_or_create_store(cfg: Config) -> Store:
+    path = cfg.store_path()
+    key = cfg.need_key()
+    return Store.open(path, key) if is_store(path) else Store.create(path, key)
+
+
+def latest_readable_generation(store: Store) -> Generation | None:
+    """The newest generation that reads back, skipping damaged ones with a warning."""
+    for name in reversed(store.list_generations()):
+        try:
+            return store.load_generation(name)
+        except StoreError as exc:
+            log.warning("ignoring damaged generation %s: %s", name, exc)
+    return None
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from humiofs.writer import Backup, BackupOptions
+    from humiofs.scan import DEFAULT_EXCLUDES
+
+    cfg = load_config(args)
+    source = cfg.need_directory()
+    cfg.need_name()
+    cfg.need_key()
+    if args.watch:
+        watch = importlib.import_module("humiofs.watch")
+        interval = args.interval if args.interval is not None else cfg.interval_s
+        return watch.run(cfg, interval, tuple(args.exclude), not args.no_progress)
+    store = open_or_create_store(cfg)
+    opts = BackupOptions(source=source, backup_name=store.name,
+                         excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
+                         host_id=cfg.host_id, progress=None if not args.no_progress else False)
+    start = time.monotonic()
+    with store.lock():
+        store.clean_tmp()
+        parent = latest_readable_generation(store)
+        run = Backup(store, opts)
+        gen = run.run(parent)
+    s = run.stats
+    skipped = f", {s.skipped} skipped" if s.skipped else ""
+    print(f"backup {store.name}: generation {generations.format_time(gen.time_ms)}: "
+          f"{s.new} new, {s.changed} changed, {s.unchanged} unchanged files{skipped}; "
+          f"read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
+          f"in {time.monotonic() - start:.1f}s")
+    return errors.EXIT_PARTIAL if s.skipped else errors.EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from humiofs.restore import Restore, RestoreOptions
+
+    cfg = load_config(args)
+    store = open_store(cfg)
+    gen = generations.pick(store, args.at)
+    start = time.monotonic()
+    opts = RestoreOptions(target=args.to, missing_only=args.missing_only,
+                          overwrite=args.overwrite,
+                          progress=None if not args.no_progress else False)
+    stats = Restore(store, opts).run(gen)
+    skipped = f", {stats.skipped} left alone" if stats.skipped else ""
+    print(f"restore {store.name}: generation {generations.format_time(gen.time_ms)} -> "
+          f"{args.to}: {stats.files} files, {stats.dirs} folders, {stats.symlinks} symlinks"
+          f"{skipped}; {human_bytes(stats.bytes)} of data in {time.monotonic() - start:.1f}s")
+    return errors.EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    names = [cfg.backup_name] if cfg.backup_name else list_stores(cfg.backup_dir)
+    if not names:
+        print(f"no backups in {cfg.backup_dir}")
+        return errors.EXIT_OK
+    for name in names:
+        path = cfg.backup_dir / name
+        if not is_store(path):
+            raise errors.NoSuchStore(f"no humiofs store at {path}")
+        store: Store | None = None
+        if cfg.backup_key:
+            try:
+                store = Store.open(path, cfg.backup_key)
+            except errors.WrongKey:
+                print(f"{name}: the key does not open this backup")
+                continue
+        gen_names = (store.list_generations() if store else
+                     Store(path, b"", b"").list_generations())
+        print(f"{name}: {len(gen_names)} generation(s)")
+        for gname in gen_names:
+            when = generations.format_time(int(gname[:13]))
+            if store is None:
+                print(f"  {when}  {gname}")
+                continue
+            try:
+                g = store.load_generation(gname)
+            except StoreError as exc:
+                print(f"  {when}  {gname}  DAMAGED: {exc}")
+                continue
+            st = g.stats
+            ident = f"  node {g.identity.node_id}" if g.identity else ""
+            print(f"  {when}  {gname}  {st.get('files', 0)} files  "
+                  f"{human_bytes(st.get('bytes', 0))}{ident}")
+    return errors.EXIT_OK
+
+
+def cmd_key_change(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    new_key = configmod.read_key_file(args.new_key_file)
+    store = open_store(cfg)
+    with store.lock():
+        store.change_key(new_key)
+    print(f"key changed for {store.path}; the old key no longer opens it")
+    return errors.EXIT_OK
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
+                                         logging.INFO if verbose else logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("humiofs: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
+    func: Callable[[argparse.Namespace], int] = args.func
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return func(args)
+    except HumiofsError as exc:
+        print(f"humiofs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        exc2 = Interrupted("interrupted; the last committed generation is intact")
+        print(f"humiofs: error: {exc2}", file=sys.stderr)
+        return exc2.exit_code
+    except BrokenPipeError:
+        return errors.EXIT_OK
+    finally:
+        signal.signal(signal.SIGTERM, old_term)

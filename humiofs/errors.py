@@ -1,0 +1,89 @@
+"""One exception tree for humiofs; every class carries the exit code the CLI returns for it.
+
+The exit codes are part of the interface and are listed in the README.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_WRONG_KEY = 3
+EXIT_LOCKED = 4
+EXIT_DAMAGED = 5
+EXIT_TARGET = 6
+EXIT_IO = 7
+EXIT_PARTIAL = 8
+EXIT_INTERRUPTED = 130
+
+
+class HumiofsError(Exception):
+    """An error the user should see as one line, and the exit code it maps to."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(HumiofsError):
+    """Bad flags, environment or env-file settings."""
+
+    exit_code = EXIT_USAGE
+
+
+class WrongKey(HumiofsError):
+    """The key does not open the store (or every key file of it is damaged)."""
+
+    exit_code = EXIT_WRONG_KEY
+
+
+class StoreLocked(HumiofsError):
+    """Another writer holds the store's lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class StoreError(HumiofsError):
+    """The store is missing, malformed or fails authentication."""
+
+    exit_code = EXIT_DAMAGED
+
+
+class NoSuchObject(StoreError):
+    """A store file that a ref points to does not exist."""
+
+
+class IntegrityError(StoreError):
+    """Stored bytes failed authentication or a structural check."""
+
+
+class NoSuchStore(StoreError):
+    """There is no store at the given location."""
+
+    exit_code = EXIT_USAGE
+
+
+class TargetError(HumiofsError):
+    """A restore target or mountpoint is unusable or would be overwritten."""
+
+    exit_code = EXIT_TARGET
+
+
+class StoreIOError(HumiofsError):
+    """Writing the store failed (for example, the backup disk is full)."""
+
+    exit_code = EXIT_IO
+
+
+class SourceChanged(HumiofsError):
+    """A source file changed or vanished while it was being read."""
+
+    exit_code = EXIT_PARTIAL
+
+
+class Interrupted(HumiofsError):
+    """The run was stopped by a signal before it finished."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -1,0 +1,320 @@
+"""Byte layouts of the store objects (docs/FORMAT.md sections 3, 6.1 and 7).
+
+Pure encode/decode: no I/O and no cryptography. Decoders treat their input as untrusted and raise
+IntegrityError on anything malformed.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from humiofs.errors import IntegrityError
+
+MAGIC = b"HUMIOF"
+TYPE_PACK = b"P"
+TYPE_GENERATION = b"G"
+PACK_VERSION = 1
+GENERATION_VERSION = 1
+TREE_VERSION = 1
+HEADER_LEN = 8
+
+FILE = 1
+DIR = 2
+SYMLINK = 3
+
+REF_LEN = 56
+_REF = struct.Struct(">16s16sQQQ")
+_ENTRY_HEAD = struct.Struct(">BIIIqqQQ")
+_EXTENT = struct.Struct(">QQ")
+_TREE_HEAD = struct.Struct(">2sBI")
+GENERATION_NAME = re.compile(r"^(\d{13})-([0-9a-f]{16})$")
+
+
+def header(file_type: bytes, version: int) -> bytes:
+    """The 8-byte header that starts every binary store file."""
+    return MAGIC + file_type + bytes((version,))
+
+
+def check_header(data: bytes, file_type: bytes, version: int, what: str) -> None:
+    """Raises IntegrityError unless `data` starts with the expected header."""
+    if len(data) < HEADER_LEN or data[:6] != MAGIC or data[6:7] != file_type:
+        raise IntegrityError(f"{what}: not a humiofs {file_type.decode()} file")
+    if data[7] != version:
+        raise IntegrityError(f"{what}: unsupported format version {data[7]}")
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """Where a blob is: its pack, offset and lengths, and the object id its key derives from."""
+
+    pack: bytes
+    oid: bytes
+    offset: int
+    stored_len: int
+    plain_len: int
+
+    def encode(self) -> bytes:
+        return _REF.pack(self.pack, self.oid, self.offset, self.stored_len, self.plain_len)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> Ref:
+        if len(data) != REF_LEN:
+            raise IntegrityError("ref has the wrong length")
+        pack, oid, offset, slen, plen = _REF.unpack(data)
+        if offset < HEADER_LEN:
+            raise IntegrityError("ref points into a pack header")
+        return cls(pack, oid, offset, slen, plen)
+
+    def hex(self) -> str:
+        return self.encode().hex()
+
+    @classmethod
+    def from_hex(cls, text: str) -> Ref:
+        try:
+            return cls.decode(bytes.fromhex(text))
+        except ValueError:
+            raise IntegrityError("ref is not valid hex") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One directory entry of a tree. `name` and `target` are raw bytes."""
+
+    name: bytes
+    type: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    size: int
+    data: Ref | None = None
+    extents: tuple[tuple[int, int], ...] = ()
+    subtree: Ref | None = None
+    target: bytes = b""
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of real data (what `du` counts): the sum of the extent lengths."""
+        return sum(length for _, length in self.extents)
+
+
+def check_name(name: bytes) -> None:
+    """Raises IntegrityError unless `name` is a safe single path component."""
+    if not 0 < len(name) <= 255 or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise IntegrityError(f"unsafe name in tree: {name!r}")
+
+
+def encode_tree(entries: list[Entry]) -> bytes:
+    """The deterministic tree plaintext of `entries` (which must be sorted by name)."""
+    out = [_TREE_HEAD.pack(b"HT", TREE_VERSION, len(entries))]
+    for e in entries:
+        out.append(struct.pack(">H", len(e.name)))
+        out.append(e.name)
+        out.append(_ENTRY_HEAD.pack(e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.ctime_ns,
+                                    e.ino, e.size))
+        if e.type == FILE:
+            if e.data is None:
+                out.append(b"\0")
+            else:
+                out.append(b"\1")
+                out.append(e.data.encode())
+            out.append(struct.pack(">I", len(e.extents)))
+            out.extend(_EXTENT.pack(off, length) for off, length in e.extents)
+        elif e.type == DIR:
+            assert e.subtree is not None, "a directory entry needs its subtree"
+            out.append(e.subtree.encode())
+        elif e.type == SYMLINK:
+            out.append(struct.pack(">H", len(e.target)))
+            out.append(e.target)
+        else:
+            raise ValueError(f"unknown entry type {e.type}")
+    return b"".join(out)
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise IntegrityError("tree is truncated")
+        chunk = self.data[self.pos:end]
+        self.pos = end
+        return chunk
+
+    def unpack(self, st: struct.Struct) -> tuple[Any, ...]:
+        end = self.pos + st.size
+        if end > len(self.data):
+            raise IntegrityError("tree is truncated")
+        values = st.unpack_from(self.data, self.pos)
+        self.pos = end
+        return values
+
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_MAX_EXTENTS = 1 << 24
+
+
+def _check_extents(extents: tuple[tuple[int, int], ...], size: int, data: Ref | None) -> None:
+    end = 0
+    for off, length in extents:
+        if length <= 0 or off < end or off + length > size:
+            raise IntegrityError("tree has a malformed extent list")
+        end = off + length
+    total = sum(length for _, length in extents)
+    if (data is None) != (total == 0) or (data is not None and data.plain_len != total):
+        raise IntegrityError("tree extents do not match the file's data")
+
+
+def decode_tree(data: bytes) -> list[Entry]:
+    """Entries of a tree plaintext; raises IntegrityError if anything is malformed."""
+    r = _Reader(data)
+    magic, version, count = r.unpack(_TREE_HEAD)
+    if magic != b"HT":
+        raise IntegrityError("not a tree")
+    if version != TREE_VERSION:
+        raise IntegrityError(f"unsupported tree version {version}")
+    entries: list[Entry] = []
+    prev = b""
+    for _ in range(count):
+        (name_len,) = r.unpack(_U16)
+        name = r.take(name_len)
+        check_name(name)
+        if entries and name <= prev:
+            raise IntegrityError("tree entries are not strictly sorted")
+        prev = name
+        etype, mode, uid, gid, mtime, ctime, ino, size = r.unpack(_ENTRY_HEAD)
+        if mode > 0o7777:
+            raise IntegrityError("tree entry has an invalid mode")
+        if etype == FILE:
+            (has,) = r.take(1)
+            if has > 1:
+                raise IntegrityError("tree entry has an invalid data flag")
+            ref = Ref.decode(r.take(REF_LEN)) if has else None
+            (n,) = r.unpack(_U32)
+            if n > _MAX_EXTENTS:
+                raise IntegrityError("tree entry has too many extents")
+            raw = r.take(n * _EXTENT.size)
+            extents = tuple(_EXTENT.iter_unpack(raw))
+            _check_extents(extents, size, ref)
+            entries.append(Entry(name, etype, mode, uid, gid, mtime, ctime, ino, size,
+                                 data=ref, extents=extents))
+        elif etype == DIR:
+            sub = Ref.decode(r.take(REF_LEN))
+            entries.append(Entry(name, etype, mode, uid, gid, mtime, ctime, ino, size,
+                                 subtree=sub))
+        elif etype == SYMLINK:
+            (tlen,) = r.unpack(_U16)
+            target = r.take(tlen)
+            if not target or b"\0" in target:
+                raise IntegrityError("tree has an invalid symlink target")
+            entries.append(Entry(name, etype, mode, uid, gid, mtime, ctime, ino, size,
+                                 target=target))
+        else:
+            raise IntegrityError(f"tree entry has unknown type {etype}")
+    if r.pos != len(data):
+        raise IntegrityError("tree has trailing bytes")
+    return entries
+
+
+@dataclass(frozen=True, slots=True)
+class RootAttrs:
+    """Attributes of the node directory itself, which no tree entry describes."""
+
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    tree: Ref
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The node's id and the contents of its cluster_membership.uuid."""
+
+    node_id: str
+    uuid: str
+
+    @property
+    def seed_name(self) -> bytes:
+        """Name of the seed file the mount presents under globaldata/."""
+        return f"cluster_membership-{self.node_id}-{self.uuid}.uuid".encode()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A committed generation: the state of a node at one time."""
+
+    name: str
+    time_ms: int
+    backup_name: str
+    host: str
+    directory: str
+    root: RootAttrs
+    identity: Identity | None
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def generation_time(name: str) -> int:
+    """Commit time (Unix ms) from a generation file name; IntegrityError if it is not one."""
+    m = GENERATION_NAME.match(name)
+    if not m:
+        raise IntegrityError(f"not a generation name: {name!r}")
+    return int(m.group(1))
+
+
+def encode_generation(gen: Generation) -> bytes:
+    doc = {
+        "version": GENERATION_VERSION,
+        "name": gen.name,
+        "time_ms": gen.time_ms,
+        "backup_name": gen.backup_name,
+        "host": gen.host,
+        "directory": gen.directory,
+        "root": {"mode": gen.root.mode, "uid": gen.root.uid, "gid": gen.root.gid,
+                 "mtime_ns": gen.root.mtime_ns, "tree": gen.root.tree.hex()},
+        "identity": None if gen.identity is None else {
+            "node_id": gen.identity.node_id, "uuid": gen.identity.uuid},
+        "stats": gen.stats,
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+_SAFE_ID = re.compile(r"^[0-9A-Za-z._-]{1,100}$")
+
+
+def decode_generation(data: bytes, file_name: str) -> Generation:
+    """Parses a generation plaintext and checks it belongs to the file `file_name`."""
+    try:
+        doc = json.loads(data)
+        if doc["version"] != GENERATION_VERSION:
+            raise IntegrityError(f"generation {file_name}: unsupported version {doc['version']}")
+        if doc["name"] != file_name:
+            raise IntegrityError(f"generation {file_name}: contents belong to {doc['name']!r}")
+        r = doc["root"]
+        root = RootAttrs(int(r["mode"]) & 0o7777, int(r["uid"]), int(r["gid"]),
+                         int(r["mtime_ns"]), Ref.from_hex(r["tree"]))
+        ident = doc.get("identity")
+        identity = None
+        if ident is not None:
+            node_id, uuid = str(ident["node_id"]), str(ident["uuid"])
+            if _SAFE_ID.match(node_id) and _SAFE_ID.match(uuid):
+                identity = Identity(node_id, uuid)
+        stats = {str(k): int(v) for k, v in dict(doc.get("stats", {})).items()}
+        return Generation(file_name, int(doc["time_ms"]), str(doc["backup_name"]),
+                          str(doc.get("host", "")), str(doc.get("directory", "")),
+                          root, identity, stats)
+    except IntegrityError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"generation {file_name} is malformed: {exc}") from None

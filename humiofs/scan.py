@@ -1,0 +1,97 @@
+"""Reading a data directory: excludes, data extents via SEEK_DATA/SEEK_HOLE, bounded-memory
+reads of a file's data, and the stat signature used for change detection.
+"""
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from humiofs.errors import SourceChanged
+
+READ_BUFFER = 1 << 20
+DEFAULT_EXCLUDES = ("/jvm-tmp",)
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """What must be unchanged for a file to be taken as unchanged without reading it."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Signature:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+class Excluder:
+    """Decides which entries a backup skips.
+
+    A pattern starting with `/` is anchored at the data directory and matched against the
+    relative path (`/jvm-tmp`, `/dataspace_*/tmp`); any other pattern is matched against the
+    entry's name at every depth (`*.tmp`). Matching uses shell wildcards.
+    """
+
+    def __init__(self, patterns: tuple[str, ...] | list[str]) -> None:
+        self.anchored = [p.strip("/") for p in patterns if p.startswith("/")]
+        self.names = [p for p in patterns if p and not p.startswith("/")]
+
+    def excluded(self, rel: bytes, name: bytes) -> bool:
+        rel_s = os.fsdecode(rel)
+        name_s = os.fsdecode(name)
+        return (any(fnmatch.fnmatchcase(rel_s, p) for p in self.anchored)
+                or any(fnmatch.fnmatchcase(name_s, p) for p in self.names))
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The data regions of an open file as (offset, length), holes left out.
+
+    Falls back to one extent over the whole file where the filesystem cannot report holes.
+    """
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return [(0, size)] if size else []
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end <= start:
+            break
+        if extents and extents[-1][0] + extents[-1][1] == start:
+            extents[-1] = (extents[-1][0], end - extents[-1][0])
+        else:
+            extents.append((start, end - start))
+        pos = end
+    return extents
+
+
+def iter_extent_data(fd: int, extents: list[tuple[int, int]],
+                     bufsize: int = READ_BUFFER) -> Iterator[memoryview]:
+    """Yields the bytes of the extents in order, reusing one buffer.
+
+    Each view is valid only until the next one is requested. Raises SourceChanged if the file
+    ends early (it was truncated while being read).
+    """
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    for offset, length in extents:
+        done = 0
+        while done < length:
+            want = min(bufsize, length - done)
+            n = os.preadv(fd, [view[:want]], offset + done)
+            if n <= 0:
+                raise SourceChanged("file shrank while it was read")
+            yield view[:n]
+            done += n

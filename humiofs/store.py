@@ -1,0 +1,531 @@
+"""The store directory (docs/FORMAT.md sections 2, 6 and 8): creating and opening it, atomic
+write-once files, packs, reading blobs back, generations and the writer lock.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from humiofs import crypto, format, keys
+from humiofs.crypto import CHUNK, STORED_CHUNK, ObjectCipher
+from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError, StoreIOError,
+                            StoreLocked, WrongKey)
+from humiofs.format import Ref
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = "humiofs-store"
+STORE_VERSION = 1
+MAX_TREE_BYTES = 1 << 30
+MAX_GENERATION_BYTES = 16 << 20
+_BATCH_CHUNKS = 16
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview, what: str) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except OSError as exc:
+        raise _store_io_error(exc, what) from None
+
+
+def _store_io_error(exc: OSError, what: str) -> StoreIOError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreIOError(f"backup disk is full while writing {what}; nothing stored so far "
+                            "was changed. Free space (or run prune) and run again")
+    return StoreIOError(f"cannot write {what}: {exc.strerror}")
+
+
+def is_store(path: Path) -> bool:
+    """True if `path` looks like a humiofs store (it has a config file)."""
+    return (path / "config").is_file()
+
+
+def list_stores(backup_dir: Path) -> list[str]:
+    """Names of the stores in `backup_dir`, sorted."""
+    try:
+        names = os.listdir(backup_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StoreError(f"cannot list {backup_dir}: {exc.strerror}") from None
+    return sorted(n for n in names if not n.startswith(".") and is_store(backup_dir / n))
+
+
+class _PackFile:
+    """An open pack with a reference count, so a cached fd is never closed under a reader."""
+
+    __slots__ = ("fd", "users", "evicted")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.evicted = False
+
+
+class Store:
+    """An opened store: its location, its id and the unwrapped master key."""
+
+    def __init__(self, path: Path, store_id: bytes, master: bytes) -> None:
+        self.path = path
+        self.store_id = store_id
+        self._master = master
+        self._open_packs: OrderedDict[bytes, _PackFile] = OrderedDict()
+        self._packs_lock = threading.Lock()
+        self.max_open_packs = 64
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # -- creating and opening -------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: Path, passphrase: str,
+               kdf: keys.KdfParams | None = None) -> Store:
+        """Creates a new store at `path`, atomically: it appears complete or not at all."""
+        keys.check_passphrase(passphrase)
+        parent = path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreIOError(f"cannot create {parent}: {exc.strerror}") from None
+        staging = parent / f".{path.name}.creating-{os.urandom(4).hex()}"
+        store_id = os.urandom(16)
+        master = keys.new_master_key()
+        try:
+            os.mkdir(staging, 0o700)
+            for sub in ("keys", "packs", "generations", "tmp"):
+                os.mkdir(staging / sub, 0o700)
+            for i in range(256):
+                os.mkdir(staging / "packs" / f"{i:02x}", 0o700)
+            config = {"format": STORE_FORMAT, "version": STORE_VERSION,
+                      "store_id": store_id.hex(), "created_ms": int(time.time() * 1000)}
+            _write_new(staging / "config", json.dumps(config).encode() + b"\n")
+            _write_new(staging / "keys" / os.urandom(16).hex(),
+                       keys.wrap(master, store_id, passphrase, kdf))
+            for sub in ("keys", "packs", "generations", "tmp", "."):
+                _fsync_dir(staging / sub)
+            os.rename(staging, path)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and is_store(path):
+                return cls.open(path, passphrase)
+            raise _store_io_error(exc, f"the new store {path}") from None
+        _fsync_dir(parent)
+        log.info("created store %s", path)
+        return cls(path, store_id, master)
+
+    @classmethod
+    def open(cls, path: Path, passphrase: str) -> Store:
+        """Opens the store at `path`; raises WrongKey if the passphrase does not open it."""
+        try:
+            raw = (path / "config").read_bytes()
+        except FileNotFoundError:
+            raise NoSuchStore(f"no humiofs store at {path}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path / 'config'}: {exc.strerror}") from None
+        try:
+            config = json.loads(raw)
+            if config["format"] != STORE_FORMAT:
+                raise StoreError(f"{path} is not a humiofs store")
+            if config["version"] != STORE_VERSION:
+                raise StoreError(f"{path}: unsupported store version {config['version']}")
+            store_id = bytes.fromhex(config["store_id"])
+        except (ValueError, KeyError, TypeError):
+            raise IntegrityError(f"{path / 'config'} is malformed") from None
+        key_dir = path / "keys"
+        try:
+            key_names = sorted(os.listdir(key_dir))
+        except OSError as exc:
+            raise StoreError(f"cannot list {key_dir}: {exc.strerror}") from None
+        problems = []
+        for name in key_names:
+            try:
+                master = keys.unwrap((key_dir / name).read_bytes(), store_id, passphrase)
+            except (IntegrityError, OSError) as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            if master is not None:
+                return cls(path, store_id, master)
+        for problem in problems:
+            log.warning("store %s: key file %s", path, problem)
+        raise WrongKey(
+            f"the key does not open the store {path}. If the key is lost, this backup cannot be "
+            f"read by anyone: delete {path} or choose a new BACKUP_NAME or BACKUP_DIR, and start "
+            "a fresh backup")
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _tmp_path(self) -> Path:
+        return self.path / "tmp" / f"{os.urandom(8).hex()}.tmp"
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        """Writes the store file `rel` once, atomically and durably."""
+        final = self.path / rel
+        tmp = self._tmp_path()
+        try:
+            _write_new(tmp, data)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise _store_io_error(exc, str(final)) from None
+
+    def clean_tmp(self) -> None:
+        """Removes what dead writers left in tmp/ (call only while holding the lock)."""
+        for name in os.listdir(self.path / "tmp"):
+            _unlink_quietly(self.path / "tmp" / name)
+
+    def new_pack(self) -> PackWriter:
+        return PackWriter(self)
+
+    def pack_path(self, pack_id: bytes) -> Path:
+        h = pack_id.hex()
+        return self.path / "packs" / h[:2] / h
+
+    def cipher(self, kind: int, oid: bytes) -> ObjectCipher:
+        return ObjectCipher(self._master, kind, oid)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Holds the exclusive writer lock; raises StoreLocked if another process has it."""
+        lock_path = self.path / "lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                raise StoreLocked(f"another humiofs writer is using {self.path}"
+                                  + (f" ({holder})" if holder else "")) from None
+            except OSError as exc:
+                raise StoreError(f"cannot lock {lock_path}: {exc.strerror}") from None
+            info = f"host {socket.gethostname()} pid {os.getpid()} since {time.ctime()}"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    def change_key(self, new_passphrase: str, kdf: keys.KdfParams | None = None) -> None:
+        """Wraps the master key under a new passphrase and removes the old key files."""
+        keys.check_passphrase(new_passphrase)
+        key_dir = self.path / "keys"
+        old = os.listdir(key_dir)
+        new_name = os.urandom(16).hex()
+        self.write_file(f"keys/{new_name}",
+                        keys.wrap(self._master, self.store_id, new_passphrase, kdf))
+        check = keys.unwrap((key_dir / new_name).read_bytes(), self.store_id, new_passphrase)
+        if check != self._master:
+            raise StoreError(f"the new key file in {key_dir} does not read back; old keys kept")
+        for name in old:
+            os.unlink(key_dir / name)
+        _fsync_dir(key_dir)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _acquire_pack(self, pack_id: bytes) -> _PackFile:
+        with self._packs_lock:
+            pf = self._open_packs.get(pack_id)
+            if pf is not None:
+                self._open_packs.move_to_end(pack_id)
+                pf.users += 1
+                return pf
+        path = self.pack_path(pack_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NoSuchObject(f"pack {pack_id.hex()} is missing from the store") from None
+        except OSError as exc:
+            raise StoreError(f"cannot open pack {pack_id.hex()}: {exc.strerror}") from None
+        try:
+            head = os.pread(fd, format.HEADER_LEN, 0)
+            format.check_header(head, format.TYPE_PACK, format.PACK_VERSION,
+                                f"pack {pack_id.hex()}")
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._packs_lock:
+            pf = self._open_packs.get(pack_id)
+            if pf is not None:
+                os.close(fd)
+            else:
+                pf = _PackFile(fd)
+                self._open_packs[pack_id] = pf
+                while len(self._open_packs) > self.max_open_packs:
+                    _, old = self._open_packs.popitem(last=False)
+                    old.evicted = True
+                    if old.users == 0:
+                        os.close(old.fd)
+            pf.users += 1
+            return pf
+
+    def _release_pack(self, pf: _PackFile) -> None:
+        with self._packs_lock:
+            pf.users -= 1
+            if pf.evicted and pf.users == 0:
+                os.close(pf.fd)
+
+    def close(self) -> None:
+        """Closes cached pack files."""
+        with self._packs_lock:
+            for pf in self._open_packs.values():
+                pf.evicted = True
+                if pf.users == 0:
+                    os.close(pf.fd)
+            self._open_packs.clear()
+
+    def read_stored(self, pack_id: bytes, offset: int, length: int) -> bytes:
+        """Exactly `length` stored bytes at `offset` of a pack; a short read is an error."""
+        pf = self._acquire_pack(pack_id)
+        try:
+            parts = []
+            got = 0
+            while got < length:
+                piece = os.pread(pf.fd, length - got, offset + got)
+                if not piece:
+                    raise IntegrityError(f"pack {pack_id.hex()} is truncated")
+                parts.append(piece)
+                got += len(piece)
+        except OSError as exc:
+            raise StoreError(f"cannot read pack {pack_id.hex()}: {exc.strerror}") from None
+        finally:
+            self._release_pack(pf)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_chunks(self, ref: Ref, kind: int, first: int, last: int) -> list[bytes]:
+        """Authenticated plaintext of chunks first..last (inclusive) of the blob at `ref`."""
+        _check_ref(ref)
+        start = ref.offset + first * STORED_CHUNK
+        end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
+        stored = self.read_stored(ref.pack, start, end - start)
+        cipher = self.cipher(kind, ref.oid)
+        try:
+            return list(cipher.iter_open(stored, first, ref.plain_len))
+        except IntegrityError as exc:
+            raise IntegrityError(f"pack {ref.pack.hex()} at offset {ref.offset}: {exc}") from None
+
+    def read_range(self, ref: Ref, kind: int, start: int, end: int) -> bytes:
+        """Authenticated plaintext bytes [start, end) of the blob at `ref`."""
+        end = min(end, ref.plain_len)
+        if start >= end:
+            return b""
+        first, last = start // CHUNK, (end - 1) // CHUNK
+        data = b"".join(self.read_chunks(ref, kind, first, last))
+        base = first * CHUNK
+        return data[start - base:end - base]
+
+    def iter_blob(self, ref: Ref, kind: int, batch_chunks: int = _BATCH_CHUNKS) -> Iterator[bytes]:
+        """The authenticated plaintext of a blob in order, a batch of chunks at a time."""
+        n = crypto.chunk_count(ref.plain_len)
+        for first in range(0, n, batch_chunks):
+            last = min(n - 1, first + batch_chunks - 1)
+            yield b"".join(self.read_chunks(ref, kind, first, last))
+
+    def read_blob(self, ref: Ref, kind: int) -> bytes:
+        """The whole authenticated plaintext of a (metadata-sized) blob."""
+        if ref.plain_len > MAX_TREE_BYTES:
+            raise IntegrityError(f"blob in pack {ref.pack.hex()} is implausibly large")
+        return b"".join(self.read_chunks(ref, kind, 0, crypto.chunk_count(ref.plain_len) - 1))
+
+    def read_tree(self, ref: Ref) -> list[format.Entry]:
+        """The entries of the tree blob at `ref`."""
+        return format.decode_tree(self.read_blob(ref, crypto.KIND_TREE))
+
+    # -- generations ------------------------------------------------------------------------
+
+    def list_generations(self) -> list[str]:
+        """Names of the committed generations, oldest first."""
+        try:
+            names = os.listdir(self.path / "generations")
+        except OSError as exc:
+            raise StoreError(f"cannot list generations of {self.path}: {exc.strerror}") from None
+        return sorted(n for n in names if format.GENERATION_NAME.match(n))
+
+    def load_generation(self, name: str) -> format.Generation:
+        """Reads, authenticates and parses one generation."""
+        path = self.path / "generations" / name
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_GENERATION_BYTES + 1)
+        except FileNotFoundError:
+            raise NoSuchObject(f"generation {name} is missing from the store") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read generation {name}: {exc.strerror}") from None
+        where = f"generation {name}"
+        format.check_header(data, format.TYPE_GENERATION, format.GENERATION_VERSION, where)
+        oid, stored = data[8:24], data[24:]
+        plain_len = _plain_len_of(len(stored))
+        if len(oid) != crypto.OBJECT_ID_LEN or plain_len is None or len(data) > MAX_GENERATION_BYTES:
+            raise IntegrityError(f"{where} is truncated or malformed")
+        try:
+            plain = self.cipher(crypto.KIND_GENERATION, oid).open(stored, plain_len)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{where}: {exc}") from None
+        return format.decode_generation(plain, name)
+
+    def commit_generation(self, gen: format.Generation) -> None:
+        """Writes `gen` as a new generation file; the last step of a backup run."""
+        oid = crypto.new_object_id()
+        sealed = self.cipher(crypto.KIND_GENERATION, oid).seal(format.encode_generation(gen))
+        data = format.header(format.TYPE_GENERATION, format.GENERATION_VERSION) + oid + sealed
+        self.write_file(f"generations/{gen.name}", data)
+
+
+def new_generation_name(time_ms: int) -> str:
+    return f"{time_ms:013d}-{os.urandom(8).hex()}"
+
+
+def _plain_len_of(stored: int) -> int | None:
+    chunks = max(1, -(-stored // STORED_CHUNK))
+    plain = stored - crypto.TAG * chunks
+    if plain < 0 or crypto.chunk_count(plain) != chunks:
+        return None
+    return plain
+
+
+def _check_ref(ref: Ref) -> None:
+    if ref.stored_len != crypto.stored_len(ref.plain_len):
+        raise IntegrityError(f"ref into pack {ref.pack.hex()} has inconsistent lengths")
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data, str(path))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class PackWriter:
+    """Writes one pack under tmp/; `finish` makes it durable under packs/, `abort` drops it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.pack_id = os.urandom(16)
+        self._tmp = store._tmp_path()
+        try:
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o600)
+        except OSError as exc:
+            raise _store_io_error(exc, "a new pack") from None
+        self.size = 0
+        self.blobs = 0
+        self._write(format.header(format.TYPE_PACK, format.PACK_VERSION))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        _write_all(self._fd, data, f"pack {self.pack_id.hex()}")
+        self.size += len(data)
+
+    def add(self, kind: int, plaintext: bytes) -> Ref:
+        """Appends a blob held in memory; returns its ref."""
+        oid = crypto.new_object_id()
+        sealed = self.store.cipher(kind, oid).seal(plaintext)
+        offset = self.size
+        self._write(sealed)
+        self.blobs += 1
+        return Ref(self.pack_id, oid, offset, len(sealed), len(plaintext))
+
+    def add_stream(self, kind: int, pieces: Iterable[bytes | memoryview], plain_len: int) -> Ref:
+        """Appends a blob of exactly `plain_len` bytes given as pieces of any size.
+
+        Raises ValueError if the pieces add up to another length; the pack must then be aborted.
+        """
+        oid = crypto.new_object_id()
+        cipher = self.store.cipher(kind, oid)
+        n_chunks = crypto.chunk_count(plain_len)
+        offset = self.size
+        out = bytearray(_BATCH_CHUNKS * STORED_CHUNK)
+        out_view = memoryview(out)
+        pending = bytearray()
+        index = 0
+        pos = 0
+        seen = 0
+
+        def emit(chunk: bytes | bytearray | memoryview) -> None:
+            nonlocal index, pos
+            if index >= n_chunks:
+                raise ValueError("blob is longer than announced")
+            pos += cipher.encrypt_chunk_into(index, chunk, index == n_chunks - 1, out_view[pos:])
+            index += 1
+            if pos > len(out) - STORED_CHUNK:
+                self._write(out_view[:pos])
+                pos = 0
+
+        for piece in pieces:
+            view = memoryview(piece)
+            seen += len(view)
+            if pending:
+                need = CHUNK - len(pending)
+                pending += view[:need]
+                view = view[need:]
+                if len(pending) < CHUNK:
+                    continue
+                emit(pending)
+                pending = bytearray()
+            while len(view) >= CHUNK:
+                emit(view[:CHUNK])
+                view = view[CHUNK:]
+            if view:
+                pending += view
+        if seen != plain_len:
+            raise ValueError(f"blob has {seen} bytes, {plain_len} announced")
+        if pending or index == 0:
+            emit(pending)
+        if pos:
+            self._write(out_view[:pos])
+        self.blobs += 1
+        return Ref(self.pack_id, oid, offset, crypto.stored_len(plain_len), plain_len)
+
+    def finish(self) -> None:
+        """Makes the pack durable under its final name; refs into it become valid."""
+        final = self.store.pack_path(self.pack_id)
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.rename(self._tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            self.abort()
+            raise _store_io_error(exc, f"pack {self.pack_id.hex()}") from None
+
+    def abort(self) -> None:
+        """Drops the unfinished pack."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        _unlink_quietly(self._tmp)
