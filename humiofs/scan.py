@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from humiofs.errors import SourceChanged
 
-READ_BUFFER = 1 << 20
+# 256 KiB keeps the read buffer and its ciphertext in the CPU cache between the read and the
+# write; 1 MiB buffers measured slower here.
+READ_BUFFER = 256 << 10
 DEFAULT_EXCLUDES = ("/jvm-tmp",)
 
 
@@ -32,20 +34,35 @@ class Signature:
 class Excluder:
     """Decides which entries a backup skips.
 
-    A pattern starting with `/` is anchored at the data directory and matched against the
-    relative path (`/jvm-tmp`, `/dataspace_*/tmp`); any other pattern is matched against the
-    entry's name at every depth (`*.tmp`). Matching uses shell wildcards.
+    A pattern starting with `/` is anchored at the data directory and matched component by
+    component against the relative path (`/jvm-tmp`, `/dataspace_*/tmp`); any other pattern is
+    matched against the entry's name at every depth (`*.tmp`). Components use shell wildcards,
+    which never match across a `/`.
     """
 
     def __init__(self, patterns: tuple[str, ...] | list[str]) -> None:
-        self.anchored = [p.strip("/") for p in patterns if p.startswith("/")]
-        self.names = [p for p in patterns if p and not p.startswith("/")]
+        self.anchored: dict[int, list[list[bytes]]] = {}
+        self.names: list[bytes] = []
+        for p in patterns:
+            if p.startswith("/"):
+                parts = [os.fsencode(c) for c in p.strip("/").split("/") if c]
+                if parts:
+                    self.anchored.setdefault(len(parts), []).append(parts)
+            elif p:
+                self.names.append(os.fsencode(p))
 
     def excluded(self, rel: bytes, name: bytes) -> bool:
-        rel_s = os.fsdecode(rel)
-        name_s = os.fsdecode(name)
-        return (any(fnmatch.fnmatchcase(rel_s, p) for p in self.anchored)
-                or any(fnmatch.fnmatchcase(name_s, p) for p in self.names))
+        for pattern in self.names:
+            if fnmatch.fnmatchcase(name, pattern):
+                return True
+        depth = rel.count(b"/") + 1
+        candidates = self.anchored.get(depth)
+        if candidates:
+            parts = rel.split(b"/")
+            for pat in candidates:
+                if all(fnmatch.fnmatchcase(c, p) for c, p in zip(parts, pat)):
+                    return True
+        return False
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:

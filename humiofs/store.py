@@ -29,7 +29,7 @@ STORE_FORMAT = "humiofs-store"
 STORE_VERSION = 1
 MAX_TREE_BYTES = 1 << 30
 MAX_GENERATION_BYTES = 16 << 20
-_BATCH_CHUNKS = 16
+_BATCH_CHUNKS = 4
 
 
 def _fsync_dir(path: Path) -> None:

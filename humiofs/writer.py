@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 import socket
 import stat
 import time
@@ -25,9 +26,16 @@ log = logging.getLogger(__name__)
 SMALL_FILE = 1 << 20
 PACK_TARGET = 16 << 20
 READ_ATTEMPTS = 3
+# Packs are made durable (fsync, rename, fsync of the folder) on a background thread so the
+# disk flushes one pack while the next is read and encrypted. At most this many wait.
+MAX_PENDING_PACKS = 4
 # A file modified this close to the moment it was read may have been modified again within
 # the same timestamp tick; its ctime is stored as 0 so that the next run reads it again.
 RACY_NS = 2_000_000_000
+
+
+# A path relative to the source, as raw bytes (`bytes` is shadowed inside BackupStats).
+RelPath = bytes
 
 
 @dataclass
@@ -47,10 +55,16 @@ class BackupStats:
     bytes_stored: int = 0
     trees_stored: int = 0
     warnings: list[str] = field(default_factory=list)
+    skipped_paths: list[RelPath] = field(default_factory=list)
 
     def generation_stats(self) -> dict[str, int]:
         return {"files": self.files, "dirs": self.dirs, "symlinks": self.symlinks,
                 "bytes": self.bytes, "data_bytes": self.data_bytes}
+
+
+# Counts of what a tree holds, all levels below it: files, dirs, symlinks, bytes, data bytes.
+# A tree's encoding is deterministic, so a tree ref always has the same counts.
+TreeCounts = tuple[int, int, int, int, int]
 
 
 @dataclass
@@ -60,6 +74,12 @@ class BackupOptions:
     excludes: tuple[str, ...] = scan.DEFAULT_EXCLUDES
     host_id: str | None = None
     progress: bool | None = None
+    # Continuous backup (watch.py): `clean(rel)` promises that the directory `rel` (relative to
+    # the source, b"" for the source itself) and everything below it are unchanged since the
+    # parent generation. Such a directory keeps its previous tree without being listed, if its
+    # inode and mtime still match and `tree_counts` knows the counts of that tree.
+    clean: Callable[[bytes], bool] | None = None
+    tree_counts: dict[Ref, TreeCounts] | None = None
 
 
 class Backup:
@@ -76,12 +96,26 @@ class Backup:
         self._trees: PackWriter | None = None
         self._progress = Progress(enabled=options.progress)
         self._store_ino: tuple[int, int] | None = None
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-finish")
+        self._pending: list[Future[None]] = []
         self._scan_start_ns = 0
+        # Counts of every tree this run stored or reused, for the next run's `tree_counts`.
+        self.tree_counts_seen: dict[Ref, TreeCounts] = {}
 
     # -- the run -----------------------------------------------------------------------------
 
     def run(self, parent: Generation | None) -> Generation:
         """Stores the current state of the source and commits it as a new generation."""
+        gen = self.build(parent)
+        self.store.commit_generation(gen)
+        return gen
+
+    def build(self, parent: Generation | None) -> Generation:
+        """Stores what changed since `parent` and returns the new generation, not committed.
+
+        Every pack it refers to is durable; the caller commits it with
+        `store.commit_generation` (or drops it, if it equals the parent).
+        """
         src = self.opt.source
         try:
             root_st = os.stat(src)
@@ -98,27 +132,34 @@ class Backup:
             self._progress.total_bytes = _estimate_bytes(parent)
         self._scan_start_ns = time.time_ns()
         prev_root = parent.root.tree if parent else None
+        root_ref = None
+        if parent is not None and parent.root.mtime_ns == root_st.st_mtime_ns:
+            root_ref = self._reuse(b"", prev_root)
         try:
-            root_ref = self._dir(os.fsencode(src), b"", prev_root)
+            if root_ref is None:
+                root_ref = self._dir(os.fsencode(src), b"", prev_root)
             self._finish_packs()
         except BaseException:
             self._abort_packs()
             raise
         finally:
             self._progress.close()
+            self._finisher.shutdown(wait=True)
         now_ms = int(time.time() * 1000)
         if parent is not None and now_ms <= parent.time_ms:
             now_ms = parent.time_ms + 1
-        gen = Generation(
+        # The identity comes from files in the source's own folder: unchanged if it was reused.
+        ident = (parent.identity if parent is not None and root_ref == prev_root
+                 and self.opt.clean is not None and self.opt.clean(b"")
+                 else identity.detect(src, self.opt.host_id))
+        return Generation(
             name=new_generation_name(now_ms), time_ms=now_ms,
             backup_name=self.opt.backup_name, host=socket.gethostname(),
             directory=str(src),
             root=RootAttrs(root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid,
                            root_st.st_mtime_ns, root_ref),
-            identity=identity.detect(src, self.opt.host_id),
+            identity=ident,
             stats=self.stats.generation_stats())
-        self.store.commit_generation(gen)
-        return gen
 
     # -- packs --------------------------------------------------------------------------------
 
@@ -132,20 +173,29 @@ class Backup:
             self._small = self.store.new_pack()
         return self._small
 
+    def _finish_later(self, pack: PackWriter) -> None:
+        """Queues `pack` to be made durable; raises the error of any finished one that failed."""
+        self._pending.append(self._finisher.submit(pack.finish))
+        while len(self._pending) > MAX_PENDING_PACKS or (self._pending and self._pending[0].done()):
+            self._pending.pop(0).result()
+
     def _rotate(self) -> None:
         for attr in ("_small", "_trees"):
             pack = getattr(self, attr)
             if pack is not None and pack.size >= PACK_TARGET:
-                pack.finish()
+                self._finish_later(pack)
                 setattr(self, attr, None)
 
     def _finish_packs(self) -> None:
-        # Data packs before tree packs: a tree must never reach the disk before its data.
+        """Makes every pack durable. Only after this may the generation be written: it must
+        never reach the disk before the data and trees it refers to."""
         for attr in ("_small", "_trees"):
             pack = getattr(self, attr)
             if pack is not None:
-                pack.finish()
+                self._finish_later(pack)
                 setattr(self, attr, None)
+        while self._pending:
+            self._pending.pop(0).result()
 
     def _abort_packs(self) -> None:
         for attr in ("_small", "_trees"):
@@ -153,6 +203,9 @@ class Backup:
             if pack is not None:
                 pack.abort()
                 setattr(self, attr, None)
+        for fut in self._pending:
+            fut.exception()
+        self._pending.clear()
 
     # -- directories --------------------------------------------------------------------------
 
@@ -166,7 +219,38 @@ class Backup:
             self._warn(f"previous backup of {_show(rel)}/ is unreadable ({exc}); reading it anew")
             return None, {}
 
+    def _counts(self) -> TreeCounts:
+        s = self.stats
+        return (s.files, s.dirs, s.symlinks, s.bytes, s.data_bytes)
+
+    def _reuse(self, rel: bytes, prev_ref: Ref | None) -> Ref | None:
+        """`prev_ref`, counted into the stats, if the caller says `rel` is clean; else None."""
+        if prev_ref is None or self.opt.clean is None or self.opt.tree_counts is None:
+            return None
+        counts = self.opt.tree_counts.get(prev_ref)
+        if counts is None or not self.opt.clean(rel):
+            return None
+        s = self.stats
+        s.files += counts[0]
+        s.dirs += counts[1]
+        s.symlinks += counts[2]
+        s.bytes += counts[3]
+        s.data_bytes += counts[4]
+        s.unchanged += counts[0]
+        self._progress.update(counts[0], counts[4])
+        self.tree_counts_seen[prev_ref] = counts
+        return prev_ref
+
     def _dir(self, path: bytes, rel: bytes, prev_ref: Ref | None) -> Ref:
+        before = self._counts()
+        ref = self._walk_dir(path, rel, prev_ref)
+        after = self._counts()
+        self.tree_counts_seen[ref] = (after[0] - before[0], after[1] - before[1],
+                                      after[2] - before[2], after[3] - before[3],
+                                      after[4] - before[4])
+        return ref
+
+    def _walk_dir(self, path: bytes, rel: bytes, prev_ref: Ref | None) -> Ref:
         prev_plain, prev = self._previous_tree(prev_ref, rel)
         with os.scandir(path) as it:
             items = sorted(it, key=lambda d: d.name)
@@ -208,8 +292,13 @@ class Backup:
         if self._store_ino == (st.st_dev, st.st_ino):
             log.info("skipping %s: it is the backup store itself", _show(rel))
             return None
+        prev = old.subtree if old is not None and old.type == DIR else None
+        if (old is not None and old.ino == st.st_ino and old.mtime_ns == st.st_mtime_ns
+                and (reused := self._reuse(rel, prev)) is not None):
+            self.stats.dirs += 1
+            return _entry(path, st, DIR, subtree=reused)
         try:
-            sub = self._dir(path, rel, old.subtree if old and old.type == DIR else None)
+            sub = self._dir(path, rel, prev)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -232,7 +321,9 @@ class Backup:
     def _file(self, path: bytes, rel: bytes, st: os.stat_result, old: Entry | None) -> Entry | None:
         if old is not None and old.type == FILE and _unchanged(old, st):
             self.stats.unchanged += 1
-            entry = _entry(path, st, FILE, data=old.data, extents=old.extents)
+            entry = old
+            if (old.mode, old.uid, old.gid) != (st.st_mode & 0o7777, st.st_uid, st.st_gid):
+                entry = _entry(path, st, FILE, data=old.data, extents=old.extents)
             self._count_file(entry)
             self._progress.update(1, entry.data_bytes)
             return entry
@@ -302,10 +393,10 @@ class Backup:
             except ValueError as exc:
                 raise SourceChanged(str(exc)) from None
             _check_same(fd, st)
-            pack.finish()
         except BaseException:
             pack.abort()
             raise
+        self._finish_later(pack)
         return ref
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -329,6 +420,7 @@ class Backup:
 
     def _skip(self, rel: bytes, why: str, old: Entry | None, entries: list[Entry]) -> None:
         self.stats.skipped += 1
+        self.stats.skipped_paths.append(rel)
         if old is not None:
             self._warn(f"{_show(rel)}: {why}; keeping the copy from the previous generation")
             kept = self._keep_old(old)
