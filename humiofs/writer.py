@@ -29,9 +29,10 @@ READ_ATTEMPTS = 3
 # Packs are made durable (fsync, rename, fsync of the folder) on a background thread so the
 # disk flushes one pack while the next is read and encrypted. At most this many wait.
 MAX_PENDING_PACKS = 4
-# A file modified this close to the moment it was read may have been modified again within
-# the same timestamp tick; its ctime is stored as 0 so that the next run reads it again.
-RACY_NS = 2_000_000_000
+# A file whose ctime is this close to the moment it was read may have been modified again
+# within the same timestamp tick (a jiffy, at most 10 ms) without its ctime moving; its ctime
+# is stored as 0 so that the next run reads it again (git's "racy clean" problem).
+RACY_NS = 100_000_000
 
 
 # A path relative to the source, as raw bytes (`bytes` is shadowed inside BackupStats).
@@ -98,7 +99,6 @@ class Backup:
         self._store_ino: tuple[int, int] | None = None
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-finish")
         self._pending: list[Future[None]] = []
-        self._scan_start_ns = 0
         # Counts of every tree this run stored or reused, for the next run's `tree_counts`.
         self.tree_counts_seen: dict[Ref, TreeCounts] = {}
 
@@ -130,7 +130,6 @@ class Backup:
             pass
         if self._progress.enabled:
             self._progress.total_bytes = _estimate_bytes(parent)
-        self._scan_start_ns = time.time_ns()
         prev_root = parent.root.tree if parent else None
         root_ref = None
         if parent is not None and parent.root.mtime_ns == root_st.st_mtime_ns:
@@ -351,6 +350,7 @@ class Backup:
         return self._skip_entry(rel, last_error, old)
 
     def _store_file(self, path: bytes, rel: bytes) -> Entry:
+        read_ns = time.time_ns()
         fd = _open_source(path)
         try:
             st = os.fstat(fd)
@@ -374,7 +374,7 @@ class Backup:
         if ref is not None:
             self.stats.bytes_stored += ref.stored_len
         self._progress.update(1, data_len)
-        racy = st.st_ctime_ns >= self._scan_start_ns - RACY_NS
+        racy = st.st_ctime_ns >= read_ns - RACY_NS
         entry = _entry(path, st, FILE, data=ref, extents=tuple(extents))
         if racy:
             entry = _replace_ctime(entry, 0)
