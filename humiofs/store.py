@@ -110,10 +110,11 @@ class Store:
         """Creates a new store at `path`, atomically: it appears complete or not at all."""
         keys.check_passphrase(passphrase)
         parent = path.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreIOError(f"cannot create {parent}: {exc.strerror}") from None
+        if not parent.is_dir():
+            # Never create BACKUP_DIR: if it is an unmounted network drive, the backup would
+            # silently fill the local disk instead.
+            raise NoSuchStore(f"BACKUP_DIR {parent} does not exist; create it or mount the "
+                              "backup drive there")
         staging = parent / f".{path.name}.creating-{os.urandom(4).hex()}"
         store_id = os.urandom(16)
         master = keys.new_master_key()
