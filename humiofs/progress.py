@@ -56,7 +56,8 @@ class Progress:
             width = 20
             fill = int(width * pct / 100)
             line = f"[{'#' * fill}{'.' * (width - fill)}] {pct:5.1f}% " + line
-            if rate > 0 and self.bytes < self.total_bytes:
+            # An ETA from the first second or first percent is noise; leave it out until then.
+            if rate > 0 and self.bytes < self.total_bytes and (elapsed > 1 or pct > 1):
                 line += f", ETA {human_seconds((self.total_bytes - self.bytes) / rate)}"
         line += f", {human_bytes(rate)}/s"
         self.stream.write("\r\x1b[K" + line)

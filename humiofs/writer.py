@@ -129,7 +129,7 @@ class Backup:
         except OSError:
             pass
         if self._progress.enabled:
-            self._progress.total_bytes = _estimate_bytes(parent)
+            self._progress.total_bytes = _estimate_bytes(parent, src)
         prev_root = parent.root.tree if parent else None
         root_ref = None
         if parent is not None and parent.root.mtime_ns == root_st.st_mtime_ns:
@@ -373,7 +373,7 @@ class Backup:
         self.stats.bytes_read += data_len
         if ref is not None:
             self.stats.bytes_stored += ref.stored_len
-        self._progress.update(1, data_len)
+        self._progress.update(1, 0 if data_len >= SMALL_FILE else data_len)
         racy = st.st_ctime_ns >= read_ns - RACY_NS
         entry = _entry(path, st, FILE, data=ref, extents=tuple(extents))
         if racy:
@@ -386,7 +386,7 @@ class Backup:
         try:
             def pieces() -> Iterator[memoryview]:
                 for view in scan.iter_extent_data(fd, extents):
-                    self._progress.update(0, 0)
+                    self._progress.update(0, len(view))
                     yield view
             try:
                 ref = pack.add_stream(crypto.KIND_DATA, pieces(), data_len)
@@ -463,8 +463,21 @@ def _replace_ctime(entry: Entry, ctime_ns: int) -> Entry:
     return replace(entry, ctime_ns=ctime_ns)
 
 
-def _estimate_bytes(parent: Generation | None) -> int:
-    return parent.stats.get("data_bytes", 0) if parent else 0
+def _estimate_bytes(parent: Generation | None, src: Path) -> int:
+    """Bytes of data the run will go through, for the ETA: the last generation's figure, or
+    on a first run a quick walk summing allocated sizes."""
+    if parent is not None:
+        return parent.stats.get("data_bytes", 0)
+    total = 0
+    for dirpath, _, filenames in os.walk(src):
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += min(st.st_size, st.st_blocks * 512)
+    return total
 
 
 def _show(rel: bytes) -> str:
