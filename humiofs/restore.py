@@ -67,8 +67,9 @@ class Restore:
                 raise TargetError(f"restore target {target} is not empty; use --missing-only "
                                   "to add what is missing or --overwrite to replace files")
             self._tree(root_fd, b"", gen.root.tree)
-            self._set_attrs(root_fd, None, gen.root.mode, gen.root.uid, gen.root.gid,
-                            gen.root.mtime_ns)
+            if not self.opt.missing_only:
+                self._set_attrs(root_fd, None, gen.root.mode, gen.root.uid, gen.root.gid,
+                                gen.root.mtime_ns)
             _syncfs(root_fd)
         finally:
             os.close(root_fd)
@@ -113,14 +114,17 @@ class Restore:
                 return
             os.unlink(e.name, dir_fd=dfd)
             st = None
-        if st is None:
+        created = st is None
+        if created:
             os.mkdir(e.name, 0o700, dir_fd=dfd)
         sub = os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                       dir_fd=dfd)
         try:
             assert e.subtree is not None
             self._tree(sub, path, e.subtree)
-            self._set_attrs(sub, None, e.mode, e.uid, e.gid, e.mtime_ns)
+            # --missing-only leaves folders that were already there as they are.
+            if created or not self.opt.missing_only:
+                self._set_attrs(sub, None, e.mode, e.uid, e.gid, e.mtime_ns)
         finally:
             os.close(sub)
         self.stats.dirs += 1
