@@ -1,0 +1,386 @@
+"""Verifying a store (`humiofs check`): its layout, key files, generations, trees and packs,
+and with `read_data` every chunk of the file data. Each problem is reported with the node
+files and the generations it affects (docs/FORMAT.md section 10.4).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from humiofs import crypto, format, keys
+from humiofs.errors import IntegrityError, StoreError
+from humiofs.format import DIR, FILE, Generation, Ref
+from humiofs.generations import format_time
+from humiofs.progress import human_bytes
+from humiofs.prune import PACK_NAME, RECORD_DIR, RECORD_NAME, read_record
+from humiofs.store import Store
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+# Entries of a store's top folder: name -> (is a folder, required).
+ROOT_LAYOUT = {"config": (False, True), "keys": (True, True), "packs": (True, True),
+               "generations": (True, True), "tmp": (True, True), "lock": (False, False),
+               "prune.lock": (False, False), RECORD_DIR: (True, False)}
+_HEX2 = re.compile(r"^[0-9a-f]{2}$")
+_KEY_NAME = re.compile(r"^[0-9a-f]{32}$")
+_READ_BATCH = 64
+
+
+@dataclass
+class Problem:
+    """One kind of damage and what it affects."""
+
+    message: str
+    paths: set[str] = field(default_factory=set)
+    generations: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Report:
+    problems: dict[Key, Problem] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    read_data: bool = False
+    generations: int = 0
+    trees: int = 0
+    blobs: int = 0
+    packs: int = 0
+    packs_read: int = 0
+    bytes_read: int = 0
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+
+def parse_subset(text: str) -> Callable[[bytes], bool]:
+    """The packs `--read-data-subset` selects: `N/M` (pack id mod M = N-1) or `P%` (random)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if m:
+        n, mod = int(m.group(1)), int(m.group(2))
+        if not 1 <= n <= mod:
+            raise ValueError("N/M needs 1 <= N <= M")
+        return lambda pid: int.from_bytes(pid, "big") % mod == n - 1
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", text)
+    if m:
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise ValueError("P% needs 0 < P <= 100")
+        rng = random.Random(os.urandom(16))
+        chosen: dict[bytes, bool] = {}
+        return lambda pid: chosen.setdefault(pid, rng.random() * 100 < pct)
+    raise ValueError("use N/M (such as 1/5) or P% (such as 10%)")
+
+
+class Checker:
+    """One check of an opened store. `subset` limits `read_data` to some packs."""
+
+    def __init__(self, store: Store, passphrase: str, read_data: bool = False,
+                 subset: Callable[[bytes], bool] | None = None) -> None:
+        self.store = store
+        self.passphrase = passphrase
+        self.read_data = read_data or subset is not None
+        self.subset = subset
+        self.report = Report(read_data=self.read_data)
+        self.gen_names: list[str] = []
+        self.key_names: list[str] = []
+        self.pack_sizes: dict[bytes, int] = {}
+        self._pack_ok: dict[bytes, Key | None] = {}     # exists and header, or the problem
+        self._probed: set[bytes] = set()               # packs whose probe chunk authenticated
+        self._reach: dict[bytes, int] = {}             # furthest end of a ref into each pack
+        self._refs: dict[Ref, Key | None] = {}
+        self._trees: dict[Ref, list[tuple[bytes, bool, Key]]] = {}
+        self._to_read: set[Ref] = set()
+        self._bad_data: set[Ref] = set()
+
+    # -- problems -------------------------------------------------------------------------
+
+    def _problem(self, key: Key, message: str) -> Key:
+        if key not in self.report.problems:
+            self.report.problems[key] = Problem(message)
+        return key
+
+    # -- the run --------------------------------------------------------------------------
+
+    def run(self) -> Report:
+        self._layout()
+        self._keys()
+        gens = self._generations()
+        self._walk(gens)
+        self.report.trees = len(self._trees)
+        if self.read_data and self._to_read:
+            self._read_data()
+            if self._bad_data:            # a second walk finds the files of the bad blobs
+                self._trees.clear()
+                self._walk(gens)
+        self._truncation_messages()
+        self._unreferenced()
+        return self.report
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def _layout(self) -> None:
+        root = self.store.path
+        present = {}
+        for name in os.listdir(root):
+            present[name] = os.lstat(root / name)
+            expected = ROOT_LAYOUT.get(name)
+            if expected is None:
+                self._stray(name, "is not part of a humiofs store")
+            elif expected[0] != stat.S_ISDIR(present[name].st_mode) or \
+                    stat.S_ISLNK(present[name].st_mode):
+                self._stray(name, "has the wrong type")
+        for name, (_, required) in ROOT_LAYOUT.items():
+            if required and name not in present:
+                self._problem(("layout", name), f"{name} is missing from the store")
+        # Generations are listed before packs: a writer makes its packs durable before the
+        # generation that names them, so every pack a listed generation needs is seen below.
+        self.gen_names = self._files("generations", lambda n: bool(format.GENERATION_NAME.match(n)))
+        self.key_names = self._files("keys", lambda n: bool(_KEY_NAME.match(n)))
+        for name in self._files(RECORD_DIR, lambda n: bool(RECORD_NAME.match(n))):
+            try:
+                read_record(self.store, name)
+            except (ValueError, OSError) as exc:
+                self._stray(f"{RECORD_DIR}/{name}", f"is a damaged prune record ({exc})")
+        try:
+            leftovers = len(os.listdir(root / "tmp"))
+        except OSError:
+            leftovers = 0
+        if leftovers:
+            self.report.notes.append(f"{leftovers} file(s) in tmp/ left by an interrupted run "
+                                     "(the next backup removes them)")
+        self._packs_layout()
+
+    def _files(self, sub: str, good: Callable[[str], bool]) -> list[str]:
+        out: list[str] = []
+        try:
+            names = sorted(os.listdir(self.store.path / sub))
+        except (FileNotFoundError, NotADirectoryError):
+            return out
+        for name in names:
+            st = os.lstat(self.store.path / sub / name)
+            if not good(name) or not stat.S_ISREG(st.st_mode):
+                self._stray(f"{sub}/{name}", "is not part of a humiofs store")
+            else:
+                out.append(name)
+        return out
+
+    def _packs_layout(self) -> None:
+        pdir = self.store.path / "packs"
+        try:
+            prefixes = set(os.listdir(pdir))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for i in range(256):
+            if f"{i:02x}" not in prefixes:
+                self._problem(("layout", f"packs/{i:02x}"), f"packs/{i:02x} is missing "
+                              "from the store (the writer needs it)")
+        for prefix in sorted(prefixes):
+            if not _HEX2.match(prefix) or not os.path.isdir(pdir / prefix):
+                self._stray(f"packs/{prefix}", "is not part of a humiofs store")
+                continue
+            for name in sorted(os.listdir(pdir / prefix)):
+                st = os.lstat(pdir / prefix / name)
+                where = f"packs/{prefix}/{name}"
+                if not PACK_NAME.match(name) or not stat.S_ISREG(st.st_mode):
+                    self._stray(where, "is not part of a humiofs store")
+                elif not name.startswith(prefix):
+                    self._stray(where, f"is a pack in the wrong folder (it belongs in "
+                                f"packs/{name[:2]}/; readers do not find it there)")
+                else:
+                    self.pack_sizes[bytes.fromhex(name)] = st.st_size
+
+    def _stray(self, where: str, why: str) -> None:
+        self._problem(("layout", where), f"{where} {why}; no backed-up file depends on it: "
+                      "move it out of the store")
+
+    # -- keys and generations -------------------------------------------------------------
+
+    def _keys(self) -> None:
+        kdir = self.store.path / "keys"
+        if len(self.key_names) == 1:
+            return          # opening the store has just unwrapped it (Argon2 is slow)
+        for name in self.key_names:
+            try:
+                master = keys.unwrap((kdir / name).read_bytes(), self.store.store_id,
+                                     self.passphrase)
+            except (IntegrityError, OSError) as exc:
+                self._problem(("key", name), f"key file keys/{name} is damaged ({exc}); the "
+                              "store opens with another key file, so no data is lost")
+                continue
+            if master is None:
+                self._problem(("key", name), f"key file keys/{name} does not open with this "
+                              "key (damaged, or left by an interrupted key change); the store "
+                              "opens with another key file")
+
+    def _generations(self) -> list[Generation]:
+        gens = []
+        for name in self.gen_names:
+            try:
+                gens.append(self.store.load_generation(name))
+            except StoreError as exc:
+                key = self._problem(("generation", name), f"generation {name} "
+                                    f"({format_time(format.generation_time(name))}) cannot be "
+                                    f"read ({exc}); that state of the node is lost, other "
+                                    "generations do not depend on it")
+                self.report.problems[key].generations.add(name)
+        self.report.generations = len(gens)
+        return gens
+
+    # -- trees and refs -------------------------------------------------------------------
+
+    def _walk(self, gens: list[Generation]) -> None:
+        for gen in gens:
+            for rel, folder, key in self._tree(gen.root.tree):
+                p = self.report.problems[key]
+                shown = os.fsdecode(rel) if rel else "."
+                p.paths.add(shown + "/ (the whole folder)" if folder else shown)
+                p.generations.add(gen.name)
+
+    def _tree(self, ref: Ref) -> list[tuple[bytes, bool, Key]]:
+        """Problems below the tree at `ref`: (path relative to it, whole folder, problem)."""
+        known = self._trees.get(ref)
+        if known is not None:
+            return known
+        out: list[tuple[bytes, bool, Key]] = []
+        key = self._ref(ref, crypto.KIND_TREE)
+        entries: list[format.Entry] = []
+        if key is None:
+            try:
+                entries = self.store.read_tree(ref)
+            except StoreError as exc:
+                key = self._auth_problem(ref.pack, exc)
+        if key is not None:
+            out.append((b"", True, key))
+        for e in entries:
+            if e.type == FILE and e.data is not None:
+                k = self._ref(e.data, crypto.KIND_DATA)
+                if k is None and e.data in self._bad_data:
+                    k = self._auth_problem(e.data.pack, None)
+                if k is not None:
+                    out.append((e.name, False, k))
+            elif e.type == DIR and e.subtree is not None:
+                out.extend((e.name + b"/" + rel if rel else e.name, folder, k)
+                           for rel, folder, k in self._tree(e.subtree))
+        self._trees[ref] = out
+        return out
+
+    def _pack(self, pid: bytes) -> Key | None:
+        if pid in self._pack_ok:
+            return self._pack_ok[pid]
+        h = pid.hex()
+        key: Key | None = None
+        if pid not in self.pack_sizes:
+            key = self._problem(("missing", h), f"pack {h} is missing")
+        else:
+            try:
+                with open(self.store.pack_path(pid), "rb") as f:
+                    head = f.read(format.HEADER_LEN)
+                format.check_header(head, format.TYPE_PACK, format.PACK_VERSION, f"pack {h}")
+            except FileNotFoundError:
+                key = self._problem(("missing", h), f"pack {h} is missing")
+            except (OSError, IntegrityError) as exc:
+                key = self._problem(("header", h), f"pack {h} is not a readable humiofs pack "
+                                    f"({exc})")
+        self._pack_ok[pid] = key
+        self.report.packs += 1
+        return key
+
+    def _ref(self, ref: Ref, kind: int) -> Key | None:
+        """The structural problem of one blob: pack missing or damaged, blob out of bounds,
+        or (one chunk per pack, or every blob of a pack that failed once) authentication."""
+        if ref in self._refs:
+            return self._refs[ref]
+        key = self._pack(ref.pack)
+        h = ref.pack.hex()
+        if key is None:
+            end = ref.offset + ref.stored_len
+            self._reach[ref.pack] = max(self._reach.get(ref.pack, 0), end)
+            if ref.stored_len != crypto.stored_len(ref.plain_len):
+                key = self._problem(("ref", h), f"a reference into pack {h} is inconsistent")
+            elif end > self.pack_sizes[ref.pack]:
+                key = self._problem(("truncated", h), f"pack {h} is truncated")
+            elif ref.pack not in self._probed:
+                # One chunk per pack catches a pack replaced or swapped by another file,
+                # without reading the data; a pack that fails is probed blob by blob.
+                last = crypto.chunk_count(ref.plain_len) - 1
+                try:
+                    self.store.read_chunks(ref, kind, last, last)
+                    self._probed.add(ref.pack)
+                except StoreError as exc:
+                    key = self._auth_problem(ref.pack, exc)
+        if key is None and kind == crypto.KIND_DATA:
+            self.report.blobs += 1
+            if self.read_data and (self.subset is None or self.subset(ref.pack)):
+                self._to_read.add(ref)
+        self._refs[ref] = key
+        return key
+
+    def _auth_problem(self, pid: bytes, exc: Exception | None) -> Key:
+        h = pid.hex()
+        if exc is not None:
+            log.debug("pack %s: %s", h, exc)
+        return self._problem(("auth", h), f"pack {h} fails authentication (bytes were "
+                             "changed, or the file was replaced by another one)")
+
+    def _read_data(self) -> None:
+        """Authenticates every chunk of the selected data blobs, pack by pack in file order."""
+        by_pack: dict[bytes, list[Ref]] = {}
+        for ref in self._to_read:
+            by_pack.setdefault(ref.pack, []).append(ref)
+        for pid in sorted(by_pack):
+            self.report.packs_read += 1
+            for ref in sorted(by_pack[pid], key=lambda r: r.offset):
+                n = crypto.chunk_count(ref.plain_len)
+                try:
+                    for first in range(0, n, _READ_BATCH):
+                        last = min(n, first + _READ_BATCH) - 1
+                        self.store.read_chunks(ref, crypto.KIND_DATA, first, last)
+                    self.report.bytes_read += ref.plain_len
+                except StoreError as exc:
+                    log.debug("blob at %d of pack %s: %s", ref.offset, pid.hex(), exc)
+                    self._bad_data.add(ref)
+
+    def _truncation_messages(self) -> None:
+        for (kind, h), p in self.report.problems.items():
+            if kind == "truncated":
+                pid = bytes.fromhex(h)
+                p.message = (f"pack {h} is truncated: it has {self.pack_sizes[pid]} bytes, "
+                             f"its blobs reach to byte {self._reach[pid]}")
+
+    def _unreferenced(self) -> None:
+        unused = [pid for pid in self.pack_sizes if pid not in self._pack_ok]
+        for pid in unused:
+            self._pack(pid)     # a malformed pack is damage even if nothing refers to it
+        if unused:
+            total = sum(self.pack_sizes[p] for p in unused)
+            self.report.notes.append(f"{len(unused)} unreferenced pack(s), "
+                                     f"{human_bytes(total)} (prune removes them)")
+
+
+def describe(report: Report, latest: str | None, all_paths: bool = False,
+             max_paths: int = 10) -> list[str]:
+    """The problem lines of a report, for people."""
+    lines = []
+    for p in report.problems.values():
+        line = f"problem: {p.message}"
+        if p.paths:
+            gens = sorted(p.generations)
+            when = format_time(format.generation_time(gens[0]))
+            if len(gens) > 1:
+                when += f" .. {format_time(format.generation_time(gens[-1]))}"
+            tail = ", including the latest" if latest in p.generations else ""
+            line += (f"; affects {len(p.paths)} node path(s) in {len(gens)} generation(s) "
+                     f"({when}{tail}):")
+        lines.append(line)
+        paths = sorted(p.paths)
+        shown = paths if all_paths else paths[:max_paths]
+        lines.extend(f"    {path}" for path in shown)
+        if len(paths) > len(shown):
+            lines.append(f"    ... and {len(paths) - len(shown)} more (-v lists them all)")
+    return lines

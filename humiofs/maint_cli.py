@@ -1,0 +1,157 @@
+"""The `check` and `prune` subcommands (wired in by cli._add_extra_commands)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+
+from humiofs import errors
+from humiofs.generations import format_time
+from humiofs.progress import human_bytes
+
+log = logging.getLogger(__name__)
+
+CHECK_DESCRIPTION = """\
+Verify the store BACKUP_DIR/BACKUP_NAME and report every problem with the node files and
+generations it affects.
+
+Always checked: the store layout (a file that does not belong is a problem), every key file,
+every generation (it must decrypt and authenticate), every folder listing reachable from any
+generation, and every pack a generation refers to: it exists, has a valid header, is long
+enough for every blob in it, and one chunk of it authenticates (so a pack replaced by another
+file is found). With --read-data every chunk of every file's data is authenticated too, which
+reads the whole store; --read-data-subset spreads that over several runs.
+
+Safe next to a running backup (also --watch) and mounts. A prune waits for check to finish.
+Packs that no generation needs are not damage: they are noted, and prune removes them.
+
+What to do after a bad check: the lines under each problem are the node files (paths relative
+to DIRECTORY) whose backup is lost in the generations named; everything else restores. Restore
+or copy what you need from generations that are not affected. Then start a fresh backup under
+a new BACKUP_NAME (or move the damaged store away): a backup into the damaged store would keep
+referring to the damaged data of files that have not changed."""
+
+CHECK_EXIT = """\
+check exit codes: 0 healthy, 5 damaged (problems listed), 3 wrong key, 2 no such store or bad
+settings, 4 a prune holds the store (only with --no-wait)."""
+
+PRUNE_DESCRIPTION = """\
+Drop the generations that retention no longer keeps, then the packs that no kept generation
+needs. `backup --watch` does this by itself (every 10 intervals after a change, hourly when
+idle); run it by hand for a store without a watching backup.
+
+Kept: the latest generation; every generation holding a file that a newer kept generation
+no longer has, while that newer one is younger than DELETE_BACKUP_AFTER_MILLIS (default 7
+days), so a file deleted on the node stays restorable for that long; the last generation of
+each hour of the past day and of each day within DELETE_BACKUP_AFTER_MILLIS. The rest goes.
+
+Packs go in two steps, so that a mount reading a dropped generation keeps working: a prune
+records the packs nothing needs, and a prune at least --grace seconds later deletes the
+recorded ones that are still unneeded. Safe next to a running backup and mounts, and after a
+kill at any point; two prunes never overlap."""
+
+
+def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+                 common: Callable[..., None], fmt: type[argparse.HelpFormatter],
+                 epilog: str) -> None:
+    p = sub.add_parser("check", help="verify the store; the exit code says if it is healthy",
+                       description=CHECK_DESCRIPTION, epilog=CHECK_EXIT + "\n" + epilog,
+                       formatter_class=fmt)
+    common(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--read-data", action="store_true",
+                      help="also authenticate every chunk of file data (reads the whole store)")
+    mode.add_argument("--read-data-subset", metavar="N/M|P%",
+                      help="like --read-data, for part of the packs: N/M checks the packs "
+                      "whose id modulo M is N-1 (run 1/M .. M/M to cover all), P%% a random "
+                      "P percent")
+    p.add_argument("--no-wait", action="store_true",
+                   help="fail at once (exit 4) instead of waiting while a prune runs")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("prune", help="remove what retention no longer needs",
+                       description=PRUNE_DESCRIPTION, epilog=epilog, formatter_class=fmt)
+    common(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="show what would be removed, and why each generation is kept")
+    p.add_argument("--grace", type=float, metavar="SECONDS", default=3600.0,
+                   help="delete unneeded packs only this long after a prune recorded them "
+                   "(default 3600); 0 deletes them at once, which can break a running mount "
+                   "of a dropped generation, but frees space on a full disk")
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from humiofs import cli
+    from humiofs.check import Checker, describe, parse_subset
+    from humiofs.prune import prune_lock
+
+    subset = None
+    if args.read_data_subset is not None:
+        try:
+            subset = parse_subset(args.read_data_subset)
+        except ValueError as exc:
+            raise errors.ConfigError(f"--read-data-subset {args.read_data_subset}: {exc}") \
+                from None
+    cfg = cli.load_config(args)
+    store = cli.open_store(cfg)
+    start = time.monotonic()
+    try:
+        with prune_lock(store, wait=not args.no_wait):
+            report = Checker(store, cfg.need_key(), args.read_data, subset).run()
+    finally:
+        store.close()
+    names = store.list_generations()
+    for line in describe(report, names[-1] if names else None, all_paths=args.verbose > 0):
+        print(line)
+    for note in report.notes:
+        print(f"note: {note}")
+    read = (f"; read {human_bytes(report.bytes_read)} of data from {report.packs_read} packs"
+            if report.read_data else "")
+    what = (f"{report.generations} generations, {report.trees} folder listings, "
+            f"{report.blobs} file blobs, {report.packs} packs{read}")
+    took = time.monotonic() - start
+    if report.healthy:
+        print(f"check {store.name}: healthy ({what}) in {took:.1f}s")
+        return errors.EXIT_OK
+    print(f"check {store.name}: DAMAGED, {len(report.problems)} problem(s) ({what}) in "
+          f"{took:.1f}s; see `humiofs check --help` for what to do")
+    return errors.EXIT_DAMAGED
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from humiofs import cli
+    from humiofs.prune import prune
+
+    cfg = cli.load_config(args)
+    store = cli.open_store(cfg)
+    if args.grace < 0:
+        raise errors.ConfigError("--grace must not be negative")
+    try:
+        r = prune(store, cfg.delete_after_ms, grace_s=args.grace, dry_run=args.dry_run)
+    finally:
+        store.close()
+    would = "would " if args.dry_run else ""
+    if args.dry_run or args.verbose:
+        for d in r.decisions:
+            print(f"  {format_time(int(d.name[:13]))}  {d.name}  "
+                  f"{'keep: ' + d.reason if d.keep else 'drop'}")
+    kept = sum(1 for d in r.decisions if d.keep)
+    parts = [f"prune {store.name}: {would}keep {kept} of {len(r.decisions)} generations"]
+    if r.deleted_packs:
+        parts.append(f"{would}delete {r.deleted_packs} packs ({human_bytes(r.deleted_bytes)})")
+    if r.condemned_packs:
+        due = format_time(int((time.time() + args.grace) * 1000))
+        parts.append(f"{would}record {r.condemned_packs} unneeded packs "
+                     f"({human_bytes(r.condemned_bytes)}) for deletion by a prune after {due}")
+    if r.pending_packs:
+        parts.append(f"{r.pending_packs} packs recorded earlier wait for their grace period")
+    if r.young_packs:
+        parts.append(f"{r.young_packs} unneeded packs are newer than the latest generation "
+                     "(a running backup's, or an interrupted one's: a later prune handles them)")
+    print("; ".join(parts))
+    if r.damaged:
+        raise errors.StoreError(f"the store is damaged, so no pack was deleted: "
+                                f"{r.damaged[0]}; run `humiofs check`")
+    return errors.EXIT_OK

@@ -1,0 +1,437 @@
+"""Retention (docs/FORMAT.md section 10): which generations to keep, and removing every store
+file that no kept generation needs, crash-safely and next to a running writer and mounts.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked
+from humiofs.format import DIR, FILE, Generation, Ref
+from humiofs.generations import format_time
+from humiofs.store import Store
+
+log = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+DEFAULT_GRACE_S = 3600.0
+LOCK_NAME = "prune.lock"
+RECORD_DIR = "prune"
+RECORD_NAME = re.compile(r"^(\d{13})-([0-9a-f]{16})$")
+PACK_NAME = re.compile(r"^[0-9a-f]{32}$")
+_TREE_CACHE = 4096
+
+
+@contextmanager
+def prune_lock(store: Store, wait: bool = False) -> Iterator[None]:
+    """Holds NAME/prune.lock, which keeps prunes (and checks) from overlapping; raises
+    StoreLocked if another holds it, unless `wait`.
+
+    The file is never written. It is not the writer lock: prune runs next to a writer.
+    """
+    path = store.path / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreIOError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise StoreLocked(f"a prune or check is running on {store.path}; "
+                                  "try again when it has finished") from None
+            log.warning("a prune or check is running on %s; waiting for it", store.path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- the policy -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a generation is kept, and why (empty reason: dropped)."""
+
+    name: str
+    keep: bool
+    reason: str
+
+
+def plan(gens: list[tuple[str, Generation | None]], now_ms: int, delete_after_ms: int,
+         lacks: Callable[[Generation, Generation], bytes | None]) -> list[Decision]:
+    """Decides, for generations given oldest first, which ones retention keeps.
+
+    `lacks(g, k)` returns a path that `g` has and the newer `k` does not (None if there is
+    none). A generation that cannot be read (None) is always kept. See FORMAT.md section 10.
+    """
+    hourly_from = now_ms - min(DAY_MS, delete_after_ms)
+    daily_from = now_ms - delete_after_ms
+    hours: set[int] = set()
+    days: set[int] = set()
+    out: list[Decision] = []
+    newer_kept: Generation | None = None
+    for name, gen in reversed(gens):
+        if gen is None:
+            out.append(Decision(name, True, "unreadable, kept as it is"))
+            continue
+        reason = ""
+        hour, day = gen.time_ms // HOUR_MS, gen.time_ms // DAY_MS
+        if newer_kept is None:
+            reason = "latest"
+        elif newer_kept.time_ms > daily_from and (path := lacks(gen, newer_kept)) is not None:
+            reason = (f"holds {os.fsdecode(path)}, gone at "
+                      f"{format_time(newer_kept.time_ms)}")
+        elif gen.time_ms > hourly_from and hour not in hours:
+            reason = "last of its hour"
+        elif gen.time_ms > daily_from and day not in days:
+            reason = "last of its day"
+        if gen.time_ms > hourly_from:
+            hours.add(hour)
+        if gen.time_ms > daily_from:
+            days.add(day)
+        out.append(Decision(name, bool(reason), reason))
+        if reason:
+            newer_kept = gen
+    out.reverse()
+    return out
+
+
+class TreeDiff:
+    """`lacks` for `plan`: a path of one generation missing from another, found by a tree
+    walk that skips equal subtrees (unchanged folders share their refs)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cache: dict[Ref, dict[bytes, tuple[int, Ref | None]]] = {}
+        self.damaged: list[str] = []
+
+    def _entries(self, ref: Ref) -> dict[bytes, tuple[int, Ref | None]]:
+        got = self._cache.get(ref)
+        if got is None:
+            if len(self._cache) >= _TREE_CACHE:
+                self._cache.clear()
+            got = {e.name: (e.type, e.subtree) for e in self.store.read_tree(ref)}
+            self._cache[ref] = got
+        return got
+
+    def _missing(self, g: Ref, k: Ref, rel: bytes) -> bytes | None:
+        if g == k:
+            return None
+        theirs = self._entries(k)
+        for name, (etype, sub) in self._entries(g).items():
+            path = rel + b"/" + name if rel else name
+            other = theirs.get(name)
+            if other is None or other[0] != etype:
+                return path
+            if etype == DIR and sub is not None and other[1] is not None:
+                found = self._missing(sub, other[1], path)
+                if found is not None:
+                    return found
+        return None
+
+    def __call__(self, g: Generation, k: Generation) -> bytes | None:
+        try:
+            return self._missing(g.root.tree, k.root.tree, b"")
+        except StoreError as exc:
+            self.damaged.append(f"generation {g.name} or {k.name}: {exc}")
+            return b"(unreadable)"     # keeps g: never drop what cannot be compared
+
+
+# -- what the kept generations need -----------------------------------------------------------
+
+def referenced_packs(store: Store, roots: list[Ref],
+                     should_stop: Callable[[], bool] = lambda: False) -> set[bytes] | None:
+    """Every pack the trees below `roots` refer to (trees deduplicated by ref); None if
+    stopped. Raises StoreError if a tree cannot be read."""
+    seen: set[Ref] = set()
+    packs: set[bytes] = set()
+    stack = list(roots)
+    while stack:
+        ref = stack.pop()
+        if ref in seen:
+            continue
+        if should_stop():
+            return None
+        seen.add(ref)
+        packs.add(ref.pack)
+        for e in store.read_tree(ref):
+            if e.type == FILE and e.data is not None:
+                packs.add(e.data.pack)
+            elif e.type == DIR and e.subtree is not None and e.subtree not in seen:
+                stack.append(e.subtree)
+    return packs
+
+
+def list_packs(store: Store) -> dict[bytes, os.stat_result]:
+    """Every file under packs/ that is named like a pack, with its stat."""
+    out: dict[bytes, os.stat_result] = {}
+    root = store.path / "packs"
+    for prefix in sorted(os.listdir(root)):
+        if not re.fullmatch(r"[0-9a-f]{2}", prefix):
+            continue
+        try:
+            with os.scandir(root / prefix) as it:
+                for de in it:
+                    if PACK_NAME.match(de.name) and de.name.startswith(prefix):
+                        try:
+                            out[bytes.fromhex(de.name)] = de.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            pass
+        except NotADirectoryError:
+            continue
+    return out
+
+
+@dataclass
+class Record:
+    """A prune record: packs found unneeded at `time_ms`, to be deleted after the grace."""
+
+    name: str
+    time_ms: int
+    packs: set[bytes]
+
+
+def read_record(store: Store, name: str) -> Record:
+    """Parses prune/NAME; raises ValueError if it is malformed."""
+    m = RECORD_NAME.match(name)
+    if not m:
+        raise ValueError("not a prune record name")
+    doc = json.loads((store.path / RECORD_DIR / name).read_bytes())
+    if doc.get("version") != 1 or not isinstance(doc.get("packs"), list):
+        raise ValueError("not a prune record")
+    packs = set()
+    for h in doc["packs"]:
+        if not isinstance(h, str) or not PACK_NAME.match(h):
+            raise ValueError("holds a malformed pack id")
+        packs.add(bytes.fromhex(h))
+    return Record(name, int(m.group(1)), packs)
+
+
+# -- prune ------------------------------------------------------------------------------------
+
+@dataclass
+class PruneResult:
+    decisions: list[Decision] = field(default_factory=list)
+    deleted_packs: int = 0
+    deleted_bytes: int = 0
+    condemned_packs: int = 0
+    condemned_bytes: int = 0
+    pending_packs: int = 0
+    young_packs: int = 0
+    damaged: list[str] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def dropped(self) -> list[str]:
+        return [d.name for d in self.decisions if not d.keep]
+
+
+def prune(store: Store, delete_after_ms: int, grace_s: float = DEFAULT_GRACE_S,
+          dry_run: bool = False, now_ms: int | None = None,
+          should_stop: Callable[[], bool] = lambda: False) -> PruneResult:
+    """Drops the generations retention no longer keeps, then the packs nothing needs.
+
+    Packs go in two phases: a run records the unneeded ones, and a run at least `grace_s`
+    later deletes those still unneeded (at once if `grace_s` is 0). Raises StoreLocked if
+    another prune or check holds the prune lock.
+    """
+    with prune_lock(store):
+        return _Prune(store, delete_after_ms, grace_s, dry_run,
+                      now_ms if now_ms is not None else int(time.time() * 1000),
+                      should_stop).run()
+
+
+class _Prune:
+    def __init__(self, store: Store, delete_after_ms: int, grace_s: float, dry_run: bool,
+                 now_ms: int, should_stop: Callable[[], bool]) -> None:
+        self.store = store
+        self.delete_after_ms = delete_after_ms
+        self.grace_ms = int(grace_s * 1000)
+        self.dry_run = dry_run
+        self.now_ms = now_ms
+        self.should_stop = should_stop
+        self.result = PruneResult()
+        self.loaded: dict[str, Generation | None] = {}
+
+    def _load(self, name: str) -> Generation | None:
+        if name not in self.loaded:
+            try:
+                self.loaded[name] = self.store.load_generation(name)
+            except NoSuchObject:
+                raise
+            except StoreError as exc:
+                self.result.damaged.append(str(exc))
+                self.loaded[name] = None
+        return self.loaded[name]
+
+    def run(self) -> PruneResult:
+        r = self.result
+        names = []
+        gens = []
+        for name in self.store.list_generations():
+            try:
+                gens.append((name, self._load(name)))
+                names.append(name)
+            except NoSuchObject:
+                continue            # deleted by hand meanwhile
+        diff = TreeDiff(self.store)
+        r.decisions = plan(gens, self.now_ms, self.delete_after_ms, diff)
+        r.damaged += diff.damaged
+        if not self.dry_run:
+            self._drop_generations(r.dropped)
+        if self.should_stop():
+            r.stopped = True
+            return r
+        # The generations are the roots: what they need is computed from a fresh listing, and
+        # only packs older than the newest generation file listed may be recorded (section 10).
+        dropped = set(r.dropped)
+        remaining = [n for n in (names if self.dry_run else self.store.list_generations())
+                     if n not in dropped]
+        cutoff = 0
+        roots = []
+        for name in remaining:
+            try:
+                st = os.stat(self.store.path / "generations" / name)
+                gen = self._load(name)
+            except (FileNotFoundError, NoSuchObject):
+                continue
+            cutoff = max(cutoff, st.st_mtime_ns)
+            if gen is not None:
+                roots.append(gen.root.tree)
+        if r.damaged:
+            log.error("not deleting packs: the store is damaged (%s); run check",
+                      "; ".join(r.damaged))
+            return r
+        try:
+            needed = referenced_packs(self.store, roots, self.should_stop)
+        except StoreError as exc:
+            r.damaged.append(str(exc))
+            log.error("not deleting packs: the store is damaged (%s); run check", exc)
+            return r
+        if needed is None:
+            r.stopped = True
+            return r
+        self._packs(needed, cutoff)
+        return r
+
+    def _drop_generations(self, names: list[str]) -> None:
+        if not names:
+            return
+        gdir = self.store.path / "generations"
+        for name in names:
+            try:
+                os.unlink(gdir / name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreIOError(f"cannot delete generation {name}: {exc.strerror}") from None
+            log.info("removed generation %s", name)
+        _fsync_dir(gdir)
+
+    def _packs(self, needed: set[bytes], cutoff_ns: int) -> None:
+        r = self.result
+        packs = list_packs(self.store)
+        records = self._records()
+        pending: set[bytes] = set()
+        for rec in records:
+            if rec.time_ms + self.grace_ms > self.now_ms:
+                pending |= rec.packs
+        for rec in records:
+            if rec.time_ms + self.grace_ms > self.now_ms:
+                continue
+            if self.should_stop():
+                r.stopped = True
+                return
+            for pid in sorted(rec.packs):
+                if pid not in needed and pid in packs and pid not in pending:
+                    self._delete_pack(pid, packs.pop(pid))
+            if not self.dry_run:
+                _unlink(self.store.path / RECORD_DIR / rec.name)
+        unneeded = {pid: st for pid, st in packs.items() if pid not in needed}
+        r.pending_packs = len(pending & unneeded.keys())
+        condemn = {pid: st for pid, st in unneeded.items()
+                   if pid not in pending and st.st_mtime_ns < cutoff_ns}
+        r.young_packs = len(unneeded) - r.pending_packs - len(condemn)
+        if not condemn:
+            return
+        if self.grace_ms <= 0:
+            for pid, st in sorted(condemn.items()):
+                self._delete_pack(pid, st)
+            return
+        r.condemned_packs = len(condemn)
+        r.condemned_bytes = sum(st.st_size for st in condemn.values())
+        if not self.dry_run:
+            self._write_record(sorted(condemn))
+
+    def _records(self) -> list[Record]:
+        rdir = self.store.path / RECORD_DIR
+        try:
+            names = sorted(os.listdir(rdir))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            try:
+                out.append(read_record(self.store, name))
+            except (ValueError, OSError) as exc:
+                # A record only ever lets prune delete unneeded packs; a bad one is dropped and
+                # its packs are recorded again.
+                log.warning("prune record %s is unreadable (%s); %s", name, exc,
+                            "ignoring it" if self.dry_run else "removing it")
+                if not self.dry_run and RECORD_NAME.match(name):
+                    _unlink(rdir / name)
+        return out
+
+    def _write_record(self, packs: list[bytes]) -> None:
+        rdir = self.store.path / RECORD_DIR
+        try:
+            os.mkdir(rdir, 0o700)
+            _fsync_dir(self.store.path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreIOError(f"cannot create {rdir}: {exc.strerror}") from None
+        now_ms = max(self.now_ms, int(time.time() * 1000))
+        doc = {"version": 1, "time_ms": now_ms, "packs": [p.hex() for p in packs]}
+        name = f"{now_ms:013d}-{os.urandom(8).hex()}"
+        self.store.write_file(f"{RECORD_DIR}/{name}", json.dumps(doc).encode() + b"\n")
+
+    def _delete_pack(self, pid: bytes, st: os.stat_result) -> None:
+        r = self.result
+        r.deleted_packs += 1
+        r.deleted_bytes += st.st_size
+        if self.dry_run:
+            return
+        try:
+            os.unlink(self.store.pack_path(pid))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreIOError(f"cannot delete pack {pid.hex()}: {exc.strerror}") from None
+
+
+def _unlink(path: os.PathLike[str]) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StoreIOError(f"cannot delete {os.fspath(path)}: {exc.strerror}") from None
+
+
+def _fsync_dir(path: os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

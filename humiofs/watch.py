@@ -1,0 +1,215 @@
+"""Continuous backup (`backup --watch`): a pass every interval stores what changed, a
+generation is committed only when something did, and retention runs every few passes.
+
+A pass walks only the folders inotify saw change and reuses the previous trees of all others,
+so its cost follows what changed, not the size of the node. Whenever the events may be
+incomplete (queue overflow, a folder moved, the watch limit) and every FULL_WALK_S seconds as
+a safety net, a pass walks everything instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from types import FrameType
+
+from humiofs import errors, prune
+from humiofs.config import Config
+from humiofs.errors import ConfigError, StoreError, StoreLocked
+from humiofs.format import Generation, Ref
+from humiofs.generations import format_time
+from humiofs.inotify import Dirty, Tracker
+from humiofs.scan import DEFAULT_EXCLUDES, Excluder
+from humiofs.store import Store
+from humiofs.writer import Backup, BackupOptions, TreeCounts
+
+log = logging.getLogger(__name__)
+
+FULL_WALK_S = 900.0
+PRUNE_EVERY = 10          # passes; and only if a generation was committed since the last prune,
+PRUNE_IDLE_S = 3600.0     # or this long has passed (generations age, recorded packs fall due)
+_COALESCE_S = 0.1         # while sleeping, read inotify events at most this often
+
+
+def run(cfg: Config, interval: float, extra_excludes: tuple[str, ...], progress: bool) -> int:
+    """Backs up `cfg.directory` every `interval` seconds until SIGTERM or SIGINT; returns the
+    exit code (0 after a clean stop). Fatal errors are raised as HumiofsError."""
+    from humiofs import cli
+
+    if not interval > 0:
+        raise ConfigError("the backup interval must be more than 0 seconds")
+    if not cfg.need_directory().is_dir():
+        # Checked before the store is created: a mistyped DIRECTORY must not leave an empty one.
+        raise ConfigError(f"DIRECTORY {cfg.directory} does not exist or is not a folder")
+    store = cli.open_or_create_store(cfg)
+    try:
+        return Watch(store, cfg, interval, extra_excludes, progress).run()
+    finally:
+        store.close()
+
+
+def changed(gen: Generation, parent: Generation | None) -> bool:
+    """True if `gen` differs from `parent` in anything a restore or mount shows."""
+    return parent is None or gen.root != parent.root or gen.identity != parent.identity
+
+
+class Watch:
+    def __init__(self, store: Store, cfg: Config, interval: float,
+                 extra_excludes: tuple[str, ...], progress: bool) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.source = cfg.need_directory()
+        self.interval = interval
+        self.excludes = DEFAULT_EXCLUDES + cfg.excludes + extra_excludes
+        self.progress = progress
+        self.stop = threading.Event()
+        self.tracker: Tracker | None = None
+        self.counts: dict[Ref, TreeCounts] = {}
+        self.last_full = float("-inf")
+        self.passes = 0
+        self.committed = 0
+        self._pruned_at: tuple[int, float] | None = None    # (committed, monotonic time)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- signals --------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt     # a second signal: leave now (every step is crash-safe)
+        self.stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            with self.store.lock():
+                self.store.clean_tmp()
+                from humiofs.cli import latest_readable_generation
+                parent = latest_readable_generation(self.store)
+                self.tracker = self._start_tracker()
+                print(f"backup {self.store.name}: watching {self.source}, a pass every "
+                      f"{self.interval:g}s", flush=True)
+                while not self.stop.is_set():
+                    deadline = time.monotonic() + self.interval
+                    parent = self._pass(parent)
+                    self.passes += 1
+                    if self._prune_due():
+                        self._prune()
+                    self._sleep(deadline)
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            if self.tracker is not None:
+                self.tracker.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        latest = f"; latest {format_time(parent.time_ms)}" if parent else ""
+        print(f"backup {self.store.name}: stopped after {self.passes} passes, "
+              f"{self.committed} generations committed{latest}", flush=True)
+        return errors.EXIT_OK
+
+    def _start_tracker(self) -> Tracker | None:
+        skip = None
+        try:
+            st = os.stat(self.store.path)
+            skip = (st.st_dev, st.st_ino)
+            # The real path: DIRECTORY may be a symlink, and watches do not follow symlinks.
+            return Tracker(os.fsencode(os.path.realpath(self.source)), Excluder(self.excludes),
+                           skip)
+        except OSError as exc:
+            log.warning("cannot use inotify (%s); every pass walks the whole data directory",
+                        exc.strerror or exc)
+            return None
+
+    def _pass(self, parent: Generation | None) -> Generation | None:
+        """One backup pass; returns the new latest generation (the parent if none was due)."""
+        dirty = self.tracker.take() if self.tracker is not None else Dirty(full=True)
+        full = dirty.full or time.monotonic() - self.last_full >= FULL_WALK_S
+        if full:
+            if self.tracker is not None:
+                self.tracker.rewatch()
+            self.last_full = time.monotonic()
+        first = self.passes == 0
+        opts = BackupOptions(
+            source=self.source, backup_name=self.store.name, excludes=self.excludes,
+            host_id=self.cfg.host_id, progress=None if self.progress and first else False,
+            clean=None if full else dirty.clean, tree_counts=self.counts)
+        run = Backup(self.store, opts, should_stop=self.stop.is_set)
+        start = time.monotonic()
+        try:
+            gen = run.build(parent)
+        except (OSError, StoreError) as exc:
+            # The store's own failures are HumiofsErrors with other codes and end the run; a
+            # source that is briefly unreadable (DIRECTORY unmounted, EIO) is retried.
+            if isinstance(exc, StoreError) and exc.exit_code != errors.EXIT_USAGE:
+                raise
+            if first and parent is None:
+                raise
+            log.warning("backup pass failed: %s; trying again in %gs", exc, self.interval)
+            self.last_full = float("-inf")
+            return parent
+        if full:
+            self.counts = run.tree_counts_seen
+        else:
+            self.counts.update(run.tree_counts_seen)
+        if self.tracker is not None and run.stats.skipped_paths:
+            self.tracker.mark(run.stats.skipped_paths)
+        if not changed(gen, parent):
+            log.debug("pass %d: nothing changed (%.1f ms)", self.passes + 1,
+                      (time.monotonic() - start) * 1000)
+            return parent
+        self.store.commit_generation(gen)
+        self.committed += 1
+        s = run.stats
+        log.info("generation %s: %d new, %d changed files, %d skipped, %d bytes stored "
+                 "(%s pass, %.2fs)", format_time(gen.time_ms), s.new, s.changed, s.skipped,
+                 s.bytes_stored, "full" if full else "incremental", time.monotonic() - start)
+        return gen
+
+    def _prune_due(self) -> bool:
+        if self.stop.is_set() or self.passes % PRUNE_EVERY != 1:
+            return False
+        if self._pruned_at is None:
+            return True
+        committed, when = self._pruned_at
+        return self.committed > committed or time.monotonic() - when >= PRUNE_IDLE_S
+
+    def _prune(self) -> None:
+        self._pruned_at = (self.committed, time.monotonic())
+        try:
+            r = prune.prune(self.store, self.cfg.delete_after_ms, should_stop=self.stop.is_set)
+        except StoreLocked:
+            log.info("prune skipped: another prune or check is running")
+            return
+        if r.dropped or r.deleted_packs or r.condemned_packs:
+            log.info("prune: removed %d generations, deleted %d packs (%d bytes), recorded "
+                     "%d unneeded packs", len(r.dropped), r.deleted_packs, r.deleted_bytes,
+                     r.condemned_packs)
+
+    def _sleep(self, deadline: float) -> None:
+        """Waits until `deadline` or a stop, reading inotify events meanwhile."""
+        while not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            fds = [self._wake_r]
+            if self.tracker is not None:
+                fds.append(self.tracker.fileno())
+            ready, _, _ = select.select(fds, [], [], left)
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 64)
+                except BlockingIOError:
+                    pass
+            if self.tracker is not None and self.tracker.fileno() in ready:
+                self.tracker.drain()
+                # Many events in a burst would wake us for each; gather them for a moment.
+                select.select([self._wake_r], [], [], min(_COALESCE_S, max(0.0, left)))

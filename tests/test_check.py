@@ -1,0 +1,260 @@
+"""`humiofs check`: a healthy store reports nothing; every kind of damage is found and named
+with the node files and generations it affects; exit codes."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY, make_sample, run_cli, write_env
+from humiofs import crypto, writer
+from humiofs.check import Checker, Report, parse_subset
+from humiofs.errors import EXIT_DAMAGED, EXIT_OK, EXIT_WRONG_KEY
+from humiofs.format import DIR, FILE, Generation, Ref
+from humiofs.keys import KdfParams
+from humiofs.store import Store
+from humiofs.writer import Backup, BackupOptions
+
+FAST_KDF = KdfParams(iterations=2, memory_kib=19456, lanes=1)
+
+
+def settle(root: Path) -> None:
+    """Waits until every file under `root` is older than the writer's racy window, so that a
+    backup records real ctimes and the next backup does not read the files again."""
+    newest = max(os.lstat(os.path.join(d, n)).st_ctime_ns
+                 for d, dirs, fs in os.walk(root) for n in dirs + fs)
+    deadline = time.monotonic() + 10
+    while time.time_ns() <= newest + writer.RACY_NS + 1_000_000:
+        assert time.monotonic() < deadline, "the clock does not advance"
+        time.sleep(0.01)
+
+
+def backup(store: Store, source: Path) -> Generation:
+    with store.lock():
+        names = store.list_generations()
+        parent = store.load_generation(names[-1]) if names else None
+        settle(source)
+        return Backup(store, BackupOptions(source=source, backup_name=store.name,
+                                           progress=False)).run(parent)
+
+
+def walk(store: Store, ref: Ref, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for e in store.read_tree(ref):
+        rel = prefix + os.fsdecode(e.name)
+        out[rel] = e
+        if e.type == DIR:
+            assert e.subtree is not None
+            out.update(walk(store, e.subtree, rel + "/"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with two generations of a small node; tests damage copies of it."""
+    base = tmp_path_factory.mktemp("check")
+    node = make_sample(base / "node", size="3M", small_files=40, seed=5)
+    (base / "backup").mkdir()
+    store = Store.create(base / "backup" / "node1", KEY, FAST_KDF)
+    backup(store, node)
+    (node / "globaldata-extra.json").write_text("{}")
+    backup(store, node)
+    store.close()
+    return base / "backup" / "node1"
+
+
+@pytest.fixture
+def damaged(pristine: Path, tmp_path: Path) -> Store:
+    """A fresh copy of the pristine store, to damage."""
+    dest = tmp_path / "backup" / "node1"
+    shutil.copytree(pristine, dest)
+    return Store.open(dest, KEY)
+
+
+def check(store: Store, **kw: object) -> Report:
+    try:
+        return Checker(store, KEY, **kw).run()  # type: ignore[arg-type]
+    finally:
+        store.close()
+
+
+def latest(store: Store) -> Generation:
+    return store.load_generation(store.list_generations()[-1])
+
+
+def big_file(store: Store) -> tuple[str, Ref]:
+    """The path and data ref of the largest file (a segment, in a pack of its own)."""
+    entries = walk(store, latest(store).root.tree)
+    rel, e = max(((r, e) for r, e in entries.items() if e.type == FILE and e.data),  # type: ignore
+                 key=lambda item: item[1].data.plain_len)  # type: ignore[attr-defined]
+    return rel, e.data  # type: ignore[attr-defined]
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def only_problem(report: Report, kind: str) -> tuple[str, set[str], set[str]]:
+    assert len(report.problems) == 1, report.problems
+    (k, _), p = next(iter(report.problems.items()))
+    assert k == kind, (k, p.message)
+    return p.message, p.paths, p.generations
+
+
+def test_healthy_store_reports_nothing(pristine: Path, tmp_path: Path) -> None:
+    env = write_env(tmp_path / "env", pristine.parent)
+    r = run_cli("check", "--config", env, "--read-data")
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    assert "problem" not in r.stdout and r.stderr == ""
+    assert "healthy" in r.stdout
+
+
+def test_flipped_byte_in_data_pack(damaged: Store) -> None:
+    rel, ref = big_file(damaged)
+    flip(damaged.pack_path(ref.pack), ref.offset + 1000)
+    msg, paths, gens = only_problem(check(Store.open(damaged.path, KEY), read_data=True), "auth")
+    assert ref.pack.hex() in msg
+    assert paths == {rel}
+    assert gens == set(damaged.list_generations())
+
+
+def test_flipped_byte_in_last_chunk_found_without_read_data(damaged: Store) -> None:
+    rel, ref = big_file(damaged)
+    flip(damaged.pack_path(ref.pack), ref.offset + ref.stored_len - 3)
+    _, paths, _ = only_problem(check(damaged), "auth")
+    assert paths == {rel}
+
+
+def test_flipped_byte_in_tree_pack(damaged: Store) -> None:
+    gen = latest(damaged)
+    entries = walk(damaged, gen.root.tree)
+    rel, sub = next((r, e) for r, e in entries.items() if r.startswith("dataspace_"))
+    ref = sub.subtree  # type: ignore[attr-defined]
+    flip(damaged.pack_path(ref.pack), ref.offset + 20)
+    msg, paths, gens = only_problem(check(damaged), "auth")
+    assert paths == {f"{rel}/ (the whole folder)"}
+    assert gens == set(damaged.list_generations())
+
+
+def test_flipped_byte_in_generation(damaged: Store) -> None:
+    name = damaged.list_generations()[0]
+    flip(damaged.path / "generations" / name, 40)
+    msg, _, gens = only_problem(check(damaged), "generation")
+    assert gens == {name} and name in msg
+
+
+def test_truncated_pack(damaged: Store) -> None:
+    rel, ref = big_file(damaged)
+    path = damaged.pack_path(ref.pack)
+    os.truncate(path, path.stat().st_size - 100)
+    msg, paths, _ = only_problem(check(damaged), "truncated")
+    assert paths == {rel} and "truncated" in msg
+
+
+def test_deleted_pack(damaged: Store) -> None:
+    rel, ref = big_file(damaged)
+    os.unlink(damaged.pack_path(ref.pack))
+    msg, paths, gens = only_problem(check(damaged), "missing")
+    assert paths == {rel} and "missing" in msg and len(gens) == 2
+
+
+def test_swapped_packs(damaged: Store) -> None:
+    entries = walk(damaged, latest(damaged).root.tree)
+    big = sorted(((r, e.data) for r, e in entries.items()  # type: ignore[attr-defined]
+                  if e.type == FILE and e.data and e.data.plain_len >= 1 << 20),  # type: ignore
+                 key=lambda x: x[0])
+    (rel_a, a), (rel_b, b) = big[0], big[1]
+    pa, pb = damaged.pack_path(a.pack), damaged.pack_path(b.pack)
+    tmp = pa.with_name("swap")
+    os.rename(pa, tmp)
+    os.rename(pb, pa)
+    os.rename(tmp, pb)
+    report = check(damaged)
+    affected = set().union(*(p.paths for p in report.problems.values()))
+    assert {rel_a, rel_b} <= affected
+    assert all(k[0] in ("auth", "truncated") for k in report.problems)
+
+
+def test_stray_files(damaged: Store) -> None:
+    (damaged.path / "notes.txt").write_text("x")
+    (damaged.path / "packs" / "00" / "README").write_text("x")
+    (damaged.path / "generations" / "latest").write_text("x")
+    (damaged.path / "packs" / "zz").mkdir()
+    report = check(damaged)
+    found = {k[1] for k in report.problems}
+    assert found == {"notes.txt", "packs/00/README", "generations/latest", "packs/zz"}
+
+
+def test_pack_in_wrong_folder(damaged: Store) -> None:
+    rel, ref = big_file(damaged)
+    h = ref.pack.hex()
+    wrong = "00" if not h.startswith("00") else "01"
+    os.rename(damaged.pack_path(ref.pack), damaged.path / "packs" / wrong / h)
+    report = check(damaged)
+    assert ("layout", f"packs/{wrong}/{h}") in report.problems
+    assert report.problems[("missing", h)].paths == {rel}
+
+
+def test_damaged_key_file(damaged: Store) -> None:
+    (damaged.path / "keys" / ("ab" * 16)).write_text('{"version": 1}')
+    _, paths, _ = only_problem(check(damaged), "key")
+    assert not paths
+
+
+def test_unreferenced_pack_is_a_note_not_damage(damaged: Store) -> None:
+    pack = damaged.new_pack()
+    pack.add(crypto.KIND_DATA, b"leftover of an interrupted run")
+    pack.finish()
+    report = check(damaged)
+    assert report.healthy
+    assert any("1 unreferenced pack" in n for n in report.notes)
+
+
+def test_read_data_subset_covers_all(damaged: Store) -> None:
+    rel, ref = big_file(damaged)
+    flip(damaged.pack_path(ref.pack), ref.offset + 5000)
+    hits = []
+    for n in (1, 2, 3):
+        report = check(Store.open(damaged.path, KEY), subset=parse_subset(f"{n}/3"))
+        if report.problems:
+            hits.append(n)
+            assert report.problems[("auth", ref.pack.hex())].paths == {rel}
+    assert hits == [int.from_bytes(ref.pack, "big") % 3 + 1]
+    assert check(Store.open(damaged.path, KEY), subset=parse_subset("100%")).problems
+
+
+def test_parse_subset_rejects_nonsense() -> None:
+    for bad in ("0/3", "4/3", "x", "0%", "101%"):
+        with pytest.raises(ValueError):
+            parse_subset(bad)
+
+
+def test_cli_damaged_exit_code_and_report(damaged: Store, tmp_path: Path) -> None:
+    rel, ref = big_file(damaged)
+    os.unlink(damaged.pack_path(ref.pack))
+    env = write_env(tmp_path / "env", damaged.path.parent)
+    r = run_cli("check", "--config", env)
+    assert r.returncode == EXIT_DAMAGED, r.stdout + r.stderr
+    assert f"pack {ref.pack.hex()} is missing" in r.stdout
+    assert f"    {rel}" in r.stdout
+    assert "including the latest" in r.stdout and "DAMAGED" in r.stdout
+
+
+def test_cli_wrong_key(pristine: Path, tmp_path: Path) -> None:
+    env = write_env(tmp_path / "env", pristine.parent, key="not the key at all")
+    r = run_cli("check", "--config", env)
+    assert r.returncode == EXIT_WRONG_KEY, r.stdout + r.stderr
+
+
+def test_help_is_self_contained() -> None:
+    r = run_cli("check", "--help")
+    assert r.returncode == 0
+    for word in ("--read-data-subset", "What to do after a bad check", "5 damaged"):
+        assert word in r.stdout

@@ -1,0 +1,334 @@
+"""Retention and prune: the policy, the tree diff, two-phase pack deletion, crash safety, and
+safety next to readers and a writer."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY, make_sample, run_cli, write_env
+from humiofs import crypto, writer
+from humiofs.check import Checker
+from humiofs.errors import StoreLocked
+from humiofs.format import Generation, Ref, RootAttrs
+from humiofs.keys import KdfParams
+from humiofs.prune import (DAY_MS, HOUR_MS, RECORD_DIR, TreeDiff, plan, prune, prune_lock,
+                           referenced_packs)
+from humiofs.restore import Restore, RestoreOptions
+from humiofs.store import Store
+from humiofs.writer import Backup, BackupOptions
+
+FAST_KDF = KdfParams(iterations=2, memory_kib=19456, lanes=1)
+D = 7 * DAY_MS
+NOW = 1_800_000_000_000 // DAY_MS * DAY_MS + 12 * HOUR_MS   # noon UTC
+
+
+def fake(name_ms: int, paths: frozenset[str] = frozenset()) -> Generation:
+    ref = Ref(b"\0" * 16, b"\0" * 16, 8, 16, 0)
+    gen = Generation(f"{name_ms:013d}-{'0' * 16}", name_ms, "n", "h", "/d",
+                     RootAttrs(0o755, 0, 0, 0, ref), None)
+    FAKE_PATHS[gen.name] = paths
+    return gen
+
+
+FAKE_PATHS: dict[str, frozenset[str]] = {}
+
+
+def fake_lacks(g: Generation, k: Generation) -> bytes | None:
+    missing = sorted(FAKE_PATHS[g.name] - FAKE_PATHS[k.name])
+    return missing[0].encode() if missing else None
+
+
+def kept(gens: list[Generation], now: int = NOW, d: int = D) -> list[int]:
+    decisions = plan([(g.name, g) for g in gens], now, d, fake_lacks)
+    return [i for i, dec in enumerate(decisions) if dec.keep]
+
+
+# -- policy -------------------------------------------------------------------------------------
+
+def test_latest_always_kept() -> None:
+    gens = [fake(NOW - 30 * DAY_MS), fake(NOW - 20 * DAY_MS)]
+    assert kept(gens) == [1]
+
+
+def test_thinning_hourly_for_a_day_then_daily_within_d() -> None:
+    # One generation a minute for the last 3 days.
+    gens = [fake(NOW - m * 60_000) for m in range(3 * 24 * 60, -1, -1)]
+    times = [gens[i].time_ms for i in kept(gens)]
+    recent = [t for t in times if t > NOW - DAY_MS]
+    older = [t for t in times if t <= NOW - DAY_MS]
+    assert len({t // HOUR_MS for t in recent}) == len(recent) == 25     # 24 hours + this one
+    assert len({t // DAY_MS for t in older}) == len(older) == 2
+    assert all(t % DAY_MS == DAY_MS - 60_000 for t in older)          # the last of each day
+    assert gens[-1].time_ms in times
+
+
+def test_nothing_older_than_d_without_deletions() -> None:
+    gens = [fake(NOW - n * DAY_MS) for n in range(20, -1, -1)]
+    assert [gens[i].time_ms for i in kept(gens)] == [NOW - n * DAY_MS for n in range(6, -1, -1)]
+
+
+def test_deleted_file_kept_for_d_after_first_seen_gone() -> None:
+    a, b = frozenset({"seg1", "seg2"}), frozenset({"seg2"})
+    old = NOW - 30 * DAY_MS
+    # seg1 last seen 30 days ago; first seen gone by a generation 3 days ago.
+    gens = [fake(old, a), fake(old + 1, a), fake(NOW - 3 * DAY_MS, b), fake(NOW, b)]
+    assert kept(gens) == [1, 2, 3]                     # the latest holder of seg1 is kept
+    # The same, 8 days later: the deletion is older than D.
+    assert kept(gens, now=NOW + 8 * DAY_MS) == [3]
+
+
+def test_deletion_kept_with_the_time_of_the_next_kept_generation() -> None:
+    a, b = frozenset({"x", "y"}), frozenset({"y"})
+    gens = [fake(NOW - 10 * DAY_MS, a), fake(NOW - 10 * DAY_MS + 1, b), fake(NOW, b)]
+    # x was first seen gone 10 days ago, but that generation is dropped (nothing of its own):
+    # the next kept one (now) stands in for it, so x is kept (conservatively) for now.
+    assert kept(gens) == [0, 2]
+
+
+def test_unreadable_generation_is_kept() -> None:
+    gens = [fake(NOW - 30 * DAY_MS), fake(NOW)]
+    decisions = plan([(gens[0].name, None), (gens[1].name, gens[1])], NOW, D, fake_lacks)
+    assert [d.keep for d in decisions] == [True, True]
+
+
+# -- on a real store ----------------------------------------------------------------------------
+
+def settle(root: Path) -> None:
+    """Waits until every file under `root` is older than the writer's racy window, so that a
+    backup records real ctimes and the next backup does not read the files again."""
+    newest = max(os.lstat(os.path.join(d, n)).st_ctime_ns
+                 for d, dirs, fs in os.walk(root) for n in dirs + fs)
+    deadline = time.monotonic() + 10
+    while time.time_ns() <= newest + writer.RACY_NS + 1_000_000:
+        assert time.monotonic() < deadline, "the clock does not advance"
+        time.sleep(0.01)
+
+
+def backup(store: Store, source: Path) -> Generation:
+    with store.lock():
+        names = store.list_generations()
+        parent = store.load_generation(names[-1]) if names else None
+        settle(source)
+        return Backup(store, BackupOptions(source=source, backup_name=store.name,
+                                           progress=False)).run(parent)
+
+
+def segments(node: Path) -> list[Path]:
+    return sorted(p for p in node.glob("dataspace_*/datasource_*/segment_*")
+                  if p.stat().st_size >= 1 << 20)
+
+
+def packs(store: Store) -> set[str]:
+    return {p.name for p in (store.path / "packs").glob("*/*")}
+
+
+def restore_ok(store: Store, gen: Generation, target: Path) -> None:
+    Restore(store, RestoreOptions(target=target, progress=False)).run(gen)
+
+
+def healthy(store: Store) -> bool:
+    report = Checker(store, KEY).run()
+    return report.healthy
+
+
+@pytest.fixture
+def node_and_store(tmp_path: Path) -> tuple[Path, Store, Generation, Generation, Path]:
+    """gen1, then a segment is deleted, then gen2. Returns (node, store, gen1, gen2, segment)."""
+    node = make_sample(tmp_path / "node", size="4M", small_files=30, seed=9)
+    (tmp_path / "backup").mkdir()
+    store = Store.create(tmp_path / "backup" / "node1", KEY, FAST_KDF)
+    gen1 = backup(store, node)
+    seg = segments(node)[0]
+    seg.unlink()
+    gen2 = backup(store, node)
+    return node, store, gen1, gen2, seg
+
+
+def test_tree_diff_finds_the_deleted_file(node_and_store: tuple) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    diff = TreeDiff(store)
+    assert diff(gen1, gen2) == os.fsencode(seg.relative_to(node))
+    assert diff(gen2, gen1) is None
+    assert diff(gen2, gen2) is None
+
+
+def test_deleted_file_survives_d_then_its_pack_goes(node_and_store: tuple,
+                                                    tmp_path: Path) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    rel = str(seg.relative_to(node))
+    r = prune(store, D, now_ms=gen2.time_ms + 1000)
+    assert not r.dropped and r.condemned_packs == 0
+    restore_ok(store, gen1, tmp_path / "r1")
+    assert (tmp_path / "r1" / rel).read_bytes()
+
+    before = packs(store)
+    later = gen2.time_ms + D + 1000
+    r = prune(store, D, now_ms=later)
+    assert r.dropped == [gen1.name] and r.condemned_packs >= 1
+    assert packs(store) == before                     # recorded only: the grace period
+    assert len(os.listdir(store.path / RECORD_DIR)) == 1
+    r = prune(store, D, now_ms=later + 3600 * 1000 - 1)
+    assert r.deleted_packs == 0 and r.pending_packs >= 1
+    r = prune(store, D, now_ms=later + 3600 * 1000 + 1000)
+    assert r.deleted_packs >= 1 and r.deleted_bytes >= 1 << 20
+    assert len(packs(store)) < len(before)
+    assert os.listdir(store.path / RECORD_DIR) == []
+    assert healthy(store)
+    restore_ok(store, gen2, tmp_path / "r2")
+    assert not (tmp_path / "r2" / rel).exists()
+
+
+def test_grace_zero_deletes_at_once(node_and_store: tuple) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    before = packs(store)
+    r = prune(store, D, grace_s=0, now_ms=gen2.time_ms + D + 1000)
+    assert r.dropped == [gen1.name] and r.deleted_packs >= 1
+    assert len(packs(store)) < len(before)
+    assert not (store.path / RECORD_DIR).exists()
+    assert healthy(store)
+
+
+def test_dry_run_changes_nothing(node_and_store: tuple) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    files = sorted(str(p) for p in store.path.rglob("*") if p.name != "prune.lock")
+    r = prune(store, D, grace_s=0, dry_run=True, now_ms=gen2.time_ms + D + 1000)
+    assert r.dropped == [gen1.name] and r.deleted_packs >= 1
+    assert sorted(str(p) for p in store.path.rglob("*") if p.name != "prune.lock") == files
+
+
+def test_packs_newer_than_the_newest_generation_are_left_alone(node_and_store: tuple) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    # A running (or killed) writer's pack: written after the newest generation.
+    pack = store.new_pack()
+    pack.add(crypto.KIND_DATA, b"in flight")
+    pack.finish()
+    future = os.stat(store.path / "generations" / gen2.name).st_mtime_ns + 10**9
+    os.utime(store.pack_path(pack.pack_id), ns=(future, future))
+    r = prune(store, D, grace_s=0)
+    assert r.young_packs == 1 and r.deleted_packs == 0
+    assert store.pack_path(pack.pack_id).exists()
+    # Once a newer generation exists, it is an ordinary leftover.
+    (node / "new").write_text("x")
+    gen3 = backup(store, node)
+    os.utime(store.path / "generations" / gen3.name, ns=(future + 1, future + 1))
+    r = prune(store, D, grace_s=0)
+    assert r.deleted_packs >= 1 and not store.pack_path(pack.pack_id).exists()
+
+
+def test_a_reader_of_a_dropped_generation_keeps_reading(node_and_store: tuple,
+                                                        tmp_path: Path) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    reader = Store.open(store.path, KEY)          # a mount that has gen1 open
+    rel = os.fsencode(seg.relative_to(node))
+    later = gen2.time_ms + D + 1000
+    prune(store, D, now_ms=later)                 # drops gen1, records its packs
+    restore_ok(reader, gen1, tmp_path / "within-grace")
+    assert (tmp_path / "within-grace" / os.fsdecode(rel)).exists()
+    # A pack it already has open stays readable even after deletion (POSIX unlink).
+    root = reader.read_tree(gen1.root.tree)
+    assert root
+    prune(store, D, grace_s=0, now_ms=later)
+    root_again = reader.read_tree(gen1.root.tree)
+    assert root_again == root
+    reader.close()
+
+
+def test_two_prunes_do_not_overlap(node_and_store: tuple) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    with prune_lock(store):
+        with pytest.raises(StoreLocked):
+            prune(store, D)
+
+
+def test_writer_lock_is_not_needed(node_and_store: tuple) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    with store.lock():
+        prune(store, D, grace_s=0, now_ms=gen2.time_ms + D + 1000)
+    assert healthy(store)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_crash_at_any_point_keeps_what_kept_generations_need(
+        node_and_store: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    pristine = tmp_path / "pristine"
+    shutil.copytree(store.path, pristine)
+    later = gen2.time_ms + D + 1000
+    real_unlink, real_rename = os.unlink, os.rename
+    for crash_at in range(1, 40):
+        shutil.rmtree(store.path)
+        shutil.copytree(pristine, store.path)
+        calls = 0
+
+        def dying(real):  # type: ignore[no-untyped-def]
+            def call(*a, **kw):  # type: ignore[no-untyped-def]
+                nonlocal calls
+                calls += 1
+                if calls == crash_at:
+                    raise Crash()
+                return real(*a, **kw)
+            return call
+        monkeypatch.setattr(os, "unlink", dying(real_unlink))
+        monkeypatch.setattr(os, "rename", dying(real_rename))
+        crashed = False
+        try:
+            prune(store, D, now_ms=later)
+            prune(store, D, now_ms=later + 2 * 3600 * 1000)
+        except Crash:
+            crashed = True
+        monkeypatch.undo()
+        s = Store.open(store.path, KEY)
+        assert healthy(s), f"crash at call {crash_at}"
+        restore_ok(s, gen2, tmp_path / f"r{crash_at}")
+        # The next prunes finish the job.
+        prune(s, D, now_ms=later)
+        prune(s, D, now_ms=later + 2 * 3600 * 1000)
+        assert healthy(s)
+        assert referenced_packs(s, [gen2.root.tree]) == {bytes.fromhex(p) for p in packs(s)}
+        s.close()
+        if not crashed:
+            assert crash_at > 3     # it crashed at every step before this one
+            break
+    else:
+        pytest.fail("prune made more calls than expected")
+
+
+@pytest.mark.allow_warnings
+def test_damaged_record_is_dropped(node_and_store: tuple) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    (store.path / RECORD_DIR).mkdir()
+    (store.path / RECORD_DIR / f"{1:013d}-{'a' * 16}").write_text("garbage")
+    prune(store, D)
+    assert os.listdir(store.path / RECORD_DIR) == []
+
+
+def test_record_is_plain_json(node_and_store: tuple) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    prune(store, D, now_ms=gen2.time_ms + D + 1000)
+    (name,) = os.listdir(store.path / RECORD_DIR)
+    doc = json.loads((store.path / RECORD_DIR / name).read_text())
+    assert doc["version"] == 1 and doc["packs"]
+    assert all(len(p) == 32 for p in doc["packs"])
+
+
+def test_cli_prune(node_and_store: tuple, tmp_path: Path) -> None:
+    node, store, gen1, gen2, seg = node_and_store
+    env = write_env(tmp_path / "env", store.path.parent, DELETE_BACKUP_AFTER_MILLIS="0")
+    r = run_cli("prune", "--config", env, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "drop" in r.stdout and "keep: latest" in r.stdout
+    assert len(store.list_generations()) == 2
+    r = run_cli("prune", "--config", env, "--grace", "0")
+    assert r.returncode == 0, r.stderr
+    assert store.list_generations() == [gen2.name]
+    assert run_cli("check", "--config", env).returncode == 0
+    r = run_cli("prune", "--help")
+    assert "DELETE_BACKUP_AFTER_MILLIS" in r.stdout and "--grace" in r.stdout

@@ -1,0 +1,382 @@
+"""`backup --watch`: the dirty-folder tracker, incremental passes that equal a full walk, and
+the loop itself in a subprocess with short intervals: changes appear in time, an idle node
+commits nothing, SIGTERM stops cleanly, kill -9 and a full backup disk leave a healthy store."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, write_env
+from humiofs import writer
+from humiofs.config import Config
+from humiofs.errors import EXIT_IO, EXIT_OK, EXIT_WRONG_KEY
+from humiofs.format import Generation
+from humiofs.inotify import Dirty, Tracker
+from humiofs.keys import KdfParams
+from humiofs.restore import Restore, RestoreOptions
+from humiofs.scan import DEFAULT_EXCLUDES, Excluder
+from humiofs.store import Store
+from humiofs.watch import Watch
+from humiofs.writer import Backup, BackupOptions
+
+FAST_KDF = KdfParams(iterations=2, memory_kib=19456, lanes=1)
+
+
+def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0,
+             proc: subprocess.Popen[bytes] | None = None) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"watch exited with {proc.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def node_digest(node: Path) -> dict[str, tuple[object, ...]]:
+    return {k: v for k, v in tree_digest(node).items()
+            if k != "jvm-tmp" and not k.startswith("jvm-tmp/")}
+
+
+def restored_digest(store: Store, gen: Generation, target: Path) -> dict[str, tuple[object, ...]]:
+    shutil.rmtree(target, ignore_errors=True)
+    Restore(store, RestoreOptions(target=target, progress=False)).run(gen)
+    return tree_digest(target)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_sample(tmp_path_factory.mktemp("watch") / "node", size="3M", small_files=60,
+                       seed=11)
+
+
+@pytest.fixture
+def node(template: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "node"
+    subprocess.run(["cp", "-a", str(template), str(dest)], check=True)
+    return dest
+
+
+# -- the tracker ---------------------------------------------------------------------------------
+
+def test_dirty_clean() -> None:
+    d = Dirty()
+    d.add_dir(b"a/b")
+    d.add_tree(b"x/new")
+    d.seal()
+    assert not d.clean(b"") and not d.clean(b"a") and not d.clean(b"a/b")
+    assert d.clean(b"a/b/c") and d.clean(b"a/c") and d.clean(b"y")
+    assert not d.clean(b"x") and not d.clean(b"x/new") and not d.clean(b"x/new/deep")
+    assert d.clean(b"x/newer")
+
+
+@pytest.fixture
+def tracker(tmp_path: Path) -> Iterator[tuple[Path, Tracker]]:
+    root = tmp_path / "t"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "c").mkdir()
+    (root / "jvm-tmp").mkdir()
+    (root / "a" / "b" / "f").write_text("x")
+    t = Tracker(os.fsencode(root), Excluder(DEFAULT_EXCLUDES))
+    assert t.take().full
+    t.rewatch()
+    yield root, t
+    t.close()
+
+
+def test_tracker_reports_changed_folders(tracker: tuple[Path, Tracker]) -> None:
+    root, t = tracker
+    assert not t.take()
+    (root / "a" / "b" / "f").write_text("y")
+    d = t.take()
+    assert d.dirs == {b"a/b"} and not d.full
+    assert d.clean(b"c") and not d.clean(b"a")
+    (root / "jvm-tmp" / "scratch").write_text("ignored")
+    assert not t.take()
+
+
+def test_tracker_new_folder_is_walked_whole(tracker: tuple[Path, Tracker]) -> None:
+    root, t = tracker
+    (root / "c" / "new" / "deep").mkdir(parents=True)
+    d = t.take()
+    assert b"c/new" in d.trees and not d.clean(b"c/new/deep")
+    (root / "c" / "new" / "deep" / "g").write_text("z")    # watched by now
+    assert t.take().dirs == {b"c/new/deep"}
+
+
+def test_tracker_folder_move_asks_for_full_walk(tracker: tuple[Path, Tracker]) -> None:
+    root, t = tracker
+    os.rename(root / "a", root / "c" / "a")
+    assert t.take().full
+
+
+def test_tracker_overflow_asks_for_full_walk(tracker: tuple[Path, Tracker],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    root, t = tracker
+    from humiofs import inotify
+    monkeypatch.setattr(t.ino, "read", lambda: iter([(-1, inotify.IN_Q_OVERFLOW, b"")]))
+    assert t.take().full
+
+
+# -- incremental passes equal the node --------------------------------------------------------
+
+def settle(root: Path) -> None:
+    """Waits until every file under `root` is older than the writer's racy window."""
+    newest = max(os.lstat(os.path.join(d, n)).st_ctime_ns
+                 for d, dirs, fs in os.walk(root) for n in dirs + fs)
+    deadline = time.monotonic() + 10
+    while time.time_ns() <= newest + writer.RACY_NS + 1_000_000:
+        assert time.monotonic() < deadline, "the clock does not advance"
+        time.sleep(0.01)
+
+
+def test_incremental_passes_match_the_node(node: Path, tmp_path: Path) -> None:
+    (tmp_path / "backup").mkdir()
+    store = Store.create(tmp_path / "backup" / "node1", KEY, FAST_KDF)
+    cfg = Config(backup_dir=tmp_path / "backup", directory=node, backup_name="node1",
+                 backup_key=KEY)
+    w = Watch(store, cfg, 1.0, (), False)
+    ds = sorted(node.glob("dataspace_*/datasource_*"))
+    small = sorted(p for p in node.rglob("*") if p.is_file() and p.stat().st_size < 4096)
+    changes: list[Callable[[], None]] = [
+        lambda: (ds[0] / "segment_new.gz").write_bytes(os.urandom(200_000)),
+        lambda: small[0].write_text("changed contents"),
+        lambda: small[1].unlink(),
+        lambda: (node / "dataspace_new" / "datasource_1").mkdir(parents=True),
+        lambda: (node / "dataspace_new" / "datasource_1" / "s").write_bytes(b"1" * 5000),
+        lambda: os.rename(ds[1] / next(os.scandir(ds[1])).name, ds[1] / "renamed"),
+        lambda: os.chmod(small[2], 0o600),
+        lambda: os.symlink("renamed", ds[1] / "link"),
+        lambda: shutil.rmtree(ds[2]),
+        lambda: os.rename(node / "dataspace_new", node / "dataspace_moved"),
+    ]
+    try:
+        with store.lock():
+            w.tracker = w._start_tracker()
+            settle(node)
+            parent = w._pass(None)
+            w.passes += 1
+            assert parent is not None
+            for n, change in enumerate(changes):
+                change()
+                last_full = w.last_full
+                gen = w._pass(parent)
+                w.passes += 1
+                # Only moving a folder makes inotify paths stale and asks for a full walk.
+                assert (w.last_full != last_full) == (n == len(changes) - 1), n
+                assert gen is not None and gen is not parent, f"change {n} not committed"
+                parent = gen
+                assert restored_digest(store, gen, tmp_path / "r") == node_digest(node), n
+                assert w._pass(parent) is parent, f"change {n}: a second pass committed again"
+            full = Backup(store, BackupOptions(source=node, backup_name="node1",
+                                               progress=False)).build(parent)
+            assert full.stats == parent.stats
+            assert full.root.tree == parent.root.tree      # same trees, nothing stored again
+    finally:
+        if w.tracker is not None:
+            w.tracker.close()
+        store.close()
+
+
+# -- the loop in a subprocess --------------------------------------------------------------------
+
+class WatchProc:
+    def __init__(self, env: Path, store_path: Path, log: Path, *extra: str) -> None:
+        self.store_path = store_path
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "humiofs", "backup", "--config", str(env), "--watch",
+             "--interval", "0.3", "-vv", *extra],
+            env=clean_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            wait_for(lambda: (self.store_path / "config").exists(), "the store", proc=self.proc)
+            self._store = Store.open(self.store_path, KEY)
+        return self._store
+
+    def generations(self) -> list[str]:
+        return self.store.list_generations()
+
+    def latest(self) -> Generation | None:
+        names = self.generations()
+        return self.store.load_generation(names[-1]) if names else None
+
+    def wait_in_store(self, node: Path, tmp: Path, timeout: float = 30.0) -> Generation:
+        """Polls until the latest generation restores to exactly the node."""
+        want = node_digest(node)
+
+        def matches() -> Generation | None:
+            gen = self.latest()
+            if gen is not None and restored_digest(self.store, gen, tmp) == want:
+                return gen
+            return None
+        return wait_for(matches, "the change in a generation", timeout,  # type: ignore
+                        proc=self.proc)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        if self._store is not None:
+            self._store.close()
+        return rc
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def watch(node: Path, tmp_path: Path) -> Iterator[Callable[..., WatchProc]]:
+    (tmp_path / "backup").mkdir(exist_ok=True)
+    procs: list[WatchProc] = []
+
+    def start(*extra: str, backup_dir: Path | None = None, **env_extra: str) -> WatchProc:
+        bdir = backup_dir or tmp_path / "backup"
+        env = write_env(tmp_path / "env", bdir, directory=node, **env_extra)
+        p = WatchProc(env, bdir / "node1", tmp_path / f"watch{len(procs)}.log", *extra)
+        procs.append(p)
+        return p
+    yield start
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+def check_ok(tmp_path: Path, backup_dir: Path | None = None) -> None:
+    env = write_env(tmp_path / "env-check", backup_dir or tmp_path / "backup")
+    r = run_cli("check", "--config", env)
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+
+
+def test_watch_follows_the_node_and_stops_cleanly(watch: Callable[..., WatchProc], node: Path,
+                                                  tmp_path: Path) -> None:
+    w = watch()
+    first = w.wait_in_store(node, tmp_path / "r")
+    ds = sorted(node.glob("dataspace_*/datasource_*"))
+    (ds[0] / "segment_new.gz").write_bytes(os.urandom(300_000))
+    victim = next(p for p in ds[1].iterdir() if p.is_file())
+    victim.unlink()
+    (node / "dataspace_9" / "datasource_9").mkdir(parents=True)
+    (node / "dataspace_9" / "datasource_9" / "segment_9.gz").write_bytes(b"9" * 70_000)
+    gen = w.wait_in_store(node, tmp_path / "r")
+    assert gen.name != first.name
+    rc = w.stop()
+    assert rc == EXIT_OK, w.stderr()
+    assert "Traceback" not in w.stderr()
+    check_ok(tmp_path)
+
+
+def test_idle_node_commits_nothing(watch: Callable[..., WatchProc], node: Path,
+                                   tmp_path: Path) -> None:
+    w = watch()
+    w.wait_in_store(node, tmp_path / "r")
+    wait_for(lambda: w.stderr().count("nothing changed") >= 2, "two idle passes", proc=w.proc)
+    names = w.generations()
+    seen = w.stderr().count("nothing changed")
+    wait_for(lambda: w.stderr().count("nothing changed") >= seen + 3, "three more idle passes",
+             proc=w.proc)
+    assert w.generations() == names
+    assert w.stop() == EXIT_OK
+
+
+def test_kill_9_then_backup_completes(watch: Callable[..., WatchProc], node: Path,
+                                      tmp_path: Path) -> None:
+    w = watch()
+    w.wait_in_store(node, tmp_path / "r")
+    big = node / "dataspace_big"
+    big.mkdir()
+    (big / "segment.gz").write_bytes(os.urandom(40 << 20))
+    wait_for(lambda: os.listdir(w.store_path / "tmp") or len(w.generations()) > 1,
+             "the big file being stored", proc=w.proc)
+    assert w.stop(signal.SIGKILL) == -signal.SIGKILL
+    env = write_env(tmp_path / "env2", tmp_path / "backup", directory=node)
+    r = run_cli("backup", "--config", env, "--no-progress")
+    assert r.returncode == EXIT_OK, r.stderr
+    check_ok(tmp_path)
+    store = Store.open(tmp_path / "backup" / "node1", KEY)
+    gen = store.load_generation(store.list_generations()[-1])
+    assert restored_digest(store, gen, tmp_path / "r") == node_digest(node)
+    store.close()
+
+
+def test_sigterm_during_a_big_file(watch: Callable[..., WatchProc], node: Path,
+                                   tmp_path: Path) -> None:
+    w = watch()
+    w.wait_in_store(node, tmp_path / "r")
+    (node / "segment_big.gz").write_bytes(os.urandom(40 << 20))
+    wait_for(lambda: os.listdir(w.store_path / "tmp") or len(w.generations()) > 1,
+             "the big file being stored", proc=w.proc)
+    assert w.stop() == EXIT_OK, w.stderr()
+    check_ok(tmp_path)
+
+
+def test_wrong_key_exits_at_once(watch: Callable[..., WatchProc], node: Path,
+                                 tmp_path: Path) -> None:
+    w = watch()
+    w.wait_in_store(node, tmp_path / "r")
+    assert w.stop() == EXIT_OK
+    env = write_env(tmp_path / "env-wrong", tmp_path / "backup", directory=node,
+                    key="a different key")
+    r = run_cli("backup", "--config", env, "--watch", "--interval", "0.3", timeout=60)
+    assert r.returncode == EXIT_WRONG_KEY, r.stderr
+
+
+def test_source_briefly_gone_is_retried(watch: Callable[..., WatchProc], node: Path,
+                                        tmp_path: Path) -> None:
+    w = watch()
+    w.wait_in_store(node, tmp_path / "r")
+    away = node.with_name("node-away")
+    os.rename(node, away)
+    wait_for(lambda: "trying again" in w.stderr(), "the pass to fail", proc=w.proc)
+    (away / "while-away").write_text("x")
+    os.rename(away, node)
+    w.wait_in_store(node, tmp_path / "r")
+    assert w.stop() == EXIT_OK
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs as BACKUP_DIR (needs root)."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(where)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_full_disk_stops_and_corrupts_nothing(watch: Callable[..., WatchProc], node: Path,
+                                              tmp_path: Path, small_disk: Path) -> None:
+    w = watch(backup_dir=small_disk)
+    before = w.wait_in_store(node, tmp_path / "r")
+    (node / "segment_huge.gz").write_bytes(os.urandom(12 << 20))
+    rc = w.proc.wait(60)
+    assert rc == EXIT_IO, w.stderr()
+    assert "full" in w.stderr()
+    assert os.listdir(small_disk / "node1" / "tmp") == []
+    check_ok(tmp_path, small_disk)
+    store = Store.open(small_disk / "node1", KEY)
+    gen = store.load_generation(store.list_generations()[-1])
+    assert gen.name == before.name
+    (node / "segment_huge.gz").unlink()
+    assert restored_digest(store, gen, tmp_path / "r") == node_digest(node)
+    store.close()
