@@ -164,6 +164,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
         watch = importlib.import_module("humiofs.watch")
         interval = args.interval if args.interval is not None else cfg.interval_s
         return watch.run(cfg, interval, tuple(args.exclude), not args.no_progress)
+    if not source.is_dir():
+        # Checked before the store is created: a mistyped DIRECTORY must not leave an empty one.
+        raise errors.ConfigError(f"DIRECTORY {source} does not exist or is not a folder")
     store = open_or_create_store(cfg)
     opts = BackupOptions(source=source, backup_name=store.name,
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
@@ -198,7 +201,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     print(f"restore {store.name}: generation {generations.format_time(gen.time_ms)} -> "
           f"{args.to}: {stats.files} files, {stats.dirs} folders, {stats.symlinks} symlinks"
           f"{skipped}; {human_bytes(stats.bytes)} of data in {time.monotonic() - start:.1f}s")
-    return errors.EXIT_OK
+    return errors.EXIT_PARTIAL if stats.skipped else errors.EXIT_OK
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -214,8 +217,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         store: Store | None = None
         if cfg.backup_key:
             try:
-                store = Store.open(path, cfg.backup_key)
+                store = Store.open(path, cfg.need_key())
             except errors.WrongKey:
+                # The store the settings name must open, as for every other command; when
+                # listing all of BACKUP_DIR, the others may belong to nodes with other keys.
+                if cfg.backup_name:
+                    raise
                 print(f"{name}: the key does not open this backup")
                 continue
         gen_names = (store.list_generations() if store else

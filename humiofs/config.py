@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from humiofs.errors import ConfigError
+from humiofs.keys import check_passphrase
 
 DEFAULT_BACKUP_DIR = "/backup"
 DEFAULT_DELETE_AFTER_MS = 604_800_000
@@ -49,6 +50,9 @@ class Config:
         if not self.backup_key:
             raise ConfigError("BACKUP_KEY is not set (in the env file, the environment, "
                               "or with --key-file)")
+        # Refused for every command, not only when a store is created: an existing store can
+        # never have this key, and "the key does not open the store" would mislead.
+        check_passphrase(self.backup_key)
         return self.backup_key
 
     def store_path(self) -> Path:
@@ -104,7 +108,7 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
         key = read_key_file(key_path)
 
     name = merged.get("BACKUP_NAME") or None
-    if name is not None and not _NAME.match(name):
+    if name is not None and not _NAME.fullmatch(name):
         raise ConfigError(f"BACKUP_NAME {name!r} must be letters, digits, '.', '_' or '-' "
                           "and must not start with '.'")
     directory = merged.get("DIRECTORY") or None

@@ -156,13 +156,14 @@ def decode_tree(data: bytes) -> list[Entry]:
     """Entries of a tree plaintext; raises IntegrityError if anything is malformed."""
     try:
         return _decode_tree(data)
-    except struct.error:
+    except (struct.error, IndexError):
         raise IntegrityError("tree is truncated") from None
 
 
 def _decode_tree(data: bytes) -> list[Entry]:
     # Written for speed (a no-change backup decodes every directory of the node): plain
-    # unpack_from calls on a running position. struct.error on a short buffer means truncation.
+    # unpack_from calls on a running position. struct.error (or IndexError, from reading the
+    # data flag byte) on a short buffer means truncation.
     magic, version, count = _TREE_HEAD.unpack_from(data, 0)
     if magic != b"HT":
         raise IntegrityError("not a tree")

@@ -77,7 +77,11 @@ class Restore:
         return self.stats
 
     def _tree(self, dfd: int, rel: bytes, ref: object) -> None:
-        entries = self.store.read_tree(ref)  # type: ignore[arg-type]
+        try:
+            entries = self.store.read_tree(ref)  # type: ignore[arg-type]
+        except StoreError as exc:
+            where = f"folder {os.fsdecode(rel)}" if rel else "the top folder"
+            raise IntegrityError(f"cannot restore {where}: {exc}") from None
         for e in entries:
             check_name(e.name)
             path = rel + b"/" + e.name if rel else e.name

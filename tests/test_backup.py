@@ -1,0 +1,475 @@
+"""The backup writer, in-process (Store + writer.Backup + restore.Restore) and through the CLI
+where processes must die or race: round trips with holes, excludes, incremental runs that read
+nothing, changed and deleted files, a killed writer, the lock, files changing during a run."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY, clean_env, make_sample, run_cli, tree_digest, write_env
+from humiofs.format import Generation, Identity
+from humiofs.store import Store
+from humiofs.writer import BackupStats
+from storetools import (backup, create_store, file_bytes, files, pack_files, rchar, restore,
+                        source_digest, store_files, wait_not_racy, walk)
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sample node backed up by this module's tests; never modified."""
+    node = make_sample(tmp_path_factory.mktemp("backup") / "node", size="8M", small_files=250,
+                       seed=3, node_id=4)
+    wait_not_racy(node)
+    return node
+
+
+@dataclass
+class Run:
+    store: Store
+    gen: Generation
+    stats: BackupStats
+
+
+@pytest.fixture(scope="module")
+def first(node: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    store = create_store(tmp_path_factory.mktemp("backup-store") / "node4")
+    return Run(store, *backup(store, node))
+
+
+@pytest.fixture(scope="module")
+def restored(first: Run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("backup-restored") / "data"
+    restore(first.store, first.gen, target)
+    return target
+
+
+def test_round_trip_byte_for_byte(node: Path, restored: Path) -> None:
+    assert tree_digest(restored) == source_digest(node)
+
+
+def test_root_attributes_restored(node: Path, restored: Path) -> None:
+    src, dst = node.stat(), restored.stat()
+    assert stat.S_IMODE(dst.st_mode) == stat.S_IMODE(src.st_mode)
+    assert dst.st_mtime_ns == src.st_mtime_ns
+
+
+def test_sparse_files_stay_sparse(node: Path, restored: Path) -> None:
+    sparse = sorted(node.glob("dataspace_*/datasource_*/*.gz.tmp"))
+    assert len(sparse) >= 4
+    for src in sparse:
+        dst = restored / src.relative_to(node)
+        s, d = src.stat(), dst.stat()
+        assert d.st_size == s.st_size
+        assert d.st_blocks * 512 < d.st_size, dst
+        assert d.st_blocks <= s.st_blocks + 8, dst
+    assert any(p.stat().st_blocks == 0 for p in sparse)
+
+
+def test_jvm_tmp_skipped(node: Path, first: Run, restored: Path) -> None:
+    assert any((node / "jvm-tmp").rglob("*"))
+    assert not any(rel.startswith("jvm-tmp") for rel, _ in walk(first.store, first.gen.root.tree))
+    assert not (restored / "jvm-tmp").exists()
+
+
+def test_first_run_stats_and_identity(node: Path, first: Run) -> None:
+    digest = source_digest(node)
+    n_files = sum(1 for v in digest.values() if v[0] == "f")
+    _, data = file_bytes(digest)
+    s = first.stats
+    assert (s.new, s.changed, s.unchanged, s.skipped) == (n_files, 0, 0, 0)
+    assert s.bytes_read == data
+    assert first.gen.stats["files"] == n_files and first.gen.stats["data_bytes"] == data
+    uuid = (node / "cluster_membership.uuid").read_text().strip()
+    assert first.gen.identity == Identity("4", uuid)
+
+
+def test_holes_cost_no_store_bytes(node: Path, first: Run) -> None:
+    apparent, _ = file_bytes(source_digest(node))
+    data = first.gen.stats["data_bytes"]
+    assert apparent > 2 * data  # the sample really has holes
+    stored = sum(p.stat().st_size for p in (first.store.path / "packs").glob("*/*"))
+    assert data < stored < data * 1.05 + MiB
+
+
+def test_store_reveals_no_names(node: Path, first: Run) -> None:
+    names = {p.name.encode() for p in node.rglob("*") if len(p.name) >= 12}
+    uuid = (node / "cluster_membership.uuid").read_bytes()
+    for p in first.store.path.rglob("*"):
+        if p.is_file():
+            blob = p.read_bytes()
+            assert uuid not in blob, p
+            assert not any(n in blob for n in names), p
+        assert "dataspace" not in p.name and "segment" not in p.name
+
+
+def test_incremental_run_reads_no_unchanged_file(node: Path, first: Run) -> None:
+    store, gen1 = first.store, first.gen
+    packs = pack_files(store.path)
+    segment_bytes = sum(p.stat().st_size for p in node.glob("dataspace_*/datasource_*/segment_*"))
+    assert segment_bytes > 4 * MiB
+    before = rchar()
+    gen2, stats = backup(store, node)
+    read = rchar() - before
+    # Only trees of the previous generation and the small identity files are read.
+    assert read < segment_bytes / 20, read
+    assert pack_files(store.path) == packs
+    assert gen2.root.tree == gen1.root.tree
+    assert gen2.name != gen1.name and gen2.time_ms > gen1.time_ms
+    assert stats.new == stats.changed == 0 and stats.bytes_read == 0
+    assert stats.unchanged == gen1.stats["files"]
+    assert gen2.stats == gen1.stats
+
+
+def test_exclude_patterns(node: Path, tmp_path: Path) -> None:
+    space = sorted(node.glob("dataspace_*"))[0].name
+    store = create_store(tmp_path / "store" / "ex")
+    gen, _ = backup(store, node, excludes=("/jvm-tmp", "*.gz.tmp", f"/{space}"))
+    target = tmp_path / "restored"
+    restore(store, gen, target)
+    want = {k: v for k, v in source_digest(node).items()
+            if not k.endswith(".gz.tmp") and k != space and not k.startswith(space + "/")}
+    assert tree_digest(target) == want
+    assert any(k.endswith(".gz.tmp") for k in source_digest(node))
+
+
+# -- a history: changed, new and deleted files -------------------------------------------------
+
+@dataclass
+class History:
+    node: Path
+    store: Store
+    gens: list[Generation]
+    changed_stats: BackupStats
+    digests: list[dict[str, tuple[object, ...]]]
+    changed: list[str]
+    deleted: str
+    deleted_bytes: bytes
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> History:
+    """Three generations of a small node: as made; then with a small file appended to, a
+    segment rewritten in place with its mtime put back, a new file and a deleted segment;
+    then unchanged."""
+    base = tmp_path_factory.mktemp("history")
+    node = make_sample(base / "node", size="2M", small_files=200, seed=9)
+    wait_not_racy(node)
+    store = create_store(base / "store" / "hist")
+    gen1, _ = backup(store, node)
+    digest1 = source_digest(node)
+
+    segments = sorted(node.glob("dataspace_*/datasource_*/segment_*.gz"))
+    rewritten, deleted = segments[0], segments[1]
+    deleted_bytes = deleted.read_bytes()
+    st = rewritten.stat()
+    with open(rewritten, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00CHANGED\x00")
+    os.utime(rewritten, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (rewritten.stat().st_size, rewritten.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    small = sorted(p for p in node.rglob("*") if p.is_file() and not p.is_symlink()
+                   and 0 < p.stat().st_size < 4096 and "jvm-tmp" not in str(p))[0]
+    with open(small, "ab") as f:
+        f.write(b"appended\n")
+    (node / "new-file.txt").write_bytes(b"new\n")
+    deleted.unlink()
+    wait_not_racy(node)
+    gen2, stats2 = backup(store, node)
+    digest2 = source_digest(node)
+    gen3, _ = backup(store, node)
+    return History(node, store, [gen1, gen2, gen3], stats2, [digest1, digest2],
+                   [str(p.relative_to(node)) for p in (rewritten, small)],
+                   str(deleted.relative_to(node)), deleted_bytes)
+
+
+def test_changed_files_are_read_again(history: History) -> None:
+    s = history.changed_stats
+    assert (s.new, s.changed) == (1, 2)
+    f1, f2 = (files(history.store, g) for g in history.gens[:2])
+    for rel in history.changed:
+        assert f1[rel].data != f2[rel].data, rel
+    unchanged = [r for r in f2 if r in f1 and r not in history.changed]
+    assert unchanged and all(f1[r].data == f2[r].data for r in unchanged)
+
+
+def test_changed_generation_restores_exactly(history: History, tmp_path: Path) -> None:
+    _, gen2, gen3 = history.gens
+    restore(history.store, gen2, tmp_path / "r2")
+    assert tree_digest(tmp_path / "r2") == history.digests[1]
+    assert gen3.root.tree == gen2.root.tree
+
+
+def test_deleted_file_gone_from_new_generation(history: History) -> None:
+    f1, f2, f3 = (files(history.store, g) for g in history.gens)
+    assert history.deleted in f1
+    assert history.deleted not in f2 and history.deleted not in f3
+    assert "new-file.txt" in f2 and "new-file.txt" not in f1
+
+
+def test_old_generation_brings_deleted_file_back(history: History, tmp_path: Path) -> None:
+    restore(history.store, history.gens[0], tmp_path / "r1")
+    assert tree_digest(tmp_path / "r1") == history.digests[0]
+    assert (tmp_path / "r1" / history.deleted).read_bytes() == history.deleted_bytes
+
+
+def test_store_modes_with_umask_zero(sample_node: Path, tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        store = create_store(tmp_path / "backups" / "m")
+        backup(store, sample_node)
+        with store.lock():
+            store.change_key("another key", None)
+    finally:
+        os.umask(old)
+    entries = [store.path, *store.path.rglob("*")]
+    assert len(entries) > 260
+    for p in entries:
+        mode = stat.S_IMODE(p.lstat().st_mode)
+        assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
+
+
+# -- through the CLI: processes that die, hold the lock, or race the reader ---------------------
+
+def wait_for(cond: Callable[[], bool], proc: subprocess.Popen[str] | None, timeout: float = 60,
+             what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended (rc {proc.returncode}) before {what}: {out} {err}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def progress_shown(store_path: Path, packs_before: set[str]) -> bool:
+    """True once the writer has put real data into the store: a new pack, or 1 MiB in tmp/."""
+    try:
+        if any(p.stat().st_size >= MiB for p in (store_path / "tmp").iterdir()):
+            return True
+    except FileNotFoundError:
+        pass
+    return pack_files(store_path) != packs_before
+
+
+def popen_cli(*args: str | Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "humiofs", *map(str, args)], env=clean_env(),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="module")
+def big_node(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_sample(tmp_path_factory.mktemp("big") / "node", size="120M", small_files=200,
+                       seed=11, node_id=2)
+
+
+def test_killed_writer(tmp_path: Path, big_node: Path) -> None:
+    small = make_sample(tmp_path / "small", size="1M", small_files=200, seed=12)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "node.env", backups, directory=small)
+    store_path = backups / "node1"
+    assert run_cli("backup", "-c", env).returncode == 0
+    gens = sorted(os.listdir(store_path / "generations"))
+    packs = pack_files(store_path)
+
+    proc = popen_cli("backup", "-c", env, "--directory", big_node)
+    wait_for(lambda: progress_shown(store_path, packs), proc, what="backup progress")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(store_path / "generations")) == gens
+
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "after-kill")
+    assert r.returncode == 0, r.stderr
+    assert tree_digest(tmp_path / "after-kill") == source_digest(small)
+
+    r = run_cli("backup", "-c", env, "--directory", big_node)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(store_path / "tmp") == []
+    assert len(os.listdir(store_path / "generations")) == len(gens) + 1
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "after-next")
+    assert r.returncode == 0, r.stderr
+    assert tree_digest(tmp_path / "after-next") == source_digest(big_node)
+
+
+def test_interrupted_writer_exits_130(tmp_path: Path, big_node: Path) -> None:
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "node.env", backups, directory=big_node)
+    store_path = backups / "node1"
+    proc = popen_cli("backup", "-c", env)
+    wait_for(lambda: progress_shown(store_path, set()), proc, what="backup progress")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().count("\n") == 0 and "interrupted" in err
+    assert os.listdir(store_path / "generations") == []
+    assert os.listdir(store_path / "tmp") == []
+
+
+@pytest.fixture()
+def small_setup(tmp_path: Path) -> tuple[Path, Store]:
+    node = make_sample(tmp_path / "node", size="1M", small_files=200, seed=13)
+    store = create_store(tmp_path / "backups" / "node1")
+    write_env(tmp_path / "node.env", tmp_path / "backups", directory=node)
+    return tmp_path / "node.env", store
+
+
+def test_second_writer_refused(small_setup: tuple[Path, Store]) -> None:
+    env, store = small_setup
+    with store.lock():
+        before = store_files(store.path)
+        r = run_cli("backup", "-c", env)
+        assert store_files(store.path) == before
+    assert r.returncode == 4
+    assert r.stderr.count("\n") == 1
+    assert "another humiofs writer" in r.stderr and str(store.path) in r.stderr
+    assert f"pid {os.getpid()}" in r.stderr
+    assert run_cli("backup", "-c", env).returncode == 0
+
+
+HOLD_LOCK = """
+import os, sys
+from pathlib import Path
+from humiofs.store import Store
+store = Store.open(Path(sys.argv[1]), os.environ["TEST_STORE_KEY"])
+with store.lock():
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_lock_released_when_holder_dies(small_setup: tuple[Path, Store]) -> None:
+    env, store = small_setup
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(store.path)],
+                              env={**clean_env(), "TEST_STORE_KEY": KEY}, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        r = run_cli("backup", "-c", env)
+        assert r.returncode == 4 and f"pid {holder.pid}" in r.stderr
+        holder.kill()
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 0, r.stderr
+
+
+# -- files changing while they are read ----------------------------------------------------------
+
+BLOCK = 4096
+RECORD = 64
+
+
+def version_block(v: int) -> bytes:
+    return struct.pack(">Q", v) * (BLOCK // 8)
+
+
+def record(i: int) -> bytes:
+    return f"record {i:012d} ".encode().ljust(RECORD - 1, b".") + b"\n"
+
+
+class Churn:
+    """Rewrites files in place, a version at a time, front to back in 16 KiB pieces, and appends
+    records to another file, until stopped."""
+
+    def __init__(self, rewrite: list[tuple[Path, int]], append: Path) -> None:
+        self.rewrite = rewrite
+        self.append = append
+        self.stop = threading.Event()
+        self.versions = 0
+        self.records = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        fds = [(os.open(p, os.O_WRONLY), blocks) for p, blocks in self.rewrite]
+        afd = os.open(self.append, os.O_WRONLY | os.O_APPEND)
+        try:
+            while not self.stop.is_set():
+                self.versions += 1
+                block = version_block(self.versions)
+                for fd, blocks in fds:
+                    for i in range(0, blocks, 4):
+                        os.pwrite(fd, block * min(4, blocks - i), i * BLOCK)
+                os.write(afd, record(self.records))
+                self.records += 1
+        finally:
+            for fd, _ in fds:
+                os.close(fd)
+            os.close(afd)
+
+    def __enter__(self) -> Churn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def existed(data: bytes) -> bool:
+    """Whether `data` is a state the file really had at some instant. Versions are written
+    front to back, so at any instant the file is version v+1 up to some offset and version v
+    after it; a read torn across writes could hold anything else (v+2 next to v, v+1 after v)."""
+    versions = [v for (v,) in struct.iter_unpack(">Q", data)]
+    return (all(a >= b for a, b in zip(versions, versions[1:]))
+            and versions[0] - versions[-1] <= 1)
+
+
+def test_file_changing_during_backup(small_setup: tuple[Path, Store], tmp_path: Path) -> None:
+    env, store = small_setup
+    live = tmp_path / "node" / "live"
+    live.mkdir()
+    rewrite = [(live / "big.bin", 4 * MiB // BLOCK), (live / "small.bin", 64)]
+    for p, blocks in rewrite:
+        p.write_bytes(version_block(0) * blocks)
+    (live / "append.log").write_bytes(b"")
+    results = []
+    with Churn(rewrite, live / "append.log") as churn:
+        wait_for(lambda: churn.versions > 3, None, what="the churn thread")
+        for i in range(3):
+            start = churn.versions
+            r = run_cli("backup", "-c", env)
+            results.append(r)
+            assert r.returncode in (0, 8), r.stderr
+            assert churn.versions > start + 1  # the files really changed during the run
+    assert churn.versions > 10
+    for i, name in enumerate(store.list_generations()):
+        gen = store.load_generation(name)
+        target = tmp_path / f"restored-{i}"
+        restore(store, gen, target)
+        entries = files(store, gen)
+        for p, blocks in rewrite:
+            got = target / "live" / p.name
+            if got.exists():
+                data = got.read_bytes()
+                assert len(data) == blocks * BLOCK and existed(data), (i, p.name)
+                if data != data[:8] * (len(data) // 8):
+                    # Caught in the middle of a rewrite: the next run must read it again.
+                    assert entries[f"live/{p.name}"].ctime_ns == 0
+            else:
+                assert results[i].returncode == 8 and f"live/{p.name}" in results[i].stderr
+        log = target / "live" / "append.log"
+        if log.exists():
+            data = log.read_bytes()
+            n = len(data) // RECORD
+            assert data == b"".join(record(j) for j in range(n))
+        else:
+            assert results[i].returncode == 8 and "live/append.log" in results[i].stderr

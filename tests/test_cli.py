@@ -1,0 +1,534 @@
+"""The command line end to end: summary lines, exit codes as documented in cli.EPILOG, the key
+(wrong, changed, refused, never shown), ls, --at, --missing-only, target checks, store modes."""
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, write_env
+from humiofs import cli, errors
+from humiofs.generations import format_time
+from humiofs.store import Store
+from storetools import pack_files, source_digest, store_files, wait_not_racy
+
+WRONG = "not the right key"
+BACKUP_LINE = re.compile(
+    r"^backup (?P<name>\S+): generation \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: (?P<new>\d+) new, "
+    r"(?P<changed>\d+) changed, (?P<unchanged>\d+) unchanged files(, (?P<skipped>\d+) skipped)?; "
+    r"read (?P<read>[\d.]+ \w+), stored [\d.]+ \w+ in [\d.]+s$")
+RESTORE_LINE = re.compile(
+    r"^restore (?P<name>\S+): generation \S+ -> (?P<to>.+): (?P<files>\d+) files, \d+ folders, "
+    r"\d+ symlinks(, (?P<alone>\d+) left alone)?; [\d.]+ \w+ of data in [\d.]+s$")
+
+
+@dataclass
+class Made:
+    node: Path
+    env: Path
+    store: Path
+    backups: Path
+    first: subprocess.CompletedProcess[str]
+    second: subprocess.CompletedProcess[str]
+    packs: set[str]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Made:
+    """A small node, backed up twice through the CLI into BACKUP_DIR/node1."""
+    base = tmp_path_factory.mktemp("cli")
+    node = make_sample(base / "node", size="2M", small_files=200, seed=31)
+    wait_not_racy(node)
+    backups = base / "backups"
+    backups.mkdir()
+    env = write_env(base / "node.env", backups, directory=node)
+    first = run_cli("backup", "-c", env)
+    packs = pack_files(backups / "node1")
+    second = run_cli("backup", "-c", env)
+    return Made(node, env, backups / "node1", backups, first, second, packs)
+
+
+@pytest.fixture()
+def copy(made: Made, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the module's store, and an env file for it."""
+    dst = tmp_path / "backups" / "node1"
+    shutil.copytree(made.store, dst)
+    return dst, write_env(tmp_path / "node.env", tmp_path / "backups",
+                          directory=made.node)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.stderr.startswith("humiofs: error: ") and r.stderr.count("\n") == 1, r.stderr
+    return r.stderr
+
+
+# -- summary lines and round trip --------------------------------------------------------------
+
+def test_first_backup_summary(made: Made) -> None:
+    r = made.first
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    m = BACKUP_LINE.match(r.stdout.strip())
+    assert m, r.stdout
+    n_files = sum(1 for v in source_digest(made.node).values() if v[0] == "f")
+    assert (m["name"], int(m["new"]), int(m["changed"]), int(m["unchanged"])) == \
+        ("node1", n_files, 0, 0)
+
+
+def test_second_backup_reads_nothing(made: Made) -> None:
+    r = made.second
+    assert r.returncode == 0, r.stderr
+    m = BACKUP_LINE.match(r.stdout.strip())
+    assert m and int(m["new"]) == int(m["changed"]) == 0 and m["read"] == "0 B", r.stdout
+    assert pack_files(made.store) == made.packs
+    assert len(os.listdir(made.store / "generations")) == 2
+
+
+def test_restore_round_trip(made: Made, tmp_path: Path) -> None:
+    r = run_cli("restore", "-c", made.env, "--to", tmp_path / "t")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    m = RESTORE_LINE.match(r.stdout.strip())
+    assert m and m["to"] == str(tmp_path / "t"), r.stdout
+    digest = source_digest(made.node)
+    assert tree_digest(tmp_path / "t") == digest
+    assert int(m["files"]) == sum(1 for v in digest.values() if v[0] == "f")
+    for src in made.node.glob("dataspace_*/datasource_*/*.gz.tmp"):
+        dst = tmp_path / "t" / src.relative_to(made.node)
+        assert dst.stat().st_blocks <= src.stat().st_blocks + 8
+
+
+def test_flags_override_env_file(made: Made, tmp_path: Path) -> None:
+    env = write_env(tmp_path / "other.env", tmp_path / "nowhere", name="nothing")
+    r = run_cli("restore", "-c", env, "--backup-dir", made.backups, "--name", "node1",
+                "--to", tmp_path / "t")
+    assert r.returncode == 0, r.stderr
+
+
+def test_settings_from_environment_and_key_file(made: Made, tmp_path: Path) -> None:
+    kf = tmp_path / "keyfile"
+    kf.write_text(KEY + "\nignored second line\n")
+    environ = {**clean_env(), "BACKUP_DIR": str(made.backups), "BACKUP_NAME": "node1",
+               "BACKUP_KEY": WRONG}
+    r = run_cli("restore", "--key-file", kf, "--to", tmp_path / "t", env=environ)
+    assert r.returncode == 0, r.stderr
+    environ["BACKUP_KEY_FILE"] = str(kf)
+    r = run_cli("ls", env=environ)
+    assert r.returncode == 0 and "2 generation(s)" in r.stdout, r.stderr
+
+
+# -- restore targets ----------------------------------------------------------------------------
+
+def test_non_empty_target(made: Made, tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "keep").write_bytes(b"mine")
+    before = tree_digest(target)
+    r = run_cli("restore", "-c", made.env, "--to", target)
+    assert r.returncode == 6
+    assert "--missing-only" in one_line_error(r) and "--overwrite" in r.stderr
+    assert tree_digest(target) == before
+
+
+def test_target_is_a_file(made: Made, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    r = run_cli("restore", "-c", made.env, "--to", tmp_path / "f")
+    assert r.returncode == 6 and (tmp_path / "f").read_bytes() == b"x"
+
+
+def test_missing_only_and_overwrite(made: Made, tmp_path: Path) -> None:
+    env, node = made.env, made.node
+    target = tmp_path / "t"
+    assert run_cli("restore", "-c", env, "--to", target).returncode == 0
+    segs = sorted(target.glob("dataspace_*/datasource_*/segment_*.gz"))
+    for p in segs[:3]:
+        p.unlink()
+    segs[3].write_bytes(b"locally changed")
+    r = run_cli("restore", "-c", env, "--to", target, "--missing-only")
+    assert r.returncode == 0, r.stderr
+    m = RESTORE_LINE.match(r.stdout.strip())
+    assert m and int(m["files"]) == 3, r.stdout
+    assert segs[3].read_bytes() == b"locally changed"
+    assert all(p.read_bytes() == (node / p.relative_to(target)).read_bytes() for p in segs[:3])
+    r = run_cli("restore", "-c", env, "--to", target, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    want = {k: v for k, v in source_digest(node).items() if v[0] == "f"}
+    assert {k: v for k, v in tree_digest(target).items() if v[0] == "f"} == want
+    r = run_cli("restore", "-c", env, "--to", target, "--overwrite", "--missing-only")
+    assert r.returncode == 2
+
+
+def test_planted_symlink_left_alone_exits_8(made: Made, tmp_path: Path) -> None:
+    env = made.env
+    target = tmp_path / "t"
+    assert run_cli("restore", "-c", env, "--to", target).returncode == 0
+    victim = sorted(target.glob("dataspace_*/datasource_*"))[0]
+    shutil.rmtree(victim)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim.symlink_to(outside)
+    r = run_cli("restore", "-c", env, "--to", target, "--missing-only")
+    assert r.returncode == 8, r.stderr
+    m = RESTORE_LINE.match(r.stdout.strip())
+    assert m and m["alone"] == "1", r.stdout
+    assert "WARNING" in r.stderr and victim.name in r.stderr
+    assert list(outside.iterdir()) == [] and victim.is_symlink()
+
+
+# -- generations in time --------------------------------------------------------------------------
+
+@dataclass
+class History:
+    env: Path
+    digests: list[dict[str, tuple[object, ...]]]
+    names: list[str]
+    deleted: str
+
+    @property
+    def times(self) -> list[int]:
+        return [int(n[:13]) for n in self.names]
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> History:
+    """Three CLI backups: as made; after deleting a segment; after adding a file."""
+    base = tmp_path_factory.mktemp("cli-history")
+    node = make_sample(base / "node", size="1M", small_files=200, seed=32)
+    (base / "backups").mkdir()
+    env = write_env(base / "node.env", base / "backups", directory=node)
+    deleted = sorted(node.glob("dataspace_*/datasource_*/segment_*.gz"))[0]
+    digests = []
+    for step in range(3):
+        if step == 1:
+            deleted.unlink()
+        if step == 2:
+            (node / "added.txt").write_bytes(b"added\n")
+        r = run_cli("backup", "-c", env)
+        assert r.returncode == 0, r.stderr
+        digests.append(source_digest(node))
+    names = sorted(os.listdir(base / "backups" / "node1" / "generations"))
+    return History(env, digests, names, str(deleted.relative_to(node)))
+
+
+@pytest.mark.parametrize("at,want", [
+    (lambda t: f"@{t[0] / 1000}", 0),
+    (lambda t: f"@{(t[1] - 1) / 1000:.3f}", 0),
+    (lambda t: f"@{t[1] / 1000:.3f}", 1),
+    (lambda t: f"@{(t[2] + 999) / 1000:.3f}", 2),
+    (lambda t: format_time(t[2] + 1000), 2),
+    (lambda t: "2999-01-01T00:00", 2),
+])
+def test_restore_at(history: History, tmp_path: Path, at: Callable[[list[int]], str],
+                    want: int) -> None:
+    when = at(history.times)
+    r = run_cli("restore", "-c", history.env, "--to", tmp_path / "t", "--at", when)
+    assert r.returncode == 0, r.stderr
+    assert tree_digest(tmp_path / "t") == history.digests[want]
+
+
+def test_restore_at_brings_deleted_file_back(history: History, tmp_path: Path) -> None:
+    t0 = history.times[0]
+    r = run_cli("restore", "-c", history.env, "--to", tmp_path / "t", "--at", f"@{t0 / 1000}")
+    assert r.returncode == 0 and (tmp_path / "t" / history.deleted).is_file()
+    r = run_cli("restore", "-c", history.env, "--to", tmp_path / "u")
+    assert r.returncode == 0 and not (tmp_path / "u" / history.deleted).exists()
+
+
+@pytest.mark.parametrize("when,code", [("@1", 2), ("yesterday", 2), ("1999-01-01", 2)])
+def test_restore_at_errors(history: History, tmp_path: Path, when: str,
+                           code: int) -> None:
+    r = run_cli("restore", "-c", history.env, "--to", tmp_path / "t", "--at", when)
+    assert r.returncode == code
+    one_line_error(r)
+    assert not (tmp_path / "t").exists()
+
+
+def test_ls(history: History, made: Made) -> None:
+    env = history.env
+    r = run_cli("ls", "-c", env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "node1: 3 generation(s)"
+    for line, name, digest in zip(lines[1:], history.names, history.digests):
+        n_files = sum(1 for v in digest.values() if v[0] == "f")
+        assert name in line and f"{n_files} files" in line and "node 1" in line
+    assert len(lines) == 4
+
+
+def test_ls_all_stores_without_key(made: Made, tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    shutil.copytree(made.store, backups / "node1")
+    shutil.copytree(made.store, backups / "node2")
+    (backups / "not-a-store").mkdir()
+    env = write_env(tmp_path / "all.env", backups, name=None, key=None)
+    r = run_cli("ls", "-c", env)
+    assert r.returncode == 0, r.stderr
+    gens = sorted(os.listdir(backups / "node1" / "generations"))
+    assert r.stdout.splitlines() == [
+        "node1: 2 generation(s)", *(f"  {format_time(int(g[:13]))}  {g}" for g in gens),
+        "node2: 2 generation(s)", *(f"  {format_time(int(g[:13]))}  {g}" for g in gens)]
+
+
+def test_ls_all_stores_with_another_nodes_key(made: Made, tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    shutil.copytree(made.store, backups / "node1")
+    (backups / "node2").mkdir()
+    s2 = backups / "other"
+    shutil.copytree(made.store, s2)
+    Store.open(s2, KEY).change_key("the other node's key")
+    env = write_env(tmp_path / "all.env", backups, name=None)
+    r = run_cli("ls", "-c", env)
+    assert r.returncode == 0, r.stderr
+    assert "other: the key does not open this backup" in r.stdout
+    assert "node1: 2 generation(s)" in r.stdout
+
+
+def test_ls_empty_backup_dir(tmp_path: Path) -> None:
+    r = run_cli("ls", "-c", write_env(tmp_path / "e.env", tmp_path, name=None))
+    assert r.returncode == 0 and r.stdout == f"no backups in {tmp_path}\n"
+
+
+# -- the key --------------------------------------------------------------------------------------
+
+WRONG_KEY_COMMANDS: dict[str, Callable[[Path, Path], list[str | Path]]] = {
+    "backup": lambda env, tmp: ["backup", "-c", env],
+    "restore": lambda env, tmp: ["restore", "-c", env, "--to", tmp / "target"],
+    "ls": lambda env, tmp: ["ls", "-c", env],
+    "key change": lambda env, tmp: ["key", "change", "-c", env, "--new-key-file", tmp / "new"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(WRONG_KEY_COMMANDS))
+def test_wrong_key(made: Made, tmp_path: Path, command: str) -> None:
+    store = made.store
+    env = write_env(tmp_path / "wrong.env", made.backups, directory=made.node,
+                    key=WRONG)
+    (tmp_path / "new").write_text("a new key\n")
+    before = store_files(store)
+    r = run_cli(*WRONG_KEY_COMMANDS[command](env, tmp_path))
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    msg = one_line_error(r)
+    assert str(store) in msg and "key is lost" in msg and "delete" in msg
+    assert store_files(store) == before
+    assert not (tmp_path / "target").exists()
+    assert WRONG not in r.stdout + r.stderr
+
+
+def test_key_change(copy: tuple[Path, Path], made: Made, tmp_path: Path) -> None:
+    store, env = copy
+    new = "a brand new key"
+    (tmp_path / "new").write_text(new + "\n")
+    data_files = {k: v for k, v in store_files(store).items()
+                  if k.startswith(("packs", "generations", "config"))}
+    r = run_cli("key", "change", "-c", env, "--new-key-file", tmp_path / "new")
+    assert r.returncode == 0, r.stderr
+    assert str(store) in r.stdout
+    assert {k: v for k, v in store_files(store).items()
+            if k.startswith(("packs", "generations", "config"))} == data_files
+    assert len(os.listdir(store / "keys")) == 1
+
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "old")
+    assert r.returncode == 3
+    new_env = write_env(tmp_path / "new.env", store.parent, key=new)
+    r = run_cli("restore", "-c", new_env, "--to", tmp_path / "t")
+    assert r.returncode == 0, r.stderr
+    assert tree_digest(tmp_path / "t") == source_digest(made.node)
+
+
+def test_key_change_refuses_developer(copy: tuple[Path, Path], tmp_path: Path) -> None:
+    store, env = copy
+    (tmp_path / "new").write_text("developer\n")
+    before = store_files(store)
+    r = run_cli("key", "change", "-c", env, "--new-key-file", tmp_path / "new")
+    assert r.returncode == 2 and "default" in one_line_error(r)
+    assert {k: v for k, v in store_files(store).items() if k != "lock"} == \
+        {k: v for k, v in before.items() if k != "lock"}
+    assert run_cli("ls", "-c", env).returncode == 0
+
+
+def test_developer_key_refused(made: Made, tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "dev.env", backups, directory=made.node, key="developer")
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 2 and "default" in one_line_error(r)
+    assert list(backups.iterdir()) == []
+    # An existing store: refused as a setting, not reported as a wrong key.
+    env = write_env(tmp_path / "dev2.env", made.backups, key="developer")
+    commands: list[list[str | Path]] = [["restore", "-c", env, "--to", tmp_path / "t"],
+                                        ["ls", "-c", env]]
+    for args in commands:
+        r = run_cli(*args)
+        assert r.returncode == 2 and "default" in one_line_error(r)
+
+
+def test_empty_or_missing_key(made: Made, tmp_path: Path) -> None:
+    env = write_env(tmp_path / "nokey.env", made.backups, directory=made.node, key="")
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 2 and "BACKUP_KEY" in one_line_error(r)
+
+
+def test_no_key_option() -> None:
+    parser = cli.build_parser()
+    options: set[str] = set()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            options.update(action.option_strings)
+            for sub in getattr(action, "choices", None) or {}:
+                if isinstance(action.choices, dict):
+                    stack.append(action.choices[sub])
+    keyish = {o for o in options if re.search(r"key|pass|secret", o)}
+    assert keyish == {"--key-file", "--new-key-file"}
+
+
+def test_key_never_shown(made: Made, tmp_path: Path) -> None:
+    secret = "Zq7-unusual-passphrase-4711"
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "s.env", backups, directory=made.node, key=secret)
+    (tmp_path / "new").write_text("Yx8-second-passphrase-0815\n")
+    out = []
+    commands: list[list[str | Path]] = [
+        ["backup", "-vv", "-c", env], ["backup", "-vv", "-c", env],
+        ["restore", "-vv", "-c", env, "--to", tmp_path / "t"], ["ls", "-vv", "-c", env],
+        ["key", "change", "-vv", "-c", env, "--new-key-file", tmp_path / "new"]]
+    for args in commands:
+        r = run_cli(*args)
+        assert r.returncode == 0, r.stderr
+        out.append(r.stdout + r.stderr)
+    text = "\n".join(out)
+    assert "DEBUG" in text or "INFO" in text
+    assert secret not in text and "Yx8-second" not in text
+    for p in (backups / "node1").rglob("*"):
+        if p.is_file():
+            blob = p.read_bytes()
+            assert secret.encode() not in blob and b"Yx8-second" not in blob, p
+
+
+# -- store files ---------------------------------------------------------------------------------
+
+def test_store_modes_with_umask_zero(made: Made, tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "m.env", backups, directory=made.node)
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-m", "humiofs", "backup", "-c", str(env)],
+                           env=clean_env(), cwd=ROOT, capture_output=True, text=True,
+                           preexec_fn=lambda: os.umask(0), timeout=120)  # noqa: PLW1509
+        assert r.returncode == 0, r.stderr
+    entries = [backups / "node1", *(backups / "node1").rglob("*")]
+    assert any(p.name == "lock" for p in entries)
+    for p in entries:
+        mode = stat.S_IMODE(p.lstat().st_mode)
+        assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
+
+
+# -- usage errors and exit codes ---------------------------------------------------------------
+
+def test_epilog_documents_exit_codes() -> None:
+    text = " ".join(cli.EPILOG.split())
+    m = re.search(r"exit codes: (.*?)\.$", text)
+    assert m
+    documented = {int(code): what for code, what in
+                  (part.strip().split(" ", 1) for part in m.group(1).split(","))}
+    assert documented == {
+        0: "ok", 1: "internal error", 2: "bad usage or settings", 3: "wrong key",
+        4: "store locked by another writer", 5: "store damaged",
+        6: "restore target or mountpoint unusable", 7: "backup disk full or not writable",
+        8: "finished but some files were skipped", 130: "interrupted"}
+    assert (errors.ConfigError.exit_code, errors.WrongKey.exit_code,
+            errors.StoreLocked.exit_code, errors.StoreError.exit_code,
+            errors.IntegrityError.exit_code, errors.NoSuchObject.exit_code,
+            errors.TargetError.exit_code, errors.StoreIOError.exit_code,
+            errors.SourceChanged.exit_code, errors.Interrupted.exit_code,
+            errors.HumiofsError.exit_code) == (2, 3, 4, 5, 5, 5, 6, 7, 8, 130, 1)
+
+
+HELPS = [[], ["backup"], ["restore"], ["ls"], ["key"], ["key", "change"]]
+
+
+@pytest.mark.parametrize("args", HELPS, ids=lambda a: " ".join(a) or "humiofs")
+def test_help(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*args, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: humiofs")
+    if args and args != ["key"]:
+        assert "exit codes:" in out and "--config" in out
+
+
+def test_help_as_a_process() -> None:
+    r = run_cli("backup", "--help")
+    assert r.returncode == 0 and "--exclude" in r.stdout
+
+
+def usage_cases(made: Made, tmp: Path) -> dict[str, list[str | Path]]:
+    b, node = made.backups, made.node
+    return {
+        "no command": [],
+        "unknown flag": ["backup", "--key", "x"],
+        "no name": ["backup", "-c", write_env(tmp / "a.env", b, name=None, directory=node)],
+        "bad name": ["backup", "-c", write_env(tmp / "b.env", b, name="../x", directory=node)],
+        "no directory": ["backup", "-c", write_env(tmp / "c.env", b)],
+        "missing directory": ["backup", "-c", write_env(tmp / "d.env", b, name="fresh",
+                                                        directory=tmp / "absent")],
+        "no backup dir": ["backup", "-c", write_env(tmp / "e.env", tmp / "absent",
+                                                    directory=node)],
+        "no store": ["restore", "-c", write_env(tmp / "f.env", b, name="absent"),
+                     "--to", tmp / "t"],
+        "bad env line": ["ls", "-c", tmp / "bad.env"],
+        "missing env file": ["ls", "-c", tmp / "absent.env"],
+        "bad delete after": ["ls", "-c", write_env(tmp / "g.env", b,
+                                                   DELETE_BACKUP_AFTER_MILLIS="soon")],
+    }
+
+
+@pytest.mark.parametrize("case", ["no command", "unknown flag", "no name", "bad name",
+                                  "no directory", "missing directory", "no backup dir",
+                                  "no store", "bad env line", "missing env file",
+                                  "bad delete after"])
+def test_usage_errors_exit_2(made: Made, tmp_path: Path, case: str) -> None:
+    (tmp_path / "bad.env").write_text("BACKUP_DIR=/x\nthis is not a setting\n")
+    before = store_files(made.backups)
+    r = run_cli(*usage_cases(made, tmp_path)[case])
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip() and "Traceback" not in r.stderr
+    if case == "bad env line":
+        assert f"{tmp_path / 'bad.env'}:2:" in r.stderr
+    assert store_files(made.backups) == before
+    assert not (tmp_path / "absent").exists() and not (tmp_path / "t").exists()
+
+
+def test_backup_disk_full_exits_7(made: Made, tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "big.bin").write_bytes(os.urandom(3 << 20))
+    (node / "cluster_membership.uuid").write_text("3b0c4f2e-6a3d-4c1f-9e2a-5d8b7c6a1f00")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "n.env", backups, directory=node, BOOTSTRAP_HOST_ID="1")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    r = subprocess.run([sys.executable, "-m", "humiofs", "backup", "-c", str(env)],
+                       env=clean_env(), cwd=ROOT, capture_output=True, text=True,
+                       preexec_fn=limit, timeout=120)  # noqa: PLW1509
+    assert r.returncode == 7, (r.stdout, r.stderr)
+    assert "cannot write" in one_line_error(r)
+    store = backups / "node1"
+    assert os.listdir(store / "generations") == [] and os.listdir(store / "tmp") == []
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "t")
+    assert r.returncode == 0 and tree_digest(tmp_path / "t") == tree_digest(node)

@@ -1,0 +1,311 @@
+"""Byte layouts (docs/FORMAT.md 3, 6.1, 7): golden vectors written by hand from the spec, and
+a decoder that rejects every malformed tree or generation with IntegrityError."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from humiofs import format
+from humiofs.errors import IntegrityError
+from humiofs.format import (DIR, FILE, SYMLINK, Entry, Generation, Identity, Ref, RootAttrs,
+                            decode_generation, decode_tree, encode_generation, encode_tree)
+
+PACK = bytes(range(16))
+OID = bytes(range(16, 32))
+DATA_REF = Ref(PACK, OID, 8, 4196 + 16, 4196)
+SUB_REF = Ref(bytes(range(32, 48)), bytes(range(48, 64)), 123456789, 300 + 16, 300)
+
+# FORMAT.md 6.1, field by field: pack id, object id, offset, stored length, plaintext length.
+DATA_REF_HEX = ("000102030405060708090a0b0c0d0e0f"
+                "101112131415161718191a1b1c1d1e1f"
+                "0000000000000008"
+                "0000000000001074"
+                "0000000000001064")
+
+
+def test_ref_golden() -> None:
+    assert DATA_REF.encode().hex() == DATA_REF_HEX
+    assert len(DATA_REF.encode()) == format.REF_LEN == 56
+    assert Ref.decode(bytes.fromhex(DATA_REF_HEX)) == DATA_REF
+    assert Ref.from_hex(DATA_REF.hex()) == DATA_REF
+
+
+def test_ref_rejects_header_offset_and_bad_lengths() -> None:
+    raw = bytearray(DATA_REF.encode())
+    raw[32:40] = struct.pack(">Q", 7)
+    with pytest.raises(IntegrityError):
+        Ref.decode(bytes(raw))
+    with pytest.raises(IntegrityError):
+        Ref.decode(DATA_REF.encode()[:-1])
+    with pytest.raises(IntegrityError):
+        Ref.from_hex("zz" * 56)
+
+
+# -- hand-built tree bytes (FORMAT.md 7.1) -------------------------------------------------------
+
+def raw_head(name: bytes, etype: int, mode: int = 0o644, uid: int = 1000, gid: int = 1001,
+             mtime: int = 1_700_000_000_123_456_789, ctime: int = 1_700_000_001_000_000_000,
+             ino: int = 4242, size: int = 0) -> bytes:
+    return (struct.pack(">H", len(name)) + name + struct.pack(">B", etype)
+            + struct.pack(">I", mode) + struct.pack(">I", uid) + struct.pack(">I", gid)
+            + struct.pack(">q", mtime) + struct.pack(">q", ctime) + struct.pack(">Q", ino)
+            + struct.pack(">Q", size))
+
+
+def raw_file(name: bytes, extents: list[tuple[int, int]], ref: Ref | None, size: int,
+             **kw: int) -> bytes:
+    body = b"\x00" if ref is None else b"\x01" + ref.encode()
+    body += struct.pack(">I", len(extents))
+    for off, length in extents:
+        body += struct.pack(">Q", off) + struct.pack(">Q", length)
+    return raw_head(name, FILE, size=size, **kw) + body
+
+
+def raw_dir(name: bytes, ref: Ref, **kw: int) -> bytes:
+    return raw_head(name, DIR, **kw) + ref.encode()
+
+
+def raw_symlink(name: bytes, target: bytes, **kw: int) -> bytes:
+    return raw_head(name, SYMLINK, **kw) + struct.pack(">H", len(target)) + target
+
+
+def raw_tree(*entries: bytes, version: int = 1, count: int | None = None,
+             magic: bytes = b"HT") -> bytes:
+    n = len(entries) if count is None else count
+    return magic + struct.pack(">B", version) + struct.pack(">I", n) + b"".join(entries)
+
+
+def small_ref(plain_len: int) -> Ref:
+    return Ref(PACK, OID, 8, plain_len + 16, plain_len)
+
+
+GOLDEN_ENTRIES = [
+    Entry(b"a.seg", FILE, 0o644, 1000, 1001, 1_700_000_000_123_456_789,
+          1_700_000_001_000_000_000, 4242, 10000, data=DATA_REF,
+          extents=((0, 4096), (8192, 100))),
+    Entry(b"dir", DIR, 0o755, 0, 0, 5, 6, 7, 0, subtree=SUB_REF),
+    Entry(b"empty", FILE, 0o600, 1, 2, 3, 4, 5, 0),
+    Entry(b"hole", FILE, 0o640, 1, 2, 3, 4, 6, 1 << 20),
+    Entry(b"link", SYMLINK, 0o777, 0, 0, -1_000_000_000, 8, 9, 16, target=b"humiodata.2024-x"),
+    Entry("notes-ü.txt".encode(), FILE, 0o644, 0, 0, 1, 1, 1, 3, data=small_ref(3),
+          extents=((0, 3),)),
+]
+
+GOLDEN_TREE = raw_tree(
+    raw_file(b"a.seg", [(0, 4096), (8192, 100)], DATA_REF, 10000),
+    raw_dir(b"dir", SUB_REF, mode=0o755, uid=0, gid=0, mtime=5, ctime=6, ino=7, size=0),
+    raw_file(b"empty", [], None, 0, mode=0o600, uid=1, gid=2, mtime=3, ctime=4, ino=5),
+    raw_file(b"hole", [], None, 1 << 20, mode=0o640, uid=1, gid=2, mtime=3, ctime=4, ino=6),
+    raw_symlink(b"link", b"humiodata.2024-x", mode=0o777, uid=0, gid=0, mtime=-1_000_000_000,
+                ctime=8, ino=9, size=16),
+    raw_file("notes-ü.txt".encode(), [(0, 3)], small_ref(3), 3, mode=0o644, uid=0, gid=0,
+             mtime=1, ctime=1, ino=1),
+)
+
+
+def test_tree_golden_encode() -> None:
+    assert encode_tree(GOLDEN_ENTRIES) == GOLDEN_TREE
+
+
+def test_tree_golden_prefix_literal() -> None:
+    # The first entry's head as literal hex, in case raw_head itself drifted from the spec:
+    # "HT", version 1, count 6 | name_len 5, "a.seg", type 1, mode 0o644, uid 1000, gid 1001.
+    assert GOLDEN_TREE[:27].hex() == ("4854" "01" "00000006"
+                                      "0005" "612e736567" "01" "000001a4" "000003e8" "000003e9")
+
+
+def test_tree_golden_decode() -> None:
+    assert decode_tree(GOLDEN_TREE) == GOLDEN_ENTRIES
+
+
+def test_tree_empty() -> None:
+    assert encode_tree([]) == b"HT\x01\x00\x00\x00\x00"
+    assert decode_tree(b"HT\x01\x00\x00\x00\x00") == []
+
+
+def test_tree_deterministic() -> None:
+    assert encode_tree(list(GOLDEN_ENTRIES)) == encode_tree(list(GOLDEN_ENTRIES))
+
+
+def test_entry_data_bytes() -> None:
+    assert GOLDEN_ENTRIES[0].data_bytes == 4196
+    assert GOLDEN_ENTRIES[3].data_bytes == 0
+
+
+# -- rejections --------------------------------------------------------------------------------
+
+def f(name: bytes) -> bytes:
+    return raw_file(name, [(0, 3)], small_ref(3), 3)
+
+
+@pytest.mark.parametrize("names", [[b"b", b"a"], [b"a", b"a"], [b"a", b"B"]])
+def test_rejects_unsorted_or_duplicate(names: list[bytes]) -> None:
+    with pytest.raises(IntegrityError, match="sorted"):
+        decode_tree(raw_tree(*(f(n) for n in names)))
+
+
+@pytest.mark.parametrize("name", [b".", b"..", b"a/b", b"/etc", b"../x", b"a\0b", b"",
+                                  b"x" * 256])
+def test_rejects_unsafe_names(name: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        decode_tree(raw_tree(f(name)))
+
+
+def test_accepts_longest_and_odd_names() -> None:
+    entries = decode_tree(raw_tree(f(b"..."), f(b".x"), f(b"x" * 255), f(b"\xff\xfe")))
+    assert [e.name for e in entries] == [b"...", b".x", b"x" * 255, b"\xff\xfe"]
+
+
+@pytest.mark.parametrize("extents,size,plain", [
+    ([(0, 10), (5, 10)], 100, 20),        # overlap
+    ([(50, 10), (0, 10)], 100, 20),       # out of order
+    ([(0, 10), (10, 0)], 100, 10),        # empty extent
+    ([(95, 10)], 100, 10),                # beyond the size
+    ([(0, 10)], 100, 11),                 # sum != plaintext length
+    ([(0, 10), (20, 10)], 100, 10),       # sum != plaintext length
+    ([(2**64 - 1, 1)], 2**63, 1),         # offset overflow
+])
+def test_rejects_bad_extents(extents: list[tuple[int, int]], size: int, plain: int) -> None:
+    with pytest.raises(IntegrityError):
+        decode_tree(raw_tree(raw_file(b"a", extents, small_ref(plain), size)))
+
+
+def test_rejects_extents_without_data_and_data_without_extents() -> None:
+    with pytest.raises(IntegrityError):
+        decode_tree(raw_tree(raw_file(b"a", [(0, 10)], None, 100)))
+    with pytest.raises(IntegrityError):
+        decode_tree(raw_tree(raw_file(b"a", [], small_ref(0), 100)))
+
+
+def test_rejects_trailing_bytes() -> None:
+    with pytest.raises(IntegrityError, match="trailing"):
+        decode_tree(GOLDEN_TREE + b"\0")
+
+
+def test_rejects_every_truncation() -> None:
+    for n in range(len(GOLDEN_TREE)):
+        with pytest.raises(IntegrityError):
+            decode_tree(GOLDEN_TREE[:n])
+
+
+def test_rejects_count_beyond_entries() -> None:
+    with pytest.raises(IntegrityError):
+        decode_tree(raw_tree(f(b"a"), count=2))
+
+
+def test_rejects_unknown_type() -> None:
+    entry = raw_head(b"a", 4) + b"\0" * 8
+    with pytest.raises(IntegrityError, match="unknown type"):
+        decode_tree(raw_tree(entry))
+
+
+def test_rejects_version_and_magic() -> None:
+    with pytest.raises(IntegrityError, match="version"):
+        decode_tree(raw_tree(f(b"a"), version=2))
+    with pytest.raises(IntegrityError):
+        decode_tree(raw_tree(f(b"a"), magic=b"TH"))
+
+
+def test_rejects_bad_mode_flag_and_symlink_target() -> None:
+    with pytest.raises(IntegrityError):
+        decode_tree(raw_tree(raw_head(b"a", DIR, mode=0o10000) + SUB_REF.encode()))
+    bad_flag = bytearray(raw_file(b"a", [(0, 3)], small_ref(3), 3))
+    bad_flag[len(raw_head(b"a", FILE, size=3))] = 2
+    with pytest.raises(IntegrityError):
+        decode_tree(raw_tree(bytes(bad_flag)))
+    for target in (b"", b"a\0b"):
+        with pytest.raises(IntegrityError):
+            decode_tree(raw_tree(raw_symlink(b"l", target)))
+
+
+def test_rejects_ref_into_header() -> None:
+    with pytest.raises(IntegrityError):
+        decode_tree(raw_tree(raw_dir(b"d", Ref(PACK, OID, 0, 16, 0))))
+
+
+# -- file headers ------------------------------------------------------------------------------
+
+def test_header() -> None:
+    assert format.header(format.TYPE_PACK, 1) == b"HUMIOFP\x01"
+    assert format.header(format.TYPE_GENERATION, 1) == b"HUMIOFG\x01"
+    format.check_header(b"HUMIOFP\x01rest", format.TYPE_PACK, 1, "x")
+    for bad in (b"HUMIOFG\x01", b"HUMIOXP\x01", b"HUMIOFP\x02", b"HUMIO"):
+        with pytest.raises(IntegrityError, match="pack 12"):
+            format.check_header(bad, format.TYPE_PACK, 1, "pack 12")
+
+
+# -- generations (FORMAT.md 7.2) -----------------------------------------------------------------
+
+NAME = "1764000000000-0123456789abcdef"
+
+
+def generation(name: str = NAME) -> Generation:
+    return Generation(name=name, time_ms=1764000000000, backup_name="node1", host="h",
+                      directory="/data/humio-data",
+                      root=RootAttrs(0o755, 0, 0, 123, SUB_REF),
+                      identity=Identity("1", "cd613e30-d8f1-4adf-91b7-584a2265b1f5"),
+                      stats={"files": 1, "dirs": 2, "symlinks": 3, "bytes": 4, "data_bytes": 5})
+
+
+def test_generation_round_trip_and_layout() -> None:
+    raw = encode_generation(generation())
+    doc = json.loads(raw)
+    assert doc == {
+        "version": 1, "name": NAME, "time_ms": 1764000000000, "backup_name": "node1",
+        "host": "h", "directory": "/data/humio-data",
+        "root": {"mode": 0o755, "uid": 0, "gid": 0, "mtime_ns": 123, "tree": SUB_REF.hex()},
+        "identity": {"node_id": "1", "uuid": "cd613e30-d8f1-4adf-91b7-584a2265b1f5"},
+        "stats": {"files": 1, "dirs": 2, "symlinks": 3, "bytes": 4, "data_bytes": 5}}
+    assert len(doc["root"]["tree"]) == 112
+    assert decode_generation(raw, NAME) == generation()
+
+
+def test_generation_name_mismatch() -> None:
+    other = "1764000000001-0123456789abcdef"
+    with pytest.raises(IntegrityError, match="belong"):
+        decode_generation(encode_generation(generation()), other)
+
+
+def test_generation_ignores_unknown_members() -> None:
+    doc = json.loads(encode_generation(generation()))
+    doc["future"] = {"x": 1}
+    assert decode_generation(json.dumps(doc).encode(), NAME) == generation()
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.update(version=2),
+    lambda d: d.pop("root"),
+    lambda d: d["root"].update(tree="00"),
+    lambda d: d["root"].update(mode="x"),
+    lambda d: d.update(stats=[1]),
+])
+def test_generation_rejects_malformed(mutate: object) -> None:
+    doc = json.loads(encode_generation(generation()))
+    mutate(doc)  # type: ignore[operator]
+    with pytest.raises(IntegrityError):
+        decode_generation(json.dumps(doc).encode(), NAME)
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b"\xff\xfe", b"null"])
+def test_generation_rejects_garbage(raw: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        decode_generation(raw, NAME)
+
+
+def test_generation_drops_unsafe_identity() -> None:
+    doc = json.loads(encode_generation(generation()))
+    doc["identity"]["node_id"] = "../../etc"
+    assert decode_generation(json.dumps(doc).encode(), NAME).identity is None
+
+
+def test_generation_time() -> None:
+    assert format.generation_time(NAME) == 1764000000000
+    for bad in ("176400000000-0123456789abcdef", NAME + "x", "x" + NAME, "config"):
+        with pytest.raises(IntegrityError):
+            format.generation_time(bad)
+
+
+def test_identity_seed_name() -> None:
+    assert Identity("3", "u-1").seed_name == b"cluster_membership-3-u-1.uuid"

@@ -1,0 +1,195 @@
+"""The master key wrap (docs/FORMAT.md 4.2): round trip, wrong passphrase, tampered key files,
+KDF bounds checked before the KDF runs, refused passphrases."""
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from humiofs import keys
+from humiofs.errors import ConfigError, IntegrityError, WrongKey
+from humiofs.keys import KdfParams
+from humiofs.store import Store
+
+FAST = KdfParams(iterations=2, memory_kib=19456, lanes=1)
+MASTER = bytes(range(32))
+STORE_ID = bytes(range(100, 116))
+PASS = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def keyfile() -> bytes:
+    return keys.wrap(MASTER, STORE_ID, PASS, FAST)
+
+
+def edited(keyfile: bytes, **changes: object) -> bytes:
+    doc = json.loads(keyfile)
+    for path, value in changes.items():
+        node = doc
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return json.dumps(doc).encode()
+
+
+def test_round_trip(keyfile: bytes) -> None:
+    assert keys.unwrap(keyfile, STORE_ID, PASS) == MASTER
+
+
+def test_layout(keyfile: bytes) -> None:
+    doc = json.loads(keyfile)
+    assert doc["version"] == 1 and doc["store_id"] == STORE_ID.hex()
+    assert doc["kdf"]["name"] == "argon2id"
+    kdf = doc["kdf"]
+    assert (kdf["iterations"], kdf["memory_kib"], kdf["lanes"]) == (2, 19456, 1)
+    assert len(base64.b64decode(doc["kdf"]["salt"])) == 16
+    assert len(base64.b64decode(doc["nonce"])) == 12
+    assert len(base64.b64decode(doc["wrapped"])) == 48
+    assert MASTER.hex() not in keyfile.decode() and PASS not in keyfile.decode()
+
+
+def test_fresh_salt_and_nonce(keyfile: bytes) -> None:
+    again = json.loads(keys.wrap(MASTER, STORE_ID, PASS, FAST))
+    first = json.loads(keyfile)
+    assert again["kdf"]["salt"] != first["kdf"]["salt"]
+    assert again["nonce"] != first["nonce"]
+    assert again["wrapped"] != first["wrapped"]
+
+
+@pytest.mark.parametrize("wrong", ["correct horse battery stapl", "Correct horse battery staple",
+                                   PASS + " "])
+def test_wrong_passphrase(keyfile: bytes, wrong: str) -> None:
+    assert keys.unwrap(keyfile, STORE_ID, wrong) is None
+
+
+def test_other_store_id(keyfile: bytes) -> None:
+    with pytest.raises(IntegrityError, match="another store"):
+        keys.unwrap(keyfile, bytes(16), PASS)
+
+
+def test_store_id_bound_into_wrap(keyfile: bytes) -> None:
+    # A key file moved to another store with its store_id edited to match does not open:
+    # the store id is part of the associated data.
+    other = bytes(16)
+    assert keys.unwrap(edited(keyfile, store_id=other.hex()), other, PASS) is None
+
+
+@pytest.mark.parametrize("field", ["wrapped", "nonce", "kdf__salt"])
+def test_tampered_fields(keyfile: bytes, field: str) -> None:
+    doc = json.loads(keyfile)
+    node = doc["kdf"] if field.startswith("kdf__") else doc
+    leaf = field.removeprefix("kdf__")
+    raw = bytearray(base64.b64decode(node[leaf]))
+    raw[0] ^= 1
+    node[leaf] = base64.b64encode(bytes(raw)).decode()
+    assert keys.unwrap(json.dumps(doc).encode(), STORE_ID, PASS) is None
+
+
+@pytest.mark.parametrize("changes", [
+    {"kdf__memory_kib": 2**40},
+    {"kdf__memory_kib": 4194304 + 1},
+    {"kdf__memory_kib": 19455},
+    {"kdf__iterations": 65},
+    {"kdf__iterations": 1},
+    {"kdf__iterations": 10**9},
+    {"kdf__lanes": 0},
+    {"kdf__lanes": 65},
+])
+def test_kdf_bounds_checked_before_running(keyfile: bytes, changes: dict[str, int]) -> None:
+    bad = edited(keyfile, **changes)
+    start = time.monotonic()
+    with pytest.raises(IntegrityError, match="KDF"):
+        keys.unwrap(bad, STORE_ID, PASS)
+    assert time.monotonic() - start < 0.5
+
+
+@pytest.mark.parametrize("changes", [
+    {"version": 2},
+    {"kdf__name": "scrypt"},
+    {"nonce": "!!notbase64"},
+    {"nonce": base64.b64encode(b"short").decode()},
+    {"kdf__salt": base64.b64encode(b"short").decode()},
+    {"kdf__iterations": "many"},
+])
+def test_malformed_key_files(keyfile: bytes, changes: dict[str, object]) -> None:
+    with pytest.raises(IntegrityError):
+        keys.unwrap(edited(keyfile, **changes), STORE_ID, PASS)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b'{"version": 1}', b"\xff"])
+def test_garbage_key_files(raw: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        keys.unwrap(raw, STORE_ID, PASS)
+
+
+def test_wrap_refuses_out_of_range_params() -> None:
+    with pytest.raises(IntegrityError):
+        keys.wrap(MASTER, STORE_ID, PASS, KdfParams(1, 19456, 1))
+
+
+def test_default_params_in_bounds() -> None:
+    KdfParams().check()
+
+
+@pytest.mark.parametrize("bad", ["developer", ""])
+def test_refused_passphrases(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        keys.check_passphrase(bad)
+
+
+@pytest.mark.parametrize("bad", ["developer", ""])
+def test_store_create_refuses(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ConfigError):
+        Store.create(tmp_path / "s", bad, FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_change_key_refuses_developer(tmp_path: Path) -> None:
+    store = Store.create(tmp_path / "s", PASS, FAST)
+    with pytest.raises(ConfigError):
+        store.change_key("developer", FAST)
+    assert Store.open(tmp_path / "s", PASS).store_id == store.store_id
+
+
+def test_change_key_rewraps_same_master(tmp_path: Path) -> None:
+    store = Store.create(tmp_path / "s", PASS, FAST)
+    with store.lock():
+        store.change_key("new passphrase", FAST)
+    assert len(list((tmp_path / "s" / "keys").iterdir())) == 1
+    reopened = Store.open(tmp_path / "s", "new passphrase")
+    # Same master key: a blob sealed before the change opens after it.
+    oid = bytes(16)
+    sealed = store.cipher(1, oid).seal(b"payload")
+    assert reopened.cipher(1, oid).open(sealed, 7) == b"payload"
+
+
+def test_either_key_file_opens_after_interrupted_change(tmp_path: Path) -> None:
+    # A crash between writing the new key file and deleting the old one leaves both.
+    store = Store.create(tmp_path / "s", PASS, FAST)
+    key_dir = tmp_path / "s" / "keys"
+    (old,) = key_dir.iterdir()
+    saved = old.read_bytes()
+    store.change_key("new passphrase", FAST)
+    old.write_bytes(saved)
+    assert len(list(key_dir.iterdir())) == 2
+    assert Store.open(tmp_path / "s", PASS).store_id == store.store_id
+    assert Store.open(tmp_path / "s", "new passphrase").store_id == store.store_id
+    with pytest.raises(WrongKey):
+        Store.open(tmp_path / "s", "neither")
+
+
+@pytest.mark.allow_warnings
+def test_changed_store_id_in_config_fails_to_open(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    Store.create(tmp_path / "s", PASS, FAST)
+    config = tmp_path / "s" / "config"
+    doc = json.loads(config.read_text())
+    doc["store_id"] = bytes(16).hex()
+    config.write_text(json.dumps(doc))
+    with pytest.raises(WrongKey, match="key is lost"):
+        Store.open(tmp_path / "s", PASS)
+    assert "another store" in caplog.text
