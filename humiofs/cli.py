@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any, NoReturn
 
 from humiofs import config as configmod
 from humiofs import errors, generations
@@ -46,8 +47,24 @@ def _common(p: argparse.ArgumentParser, need_name: bool = True) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: `--key SECRET` must not be taken as `--key-file SECRET` and
+    then echoed in an error message. Subcommand parsers inherit the class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            # Do not echo them: a mistaken `--key SECRET` would print the secret.
+            message = ("unrecognized arguments (not shown, in case one is a key; the key is "
+                       "never taken on the command line: use BACKUP_KEY or --key-file)")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="humiofs", description="Encrypted backups of a Humio/LogScale node's data "
         "directory, restorable with plain file copies from a read-only FUSE mount.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_extra_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+def _add_extra_commands(sub: "argparse._SubParsersAction[_Parser]",
                         fmt: type[argparse.HelpFormatter]) -> None:
     """Commands implemented in their own modules (mount_cli: mount, umount; maint_cli: check,
     prune)."""

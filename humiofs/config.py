@@ -20,6 +20,7 @@ SETTINGS = ("DIRECTORY", "BACKUP_NAME", "BACKUP_KEY", "BACKUP_KEY_FILE", "BACKUP
             "DELETE_BACKUP_AFTER_MILLIS", "BOOTSTRAP_HOST_ID", "BACKUP_EXCLUDE",
             "BACKUP_INTERVAL_SECONDS")
 _KEY_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$")
+_HOST_ID = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,99}")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
@@ -89,7 +90,7 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
          key_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Resolves the settings; raises ConfigError with a one-line message on bad input."""
     environ = os.environ if environ is None else environ
-    merged: dict[str, str] = {}
+    layers: list[Mapping[str, str]] = []
     if env_file is not None:
         try:
             text = env_file.read_text(encoding="utf-8")
@@ -97,15 +98,24 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
             raise ConfigError(f"cannot read env file {env_file}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"env file {env_file} is not UTF-8 text") from None
-        merged.update(parse_env_file(text, str(env_file), environ))
-    merged.update({k: environ[k] for k in SETTINGS if k in environ})
-    merged.update({k: v for k, v in flags.items() if v is not None})
+        layers.append(parse_env_file(text, str(env_file), environ))
+    layers.append({k: environ[k] for k in SETTINGS if k in environ})
+    flag_layer = {k: v for k, v in flags.items() if v is not None}
+    if key_file is not None:
+        flag_layer["BACKUP_KEY_FILE"] = str(key_file)
+    layers.append(flag_layer)
+    merged: dict[str, str] = {}
+    for layer in layers:
+        # BACKUP_KEY and BACKUP_KEY_FILE are one setting given two ways: the higher layer's
+        # choice wins whichever way it is given (within one layer the file wins).
+        if "BACKUP_KEY" in layer or "BACKUP_KEY_FILE" in layer:
+            merged.pop("BACKUP_KEY", None)
+            merged.pop("BACKUP_KEY_FILE", None)
+        merged.update(layer)
 
     key = merged.get("BACKUP_KEY") or None
-    key_path = key_file or (Path(merged["BACKUP_KEY_FILE"]) if merged.get("BACKUP_KEY_FILE")
-                            else None)
-    if key_path is not None:
-        key = read_key_file(key_path)
+    if merged.get("BACKUP_KEY_FILE"):
+        key = read_key_file(Path(merged["BACKUP_KEY_FILE"]))
 
     name = merged.get("BACKUP_NAME") or None
     if name is not None and not _NAME.fullmatch(name):
@@ -120,10 +130,17 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
         backup_key=key,
         delete_after_ms=_int_setting(merged, "DELETE_BACKUP_AFTER_MILLIS",
                                      DEFAULT_DELETE_AFTER_MS),
-        host_id=merged.get("BOOTSTRAP_HOST_ID") or None,
+        host_id=_host_id(merged.get("BOOTSTRAP_HOST_ID") or None),
         excludes=excludes,
         interval_s=float(_int_setting(merged, "BACKUP_INTERVAL_SECONDS", 60)),
     )
+
+
+def _host_id(value: str | None) -> str | None:
+    """BOOTSTRAP_HOST_ID goes into a file name the mount presents, so it must be a plain id."""
+    if value is not None and not _HOST_ID.fullmatch(value.strip()):
+        raise ConfigError(f"BOOTSTRAP_HOST_ID {value!r} must be letters, digits, '.', '_' or '-'")
+    return value.strip() if value else None
 
 
 def read_key_file(path: Path) -> str:

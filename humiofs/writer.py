@@ -330,9 +330,9 @@ class Backup:
             # Stopping: keep what the last generation had instead of reading more.
             return self._keep_old(old)
         last_error = ""
-        for _ in range(READ_ATTEMPTS):
+        for attempt in range(READ_ATTEMPTS):
             try:
-                entry = self._store_file(path, rel)
+                entry = self._store_file(path, rel, last_try=attempt == READ_ATTEMPTS - 1)
             except SourceChanged as exc:
                 last_error = str(exc)
                 continue
@@ -349,13 +349,19 @@ class Backup:
             return entry
         return self._skip_entry(rel, last_error, old)
 
-    def _store_file(self, path: bytes, rel: bytes) -> Entry:
+    def _store_file(self, path: bytes, rel: bytes, last_try: bool) -> Entry:
         read_ns = time.time_ns()
         fd = _open_source(path)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise SourceChanged("it is no longer a regular file")
+            if st.st_ctime_ns >= read_ns - RACY_NS and not last_try:
+                # Changed within a timestamp tick of this read: a write during the read might
+                # not move ctime, so the before/after comparison could miss a torn read. Wait
+                # the tick out and read again.
+                time.sleep(max(0, st.st_ctime_ns + RACY_NS - time.time_ns()) / 1e9)
+                raise SourceChanged("it was being changed")
             extents = scan.data_extents(fd, st.st_size)
             data_len = sum(length for _, length in extents)
             ref: Ref | None = None

@@ -473,3 +473,18 @@ def test_file_changing_during_backup(small_setup: tuple[Path, Store], tmp_path: 
             assert data == b"".join(record(j) for j in range(n))
         else:
             assert results[i].returncode == 8 and "live/append.log" in results[i].stderr
+
+
+def test_just_written_file_is_read_after_its_timestamp_tick(tmp_path: Path) -> None:
+    """A file changed within a timestamp tick of its read is read again once the tick has
+    passed, so its ctime is trusted: the next run does not need to read it again."""
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "cluster_membership.uuid").write_text("0f8e2c1a-0000-4000-8000-000000000001")
+    store = create_store(tmp_path / "backups" / "n")
+    (node / "fresh").write_bytes(b"x" * 10000)
+    gen, _ = backup(store, node, host_id="1")
+    entry = files(store, gen)["fresh"]
+    assert entry.ctime_ns == (node / "fresh").stat().st_ctime_ns
+    _, stats = backup(store, node, host_id="1")
+    assert (stats.unchanged, stats.changed) == (2, 0)

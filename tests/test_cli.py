@@ -453,7 +453,8 @@ def test_epilog_documents_exit_codes() -> None:
             errors.HumiofsError.exit_code) == (2, 3, 4, 5, 5, 5, 6, 7, 8, 130, 1)
 
 
-HELPS = [[], ["backup"], ["restore"], ["ls"], ["key"], ["key", "change"]]
+HELPS = [[], ["backup"], ["restore"], ["ls"], ["key"], ["key", "change"], ["mount"],
+         ["umount"], ["check"], ["prune"]]
 
 
 @pytest.mark.parametrize("args", HELPS, ids=lambda a: " ".join(a) or "humiofs")
@@ -465,6 +466,17 @@ def test_help(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("usage: humiofs")
     if args and args != ["key"]:
         assert "exit codes:" in out and "--config" in out
+
+
+@pytest.mark.parametrize("args", [["backup", "--key", "s3cr3t-value"],
+                                  ["backup", "--key=s3cr3t-value"],
+                                  ["restore", "--to", "/tmp/x", "--key", "s3cr3t-value"]])
+def test_key_on_command_line_is_refused_and_not_echoed(args: list[str]) -> None:
+    """No abbreviation turns --key into --key-file, and the error does not repeat the value."""
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert "s3cr3t-value" not in r.stderr + r.stdout
+    assert "never taken on the command line" in r.stderr
 
 
 def test_help_as_a_process() -> None:

@@ -187,3 +187,29 @@ def test_config_is_frozen() -> None:
     cfg = Config(backup_dir=Path("/b"))
     with pytest.raises(AttributeError):
         cfg.backup_name = "x"  # type: ignore[misc]
+
+
+def test_key_given_two_ways_follows_layer_precedence(tmp_path: Path) -> None:
+    """BACKUP_KEY and BACKUP_KEY_FILE are one setting: the higher layer wins either way."""
+    kf = tmp_path / "key"
+    kf.write_text("key from file\n")
+    p = env_file(tmp_path, f"BACKUP_KEY_FILE={kf}\n")
+    # The environment's BACKUP_KEY beats the env file's BACKUP_KEY_FILE ...
+    assert load(NO_FLAGS, env_file=p, environ={"BACKUP_KEY": "from env"}).backup_key == \
+        "from env"
+    # ... and the --key-file flag beats the environment's BACKUP_KEY.
+    p2 = env_file(tmp_path, "BACKUP_KEY=inline\n")
+    assert load(NO_FLAGS, env_file=p2, key_file=kf,
+                environ={"BACKUP_KEY": "from env"}).backup_key == "key from file"
+
+
+@pytest.mark.parametrize("bad", ["../x", "1/2", "a b", ".hidden", "x" * 101])
+def test_bad_bootstrap_host_id(tmp_path: Path, bad: str) -> None:
+    p = env_file(tmp_path, f"BOOTSTRAP_HOST_ID={bad}\n")
+    with pytest.raises(ConfigError, match="BOOTSTRAP_HOST_ID"):
+        load(NO_FLAGS, env_file=p, environ={})
+
+
+def test_good_bootstrap_host_id(tmp_path: Path) -> None:
+    p = env_file(tmp_path, "BOOTSTRAP_HOST_ID= 7 \n")
+    assert load(NO_FLAGS, env_file=p, environ={}).host_id == "7"
