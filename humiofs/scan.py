@@ -6,8 +6,11 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import TracebackType
 
 from humiofs.errors import SourceChanged
 
@@ -112,3 +115,66 @@ def iter_extent_data(fd: int, extents: list[tuple[int, int]],
                 raise SourceChanged("file shrank while it was read")
             yield view[:n]
             done += n
+
+
+class ReadAhead:
+    """Reads the extents of a file on a thread of its own, up to `depth` buffers ahead, so the
+    disk reads overlap the encryption and the writes of the pack.
+
+    Use as a context manager: leaving it stops and joins the thread, so the caller may close
+    the fd afterwards. Iterating yields views that are valid until the next one is requested.
+    Raises SourceChanged if the file ends early.
+    """
+
+    def __init__(self, fd: int, extents: list[tuple[int, int]], bufsize: int = READ_BUFFER,
+                 depth: int = 4) -> None:
+        self._fd = fd
+        self._extents = extents
+        self._free: queue.Queue[bytearray | None] = queue.Queue()
+        self._full: queue.Queue[tuple[bytearray, int] | BaseException | None] = queue.Queue()
+        for _ in range(depth):
+            self._free.put(bytearray(bufsize))
+        self._bufsize = bufsize
+        self._thread = threading.Thread(target=self._read, name="read-ahead", daemon=True)
+
+    def _read(self) -> None:
+        try:
+            for offset, length in self._extents:
+                done = 0
+                while done < length:
+                    buf = self._free.get()
+                    if buf is None:
+                        return
+                    want = min(self._bufsize, length - done)
+                    n = os.preadv(self._fd, [memoryview(buf)[:want]], offset + done)
+                    if n <= 0:
+                        self._full.put(SourceChanged("file shrank while it was read"))
+                        return
+                    self._full.put((buf, n))
+                    done += n
+            self._full.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._full.put(exc)
+
+    def __enter__(self) -> ReadAhead:
+        self._thread.start()
+        return self
+
+    def __iter__(self) -> Iterator[memoryview]:
+        held: bytearray | None = None
+        while True:
+            item = self._full.get()
+            if held is not None:
+                self._free.put(held)
+                held = None
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            held, n = item
+            yield memoryview(held)[:n]
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._free.put(None)
+        self._thread.join()

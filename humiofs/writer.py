@@ -390,14 +390,15 @@ class Backup:
                      data_len: int) -> Ref:
         pack = self.store.new_pack()
         try:
-            def pieces() -> Iterator[memoryview]:
-                for view in scan.iter_extent_data(fd, extents):
-                    self._progress.update(0, len(view))
-                    yield view
-            try:
-                ref = pack.add_stream(crypto.KIND_DATA, pieces(), data_len)
-            except ValueError as exc:
-                raise SourceChanged(str(exc)) from None
+            with scan.ReadAhead(fd, extents) as reader:
+                def pieces() -> Iterator[memoryview]:
+                    for view in reader:
+                        self._progress.update(0, len(view))
+                        yield view
+                try:
+                    ref = pack.add_stream(crypto.KIND_DATA, pieces(), data_len)
+                except ValueError as exc:
+                    raise SourceChanged(str(exc)) from None
             _check_same(fd, st)
         except BaseException:
             pack.abort()

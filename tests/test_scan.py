@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from humiofs import scan
 from humiofs.errors import SourceChanged
-from humiofs.scan import Excluder, data_extents, iter_extent_data
+from humiofs.scan import Excluder, ReadAhead, data_extents, iter_extent_data
 
 B = 4096
 MiB = 1 << 20
@@ -172,3 +173,56 @@ def test_empty_patterns_exclude_nothing() -> None:
     ex = Excluder(["", "/"])
     assert not excluded(ex, "anything")
     assert not excluded(ex, "a/b")
+
+
+def _sparse_file(path: Path) -> list[tuple[int, int]]:
+    with open(path, "wb") as f:
+        for i in range(6):
+            f.seek(i * 3 * 65536)
+            f.write(bytes([i + 1]) * (65536 + 123))
+        f.truncate(20 * 65536)
+    with open(path, "rb") as f:
+        return data_extents(f.fileno(), os.fstat(f.fileno()).st_size)
+
+
+def test_read_ahead_yields_the_same_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    extents = _sparse_file(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        want = b"".join(bytes(v) for v in iter_extent_data(fd, extents, bufsize=4096))
+        with ReadAhead(fd, extents, bufsize=4096, depth=2) as reader:
+            got = b"".join(bytes(v) for v in reader)
+    finally:
+        os.close(fd)
+    assert got == want and len(got) == sum(n for _, n in extents)
+
+
+def test_read_ahead_thread_is_joined_when_abandoned(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    extents = _sparse_file(path)
+    before = threading.active_count()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(RuntimeError):
+            with ReadAhead(fd, extents, bufsize=4096, depth=2) as reader:
+                for _ in reader:
+                    raise RuntimeError("consumer gave up")
+        # The thread is gone before the fd may be closed.
+        assert threading.active_count() == before
+    finally:
+        os.close(fd)
+
+
+def test_read_ahead_reports_a_shrunk_file(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 100_000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.truncate(path, 10_000)
+        with pytest.raises(SourceChanged):
+            with ReadAhead(fd, [(0, 100_000)], bufsize=4096) as reader:
+                for _ in reader:
+                    pass
+    finally:
+        os.close(fd)
