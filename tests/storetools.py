@@ -25,12 +25,16 @@ def create_store(path: Path, key: str = KEY) -> Store:
     return Store.create(path, key, FAST_KDF)
 
 
-def backup(store: Store, source: Path, **options: object) -> tuple[Generation, BackupStats]:
-    """One backup run in-process, as `humiofs backup` does it."""
+def backup(store: Store, source: Path, settle: bool = False,
+           **options: object) -> tuple[Generation, BackupStats]:
+    """One backup run in-process, as `humiofs backup` does it. With `settle`, first waits
+    until every source file is past the writer's racy window (see wait_not_racy)."""
     with store.lock():
         store.clean_tmp()
         names = store.list_generations()
         parent = store.load_generation(names[-1]) if names else None
+        if settle:
+            wait_not_racy(source)
         run = Backup(store, BackupOptions(source=source, backup_name=store.name,
                                           progress=False, **options))  # type: ignore[arg-type]
         gen = run.run(parent)

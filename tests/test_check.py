@@ -4,41 +4,28 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
+import storetools
+from storetools import FAST_KDF
+
 from conftest import KEY, make_sample, run_cli, write_env
-from humiofs import crypto, writer
+from humiofs import crypto
 from humiofs.check import Checker, Report, parse_subset
 from humiofs.errors import EXIT_DAMAGED, EXIT_OK, EXIT_WRONG_KEY
 from humiofs.format import DIR, FILE, Generation, Ref
-from humiofs.keys import KdfParams
 from humiofs.store import Store
-from humiofs.writer import Backup, BackupOptions
 
-FAST_KDF = KdfParams(iterations=2, memory_kib=19456, lanes=1)
-
-
-def settle(root: Path) -> None:
-    """Waits until every file under `root` is older than the writer's racy window, so that a
-    backup records real ctimes and the next backup does not read the files again."""
-    newest = max(os.lstat(os.path.join(d, n)).st_ctime_ns
-                 for d, dirs, fs in os.walk(root) for n in dirs + fs)
-    deadline = time.monotonic() + 10
-    while time.time_ns() <= newest + writer.RACY_NS + 1_000_000:
-        assert time.monotonic() < deadline, "the clock does not advance"
-        time.sleep(0.01)
 
 
 def backup(store: Store, source: Path) -> Generation:
-    with store.lock():
-        names = store.list_generations()
-        parent = store.load_generation(names[-1]) if names else None
-        settle(source)
-        return Backup(store, BackupOptions(source=source, backup_name=store.name,
-                                           progress=False)).run(parent)
+    return storetools.backup(store, source, settle=True)[0]
+
+
+
+
 
 
 def walk(store: Store, ref: Ref, prefix: str = "") -> dict[str, object]:

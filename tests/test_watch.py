@@ -14,20 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from storetools import FAST_KDF, wait_not_racy
+
 from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, write_env
-from humiofs import writer
 from humiofs.config import Config
 from humiofs.errors import EXIT_IO, EXIT_OK, EXIT_WRONG_KEY
 from humiofs.format import Generation
 from humiofs.inotify import Dirty, Tracker
-from humiofs.keys import KdfParams
 from humiofs.restore import Restore, RestoreOptions
 from humiofs.scan import DEFAULT_EXCLUDES, Excluder
 from humiofs.store import Store
 from humiofs.watch import Watch
 from humiofs.writer import Backup, BackupOptions
 
-FAST_KDF = KdfParams(iterations=2, memory_kib=19456, lanes=1)
 
 
 def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0,
@@ -131,14 +130,6 @@ def test_tracker_overflow_asks_for_full_walk(tracker: tuple[Path, Tracker],
 
 # -- incremental passes equal the node --------------------------------------------------------
 
-def settle(root: Path) -> None:
-    """Waits until every file under `root` is older than the writer's racy window."""
-    newest = max(os.lstat(os.path.join(d, n)).st_ctime_ns
-                 for d, dirs, fs in os.walk(root) for n in dirs + fs)
-    deadline = time.monotonic() + 10
-    while time.time_ns() <= newest + writer.RACY_NS + 1_000_000:
-        assert time.monotonic() < deadline, "the clock does not advance"
-        time.sleep(0.01)
 
 
 def test_incremental_passes_match_the_node(node: Path, tmp_path: Path) -> None:
@@ -164,7 +155,7 @@ def test_incremental_passes_match_the_node(node: Path, tmp_path: Path) -> None:
     try:
         with store.lock():
             w.tracker = w._start_tracker()
-            settle(node)
+            wait_not_racy(node)
             parent = w._pass(None)
             w.passes += 1
             assert parent is not None
