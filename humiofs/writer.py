@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from humiofs import crypto, format, identity, scan
-from humiofs.errors import IntegrityError, SourceChanged, StoreError
+from humiofs.errors import SourceChanged, StoreError
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs
 from humiofs.progress import Progress
 from humiofs.store import PackWriter, Store, new_generation_name
