@@ -84,6 +84,19 @@ class ObjectCipher:
         except InvalidTag:
             raise IntegrityError(f"chunk {index} failed authentication") from None
 
+    def decrypt_chunk_into(self, index: int, stored: bytes | memoryview, last: bool,
+                           out: memoryview) -> int:
+        """Writes the plaintext of chunk `index` into `out`; returns its length. Raises
+        IntegrityError unless it authenticates, and `out` must then be thrown away: it may
+        hold unauthenticated bytes."""
+        n = len(stored) - TAG
+        try:
+            self._aead.decrypt_into(_nonce(index), stored, _aad(self.kind, self.oid, index, last),
+                                    out[:n])
+        except (InvalidTag, ValueError):
+            raise IntegrityError(f"chunk {index} failed authentication") from None
+        return n
+
     def seal(self, plaintext: bytes) -> bytes:
         """Stored bytes of a whole blob held in memory."""
         n = chunk_count(len(plaintext))

@@ -30,6 +30,7 @@ STORE_VERSION = 1
 MAX_TREE_BYTES = 1 << 30
 MAX_GENERATION_BYTES = 16 << 20
 _BATCH_CHUNKS = 4
+_scratch = threading.local()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -319,6 +320,40 @@ class Store:
             self._release_pack(pf)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def read_stored_into(self, pack_id: bytes, offset: int, out: memoryview,
+                         nowait: bool = False) -> bool:
+        """Fills `out` with the stored bytes at `offset` of a pack; a short read is an error.
+        With `nowait`, returns False instead of waiting for the disk: when the pack is not open
+        yet or its bytes are not all in the page cache (RWF_NOWAIT)."""
+        if nowait:
+            with self._packs_lock:
+                pf = self._open_packs.get(pack_id)
+                if pf is None:
+                    return False
+                pf.users += 1
+        else:
+            pf = self._acquire_pack(pack_id)
+        try:
+            got = 0
+            while got < len(out):
+                if nowait:
+                    try:
+                        n = os.preadv(pf.fd, [out[got:]], offset + got, os.RWF_NOWAIT)
+                    except BlockingIOError:
+                        return False
+                    if n < len(out) - got:  # partly cached, or truncated: ask without nowait
+                        return False
+                else:
+                    n = os.preadv(pf.fd, [out[got:]], offset + got)
+                if not n:
+                    raise IntegrityError(f"pack {pack_id.hex()} is truncated")
+                got += n
+        except OSError as exc:
+            raise StoreError(f"cannot read pack {pack_id.hex()}: {exc.strerror}") from None
+        finally:
+            self._release_pack(pf)
+        return True
+
     def read_chunks(self, ref: Ref, kind: int, first: int, last: int) -> list[bytes]:
         """Authenticated plaintext of chunks first..last (inclusive) of the blob at `ref`."""
         _check_ref(ref)
@@ -330,6 +365,37 @@ class Store:
             return list(cipher.iter_open(stored, first, ref.plain_len))
         except IntegrityError as exc:
             raise IntegrityError(f"pack {ref.pack.hex()} at offset {ref.offset}: {exc}") from None
+
+    def read_chunks_into(self, ref: Ref, kind: int, first: int, last: int,
+                         out: memoryview, nowait: bool = False) -> int | None:
+        """Decrypts chunks first..last (inclusive) of the blob at `ref` into `out`, back to
+        back; returns the plaintext length. If it raises, `out` may hold unauthenticated bytes
+        and must be thrown away. With `nowait`, returns None rather than wait for the disk (see
+        read_stored_into)."""
+        _check_ref(ref)
+        last_index = crypto.chunk_count(ref.plain_len) - 1
+        if not 0 <= first <= last <= last_index:
+            raise ValueError(f"chunks {first}..{last} of a blob of {last_index + 1}")
+        start = ref.offset + first * STORED_CHUNK
+        end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
+        # A per-thread buffer for the ciphertext: a fresh one per call costs more in page
+        # faults than the decryption.
+        scratch = getattr(_scratch, "buf", None)
+        if scratch is None or len(scratch) < end - start:
+            scratch = _scratch.buf = bytearray(end - start)
+        stored = memoryview(scratch)[:end - start]
+        if not self.read_stored_into(ref.pack, start, stored, nowait):
+            return None
+        cipher = self.cipher(kind, ref.oid)
+        pos = n = 0
+        try:
+            for index in range(first, last + 1):
+                piece = stored[pos:pos + STORED_CHUNK]
+                n += cipher.decrypt_chunk_into(index, piece, index == last_index, out[n:])
+                pos += len(piece)
+        except IntegrityError as exc:
+            raise IntegrityError(f"pack {ref.pack.hex()} at offset {ref.offset}: {exc}") from None
+        return n
 
     def read_range(self, ref: Ref, kind: int, start: int, end: int) -> bytes:
         """Authenticated plaintext bytes [start, end) of the blob at `ref`."""

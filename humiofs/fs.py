@@ -1,0 +1,235 @@
+"""The pyfuse3 Operations over tree.Tree: a protocol adapter only.
+
+Bytes names in, EntryAttributes out; NotFound becomes ENOENT, damaged store data EIO (logged with
+the path), and anything that would write EROFS. No other exception leaves a handler: anything
+else would end the whole mount.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
+
+import pyfuse3
+import trio
+
+from humiofs import tree
+from humiofs.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A generation never changes, and a new one gets new inodes (see tree.py), so the kernel may
+# keep names, attributes and file pages of every inode for as long as it likes. Only the
+# top-level folders follow new backups (NAME/ moves to the newest generation): their entries
+# and attributes expire quickly, so a new generation shows up within about a second.
+STABLE_TIMEOUT = 86400.0
+VOLATILE_TIMEOUT = 1.0
+STORE_THREADS = 4
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+def _erofs() -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
+class Operations(pyfuse3.Operations):
+    """Serves a tree.Tree read-only."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, model: tree.Tree, threads: int = STORE_THREADS) -> None:
+        super().__init__()
+        self.tree = model
+        # Store reads and decryption run in worker threads so that one slow read never stalls
+        # the requests behind it on the trio loop. The one exception is a miss of a chunk or
+        # two whose stored bytes are already in the page cache (tree.NOWAIT_CHUNKS, read with
+        # RWF_NOWAIT): decrypting that costs less than the hand-over, and never waits for a disk.
+        self._limiter = trio.CapacityLimiter(threads)
+        self._dirs: dict[int, tree.Listing] = {}
+        self._next_dh = 1
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        """Runs a model call: from memory on the loop when it can, else in a worker thread;
+        maps domain errors to FUSEError."""
+        try:
+            try:
+                return fn(*args, block=False)
+            except tree.WouldBlock:
+                return await trio.to_thread.run_sync(functools.partial(fn, *args, block=True),
+                                                     limiter=self._limiter)
+        except tree.NotFound:
+            log.debug("%s%r: not found", what, args)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except StoreError as exc:
+            log.error("%s: %s", what, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as exc:
+            log.debug("%s%r: %s", what, args, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", what)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _entry(self, attr: tree.Attr, parent_volatile: bool) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.inode
+        e.generation = 0
+        e.entry_timeout = VOLATILE_TIMEOUT if parent_volatile else STABLE_TIMEOUT
+        e.attr_timeout = VOLATILE_TIMEOUT if attr.volatile else STABLE_TIMEOUT
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = 0
+        e.st_size = attr.size
+        # cp --sparse=always and tar look for holes in st_blksize steps: 4 KiB finds them all.
+        e.st_blksize = 4096
+        e.st_blocks = attr.blocks
+        e.st_atime_ns = e.st_ctime_ns = e.st_mtime_ns = attr.mtime_ns
+        return e
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        volatile = self.tree.volatile(parent_inode)
+        if name == b".":
+            attr = await self._call("lookup", self.tree.getattr, parent_inode)
+        elif name == b"..":
+            up = await self._call("lookup", self.tree.parent, parent_inode)
+            attr = await self._call("lookup", self.tree.getattr, up)
+        else:
+            attr = await self._call("lookup", self.tree.lookup, parent_inode, bytes(name))
+        return self._entry(attr, volatile)
+
+    async def getattr(self, inode: pyfuse3.InodeT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._call("getattr", self.tree.getattr, inode), False)
+
+    async def readlink(self, inode: pyfuse3.InodeT,
+                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
+        target = await self._call("readlink", self.tree.readlink, inode)
+        return target
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        # Every inode stays resolvable for the life of the mount (tree.py), so there is
+        # nothing to count.
+        pass
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = s.f_bfree = s.f_bavail = 0
+        s.f_files = s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- folders ------------------------------------------------------------------------------
+
+    async def opendir(self, inode: pyfuse3.InodeT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        listing = await self._call("opendir", self.tree.opendir, inode)
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = listing
+        return dh
+
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
+                      token: pyfuse3.ReaddirToken) -> None:
+        listing = self._dirs.get(fh)
+        if listing is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            for i in range(start_id, len(listing)):
+                name, attr = listing.item(i)
+                if not pyfuse3.readdir_reply(token, name,
+                                             self._entry(attr, listing.volatile), i + 1):
+                    break
+        except StoreError as exc:
+            log.error("readdir: %s", exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("internal error in readdir")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files --------------------------------------------------------------------------------
+
+    async def open(self, inode: pyfuse3.InodeT, flags: int,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise _erofs()
+        fh = await self._call("open", self.tree.open, inode)
+        # keep_cache: the file's pages stay valid across opens, the inode being immutable.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        # A memoryview of a cached chunk saves a copy; pyfuse3 takes any buffer.
+        return cast(bytes, await self._call("read", self.tree.read, fh, off, size))
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self.tree.release(fh)
+
+    # -- everything that would write: the filesystem is read-only at every level --------------
+
+    async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def mknod(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                    mode: pyfuse3.ModeT, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                    mode: pyfuse3.ModeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> None:
+        raise _erofs()
+
+    async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                    ctx: pyfuse3.RequestContext) -> None:
+        raise _erofs()
+
+    async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                      target: pyfuse3.FileNameT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: pyfuse3.FileNameT,
+                     parent_inode_new: pyfuse3.InodeT, name_new: pyfuse3.FileNameT,
+                     flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext) -> None:
+        raise _erofs()
+
+    async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,
+                   new_name: pyfuse3.FileNameT,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def create(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     mode: pyfuse3.ModeT, flags: pyfuse3.FlagT,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        raise _erofs()
+
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        raise _erofs()
+
+    async def setxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        raise _erofs()
+
+    async def removexattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
+                          ctx: pyfuse3.RequestContext) -> None:
+        raise _erofs()

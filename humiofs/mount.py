@@ -1,0 +1,236 @@
+"""Mounting: checking the mountpoint, pyfuse3.init / trio.run / unmount, signals, and the
+background mode.
+
+Background mode does everything that can fail on the user's side (settings, mountpoint, key,
+stores) in the calling process, so errors come out at once with their exit codes, then forks a
+child that mounts and serves. The child reports through a pipe once it serves; the parent
+returns when the mount is up. Nothing forks after trio or pyfuse3 have started.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import logging.handlers
+import os
+import select
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from humiofs import fs, tree
+from humiofs.errors import ConfigError, HumiofsError, TargetError
+
+log = logging.getLogger(__name__)
+
+READY = b"ok\n"
+READY_TIMEOUT_S = 30.0
+
+
+def check_mountpoint(path: Path) -> Path:
+    """The absolute mountpoint; TargetError unless it is an existing, empty folder that is not
+    mounted on."""
+    path = Path(os.path.abspath(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise TargetError(f"mountpoint {path} does not exist; create it with mkdir") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise TargetError(f"{path} is a mount whose process has died; clear it with "
+                              f"humiofs umount {path}") from None
+        raise TargetError(f"cannot use mountpoint {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise TargetError(f"mountpoint {path} is not a folder")
+    if os.path.ismount(path):
+        raise TargetError(f"mountpoint {path} is busy: something is already mounted there")
+    try:
+        busy = bool(os.listdir(path))
+    except OSError as exc:
+        raise TargetError(f"cannot use mountpoint {path}: {exc.strerror}") from None
+    if busy:
+        raise TargetError(f"mountpoint {path} is not empty; mount on an empty folder")
+    return path
+
+
+def options(allow_other: bool = False) -> set[str]:
+    """The FUSE mount options: read-only at the kernel too, permissions checked by the kernel
+    against the stored modes, and other users locked out unless asked for."""
+    opts = {"fsname=humiofs", "subtype=humiofs", "ro", "default_permissions"}
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def is_mounted(path: Path) -> bool:
+    """True if /proc/self/mounts lists `path` (works for a mount whose process died, too)."""
+    target = os.path.abspath(path)
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 1 and _unescape(fields[1]) == target:
+                    return True
+    except OSError:
+        return os.path.ismount(target)
+    return False
+
+
+def _unescape(field: str) -> str:
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def serve(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int | None = None) -> None:
+    """Mounts `model` and serves it until unmounted or SIGINT/SIGTERM/SIGHUP, then unmounts."""
+    ops = fs.Operations(model)
+    try:
+        pyfuse3.init(ops, str(mountpoint), opts)
+    except RuntimeError as exc:
+        raise TargetError(f"cannot mount at {mountpoint}: {exc}") from None
+    try:
+        trio.run(_main, ready_fd)
+    finally:
+        pyfuse3.close(unmount=True)
+        model.close()
+    log.info("unmounted %s", mountpoint)
+
+
+async def _main(ready_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_stop_on_signal)
+        if ready_fd is not None:
+            os.write(ready_fd, READY)
+            os.close(ready_fd)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def run(model: tree.Tree, mountpoint: Path, foreground: bool = False,
+        allow_other: bool = False, log_file: Path | None = None) -> int:
+    """Mounts `model` at `mountpoint` (already checked); in the background unless `foreground`.
+    Returns the exit code."""
+    handler = None
+    if log_file is not None:
+        try:
+            handler = logging.FileHandler(os.path.abspath(log_file))
+        except OSError as exc:
+            raise ConfigError(f"cannot open log file {log_file}: {exc.strerror}") from None
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s humiofs[%(process)d]: %(levelname)s: %(message)s"))
+    opts = options(allow_other)
+    if foreground:
+        if handler is not None:
+            logging.getLogger().addHandler(handler)
+        serve(model, mountpoint, opts)
+        return 0
+    return _background(model, mountpoint, opts, handler)
+
+
+def _background(model: tree.Tree, mountpoint: Path, opts: set[str],
+                handler: logging.Handler | None) -> int:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(r)
+        code = 1
+        try:
+            _detach(handler)
+            serve(model, mountpoint, opts, ready_fd=w)
+            code = 0
+        except HumiofsError as exc:
+            _report(w, str(exc))
+            log.error("%s", exc)
+            code = exc.exit_code
+        except BaseException as exc:  # the parent must hear of anything
+            _report(w, f"{type(exc).__name__}: {exc}")
+            log.exception("mount failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(w)
+    reply = _read_all(r, READY_TIMEOUT_S)
+    if reply != READY:
+        message = reply.decode("utf-8", "replace").strip() if reply else (
+            "the mount process ended before it was ready; run with --foreground to see why")
+        raise TargetError(message.removeprefix("error: "))
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not os.path.ismount(mountpoint):
+        if time.monotonic() > deadline:
+            raise TargetError(f"{mountpoint} did not come up; run with --foreground to see why")
+        time.sleep(0.01)
+    print(f"humiofs: mounted at {mountpoint} (pid {pid}); unmount with: humiofs umount "
+          f"{mountpoint}")
+    return 0
+
+
+def _detach(handler: logging.Handler | None) -> None:
+    """Leaves the terminal's session and stdio; logs go to --log FILE, else to syslog."""
+    os.setsid()
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    root = logging.getLogger()
+    if handler is None and os.path.exists("/dev/log"):
+        try:
+            handler = logging.handlers.SysLogHandler("/dev/log")
+            handler.setFormatter(logging.Formatter("humiofs[%(process)d]: %(message)s"))
+        except OSError:
+            handler = None
+    root.handlers[:] = [handler] if handler is not None else [logging.NullHandler()]
+
+
+def _report(fd: int, message: str) -> None:
+    try:
+        os.write(fd, f"error: {message}\n".encode())
+    except OSError:
+        pass
+
+
+def _read_all(fd: int, timeout: float) -> bytes:
+    """What the child writes until it closes its end (it does once it serves or fails)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return data
+            piece = os.read(fd, 4096)
+            if not piece:
+                return data
+            data += piece
+    finally:
+        os.close(fd)
+
+
+def unmount(mountpoint: Path, lazy: bool = False) -> None:
+    """Unmounts a humiofs mount with fusermount3; TargetError if that fails."""
+    path = os.path.abspath(mountpoint)
+    if not is_mounted(Path(path)):
+        raise TargetError(f"{path} is not mounted")
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise TargetError("fusermount3 is not installed (apt-get install fuse3)") from None
+    if proc.returncode != 0:
+        why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        hint = " (files are open on it; close them, or use --lazy)" if "busy" in why else ""
+        raise TargetError(f"cannot unmount {path}: {why}{hint}")

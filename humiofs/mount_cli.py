@@ -1,0 +1,87 @@
+"""The `mount` and `umount` subcommands (registered by cli._add_extra_commands)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+MOUNT_HELP = """\
+Mount the backups in BACKUP_DIR read-only at MOUNTPOINT (an empty folder), decrypted:
+
+  MOUNTPOINT/NAME/                  store NAME at its latest generation (or the one --at TIME),
+                                    byte for byte, holes, symlinks, modes and times included
+  MOUNTPOINT/NAME/globaldata/cluster_membership-NODEID-UUID.uuid
+                                    the node's seed file: cp it to restore the node's identity
+  MOUNTPOINT/.generations/NAME/TIME/    every generation, TIME like 2026-11-24T10:00:00Z
+
+Only BACKUP_DIR and the key are needed. The root lists every store in BACKUP_DIR that the key
+opens (stores it does not open are left out with a warning); --name limits it to one.
+BACKUP_NAME in the env file does not limit the mount. NAME/ follows new backups within about a
+second. By default the mount serves in the background and the command returns once it is
+mounted; unmount with `humiofs umount MOUNTPOINT`.
+
+Copies that keep holes (sparse files stay sparse): rsync -aS, tar -S, cp --sparse=always, and
+plain cp / cp -a (coreutils 9.1). Restoring missing segments:
+
+  rsync -aS --ignore-existing MOUNTPOINT/NAME/ /data/humio-data/"""
+
+UMOUNT_HELP = """\
+Unmount a humiofs mount (as fusermount3 -u does); the mount process then exits. Fails while
+files on it are open, unless --lazy."""
+
+
+def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+                 common: Callable[..., None], fmt: type[argparse.HelpFormatter],
+                 epilog: str) -> None:
+    p = sub.add_parser("mount", help="mount the backups read-only (restore with cp or rsync)",
+                       description=MOUNT_HELP, epilog=epilog, formatter_class=fmt)
+    common(p, need_name=False)
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty folder")
+    p.add_argument("--name", metavar="NAME", help="show only the store NAME")
+    p.add_argument("--at", metavar="TIME", help="NAME/ shows the latest generation at or before "
+                   "TIME (ISO 8601 such as 2026-11-24T10:00, or @UNIXSECONDS)")
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="serve in this process until unmounted, Ctrl-C or SIGTERM")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users than the one mounting see the files (their modes "
+                   "still apply); needs user_allow_other in /etc/fuse.conf unless root")
+    p.add_argument("--log", type=Path, metavar="FILE",
+                   help="append the mount's log to FILE (in the background it otherwise goes "
+                   "to syslog, if there is one)")
+    p.add_argument("--debug", action="store_true",
+                   help="debug logging, including every request that fails")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount a humiofs mount", description=UMOUNT_HELP,
+                       epilog=epilog, formatter_class=fmt)
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--lazy", "-z", action="store_true",
+                   help="detach now even if files are open; the mount ends when they close")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    p.set_defaults(func=cmd_umount)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from humiofs import generations, mount, tree
+    from humiofs.cli import load_config
+
+    if args.debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+    cfg = load_config(args)
+    key = cfg.need_key()
+    at_ms = generations.parse_time(args.at) if args.at else None
+    mountpoint = mount.check_mountpoint(args.mountpoint)
+    # Only --name limits the mount: BACKUP_NAME in a node's env file names the store that
+    # node writes, while an operator mounting wants to see every backup the key opens.
+    model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at_ms)
+    return mount.run(model, mountpoint, foreground=args.foreground,
+                     allow_other=args.allow_other, log_file=args.log)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from humiofs import mount
+
+    mount.unmount(args.mountpoint, lazy=args.lazy)
+    return 0

@@ -1,0 +1,313 @@
+"""Real mounts in a subprocess: what operators do with the mount, byte for byte and hole for hole.
+
+Copies that keep holes (each tested below): rsync -aS, tar -S, cp --sparse=always, and plain
+cp / cp -a with coreutils 9.1 (the mount's st_blocks show a file is sparse, and cp then finds its
+holes by reading zeros). Newer coreutils (9.9+) cp --sparse=auto relies on SEEK_HOLE, which
+pyfuse3 cannot answer; use --sparse=always there.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY, ROOT, clean_env, make_sample, run_cli, write_env
+from humiofs.scan import data_extents
+from humiofs.store import Store
+from mountutil import (Mount, is_mounted, mount_line, mounted_digest, pid_gone, source_digest,
+                       tamper_file_data, wait_for)
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"),
+                                reason="needs FUSE (/dev/fuse and fusermount3)")
+
+
+def backup_cli(env: Path) -> None:
+    done = run_cli("backup", "--config", env, "--no-progress")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, sample_node: Path) -> tuple[Path, Path]:
+    """A backup of the sample node made with the CLI; returns (env file, BACKUP_DIR)."""
+    root = tmp_path_factory.mktemp("mount")
+    (root / "backup").mkdir()
+    env = write_env(root / "node.env", root / "backup", directory=sample_node)
+    backup_cli(env)
+    return env, root / "backup"
+
+
+@pytest.fixture(scope="module")
+def mnt(setup: tuple[Path, Path]) -> Iterator[Path]:
+    """The backup mounted for the whole module, from a two-line env file (BACKUP_DIR + key)."""
+    env = write_env(setup[0].parent / "mount.env", setup[1], name=None)
+    with Mount(env, setup[0].parent / "mnt") as m:
+        yield m.path
+
+
+def sparse_files(node: Path) -> list[Path]:
+    return sorted(node.glob("dataspace_*/datasource_*/*.gz.tmp"))
+
+
+def test_kernel_mount_is_ro_humiofs(mnt: Path) -> None:
+    fsname, _, fstype, opts = mount_line(mnt)[:4]
+    assert fsname == "humiofs" and fstype == "fuse.humiofs"
+    assert "ro" in opts.split(",") and "default_permissions" in opts.split(",")
+    assert "allow_other" not in opts.split(",")
+    assert sorted(os.listdir(mnt)) == [".generations", "node1"]
+
+
+def test_every_file_matches_the_source(mnt: Path, sample_node: Path) -> None:
+    assert mounted_digest(mnt / "node1", extents=False) == source_digest(sample_node, False)
+
+
+def test_du_matches_the_source(mnt: Path, sample_node: Path) -> None:
+    for path in sparse_files(sample_node):
+        with open(path, "rb") as f:
+            data = sum(n for _, n in data_extents(f.fileno(), path.stat().st_size))
+        mounted = mnt / "node1" / path.relative_to(sample_node)
+        assert mounted.stat().st_blocks == -(-data // 4096) * 8
+    du = [int(subprocess.run(["du", "-s", "--block-size=1", *args], capture_output=True,
+                             text=True, check=True).stdout.split()[0])
+          for args in (["--exclude=jvm-tmp", str(sample_node)], [str(mnt / "node1")])]
+    assert abs(du[0] - du[1]) <= 64 * 1024, du
+
+
+def test_seed_file_restores_the_uuid_with_cp(mnt: Path, sample_node: Path,
+                                             tmp_path: Path) -> None:
+    uuid = (sample_node / "cluster_membership.uuid").read_text()
+    seed = mnt / "node1" / "globaldata" / f"cluster_membership-1-{uuid}.uuid"
+    assert os.listdir(seed.parent) == [seed.name]
+    subprocess.run(["cp", str(seed), str(tmp_path / "cluster_membership.uuid")], check=True)
+    assert (tmp_path / "cluster_membership.uuid").read_text() == uuid
+
+
+COPIES = {
+    "rsync -aS": lambda src, dst: [["rsync", "-aS", f"{src}/", f"{dst}/"]],
+    # --format=posix keeps mtimes to the nanosecond (the default format has seconds only).
+    "tar -S": lambda src, dst: [["sh", "-c", f"tar --format=posix -C '{src}' -cSf '{dst}.tar' ."
+                                 f" && mkdir '{dst}' && tar -C '{dst}' -xSpf '{dst}.tar'"]],
+    "cp -a --sparse=always": lambda src, dst: [["cp", "-a", "--sparse=always", src, dst]],
+    "cp -a": lambda src, dst: [["cp", "-a", src, dst]],
+}
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+def test_copies_keep_holes(how: str, mnt: Path, sample_node: Path, tmp_path: Path) -> None:
+    """The copy is the source, byte for byte, with the same holes (tree_digest has extents)."""
+    dst = tmp_path / "copy"
+    for cmd in COPIES[how](str(mnt / "node1"), str(dst)):
+        subprocess.run(cmd, check=True, capture_output=True)
+    assert mounted_digest(dst) == source_digest(sample_node)
+
+
+def test_plain_cp_of_one_file_keeps_holes(mnt: Path, sample_node: Path, tmp_path: Path) -> None:
+    assert "9.1" in subprocess.run(["cp", "--version"], capture_output=True,
+                                   text=True).stdout.splitlines()[0]
+    for path in sparse_files(sample_node):
+        dst = tmp_path / path.name
+        subprocess.run(["cp", str(mnt / "node1" / path.relative_to(sample_node)), str(dst)],
+                       check=True)
+        with open(path, "rb") as a, open(dst, "rb") as b:
+            size = path.stat().st_size
+            assert data_extents(a.fileno(), size) == data_extents(b.fileno(), size)
+        assert dst.read_bytes() == path.read_bytes()
+
+
+def test_everything_that_writes_is_erofs(mnt: Path) -> None:
+    node = mnt / "node1"
+    existing = node / "cluster_membership.uuid"
+    attempts = [
+        lambda: open(existing, "r+b"),
+        lambda: open(existing, "ab"),
+        lambda: open(node / "new-file", "wb"),
+        lambda: open(mnt / "new-file", "wb"),
+        lambda: os.mkdir(node / "new-dir"),
+        lambda: os.mkdir(mnt / "node2"),
+        lambda: os.rename(existing, node / "renamed"),
+        lambda: os.chmod(existing, 0o777),
+        lambda: os.utime(existing),
+        lambda: os.unlink(existing),
+        lambda: os.rmdir(node / "globaldata"),
+        lambda: os.symlink("x", node / "new-link"),
+        lambda: os.truncate(existing, 0),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS
+    assert subprocess.run(["touch", str(existing)], capture_output=True).returncode != 0
+
+
+def test_concurrent_readers_get_exact_bytes(mnt: Path, sample_node: Path) -> None:
+    files = [p for p in sample_node.rglob("*") if p.is_file() and not p.is_symlink()
+             and p.stat().st_size > 256 * 1024 and "jvm-tmp" not in p.parts]
+    failures: list[str] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            src = rng.choice(files)
+            size = src.stat().st_size
+            off, n = rng.randrange(size), rng.choice((1, 4096, 70000, 300000))
+            with open(src, "rb") as a, open(mnt / "node1" / src.relative_to(sample_node),
+                                            "rb") as b:
+                if os.pread(a.fileno(), n, off) != os.pread(b.fileno(), n, off):
+                    failures.append(f"{src} at {off}+{n}")
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert not failures
+
+
+def test_refuses_unusable_mountpoints(setup: tuple[Path, Path], mnt: Path,
+                                      tmp_path: Path) -> None:
+    env = setup[0]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    for where, why in ((full, "not empty"), (tmp_path / "missing", "does not exist"),
+                       (mnt, "busy"), (full / "x", "not a folder")):
+        done = run_cli("mount", "--config", env, where)
+        assert done.returncode == 6, done.stderr
+        assert why in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(full)) == ["x"] and not is_mounted(full)
+
+
+def test_wrong_key_refuses_to_mount(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    env = write_env(tmp_path / "wrong.env", setup[1], key="not the key")
+    (tmp_path / "m").mkdir()
+    for extra in ((), ("--foreground",)):
+        done = run_cli("mount", "--config", env, tmp_path / "m", *extra, timeout=60)
+        assert done.returncode == 3, done.stderr
+        assert "does not open" in done.stderr
+        assert not is_mounted(tmp_path / "m")
+
+
+def test_background_mount_and_umount(setup: tuple[Path, Path], tmp_path: Path,
+                                     sample_node: Path) -> None:
+    where = tmp_path / "bg"
+    where.mkdir()
+    done = run_cli("mount", "--config", setup[0], where, timeout=60)
+    assert done.returncode == 0, done.stderr
+    try:
+        assert os.path.ismount(where)
+        pid = int(done.stdout.split("(pid ")[1].split(")")[0])
+        assert not pid_gone(pid)
+        assert (where / "node1" / "cluster_membership.uuid").read_bytes() == \
+            (sample_node / "cluster_membership.uuid").read_bytes()
+        gone = run_cli("umount", where)
+        assert gone.returncode == 0, gone.stderr
+        assert not is_mounted(where)
+        wait_for(lambda: pid_gone(pid), "the mount process to exit")
+    finally:
+        if is_mounted(where):
+            subprocess.run(["fusermount3", "-u", "-z", str(where)])
+    again = run_cli("umount", where)
+    assert again.returncode == 6 and "not mounted" in again.stderr
+
+
+@pytest.mark.allow_warnings
+def test_tampered_pack_fails_that_file_only(setup: tuple[Path, Path], sample_node: Path,
+                                            tmp_path: Path) -> None:
+    backup_dir = tmp_path / "backup"
+    shutil.copytree(setup[1], backup_dir)
+    store = Store.open(backup_dir / "node1", KEY)
+    gen = store.load_generation(store.list_generations()[-1])
+    victim = sorted(str(p.relative_to(sample_node)) for p in sample_node.glob("dataspace_*/*/*.gz")
+                    if p.stat().st_size > 1 << 20)[0]
+    tamper_file_data(store, gen, victim, at=700_000)
+    env = write_env(tmp_path / "t.env", backup_dir)
+    with Mount(env, tmp_path / "m") as m:
+        with open(m.path / "node1" / victim, "rb") as f:
+            assert f.read(65536) == (sample_node / victim).read_bytes()[:65536]
+            with pytest.raises(OSError) as info:
+                f.read()
+            assert info.value.errno == errno.EIO
+        for rel, want in source_digest(sample_node).items():
+            if want[0] == "f" and rel != victim:
+                data = (m.path / "node1" / rel).read_bytes()
+                assert hashlib.sha256(data).hexdigest() == want[4], rel
+        assert m.proc is not None and m.proc.poll() is None
+    assert victim in m.stderr() and "ERROR" in m.stderr()
+
+
+def test_new_generation_appears(tmp_path: Path) -> None:
+    node = make_sample(tmp_path / "node", size="1M", small_files=60)
+    (tmp_path / "backup").mkdir()
+    env = write_env(tmp_path / "n.env", tmp_path / "backup", directory=node)
+    backup_cli(env)
+    with Mount(env, tmp_path / "m") as m:
+        assert not (m.path / "node1" / "added.txt").exists()
+        (node / "added.txt").write_bytes(b"second generation\n")
+        time.sleep(max(0.0, 1.05 - time.time() % 1))  # a new second: a new folder name
+        backup_cli(env)
+        wait_for(lambda: (m.path / "node1" / "added.txt").exists(), "the new generation")
+        assert (m.path / "node1" / "added.txt").read_bytes() == b"second generation\n"
+        gens = sorted(os.listdir(m.path / ".generations" / "node1"))
+        assert len(gens) == 2
+        assert not (m.path / ".generations" / "node1" / gens[0] / "added.txt").exists()
+        assert (m.path / ".generations" / "node1" / gens[1] / "added.txt").exists()
+
+
+def test_unmount_while_reading_does_not_hang(setup: tuple[Path, Path], sample_node: Path,
+                                             tmp_path: Path) -> None:
+    files = [p for p in sample_node.glob("dataspace_*/*/*.gz")]
+    stop = threading.Event()
+    with Mount(setup[0], tmp_path / "m") as m:
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                try:
+                    with open(m.path / "node1" / rng.choice(files).relative_to(sample_node),
+                              "rb") as f:
+                        f.seek(rng.randrange(1 << 16))
+                        f.read(1 << 17)
+                except OSError:
+                    pass  # after the unmount: ENOTCONN, ENOENT or EIO, never a hang
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # let the readers get going (not a synchronisation)
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGTERM)
+        m.proc.wait(timeout=20)
+        stop.set()
+        for t in threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in threads)
+        assert m.proc.returncode == 0, m.stderr()
+        assert not is_mounted(m.path)
+
+
+def test_help_is_enough_on_its_own() -> None:
+    for cmd in ("mount", "umount"):
+        done = run_cli(cmd, "--help")
+        assert done.returncode == 0
+    text = run_cli("mount", "--help").stdout
+    for word in ("MOUNTPOINT", ".generations", "--at", "--name", "rsync -aS", "globaldata"):
+        assert word in text
+
+
+def test_name_limits_the_root(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    env = write_env(tmp_path / "n.env", setup[1], name=None)
+    with Mount(env, tmp_path / "m", "--name", "node1") as m:
+        assert sorted(os.listdir(m.path)) == [".generations", "node1"]
+    done = run_cli("mount", "--config", env, "--name", "nosuch", tmp_path / "m")
+    assert done.returncode == 2, done.stderr

@@ -1,0 +1,385 @@
+"""The mount's model without FUSE: lookups, attributes, listings, reads against the source bytes,
+the seed file, earlier generations, damaged store data and bounded memory."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY, make_sample
+from humiofs import tree
+from humiofs.crypto import CHUNK
+from humiofs.errors import NoSuchStore, WrongKey
+from humiofs.format import Generation
+from humiofs.scan import data_extents
+from humiofs.store import Store
+from mountutil import (backup, create_store, entries, listdir, read_all, resolve, tamper_file_data,
+                       tiny_node, wait_for)
+
+NODE = b"node1"
+
+
+@pytest.fixture(scope="module")
+def backed_up(tmp_path_factory: pytest.TempPathFactory,
+              sample_node: Path) -> tuple[Path, Store, Generation]:
+    """BACKUP_DIR with one store, node1, holding one generation of the sample node."""
+    backup_dir = tmp_path_factory.mktemp("tree") / "backup"
+    store = create_store(backup_dir / "node1")
+    gen = backup(store, sample_node)
+    return backup_dir, store, gen
+
+
+@pytest.fixture
+def model(backed_up: tuple[Path, Store, Generation]) -> tree.Tree:
+    m = tree.Tree.from_backup_dir(backed_up[0], KEY)
+    yield m
+    m.close()
+
+
+def source_files(root: Path) -> list[str]:
+    out = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if not rel.startswith("jvm-tmp") and not os.path.islink(os.path.join(root, rel)):
+                out.append(rel)
+    return sorted(out)
+
+
+def test_root_lists_stores_and_generations(model: tree.Tree,
+                                           backed_up: tuple[Path, Store, Generation]) -> None:
+    gen = backed_up[2]
+    root = listdir(model, tree.ROOT_INODE)
+    assert list(root) == [b".generations", NODE]
+    assert all(stat.S_ISDIR(a.mode) and a.volatile for n, a in root.items() if n != NODE)
+    node = root[NODE]
+    assert not node.volatile
+    assert node.mode == stat.S_IFDIR | gen.root.mode and node.mtime_ns == gen.root.mtime_ns
+    assert list(listdir(model, root[b".generations"].inode)) == [NODE]
+    gens = listdir(model, resolve(model, b".generations/node1").inode)
+    assert [n.decode() for n in gens] == [format_time(gen.time_ms)]
+    earlier = next(iter(gens.values()))
+    assert earlier.inode != node.inode
+    assert listdir(model, earlier.inode).keys() == listdir(model, node.inode).keys()
+
+
+def format_time(ms: int) -> str:
+    from humiofs.generations import format_time as fmt
+    return fmt(ms)
+
+
+def test_tree_matches_source(model: tree.Tree, sample_node: Path) -> None:
+    """Every entry's type, mode, mtime, size, target and st_blocks, and every file's bytes."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(sample_node):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(sample_node))
+            if rel == "jvm-tmp" or rel.startswith("jvm-tmp/"):
+                continue
+            seen.add(rel)
+            a = resolve(model, NODE + b"/" + os.fsencode(rel))
+            st = p.lstat()
+            assert stat.S_IFMT(a.mode) == stat.S_IFMT(st.st_mode), rel
+            assert a.mode & 0o7777 == st.st_mode & 0o7777, rel
+            assert a.mtime_ns == st.st_mtime_ns, rel
+            if p.is_symlink():
+                assert model.readlink(a.inode) == os.fsencode(os.readlink(p))
+                assert a.size == len(os.readlink(p))
+            elif p.is_file():
+                assert a.size == st.st_size, rel
+                with open(p, "rb") as f:
+                    data = sum(n for _, n in data_extents(f.fileno(), st.st_size))
+                assert a.blocks == -(-data // 4096) * 8, rel
+                assert hashlib.sha256(read_all(model, a.inode)).digest() == \
+                    hashlib.sha256(p.read_bytes()).digest(), rel
+            else:
+                assert a.nlink == 2
+    listed = set()
+    todo = [(b"", resolve(model, NODE).inode)]
+    while todo:
+        prefix, inode = todo.pop()
+        for name, a in listdir(model, inode).items():
+            rel = prefix + name
+            if rel != b"globaldata":
+                listed.add(os.fsdecode(rel))
+                if stat.S_ISDIR(a.mode):
+                    todo.append((rel + b"/", a.inode))
+    assert listed == seen
+
+
+def test_reads_at_odd_offsets(model: tree.Tree, sample_node: Path) -> None:
+    """Reads across extents, holes and chunk boundaries give exactly the source's bytes."""
+    rng = random.Random(3)
+    files = [rel for rel in source_files(sample_node)
+             if (sample_node / rel).stat().st_size > 3 * CHUNK]
+    assert any(rel.endswith(".gz.tmp") for rel in files)
+    for rel in files:
+        path = sample_node / rel
+        size = path.stat().st_size
+        a = resolve(model, NODE + b"/" + os.fsencode(rel))
+        fh = model.open(a.inode)
+        try:
+            with open(path, "rb") as f:
+                extents = data_extents(f.fileno(), size)
+                points = [0, CHUNK - 1, CHUNK, CHUNK + 1, size - 1, size]
+                for off, n in extents:
+                    points += [off - 1, off, off + 1, off + n - 1, off + n, off + n + CHUNK]
+                points += [rng.randrange(size) for _ in range(20)]
+                for start in points:
+                    if not 0 <= start <= size:
+                        continue
+                    for length in (1, 4095, CHUNK + 17, 3 * CHUNK + 5, 1 << 20):
+                        got = bytes(model.read(fh, start, length))
+                        assert got == os.pread(f.fileno(), length, start), (rel, start, length)
+        finally:
+            model.release(fh)
+
+
+def test_holes_read_without_the_store(model: tree.Tree, sample_node: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An all-hole file reads as zeros with the store unreadable."""
+    rel = next(r for r in source_files(sample_node)
+               if (sample_node / r).stat().st_blocks == 0 and (sample_node / r).stat().st_size)
+    a = resolve(model, NODE + b"/" + os.fsencode(rel))
+
+    def broken(*args: object, **kw: object) -> None:
+        raise AssertionError("the store was read for a hole")
+
+    monkeypatch.setattr(Store, "read_chunks_into", broken)
+    fh = model.open(a.inode)
+    assert bytes(model.read(fh, 12345, 1 << 20)) == bytes(1 << 20)
+    model.release(fh)
+
+
+def test_seed_file(model: tree.Tree, sample_node: Path,
+                   backed_up: tuple[Path, Store, Generation]) -> None:
+    gen = backed_up[2]
+    assert gen.identity is not None
+    uuid = (sample_node / "cluster_membership.uuid").read_bytes()
+    folder = listdir(model, resolve(model, NODE + b"/globaldata").inode)
+    name = f"cluster_membership-1-{uuid.decode()}.uuid".encode()
+    assert list(folder) == [name]
+    a = folder[name]
+    assert a.size == len(uuid) and a.blocks == 8 and stat.S_ISREG(a.mode)
+    assert read_all(model, a.inode) == uuid
+    assert model.lookup(resolve(model, NODE + b"/globaldata").inode, name) == a
+
+
+@pytest.mark.allow_warnings
+def test_no_seed_without_identity_or_with_a_real_globaldata(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "globaldata").mkdir(parents=True)
+    (src / "globaldata" / "real").write_bytes(b"x")
+    (src / "cluster_membership.uuid").write_text("0b5a6c1e-8d3f-4c2a-9e71-2f6d8a9b0c13")
+    store = create_store(tmp_path / "backup" / "a")
+    backup(store, src)
+    other = tmp_path / "src2"
+    other.mkdir()
+    (other / "file").write_bytes(b"y")
+    backup(create_store(tmp_path / "backup" / "b"), other)  # no uuid: no identity
+    m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
+    assert list(listdir(m, resolve(m, b"a/globaldata").inode)) == [b"real"]
+    assert list(listdir(m, resolve(m, b"b").inode)) == [b"file"]
+
+
+@pytest.fixture
+def two_generations(tmp_path: Path) -> tuple[Path, Path, Generation, Generation]:
+    src = make_sample(tmp_path / "node", size="1M", small_files=60)
+    store = create_store(tmp_path / "backup" / "node1")
+    first = backup(store, src)
+    (src / "added.txt").write_bytes(b"new in the second generation\n")
+    (src / "cluster_membership.uuid").write_bytes(b"b1e5f0a2-6c3d-4e7f-8a9b-0c1d2e3f4a5b")
+    second = backup(store, src)
+    return tmp_path / "backup", src, first, second
+
+
+@pytest.mark.allow_warnings
+def test_earlier_generations(two_generations: tuple[Path, Path, Generation, Generation]) -> None:
+    backup_dir, src, first, second = two_generations
+    m = tree.Tree.from_backup_dir(backup_dir, KEY)
+    assert b"added.txt" in listdir(m, resolve(m, NODE).inode)
+    names = list(listdir(m, resolve(m, b".generations/node1").inode))
+    assert names == [format_time(first.time_ms).encode(), format_time(second.time_ms).encode()]
+    old = b".generations/node1/" + names[0]
+    assert b"added.txt" not in listdir(m, resolve(m, old).inode)
+    assert read_all(m, resolve(m, old + b"/cluster_membership.uuid").inode) != \
+        read_all(m, resolve(m, b"node1/cluster_membership.uuid").inode)
+    seeds = listdir(m, resolve(m, old + b"/globaldata").inode)
+    assert first.identity is not None and list(seeds) == [first.identity.seed_name]
+    pinned = tree.Tree.from_backup_dir(backup_dir, KEY, at_ms=first.time_ms + 1)
+    assert b"added.txt" not in listdir(pinned, resolve(pinned, NODE).inode)
+    with pytest.raises(Exception, match="at or before"):
+        tree.Tree.from_backup_dir(backup_dir, KEY, at_ms=first.time_ms - 1)
+
+
+def test_new_generation_gets_new_inodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tiny_node(tmp_path / "src", {"a": b"one"})
+    store = create_store(tmp_path / "backup" / "node1")
+    backup(store, src)
+    m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
+    before = resolve(m, b"node1/a")
+    (src / "b").write_bytes(b"two")
+    backup(store, src)
+    assert b"b" not in listdir(m, resolve(m, NODE).inode)  # not re-read within REFRESH_S
+    monkeypatch.setattr(tree, "REFRESH_S", 0.0)
+    assert {b"a", b"b"} <= set(listdir(m, resolve(m, NODE).inode))
+    assert resolve(m, b"node1/a").inode != before.inode
+    assert read_all(m, before.inode) == b"one"  # what the kernel still knows stays valid
+    assert m.getattr(before.inode) == before
+    assert len(listdir(m, resolve(m, b".generations/node1").inode)) == 2
+
+
+@pytest.mark.allow_warnings
+def test_damaged_file_fails_alone(backed_up: tuple[Path, Store, Generation], tmp_path: Path,
+                                  sample_node: Path) -> None:
+    backup_dir = tmp_path / "backup"
+    shutil.copytree(backed_up[0], backup_dir)
+    store = Store.open(backup_dir / "node1", KEY)
+    victim = next(r for r in source_files(sample_node) if r.endswith(".gz")
+                  and (sample_node / r).stat().st_size > 2 * CHUNK)
+    tamper_file_data(store, backed_up[2], victim, at=CHUNK + 100)
+    m = tree.Tree.from_backup_dir(backup_dir, KEY)
+    a = resolve(m, NODE + b"/" + os.fsencode(victim))
+    fh = m.open(a.inode)
+    assert bytes(m.read(fh, 0, 4096)) == (sample_node / victim).read_bytes()[:4096]
+    with pytest.raises(tree.Damaged) as info:
+        m.read(fh, CHUNK + 10, 100)
+    assert victim in str(info.value) and f"offset {CHUNK + 10}" in str(info.value)
+    with pytest.raises(tree.Damaged):  # and again: a failed load is not cached
+        m.read(fh, CHUNK, 1)
+    for rel in source_files(sample_node):
+        if rel != victim:
+            b = resolve(m, NODE + b"/" + os.fsencode(rel))
+            assert read_all(m, b.inode) == (sample_node / rel).read_bytes(), rel
+
+
+@pytest.mark.allow_warnings
+def test_damaged_folder_fails_alone(tmp_path: Path) -> None:
+    src = tiny_node(tmp_path / "src", {"bad/f": b"1", "good/g": b"2"})
+    store = create_store(tmp_path / "backup" / "node1")
+    gen = backup(store, src)
+
+    ref = dict(entries(store, gen))["bad"].subtree
+    assert ref is not None
+    with open(store.pack_path(ref.pack), "r+b") as f:
+        f.seek(ref.offset + 5)
+        f.write(b"\0\0\0")
+    m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
+    bad = resolve(m, b"node1/bad")
+    with pytest.raises(tree.Damaged, match="node1/bad"):
+        m.opendir(bad.inode)
+    with pytest.raises(tree.Damaged):
+        m.lookup(bad.inode, b"f")
+    assert read_all(m, resolve(m, b"node1/good/g").inode) == b"2"
+
+
+def test_caches_are_bounded(backed_up: tuple[Path, Store, Generation], sample_node: Path) -> None:
+    m = tree.Tree([Store.open(backed_up[0] / "node1", KEY)], cache_bytes=1 << 20,
+                  listing_budget=50)
+    for src in m._sources:
+        src.refresh()
+    first = resolve(m, b"node1/cluster_membership.uuid")
+    for rel in source_files(sample_node):
+        a = resolve(m, NODE + b"/" + os.fsencode(rel))
+        assert read_all(m, a.inode) == (sample_node / rel).read_bytes()
+        assert m.cache.bytes <= 1 << 20
+        assert m._listed <= 50 or len(m._listings) == 1
+    # An inode whose folder listing was dropped still resolves: its tree is read again.
+    assert m.getattr(first.inode) == first
+    assert read_all(m, first.inode) == (sample_node / "cluster_membership.uuid").read_bytes()
+
+
+def test_would_block_until_cached(backed_up: tuple[Path, Store, Generation]) -> None:
+    m = tree.Tree.from_backup_dir(backed_up[0], KEY)
+    node = m.lookup(tree.ROOT_INODE, NODE, block=False)
+    with pytest.raises(tree.WouldBlock):
+        m.lookup(node.inode, b"cluster_membership.uuid", block=False)
+    a = m.lookup(node.inode, b"cluster_membership.uuid")
+    assert m.lookup(node.inode, b"cluster_membership.uuid", block=False) == a
+    fh = m.open(a.inode, block=False)
+    with pytest.raises(tree.WouldBlock):
+        m.read(fh, 0, 10, block=False)
+    assert m.read(fh, 0, 10) == m.read(fh, 0, 10, block=False)
+
+
+def test_errors_by_kind(model: tree.Tree) -> None:
+    node = resolve(model, NODE)
+    with pytest.raises(tree.NotFound):
+        model.lookup(node.inode, b"no-such-file")
+    with pytest.raises(tree.NotFound):
+        model.getattr(10 ** 12)
+    f = resolve(model, b"node1/cluster_membership.uuid")
+    link = resolve(model, b"node1/humiodata.current")
+    with pytest.raises(OSError) as info:
+        model.readlink(f.inode)
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(NotADirectoryError):
+        model.opendir(f.inode)
+    with pytest.raises(IsADirectoryError):
+        model.open(node.inode)
+    with pytest.raises(OSError):
+        model.open(link.inode)
+    assert model.parent(f.inode) == node.inode
+    assert model.parent(node.inode) == tree.ROOT_INODE
+
+
+@pytest.mark.allow_warnings
+def test_stores_the_key_does_not_open(backed_up: tuple[Path, Store, Generation],
+                                      tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    backup_dir = tmp_path / "backup"
+    shutil.copytree(backed_up[0] / "node1", backup_dir / "node1")
+    create_store(backup_dir / "other", key="another key entirely")
+    m = tree.Tree.from_backup_dir(backup_dir, KEY)
+    assert list(listdir(m, tree.ROOT_INODE)) == [b".generations", NODE]
+    assert "does not open the backup other" in caplog.text
+    with pytest.raises(WrongKey):
+        tree.Tree.from_backup_dir(backup_dir, "wrong key")
+    with pytest.raises(WrongKey):
+        tree.Tree.from_backup_dir(backup_dir, KEY, name="other")
+    only = tree.Tree.from_backup_dir(backup_dir, KEY, name="node1")
+    assert list(listdir(only, tree.ROOT_INODE)) == [b".generations", NODE]
+    with pytest.raises(NoSuchStore):
+        tree.Tree.from_backup_dir(tmp_path / "empty", KEY)
+
+
+
+def test_small_misses_read_on_the_loop_only_from_memory(
+        backed_up: tuple[Path, Store, Generation], sample_node: Path) -> None:
+    """block=False decrypts a chunk or two when the pack is open and in the page cache (no
+    disk wait), never a larger read."""
+    m = tree.Tree.from_backup_dir(backed_up[0], KEY)
+    small = [r for r in source_files(sample_node) if 0 < (sample_node / r).stat().st_size < 4096]
+    first, second = (resolve(m, NODE + b"/" + os.fsencode(r)) for r in small[:2])
+    fh = m.open(first.inode)
+    with pytest.raises(tree.WouldBlock):  # the pack is not open yet
+        m.read(fh, 0, 4096, block=False)
+    assert bytes(m.read(fh, 0, 4096)) == (sample_node / small[0]).read_bytes()
+    fh2 = m.open(second.inode)
+    assert bytes(m.read(fh2, 0, 4096, block=False)) == (sample_node / small[1]).read_bytes()
+    big = next(r for r in source_files(sample_node) if r.endswith(".gz")
+               and (sample_node / r).stat().st_size > 8 * CHUNK)
+    fh3 = m.open(resolve(m, NODE + b"/" + os.fsencode(big)).inode)
+    m.read(fh3, 0, 1)
+    with pytest.raises(tree.WouldBlock):
+        m.read(fh3, 4 * CHUNK, 3 * CHUNK, block=False)
+
+
+def test_sequential_reads_are_read_ahead(backed_up: tuple[Path, Store, Generation],
+                                         sample_node: Path) -> None:
+    m = tree.Tree.from_backup_dir(backed_up[0], KEY)
+    big = max(source_files(sample_node), key=lambda r: (sample_node / r).stat().st_blocks)
+    data = (sample_node / big).read_bytes()
+    fh = m.open(resolve(m, NODE + b"/" + os.fsencode(big)).inode)
+    assert bytes(m.read(fh, 0, 131072)) == data[:131072]
+    assert bytes(m.read(fh, 131072, 131072)) == data[131072:262144]
+    f = m._handles[fh].file
+    assert f.ref is not None
+    wait_for(lambda: m.cache.get(f.ref, 4, 20) is not None, "read-ahead")
+    assert bytes(m.read(fh, 262144, 1 << 20, block=False)) == data[262144:262144 + (1 << 20)]
