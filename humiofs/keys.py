@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -44,10 +45,16 @@ def check_passphrase(passphrase: str) -> None:
         raise ConfigError(f"BACKUP_KEY '{passphrase}' is Humio's published default; choose a secret key")
 
 
+# cryptography's Argon2id (OpenSSL's, with lanes > 1) deadlocks when two threads run it at
+# the same time (seen with cryptography 48); each derivation already uses several cores.
+_KDF_LOCK = threading.Lock()
+
+
 def _kek(passphrase: str, salt: bytes, params: KdfParams) -> bytes:
     kdf = Argon2id(salt=salt, length=32, iterations=params.iterations, lanes=params.lanes,
                    memory_cost=params.memory_kib)
-    return kdf.derive(passphrase.encode("utf-8"))
+    with _KDF_LOCK:
+        return kdf.derive(passphrase.encode("utf-8"))
 
 
 def new_master_key() -> bytes:

@@ -193,3 +193,24 @@ def test_changed_store_id_in_config_fails_to_open(tmp_path: Path,
     with pytest.raises(WrongKey, match="key is lost"):
         Store.open(tmp_path / "s", PASS)
     assert "another store" in caplog.text
+
+
+def test_unwrap_from_several_threads_at_once() -> None:
+    """Argon2id from two threads at once deadlocked inside OpenSSL; keys serializes it."""
+    import threading
+    store_id = bytes(16)
+    master = bytes(range(32))
+    blob = keys.wrap(master, store_id, "pass phrase", keys.KdfParams())
+    results: list[bytes | None] = []
+
+    def work() -> None:
+        for _ in range(2):
+            results.append(keys.unwrap(blob, store_id, "pass phrase"))
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "key unwrapping deadlocked"
+    assert results == [master] * 6
