@@ -354,6 +354,26 @@ class Store:
             self._release_pack(pf)
         return True
 
+    def warm(self, ref: Ref, first: int, last: int) -> None:
+        """Reads the stored bytes of chunks first..last into the page cache (and opens the
+        pack), so that a later read_chunks_into(nowait=True) finds them there."""
+        _check_ref(ref)
+        start = ref.offset + first * STORED_CHUNK
+        end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
+        pf = self._acquire_pack(ref.pack)
+        try:
+            scratch = _scratch_buffer(min(end - start, 1 << 20))
+            pos = start
+            while pos < end:
+                n = os.preadv(pf.fd, [scratch[:end - pos]], pos)
+                if not n:
+                    break  # truncated: the reader that gets there reports it
+                pos += n
+        except OSError as exc:
+            raise StoreError(f"cannot read pack {ref.pack.hex()}: {exc.strerror}") from None
+        finally:
+            self._release_pack(pf)
+
     def read_chunks(self, ref: Ref, kind: int, first: int, last: int) -> list[bytes]:
         """Authenticated plaintext of chunks first..last (inclusive) of the blob at `ref`."""
         _check_ref(ref)
@@ -378,12 +398,7 @@ class Store:
             raise ValueError(f"chunks {first}..{last} of a blob of {last_index + 1}")
         start = ref.offset + first * STORED_CHUNK
         end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
-        # A per-thread buffer for the ciphertext: a fresh one per call costs more in page
-        # faults than the decryption.
-        scratch = getattr(_scratch, "buf", None)
-        if scratch is None or len(scratch) < end - start:
-            scratch = _scratch.buf = bytearray(end - start)
-        stored = memoryview(scratch)[:end - start]
+        stored = _scratch_buffer(end - start)
         if not self.read_stored_into(ref.pack, start, stored, nowait):
             return None
         cipher = self.cipher(kind, ref.oid)
@@ -462,6 +477,15 @@ class Store:
         sealed = self.cipher(crypto.KIND_GENERATION, oid).seal(format.encode_generation(gen))
         data = format.header(format.TYPE_GENERATION, format.GENERATION_VERSION) + oid + sealed
         self.write_file(f"generations/{gen.name}", data)
+
+
+def _scratch_buffer(size: int) -> memoryview:
+    """A per-thread reusable buffer of at least `size` bytes: a fresh one per call costs more
+    in page faults than decrypting what it holds."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _scratch.buf = bytearray(size)
+    return memoryview(buf)[:size]
 
 
 def new_generation_name(time_ms: int) -> str:

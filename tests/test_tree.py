@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import ctypes
+import mmap
 import os
 import random
 import shutil
@@ -14,9 +16,9 @@ import pytest
 
 from conftest import KEY, make_sample
 from humiofs import tree
-from humiofs.crypto import CHUNK
+from humiofs.crypto import CHUNK, STORED_CHUNK
 from humiofs.errors import NoSuchStore, WrongKey
-from humiofs.format import Generation
+from humiofs.format import Generation, Ref
 from humiofs.scan import data_extents
 from humiofs.store import Store
 from mountutil import (backup, create_store, entries, listdir, read_all, resolve, tamper_file_data,
@@ -351,9 +353,11 @@ def test_stores_the_key_does_not_open(backed_up: tuple[Path, Store, Generation],
 
 
 def test_small_misses_read_on_the_loop_only_from_memory(
-        backed_up: tuple[Path, Store, Generation], sample_node: Path) -> None:
-    """block=False decrypts a chunk or two when the pack is open and in the page cache (no
-    disk wait), never a larger read."""
+        backed_up: tuple[Path, Store, Generation], sample_node: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """block=False decrypts up to NOWAIT_CHUNKS chunks when the pack is open and in the page
+    cache (no disk wait), never a larger read."""
+    monkeypatch.setattr(tree, "NOWAIT_CHUNKS", 2)
     m = tree.Tree.from_backup_dir(backed_up[0], KEY)
     small = [r for r in source_files(sample_node) if 0 < (sample_node / r).stat().st_size < 4096]
     first, second = (resolve(m, NODE + b"/" + os.fsencode(r)) for r in small[:2])
@@ -373,13 +377,53 @@ def test_small_misses_read_on_the_loop_only_from_memory(
 
 def test_sequential_reads_are_read_ahead(backed_up: tuple[Path, Store, Generation],
                                          sample_node: Path) -> None:
+    """A sequential reader's next chunks are read into the page cache ahead of it, so that
+    the loop can decrypt them without waiting for the disk."""
     m = tree.Tree.from_backup_dir(backed_up[0], KEY)
     big = max(source_files(sample_node), key=lambda r: (sample_node / r).stat().st_blocks)
     data = (sample_node / big).read_bytes()
     fh = m.open(resolve(m, NODE + b"/" + os.fsencode(big)).inode)
-    assert bytes(m.read(fh, 0, 131072)) == data[:131072]
-    assert bytes(m.read(fh, 131072, 131072)) == data[131072:262144]
     f = m._handles[fh].file
     assert f.ref is not None
-    wait_for(lambda: m.cache.get(f.ref, 4, 20) is not None, "read-ahead")
+    pack = f.store.pack_path(f.ref.pack)
+    _evict(pack)
+    # Turn off the kernel's own read-ahead on the store's open pack, which would otherwise
+    # make the pages resident by itself: only humiofs's read-ahead may do it here.
+    opened = f.store._acquire_pack(f.ref.pack)
+    os.posix_fadvise(opened.fd, 0, 0, os.POSIX_FADV_RANDOM)
+    f.store._release_pack(opened)
+    assert not _resident(pack, f.ref, 4, 20)
+    assert bytes(m.read(fh, 0, 131072)) == data[:131072]
+    assert bytes(m.read(fh, 131072, 131072)) == data[131072:262144]
+    wait_for(lambda: _resident(pack, f.ref, 4, 20), "read-ahead")
     assert bytes(m.read(fh, 262144, 1 << 20, block=False)) == data[262144:262144 + (1 << 20)]
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _resident(path: Path, ref: Ref | None, first: int, last: int) -> bool:
+    """True if the ciphertext of chunks first..last is all in the page cache, by mincore(2),
+    which (unlike a read) never starts the kernel's read-ahead itself."""
+    assert ref is not None
+    page = mmap.PAGESIZE
+    start = ref.offset + first * STORED_CHUNK
+    end = ref.offset + (last + 1) * STORED_CHUNK
+    base = start - start % page
+    length = end - base
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), length, offset=base,
+                                            access=mmap.ACCESS_COPY) as mm:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        vec = (ctypes.c_ubyte * (-(-length // page)))()
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        resident = all(v & 1 for v in vec)
+        del addr
+    return resident
