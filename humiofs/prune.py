@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from humiofs.durable import fsync_dir
 from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked
 from humiofs.format import DIR, FILE, Generation, Ref
 from humiofs.generations import format_time
@@ -336,7 +337,7 @@ class _Prune:
             except OSError as exc:
                 raise StoreIOError(f"cannot delete generation {name}: {exc.strerror}") from None
             log.info("removed generation %s", name)
-        _fsync_dir(gdir)
+        fsync_dir(gdir)
 
     def _packs(self, needed: set[bytes], cutoff_ns: int) -> None:
         r = self.result
@@ -396,7 +397,7 @@ class _Prune:
         rdir = self.store.path / RECORD_DIR
         try:
             os.mkdir(rdir, 0o700)
-            _fsync_dir(self.store.path)
+            fsync_dir(self.store.path)
         except FileExistsError:
             pass
         except OSError as exc:
@@ -427,11 +428,3 @@ def _unlink(path: os.PathLike[str]) -> None:
         pass
     except OSError as exc:
         raise StoreIOError(f"cannot delete {os.fspath(path)}: {exc.strerror}") from None
-
-
-def _fsync_dir(path: os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,5 +1,6 @@
-"""The store directory (docs/FORMAT.md sections 2, 6 and 8): creating and opening it, atomic
-write-once files, packs, reading blobs back, generations and the writer lock.
+"""The store directory (docs/FORMAT.md sections 2, 6 and 8): creating and opening it, reading
+blobs back, generations, key change and the writer lock. Writing packs is packwriter.py's;
+the write-once file primitives are durable.py's.
 """
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from humiofs import crypto, format, keys
 from humiofs.crypto import CHUNK, STORED_CHUNK, ObjectCipher
-from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError, StoreIOError,
-                            StoreLocked, WrongKey)
+from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError, StoreLocked, WrongKey)
+from humiofs.durable import fsync_dir, store_io_error, unlink_quietly, write_new
 from humiofs.format import Ref
+from humiofs.packwriter import PackWriter
 
 log = logging.getLogger(__name__)
 
@@ -29,33 +31,8 @@ STORE_FORMAT = "humiofs-store"
 STORE_VERSION = 1
 MAX_TREE_BYTES = 1 << 30
 MAX_GENERATION_BYTES = 16 << 20
-_BATCH_CHUNKS = 4
+_BATCH_CHUNKS = 4  # chunks per read of a whole blob (restore, check)
 _scratch = threading.local()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview, what: str) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    except OSError as exc:
-        raise _store_io_error(exc, what) from None
-
-
-def _store_io_error(exc: OSError, what: str) -> StoreIOError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreIOError(f"backup disk is full while writing {what}; nothing stored so far "
-                            "was changed. Free space (or run prune) and run again")
-    return StoreIOError(f"cannot write {what}: {exc.strerror}")
 
 
 def is_store(path: Path) -> bool:
@@ -127,18 +104,18 @@ class Store:
                 os.mkdir(staging / "packs" / f"{i:02x}", 0o700)
             config = {"format": STORE_FORMAT, "version": STORE_VERSION,
                       "store_id": store_id.hex(), "created_ms": int(time.time() * 1000)}
-            _write_new(staging / "config", json.dumps(config).encode() + b"\n")
-            _write_new(staging / "keys" / os.urandom(16).hex(),
+            write_new(staging / "config", json.dumps(config).encode() + b"\n")
+            write_new(staging / "keys" / os.urandom(16).hex(),
                        keys.wrap(master, store_id, passphrase, kdf))
             for sub in ("keys", "packs", "generations", "tmp", "."):
-                _fsync_dir(staging / sub)
+                fsync_dir(staging / sub)
             os.rename(staging, path)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and is_store(path):
                 return cls.open(path, passphrase)
-            raise _store_io_error(exc, f"the new store {path}") from None
-        _fsync_dir(parent)
+            raise store_io_error(exc, f"the new store {path}") from None
+        fsync_dir(parent)
         log.info("created store %s", path)
         return cls(path, store_id, master)
 
@@ -191,17 +168,17 @@ class Store:
         final = self.path / rel
         tmp = self._tmp_path()
         try:
-            _write_new(tmp, data)
+            write_new(tmp, data)
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
-            _unlink_quietly(tmp)
-            raise _store_io_error(exc, str(final)) from None
+            unlink_quietly(tmp)
+            raise store_io_error(exc, str(final)) from None
 
     def clean_tmp(self) -> None:
         """Removes what dead writers left in tmp/ (call only while holding the lock)."""
         for name in os.listdir(self.path / "tmp"):
-            _unlink_quietly(self.path / "tmp" / name)
+            unlink_quietly(self.path / "tmp" / name)
 
     def new_pack(self) -> PackWriter:
         return PackWriter(self)
@@ -247,7 +224,7 @@ class Store:
             raise StoreError(f"the new key file in {key_dir} does not read back; old keys kept")
         for name in old:
             os.unlink(key_dir / name)
-        _fsync_dir(key_dir)
+        fsync_dir(key_dir)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -503,120 +480,3 @@ def _plain_len_of(stored: int) -> int | None:
 def _check_ref(ref: Ref) -> None:
     if ref.stored_len != crypto.stored_len(ref.plain_len):
         raise IntegrityError(f"ref into pack {ref.pack.hex()} has inconsistent lengths")
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        _write_all(fd, data, str(path))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-class PackWriter:
-    """Writes one pack under tmp/; `finish` makes it durable under packs/, `abort` drops it."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.pack_id = os.urandom(16)
-        self._tmp = store._tmp_path()
-        try:
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                               0o600)
-        except OSError as exc:
-            raise _store_io_error(exc, "a new pack") from None
-        self.size = 0
-        self.blobs = 0
-        self._write(format.header(format.TYPE_PACK, format.PACK_VERSION))
-
-    def _write(self, data: bytes | memoryview) -> None:
-        _write_all(self._fd, data, f"pack {self.pack_id.hex()}")
-        self.size += len(data)
-
-    def add(self, kind: int, plaintext: bytes) -> Ref:
-        """Appends a blob held in memory; returns its ref."""
-        oid = crypto.new_object_id()
-        sealed = self.store.cipher(kind, oid).seal(plaintext)
-        offset = self.size
-        self._write(sealed)
-        self.blobs += 1
-        return Ref(self.pack_id, oid, offset, len(sealed), len(plaintext))
-
-    def add_stream(self, kind: int, pieces: Iterable[bytes | memoryview], plain_len: int) -> Ref:
-        """Appends a blob of exactly `plain_len` bytes given as pieces of any size.
-
-        Raises ValueError if the pieces add up to another length; the pack must then be aborted.
-        """
-        oid = crypto.new_object_id()
-        cipher = self.store.cipher(kind, oid)
-        n_chunks = crypto.chunk_count(plain_len)
-        offset = self.size
-        out = bytearray(_BATCH_CHUNKS * STORED_CHUNK)
-        out_view = memoryview(out)
-        pending = bytearray()
-        index = 0
-        pos = 0
-        seen = 0
-
-        def emit(chunk: bytes | bytearray | memoryview) -> None:
-            nonlocal index, pos
-            if index >= n_chunks:
-                raise ValueError("blob is longer than announced")
-            pos += cipher.encrypt_chunk_into(index, chunk, index == n_chunks - 1, out_view[pos:])
-            index += 1
-            if pos > len(out) - STORED_CHUNK:
-                self._write(out_view[:pos])
-                pos = 0
-
-        for piece in pieces:
-            view = memoryview(piece)
-            seen += len(view)
-            if pending:
-                need = CHUNK - len(pending)
-                pending += view[:need]
-                view = view[need:]
-                if len(pending) < CHUNK:
-                    continue
-                emit(pending)
-                pending = bytearray()
-            while len(view) >= CHUNK:
-                emit(view[:CHUNK])
-                view = view[CHUNK:]
-            if view:
-                pending += view
-        if seen != plain_len:
-            raise ValueError(f"blob has {seen} bytes, {plain_len} announced")
-        if pending or index == 0:
-            emit(pending)
-        if pos:
-            self._write(out_view[:pos])
-        self.blobs += 1
-        return Ref(self.pack_id, oid, offset, crypto.stored_len(plain_len), plain_len)
-
-    def finish(self) -> None:
-        """Makes the pack durable under its final name; refs into it become valid."""
-        final = self.store.pack_path(self.pack_id)
-        try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            os.rename(self._tmp, final)
-            _fsync_dir(final.parent)
-        except OSError as exc:
-            self.abort()
-            raise _store_io_error(exc, f"pack {self.pack_id.hex()}") from None
-
-    def abort(self) -> None:
-        """Drops the unfinished pack."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        _unlink_quietly(self._tmp)

@@ -29,15 +29,15 @@ import time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
 
-from humiofs import crypto, generations
-from humiofs.crypto import CHUNK
+from humiofs import generations
 from humiofs.errors import NoSuchStore, StoreError, WrongKey
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref
+from humiofs.chunkcache import CACHE_BYTES
+from humiofs.reader import Damaged, Reader, WouldBlock
 from humiofs.store import Store, is_store, list_stores
 
 log = logging.getLogger(__name__)
@@ -47,29 +47,12 @@ GENERATIONS = b".generations"
 GLOBALDATA = b"globaldata"
 REFRESH_S = 1.0               # how often the list of generations is read again
 LISTING_BUDGET = 64_000       # tree entries kept decoded (about 40 MB)
-CACHE_BYTES = 64 << 20        # decrypted file data kept
-PREFETCH_CHUNKS = 128         # how far ahead of a sequential reader packs are read (8 MiB)
-PREFETCH_THREADS = 2
-# A miss of up to this many chunks whose ciphertext is already in the page cache (checked with
-# RWF_NOWAIT, so it never waits for a disk) is decrypted on the event loop. Both cryptography's
-# AES-GCM and pyfuse3's request loop hold the GIL, so decrypting in a worker thread cannot run
-# in parallel with the loop anyway; the hand-over only adds cost (measured: 1 GiB read 10-35%
-# faster inline). 2 MiB covers a 1 MiB kernel read that straddles chunks, and takes ~0.3 ms.
-NOWAIT_CHUNKS = 32
 _BLOCK = 4096
 _NAME = attrgetter("name")
 
 
-class WouldBlock(Exception):
-    """The call needs store I/O: run it again with block=True in a worker thread."""
-
-
 class NotFound(Exception):
     """No such name or inode."""
-
-
-class Damaged(StoreError):
-    """Store data behind a path is damaged or missing; the message names the path."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,142 +167,6 @@ class Listing:
         return name, self._attr(index, inode)
 
 
-class _File:
-    """An open file's extent map: file offsets to offsets in its data blob."""
-
-    __slots__ = ("inode", "path", "store", "ref", "size", "starts", "ends", "blob", "inline",
-                 "users")
-
-    def __init__(self, inode: int, path: str, store: Store, entry: Entry,
-                 inline: bytes | None) -> None:
-        self.inode, self.path, self.store = inode, path, store
-        self.ref, self.size = entry.data, entry.size
-        self.inline = inline
-        self.starts = [off for off, _ in entry.extents]
-        self.ends = [off + length for off, length in entry.extents]
-        self.blob = []
-        pos = 0
-        for off, length in entry.extents:
-            self.blob.append(pos)
-            pos += length
-        self.users = 0
-
-
-class _Handle:
-    __slots__ = ("file", "next_off", "ahead")
-
-    def __init__(self, file: _File) -> None:
-        self.file, self.next_off, self.ahead = file, 0, 0
-
-
-_Slot = tuple[bytearray, int, int]  # a decrypted chunk: its buffer, start and length there
-
-
-class ChunkCache:
-    """Decrypted 64 KiB chunks of file data, least recently used dropped past `max_bytes`.
-
-    A load decrypts a run of chunks into one buffer, and each chunk is kept as a slot (buffer,
-    start, length) of it, so that a read within a run is answered with a memoryview and no copy.
-    Loads are shared: a reader that needs a chunk another thread is decrypting waits for it.
-    """
-
-    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._data: OrderedDict[tuple[bytes, bytes, int], _Slot] = OrderedDict()
-        self._loading: dict[tuple[bytes, bytes, int], threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def get(self, ref: Ref, first: int, last: int) -> list[_Slot] | None:
-        """Chunks first..last if all are cached, else None; never blocks on I/O."""
-        out = []
-        with self._lock:
-            for i in range(first, last + 1):
-                slot = self._data.get((ref.pack, ref.oid, i))
-                if slot is None:
-                    return None
-                self._data.move_to_end((ref.pack, ref.oid, i))
-                out.append(slot)
-        return out
-
-    def load(self, store: Store, ref: Ref, first: int, last: int) -> list[_Slot]:
-        """Chunks first..last, read and authenticated from the store where not cached."""
-        mine: list[int] = []
-        waits: list[threading.Event] = []
-        with self._lock:
-            for i in range(first, last + 1):
-                key = (ref.pack, ref.oid, i)
-                if key in self._data:
-                    continue
-                event = self._loading.get(key)
-                if event is not None:
-                    waits.append(event)
-                else:
-                    self._loading[key] = threading.Event()
-                    mine.append(i)
-        try:
-            for lo, hi in _runs(mine):
-                slots = _decrypt(store, ref, lo, hi)
-                assert slots is not None
-                self._insert(ref, lo, slots)
-        finally:
-            with self._lock:
-                for i in mine:
-                    self._loading.pop((ref.pack, ref.oid, i)).set()
-        for event in waits:
-            event.wait(60)
-        out = self.get(ref, first, last)
-        # None if another thread's load failed or the cache is too small for the request.
-        if out is None:
-            out = _decrypt(store, ref, first, last)
-            assert out is not None
-        return out
-
-    def _insert(self, ref: Ref, first: int, slots: list[_Slot]) -> None:
-        with self._lock:
-            for i, slot in enumerate(slots, first):
-                old = self._data.pop((ref.pack, ref.oid, i), None)
-                if old is not None:
-                    self.bytes -= old[2]
-                self._data[(ref.pack, ref.oid, i)] = slot
-                self.bytes += slot[2]
-            while self.bytes > self.max_bytes and self._data:
-                self.bytes -= self._data.popitem(last=False)[1][2]
-
-    def load_nowait(self, store: Store, ref: Ref, first: int, last: int) -> list[_Slot] | None:
-        """Chunks first..last if their stored bytes are in the page cache (else None), for a
-        small read on the event loop: it then never waits for the disk, and decrypting a
-        chunk or two costs less than the hand-over to a worker thread."""
-        with self._lock:
-            if any((ref.pack, ref.oid, i) in self._loading for i in range(first, last + 1)):
-                return None
-        slots = _decrypt(store, ref, first, last, nowait=True)
-        if slots is not None:
-            self._insert(ref, first, slots)
-        return slots
-
-
-def _decrypt(store: Store, ref: Ref, first: int, last: int,
-             nowait: bool = False) -> list[_Slot] | None:
-    """Chunks first..last decrypted into one new buffer, as slots of it (None: see nowait)."""
-    size = min(ref.plain_len, (last + 1) * CHUNK) - first * CHUNK
-    buf = bytearray(size)
-    if store.read_chunks_into(ref, crypto.KIND_DATA, first, last, memoryview(buf),
-                              nowait) is None:
-        return None
-    return [(buf, k, min(CHUNK, size - k)) for k in range(0, size, CHUNK)] or [(buf, 0, 0)]
-
-
-def _runs(indexes: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for i in indexes:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs
-
-
 def open_sources(backup_dir: Path, key: str, name: str | None = None) -> list[Store]:
     """Opens every store in `backup_dir` that `key` opens (or only `name`).
 
@@ -354,7 +201,8 @@ class Tree:
     def __init__(self, stores: list[Store], at_ms: int | None = None,
                  cache_bytes: int = CACHE_BYTES, listing_budget: int = LISTING_BUDGET) -> None:
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.cache = ChunkCache(cache_bytes)
+        self.reader = Reader(cache_bytes)
+        self.cache = self.reader.cache
         self.listing_budget = listing_budget
         self._lock = threading.RLock()
         self._sources = sorted((_Source(s, at_ms) for s in stores), key=attrgetter("name"))
@@ -372,10 +220,6 @@ class Tree:
         self._ranges: list[_Dir] = []
         self._listings: OrderedDict[int, list[Entry]] = OrderedDict()
         self._listed = 0
-        self._files: dict[int, _File] = {}
-        self._handles: dict[int, _Handle] = {}
-        self._next_fh = 1
-        self._prefetcher: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_backup_dir(cls, backup_dir: Path, key: str, name: str | None = None,
@@ -395,8 +239,7 @@ class Tree:
         return tree
 
     def close(self) -> None:
-        if self._prefetcher is not None:
-            self._prefetcher.shutdown(wait=False, cancel_futures=True)
+        self.reader.close()
         for src in self._sources:
             src.store.close()
 
@@ -597,113 +440,16 @@ class Tree:
         if e.type != FILE:
             raise IsADirectoryError(errno.EISDIR, "is a folder") if e.type == DIR else \
                 OSError(errno.ELOOP, "is a symlink")
-        with self._lock:
-            f = self._files.get(inode)
-            if f is None:
-                inline = d.gen.identity.uuid.encode() if d.ref is None and d.gen.identity else None
-                f = self._files[inode] = _File(inode, f"{d.path}/{os.fsdecode(e.name)}",
-                                               d.source.store, e, inline)
-            f.users += 1
-            fh = self._next_fh
-            self._next_fh += 1
-            self._handles[fh] = _Handle(f)
-            return fh
+        inline = d.gen.identity.uuid.encode() if d.ref is None and d.gen.identity else None
+        return self.reader.open(inode, f"{d.path}/{os.fsdecode(e.name)}", d.source.store, e,
+                                inline)
 
     def release(self, fh: int) -> None:
-        with self._lock:
-            h = self._handles.pop(fh, None)
-            if h is not None:
-                h.file.users -= 1
-                if h.file.users == 0:
-                    del self._files[h.file.inode]
+        self.reader.release(fh)
 
     def read(self, fh: int, off: int, size: int, block: bool = True) -> bytes | memoryview:
-        """`size` bytes of the file at `off` (fewer at the end); holes read as zeros without
-        touching the store. Raises Damaged, naming the file and offset, if the store data
-        does not authenticate."""
-        with self._lock:
-            h = self._handles.get(fh)
-        if h is None:
-            raise OSError(errno.EBADF, "bad file handle")
-        f = h.file
-        end = min(off + size, f.size)
-        if off >= end:
-            return b""
-        if f.inline is not None:
-            return f.inline[off:end]
-        parts: list[bytes | memoryview] = []
-        i = max(0, bisect_right(f.starts, off) - 1)
-        pos = off
-        while pos < end:
-            if i < len(f.starts) and f.starts[i] <= pos < f.ends[i]:
-                stop = min(end, f.ends[i])
-                parts.append(self._data(f, f.blob[i] + pos - f.starts[i], stop - pos, block))
-                pos = stop
-                i += 1
-            else:
-                if i < len(f.starts) and f.ends[i] <= pos:
-                    i += 1
-                    continue
-                stop = min(end, f.starts[i]) if i < len(f.starts) else end
-                parts.append(bytes(stop - pos))
-                pos = stop
-        self._prefetch(h, off, end)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _data(self, f: _File, start: int, n: int, block: bool) -> bytes | memoryview:
-        assert f.ref is not None
-        first, last = start // CHUNK, (start + n - 1) // CHUNK
-        slots = self.cache.get(f.ref, first, last)
-        if slots is None and not block and last - first < NOWAIT_CHUNKS:
-            try:
-                slots = self.cache.load_nowait(f.store, f.ref, first, last)
-            except StoreError as exc:
-                raise Damaged(f"cannot read {f.path} at data offset {start}: {exc}") from None
-        if slots is None:
-            if not block:
-                raise WouldBlock()
-            try:
-                slots = self.cache.load(f.store, f.ref, first, last)
-            except StoreError as exc:
-                raise Damaged(f"cannot read {f.path} at data offset {start}: {exc}") from None
-        skip = start - first * CHUNK
-        buf, base, _ = slots[0]
-        if all(b is buf and s == base + k * CHUNK for k, (b, s, _) in enumerate(slots)):
-            return memoryview(buf)[base + skip:base + skip + n]
-        joined = b"".join(memoryview(b)[s:s + size] for b, s, size in slots)
-        return joined[skip:skip + n]
-
-    def _prefetch(self, h: _Handle, off: int, end: int) -> None:
-        """Keeps a sequential reader's next PREFETCH_CHUNKS of ciphertext read into the page
-        cache ahead of it, half a window at a time, by worker threads. They only read (which
-        releases the GIL), so the loop then decrypts page-cache hits without waiting and the
-        threads never compete with it for the GIL."""
-        f = h.file
-        sequential = abs(off - h.next_off) <= 4 * CHUNK
-        h.next_off = end
-        if not sequential or f.ref is None:
-            return
-        k = bisect_right(f.starts, end) - 1
-        # The first chunk past the data this read covered: its own chunks are loaded already.
-        first = -(-(f.blob[k] + min(end, f.ends[k]) - f.starts[k]) // CHUNK) if k >= 0 else 0
-        h.ahead = max(h.ahead, first)
-        if h.ahead - first >= PREFETCH_CHUNKS // 2:
-            return
-        n = crypto.chunk_count(f.ref.plain_len)
-        with self._lock:
-            if self._prefetcher is None:  # created late: never before a fork
-                self._prefetcher = ThreadPoolExecutor(PREFETCH_THREADS, "humiofs-ahead")
-            while h.ahead < n and h.ahead - first < PREFETCH_CHUNKS // 2:
-                hi = min(n, h.ahead + PREFETCH_CHUNKS // 2)
-                self._prefetcher.submit(self._ahead, f, h.ahead, hi - 1)
-                h.ahead = hi
-
-    def _ahead(self, f: _File, first: int, last: int) -> None:
-        assert f.ref is not None
-        try:
-            f.store.warm(f.ref, first, last)
-        except StoreError as exc:  # the reader that gets there reports it, with the path
-            log.debug("read-ahead of %s failed: %s", f.path, exc)
+        """See Reader.read."""
+        return self.reader.read(fh, off, size, block)
 
 
 def _globaldata(gen: Generation) -> list[Entry]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import KEY, make_sample
-from humiofs import tree
+from humiofs import reader, tree
 from humiofs.crypto import CHUNK, STORED_CHUNK
 from humiofs.errors import NoSuchStore, WrongKey
 from humiofs.format import Generation, Ref
@@ -357,7 +357,7 @@ def test_small_misses_read_on_the_loop_only_from_memory(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """block=False decrypts up to NOWAIT_CHUNKS chunks when the pack is open and in the page
     cache (no disk wait), never a larger read."""
-    monkeypatch.setattr(tree, "NOWAIT_CHUNKS", 2)
+    monkeypatch.setattr(reader, "NOWAIT_CHUNKS", 2)
     m = tree.Tree.from_backup_dir(backed_up[0], KEY)
     small = [r for r in source_files(sample_node) if 0 < (sample_node / r).stat().st_size < 4096]
     first, second = (resolve(m, NODE + b"/" + os.fsencode(r)) for r in small[:2])
@@ -383,7 +383,7 @@ def test_sequential_reads_are_read_ahead(backed_up: tuple[Path, Store, Generatio
     big = max(source_files(sample_node), key=lambda r: (sample_node / r).stat().st_blocks)
     data = (sample_node / big).read_bytes()
     fh = m.open(resolve(m, NODE + b"/" + os.fsencode(big)).inode)
-    f = m._handles[fh].file
+    f = m.reader._handles[fh].file
     assert f.ref is not None
     pack = f.store.pack_path(f.ref.pack)
     _evict(pack)
