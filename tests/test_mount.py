@@ -14,7 +14,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEY, ROOT, clean_env, make_sample, run_cli, write_env
+from conftest import KEY, make_sample, run_cli, write_env
 from humiofs.scan import data_extents
 from humiofs.store import Store
 from mountutil import (Mount, is_mounted, mount_line, mounted_digest, pid_gone, source_digest,
