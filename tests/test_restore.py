@@ -61,6 +61,25 @@ def test_missing_only_restores_exactly_the_missing(made: tuple[Store, Generation
     assert file_entries(tree_digest(full)) == want
 
 
+def test_missing_only_leaves_existing_folders_alone(made: tuple[Store, Generation],
+                                                    full: Path) -> None:
+    """--missing-only adds what is missing; it does not reset the mode or mtime of folders
+    (or of the target itself) that were already there."""
+    store, gen = made
+    seg = segments(full)[0]
+    folder = seg.parent
+    seg.unlink()
+    for d in (folder, full):
+        os.chmod(d, 0o750)
+        os.utime(d, ns=(1_000_000_000, 1_000_000_000))
+    restore(store, gen, full, missing_only=True)
+    assert seg.exists()
+    # The folder's mtime moved with the file added to it; its mode must not. The target
+    # itself gained nothing, so neither its mode nor its mtime may change.
+    assert folder.stat().st_mode & 0o7777 == 0o750
+    assert (full.stat().st_mode & 0o7777, full.stat().st_mtime_ns) == (0o750, 1_000_000_000)
+
+
 def test_missing_only_into_empty_target(made: tuple[Store, Generation], sample_node: Path,
                                         tmp_path: Path) -> None:
     store, gen = made
