@@ -110,3 +110,12 @@ def rchar() -> int:
             if line.startswith("rchar:"):
                 return int(line.split()[1])
     raise AssertionError("no rchar in /proc/self/io")
+
+
+def flip(path: Path, offset: int) -> None:
+    """Flips one bit of the byte at `offset` of a store file (tampering)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))

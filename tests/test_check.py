@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import storetools
-from storetools import FAST_KDF
+from storetools import FAST_KDF, flip
 
 from conftest import KEY, make_sample, run_cli, write_env
 from humiofs import crypto
@@ -78,14 +78,6 @@ def big_file(store: Store) -> tuple[str, Ref]:
     rel, e = max(((r, e) for r, e in entries.items() if e.type == FILE and e.data),  # type: ignore
                  key=lambda item: item[1].data.plain_len)  # type: ignore[attr-defined]
     return rel, e.data  # type: ignore[attr-defined]
-
-
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
 
 
 def only_problem(report: Report, kind: str) -> tuple[str, set[str], set[str]]:

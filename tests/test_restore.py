@@ -16,7 +16,7 @@ from humiofs import crypto
 from humiofs.errors import IntegrityError, TargetError
 from humiofs.format import DIR, FILE, Entry, Generation, Ref, RootAttrs
 from humiofs.store import Store, new_generation_name
-from storetools import backup, create_store, files, restore, source_digest, walk
+from storetools import backup, create_store, files, flip, restore, source_digest, walk
 
 MiB = 1 << 20
 
@@ -270,14 +270,6 @@ def copy(pristine: Pristine, tmp_path: Path) -> tuple[Path, Path]:
 
 def pack_path(store_path: Path, pack: bytes) -> Path:
     return store_path / "packs" / pack.hex()[:2] / pack.hex()
-
-
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
 
 
 def restore_fails(env: Path, target: Path, *names: str) -> str:
