@@ -279,24 +279,6 @@ class Store:
                     os.close(pf.fd)
             self._open_packs.clear()
 
-    def read_stored(self, pack_id: bytes, offset: int, length: int) -> bytes:
-        """Exactly `length` stored bytes at `offset` of a pack; a short read is an error."""
-        pf = self._acquire_pack(pack_id)
-        try:
-            parts = []
-            got = 0
-            while got < length:
-                piece = os.pread(pf.fd, length - got, offset + got)
-                if not piece:
-                    raise IntegrityError(f"pack {pack_id.hex()} is truncated")
-                parts.append(piece)
-                got += len(piece)
-        except OSError as exc:
-            raise StoreError(f"cannot read pack {pack_id.hex()}: {exc.strerror}") from None
-        finally:
-            self._release_pack(pf)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
     def read_stored_into(self, pack_id: bytes, offset: int, out: memoryview,
                          nowait: bool = False) -> bool:
         """Fills `out` with the stored bytes at `offset` of a pack; a short read is an error.
@@ -334,9 +316,7 @@ class Store:
     def warm(self, ref: Ref, first: int, last: int) -> None:
         """Reads the stored bytes of chunks first..last into the page cache (and opens the
         pack), so that a later read_chunks_into(nowait=True) finds them there."""
-        _check_ref(ref)
-        start = ref.offset + first * STORED_CHUNK
-        end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
+        start, end = _stored_span(ref, first, last)
         pf = self._acquire_pack(ref.pack)
         try:
             scratch = _scratch_buffer(min(end - start, 1 << 20))
@@ -351,17 +331,11 @@ class Store:
         finally:
             self._release_pack(pf)
 
-    def read_chunks(self, ref: Ref, kind: int, first: int, last: int) -> list[bytes]:
+    def read_chunks(self, ref: Ref, kind: int, first: int, last: int) -> bytes:
         """Authenticated plaintext of chunks first..last (inclusive) of the blob at `ref`."""
-        _check_ref(ref)
-        start = ref.offset + first * STORED_CHUNK
-        end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
-        stored = self.read_stored(ref.pack, start, end - start)
-        cipher = self.cipher(kind, ref.oid)
-        try:
-            return list(cipher.iter_open(stored, first, ref.plain_len))
-        except IntegrityError as exc:
-            raise IntegrityError(f"pack {ref.pack.hex()} at offset {ref.offset}: {exc}") from None
+        out = bytearray(min(ref.plain_len, (last + 1) * CHUNK) - first * CHUNK)
+        self.read_chunks_into(ref, kind, first, last, memoryview(out))
+        return bytes(out)
 
     def read_chunks_into(self, ref: Ref, kind: int, first: int, last: int,
                          out: memoryview, nowait: bool = False) -> int | None:
@@ -369,12 +343,10 @@ class Store:
         back; returns the plaintext length. If it raises, `out` may hold unauthenticated bytes
         and must be thrown away. With `nowait`, returns None rather than wait for the disk (see
         read_stored_into)."""
-        _check_ref(ref)
         last_index = crypto.chunk_count(ref.plain_len) - 1
         if not 0 <= first <= last <= last_index:
             raise ValueError(f"chunks {first}..{last} of a blob of {last_index + 1}")
-        start = ref.offset + first * STORED_CHUNK
-        end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
+        start, end = _stored_span(ref, first, last)
         stored = _scratch_buffer(end - start)
         if not self.read_stored_into(ref.pack, start, stored, nowait):
             return None
@@ -389,28 +361,18 @@ class Store:
             raise IntegrityError(f"pack {ref.pack.hex()} at offset {ref.offset}: {exc}") from None
         return n
 
-    def read_range(self, ref: Ref, kind: int, start: int, end: int) -> bytes:
-        """Authenticated plaintext bytes [start, end) of the blob at `ref`."""
-        end = min(end, ref.plain_len)
-        if start >= end:
-            return b""
-        first, last = start // CHUNK, (end - 1) // CHUNK
-        data = b"".join(self.read_chunks(ref, kind, first, last))
-        base = first * CHUNK
-        return data[start - base:end - base]
-
     def iter_blob(self, ref: Ref, kind: int, batch_chunks: int = _BATCH_CHUNKS) -> Iterator[bytes]:
         """The authenticated plaintext of a blob in order, a batch of chunks at a time."""
         n = crypto.chunk_count(ref.plain_len)
         for first in range(0, n, batch_chunks):
             last = min(n - 1, first + batch_chunks - 1)
-            yield b"".join(self.read_chunks(ref, kind, first, last))
+            yield self.read_chunks(ref, kind, first, last)
 
     def read_blob(self, ref: Ref, kind: int) -> bytes:
         """The whole authenticated plaintext of a (metadata-sized) blob."""
         if ref.plain_len > MAX_TREE_BYTES:
             raise IntegrityError(f"blob in pack {ref.pack.hex()} is implausibly large")
-        return b"".join(self.read_chunks(ref, kind, 0, crypto.chunk_count(ref.plain_len) - 1))
+        return self.read_chunks(ref, kind, 0, crypto.chunk_count(ref.plain_len) - 1)
 
     def read_tree(self, ref: Ref) -> list[format.Entry]:
         """The entries of the tree blob at `ref`."""
@@ -480,3 +442,11 @@ def _plain_len_of(stored: int) -> int | None:
 def _check_ref(ref: Ref) -> None:
     if ref.stored_len != crypto.stored_len(ref.plain_len):
         raise IntegrityError(f"ref into pack {ref.pack.hex()} has inconsistent lengths")
+
+
+def _stored_span(ref: Ref, first: int, last: int) -> tuple[int, int]:
+    """Pack offsets [start, end) of the stored bytes of chunks first..last of a blob."""
+    _check_ref(ref)
+    start = ref.offset + first * STORED_CHUNK
+    end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
+    return start, end
