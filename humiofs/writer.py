@@ -264,7 +264,9 @@ class Backup:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                self._skip(child_rel, exc.strerror or str(exc), prev.get(name), entries)
+                kept = self._skip(child_rel, exc.strerror or str(exc), prev.get(name))
+                if kept is not None:
+                    entries.append(kept)
                 continue
             old = prev.get(name)
             if stat.S_ISDIR(st.st_mode):
@@ -301,7 +303,7 @@ class Backup:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            return self._skip_entry(rel, exc.strerror or str(exc), old)
+            return self._skip(rel, exc.strerror or str(exc), old)
         self.stats.dirs += 1
         return _entry(path, st, DIR, subtree=sub)
 
@@ -311,7 +313,7 @@ class Backup:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            return self._skip_entry(rel, exc.strerror or str(exc), old)
+            return self._skip(rel, exc.strerror or str(exc), old)
         self.stats.symlinks += 1
         return _entry(path, st, SYMLINK, target=target)
 
@@ -347,7 +349,7 @@ class Backup:
                 self.stats.changed += 1
             self._count_file(entry)
             return entry
-        return self._skip_entry(rel, last_error, old)
+        return self._skip(rel, last_error, old)
 
     def _store_file(self, path: bytes, rel: bytes, last_try: bool) -> Entry:
         read_ns = time.time_ns()
@@ -383,7 +385,7 @@ class Backup:
         racy = st.st_ctime_ns >= read_ns - RACY_NS
         entry = _entry(path, st, FILE, data=ref, extents=tuple(extents))
         if racy:
-            entry = _replace_ctime(entry, 0)
+            entry = replace(entry, ctime_ns=0)
         return entry
 
     def _store_large(self, fd: int, st: os.stat_result, extents: list[tuple[int, int]],
@@ -420,21 +422,16 @@ class Backup:
             self._count_file(old)
         return old
 
-    def _skip_entry(self, rel: bytes, why: str, old: Entry | None) -> Entry | None:
-        entries: list[Entry] = []
-        self._skip(rel, why, old, entries)
-        return entries[0] if entries else None
-
-    def _skip(self, rel: bytes, why: str, old: Entry | None, entries: list[Entry]) -> None:
+    def _skip(self, rel: bytes, why: str, old: Entry | None) -> Entry | None:
+        """Counts and reports an entry that could not be read; returns what the previous
+        generation had for it (kept as it was), or None."""
         self.stats.skipped += 1
         self.stats.skipped_paths.append(rel)
-        if old is not None:
-            self._warn(f"{_show(rel)}: {why}; keeping the copy from the previous generation")
-            kept = self._keep_old(old)
-            if kept is not None:
-                entries.append(kept)
-        else:
+        if old is None:
             self._warn(f"{_show(rel)}: {why}; not in this generation")
+            return None
+        self._warn(f"{_show(rel)}: {why}; keeping the copy from the previous generation")
+        return self._keep_old(old)
 
     def _warn(self, message: str) -> None:
         self.stats.warnings.append(message)
@@ -464,10 +461,6 @@ def _entry(path: bytes, st: os.stat_result, etype: int, **kw: object) -> Entry:
     return Entry(os.path.basename(path), etype, st.st_mode & 0o7777, st.st_uid, st.st_gid,
                  st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                  st.st_size if etype != DIR else 0, **kw)  # type: ignore[arg-type]
-
-
-def _replace_ctime(entry: Entry, ctime_ns: int) -> Entry:
-    return replace(entry, ctime_ns=ctime_ns)
 
 
 def _estimate_bytes(parent: Generation | None, src: Path) -> int:
