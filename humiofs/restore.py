@@ -17,7 +17,7 @@ from pathlib import Path
 
 from humiofs import crypto
 from humiofs.errors import IntegrityError, StoreError, TargetError
-from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, check_name
+from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, check_name
 from humiofs.progress import Progress
 from humiofs.store import Store
 
@@ -68,7 +68,7 @@ class Restore:
                                   "to add what is missing or --overwrite to replace files")
             self._tree(root_fd, b"", gen.root.tree)
             if not self.opt.missing_only:
-                self._set_attrs(root_fd, None, gen.root.mode, gen.root.uid, gen.root.gid,
+                self._set_attrs(root_fd, gen.root.mode, gen.root.uid, gen.root.gid,
                                 gen.root.mtime_ns)
             _syncfs(root_fd)
         finally:
@@ -76,9 +76,9 @@ class Restore:
             self._progress.close()
         return self.stats
 
-    def _tree(self, dfd: int, rel: bytes, ref: object) -> None:
+    def _tree(self, dfd: int, rel: bytes, ref: Ref) -> None:
         try:
-            entries = self.store.read_tree(ref)  # type: ignore[arg-type]
+            entries = self.store.read_tree(ref)
         except StoreError as exc:
             where = f"folder {os.fsdecode(rel)}" if rel else "the top folder"
             raise IntegrityError(f"cannot restore {where}: {exc}") from None
@@ -128,7 +128,7 @@ class Restore:
             self._tree(sub, path, e.subtree)
             # --missing-only leaves folders that were already there as they are.
             if created or not self.opt.missing_only:
-                self._set_attrs(sub, None, e.mode, e.uid, e.gid, e.mtime_ns)
+                self._set_attrs(sub, e.mode, e.uid, e.gid, e.mtime_ns)
         finally:
             os.close(sub)
         self.stats.dirs += 1
@@ -150,7 +150,7 @@ class Restore:
     def _file(self, dfd: int, path: bytes, e: Entry) -> None:
         if not self._may_write(dfd, path, e.name):
             return
-        tmp = b".humiofs-restore-" + os.urandom(6).hex().encode()
+        tmp = _temp_name()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=dfd)
         try:
@@ -159,7 +159,7 @@ class Restore:
             except (IntegrityError, StoreError) as exc:
                 raise IntegrityError(f"cannot restore {os.fsdecode(path)}: {exc}") from None
             os.ftruncate(fd, e.size)
-            self._set_attrs(fd, None, e.mode, e.uid, e.gid, e.mtime_ns)
+            self._set_attrs(fd, e.mode, e.uid, e.gid, e.mtime_ns)
             os.close(fd)
             fd = -1
             os.rename(tmp, e.name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -195,7 +195,7 @@ class Restore:
     def _symlink(self, dfd: int, path: bytes, e: Entry) -> None:
         if not self._may_write(dfd, path, e.name):
             return
-        tmp = b".humiofs-restore-" + os.urandom(6).hex().encode()
+        tmp = _temp_name()
         os.symlink(e.target, tmp, dir_fd=dfd)
         try:
             if self._as_root:
@@ -207,12 +207,16 @@ class Restore:
             raise
         self.stats.symlinks += 1
 
-    def _set_attrs(self, fd: int, name: bytes | None, mode: int, uid: int, gid: int,
-                   mtime_ns: int) -> None:
+    def _set_attrs(self, fd: int, mode: int, uid: int, gid: int, mtime_ns: int) -> None:
         if self._as_root:
             os.fchown(fd, uid, gid)
         os.fchmod(fd, mode)
         os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+
+def _temp_name() -> bytes:
+    """A name in the target folder for a file or symlink until it is complete."""
+    return b".humiofs-restore-" + os.urandom(6).hex().encode()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
