@@ -19,9 +19,9 @@ from humiofs import config as configmod
 from humiofs import errors, generations
 from humiofs.config import Config
 from humiofs.errors import HumiofsError, Interrupted, StoreError
-from humiofs.format import Generation
+from humiofs.format import generation_time
 from humiofs.progress import human_bytes
-from humiofs.store import Store, is_store, list_stores
+from humiofs.store import Store, generation_names, is_store, list_stores
 
 log = logging.getLogger("humiofs")
 
@@ -159,16 +159,6 @@ def open_or_create_store(cfg: Config) -> Store:
     return Store.open(path, key) if is_store(path) else Store.create(path, key)
 
 
-def latest_readable_generation(store: Store) -> Generation | None:
-    """The newest generation that reads back, skipping damaged ones with a warning."""
-    for name in reversed(store.list_generations()):
-        try:
-            return store.load_generation(name)
-        except StoreError as exc:
-            log.warning("ignoring damaged generation %s: %s", name, exc)
-    return None
-
-
 def cmd_backup(args: argparse.Namespace) -> int:
     from humiofs.writer import Backup, BackupOptions
     from humiofs.scan import DEFAULT_EXCLUDES
@@ -191,7 +181,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     start = time.monotonic()
     with store.lock():
         store.clean_tmp()
-        parent = latest_readable_generation(store)
+        parent = generations.latest_readable(store)
         run = Backup(store, opts)
         gen = run.run(parent)
     s = run.stats
@@ -242,11 +232,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     raise
                 print(f"{name}: the key does not open this backup")
                 continue
-        gen_names = (store.list_generations() if store else
-                     Store(path, b"", b"").list_generations())
+        gen_names = generation_names(path)
         print(f"{name}: {len(gen_names)} generation(s)")
         for gname in gen_names:
-            when = generations.format_time(int(gname[:13]))
+            when = generations.format_time(generation_time(gname))
             if store is None:
                 print(f"  {when}  {gname}")
                 continue

@@ -1,6 +1,7 @@
 """Choosing a generation: the latest one, or the latest at or before a given time."""
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime, timezone
 
@@ -8,6 +9,7 @@ from humiofs.errors import ConfigError, StoreError
 from humiofs.format import Generation, generation_time
 from humiofs.store import Store
 
+log = logging.getLogger(__name__)
 _UNIX = re.compile(r"^@(\d+(?:\.\d+)?)$")
 
 
@@ -30,6 +32,17 @@ def parse_time(text: str) -> int:
 def format_time(ms: int) -> str:
     """A generation time for people: ISO 8601 in UTC, to the second."""
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def latest_readable(store: Store) -> Generation | None:
+    """The newest generation that reads back, skipping damaged ones with a warning; the
+    parent of a new backup."""
+    for name in reversed(store.list_generations()):
+        try:
+            return store.load_generation(name)
+        except StoreError as exc:
+            log.warning("ignoring damaged generation %s: %s", name, exc)
+    return None
 
 
 def pick(store: Store, at: str | None = None) -> Generation:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from humiofs import errors
+from humiofs.format import generation_time
 from humiofs.generations import format_time
 from humiofs.progress import human_bytes
 
@@ -135,7 +136,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     would = "would " if args.dry_run else ""
     if args.dry_run or args.verbose:
         for d in r.decisions:
-            print(f"  {format_time(int(d.name[:13]))}  {d.name}  "
+            print(f"  {format_time(generation_time(d.name))}  {d.name}  "
                   f"{'keep: ' + d.reason if d.keep else 'drop'}")
     kept = sum(1 for d in r.decisions if d.keep)
     parts = [f"prune {store.name}: {would}keep {kept} of {len(r.decisions)} generations"]

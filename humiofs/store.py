@@ -51,6 +51,16 @@ def list_stores(backup_dir: Path) -> list[str]:
     return sorted(n for n in names if not n.startswith(".") and is_store(backup_dir / n))
 
 
+def generation_names(store_path: Path) -> list[str]:
+    """Names of the committed generations of the store at `store_path`, oldest first. Needs
+    no key: the names hold only the commit times."""
+    try:
+        names = os.listdir(store_path / "generations")
+    except OSError as exc:
+        raise StoreError(f"cannot list generations of {store_path}: {exc.strerror}") from None
+    return sorted(n for n in names if format.GENERATION_NAME.match(n))
+
+
 class _PackFile:
     """An open pack with a reference count, so a cached fd is never closed under a reader."""
 
@@ -382,11 +392,7 @@ class Store:
 
     def list_generations(self) -> list[str]:
         """Names of the committed generations, oldest first."""
-        try:
-            names = os.listdir(self.path / "generations")
-        except OSError as exc:
-            raise StoreError(f"cannot list generations of {self.path}: {exc.strerror}") from None
-        return sorted(n for n in names if format.GENERATION_NAME.match(n))
+        return generation_names(self.path)
 
     def load_generation(self, name: str) -> format.Generation:
         """Reads, authenticates and parses one generation."""

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from humiofs import generations
 from humiofs.errors import NoSuchStore, StoreError, WrongKey
-from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref
+from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, generation_time
 from humiofs.chunkcache import CACHE_BYTES
 from humiofs.reader import Damaged, Reader, WouldBlock
 from humiofs.store import Store, is_store, list_stores
@@ -97,7 +97,7 @@ class _Source:
         names = self.store.list_generations()
         current = None
         for name in reversed(names):
-            if self.at_ms is not None and int(name[:13]) > self.at_ms:
+            if self.at_ms is not None and generation_time(name) > self.at_ms:
                 continue
             current = self.generation(name)
             if current is not None:
@@ -119,11 +119,11 @@ class _Source:
     def time_names(self) -> list[tuple[bytes, str]]:
         """(folder name, generation name) for every generation: the commit time to the second,
         or to the millisecond where two generations share a second."""
-        seconds = [generations.format_time(int(n[:13])) for n in self.names]
+        seconds = [generations.format_time(generation_time(n)) for n in self.names]
         out = []
         for name, sec in zip(self.names, seconds):
             if seconds.count(sec) > 1:
-                sec = f"{sec[:-1]}.{int(name[:13]) % 1000:03d}Z"
+                sec = f"{sec[:-1]}.{generation_time(name) % 1000:03d}Z"
             out.append((sec.encode(), name))
         return out
 

@@ -20,7 +20,7 @@ from humiofs import errors, prune
 from humiofs.config import Config
 from humiofs.errors import ConfigError, StoreError, StoreLocked
 from humiofs.format import Generation, Ref
-from humiofs.generations import format_time
+from humiofs.generations import format_time, latest_readable
 from humiofs.inotify import Dirty, Tracker
 from humiofs.scan import DEFAULT_EXCLUDES, Excluder
 from humiofs.store import Store
@@ -92,8 +92,7 @@ class Watch:
         try:
             with self.store.lock():
                 self.store.clean_tmp()
-                from humiofs.cli import latest_readable_generation
-                parent = latest_readable_generation(self.store)
+                parent = latest_readable(self.store)
                 self.tracker = self._start_tracker()
                 print(f"backup {self.store.name}: watching {self.source}, a pass every "
                       f"{self.interval:g}s", flush=True)
