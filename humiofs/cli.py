@@ -153,12 +153,6 @@ def open_store(cfg: Config) -> Store:
     return Store.open(cfg.store_path(), cfg.need_key())
 
 
-def open_or_create_store(cfg: Config) -> Store:
-    path = cfg.store_path()
-    key = cfg.need_key()
-    return Store.open(path, key) if is_store(path) else Store.create(path, key)
-
-
 def cmd_backup(args: argparse.Namespace) -> int:
     from humiofs.writer import Backup, BackupOptions
     from humiofs.scan import DEFAULT_EXCLUDES
@@ -171,10 +165,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         watch = importlib.import_module("humiofs.watch")
         interval = args.interval if args.interval is not None else cfg.interval_s
         return watch.run(cfg, interval, tuple(args.exclude), not args.no_progress)
-    if not source.is_dir():
-        # Checked before the store is created: a mistyped DIRECTORY must not leave an empty one.
-        raise errors.ConfigError(f"DIRECTORY {source} does not exist or is not a folder")
-    store = open_or_create_store(cfg)
+    store = Store.open_or_create(cfg.store_path(), cfg.need_key())
     opts = BackupOptions(source=source, backup_name=store.name,
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
                          host_id=cfg.host_id, progress=None if not args.no_progress else False)

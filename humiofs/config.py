@@ -38,8 +38,12 @@ class Config:
     interval_s: float = 60.0
 
     def need_directory(self) -> Path:
+        """The data directory to back up, which must exist (checked before any store is
+        created, so that a mistyped DIRECTORY does not leave an empty one behind)."""
         if self.directory is None:
             raise ConfigError("DIRECTORY is not set (the node's data directory)")
+        if not self.directory.is_dir():
+            raise ConfigError(f"DIRECTORY {self.directory} does not exist or is not a folder")
         return self.directory
 
     def need_name(self) -> str:

@@ -130,6 +130,11 @@ class Store:
         return cls(path, store_id, master)
 
     @classmethod
+    def open_or_create(cls, path: Path, passphrase: str) -> Store:
+        """Opens the store at `path`, creating it first if there is none (a first backup)."""
+        return cls.open(path, passphrase) if is_store(path) else cls.create(path, passphrase)
+
+    @classmethod
     def open(cls, path: Path, passphrase: str) -> Store:
         """Opens the store at `path`; raises WrongKey if the passphrase does not open it."""
         try:

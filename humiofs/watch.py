@@ -37,14 +37,10 @@ _COALESCE_S = 0.1         # while sleeping, read inotify events at most this oft
 def run(cfg: Config, interval: float, extra_excludes: tuple[str, ...], progress: bool) -> int:
     """Backs up `cfg.directory` every `interval` seconds until SIGTERM or SIGINT; returns the
     exit code (0 after a clean stop). Fatal errors are raised as HumiofsError."""
-    from humiofs import cli
-
     if not interval > 0:
         raise ConfigError("the backup interval must be more than 0 seconds")
-    if not cfg.need_directory().is_dir():
-        # Checked before the store is created: a mistyped DIRECTORY must not leave an empty one.
-        raise ConfigError(f"DIRECTORY {cfg.directory} does not exist or is not a folder")
-    store = cli.open_or_create_store(cfg)
+    cfg.need_directory()
+    store = Store.open_or_create(cfg.store_path(), cfg.need_key())
     try:
         return Watch(store, cfg, interval, extra_excludes, progress).run()
     finally:
