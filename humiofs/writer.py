@@ -205,6 +205,10 @@ class Backup:
         for fut in self._pending:
             fut.exception()
         self._pending.clear()
+        # An interrupt (SIGINT/SIGTERM arrive as KeyboardInterrupt anywhere) can land between
+        # a pack's temporary file being created and its writer being recorded above. The run
+        # holds the writer lock, so whatever is left in tmp/ is this run's: remove it.
+        self.store.clean_tmp()
 
     # -- directories --------------------------------------------------------------------------
 

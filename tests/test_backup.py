@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import KEY, clean_env, make_sample, run_cli, tree_digest, write_env
+from humiofs import packwriter
 from humiofs.format import Generation, Identity
 from humiofs.store import Store
 from humiofs.writer import BackupStats
@@ -488,3 +489,25 @@ def test_just_written_file_is_read_after_its_timestamp_tick(tmp_path: Path) -> N
     assert entry.ctime_ns == (node / "fresh").stat().st_ctime_ns
     _, stats = backup(store, node, host_id="1")
     assert (stats.unchanged, stats.changed) == (2, 0)
+
+
+def test_interrupt_right_after_a_pack_file_is_created_leaves_tmp_empty(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT/SIGTERM arrive as KeyboardInterrupt at any point, also between a pack's
+    temporary file being created and the writer keeping hold of it: nothing may be left."""
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "cluster_membership.uuid").write_text("0f8e2c1a-0000-4000-8000-000000000001")
+    (node / "f").write_bytes(b"x" * 10000)
+    store = create_store(tmp_path / "backups" / "n")
+    created = packwriter.PackWriter.__init__
+
+    def interrupted(self: packwriter.PackWriter, store: Store) -> None:
+        created(self, store)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(packwriter.PackWriter, "__init__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        backup(store, node, host_id="1")
+    assert os.listdir(store.path / "tmp") == []
+    assert store.list_generations() == []
