@@ -346,11 +346,12 @@ class Store:
         finally:
             self._release_pack(pf)
 
-    def read_chunks(self, ref: Ref, kind: int, first: int, last: int) -> bytes:
-        """Authenticated plaintext of chunks first..last (inclusive) of the blob at `ref`."""
+    def read_chunks(self, ref: Ref, kind: int, first: int, last: int) -> bytearray:
+        """Authenticated plaintext of chunks first..last (inclusive) of the blob at `ref`,
+        in a buffer of its own."""
         out = bytearray(min(ref.plain_len, (last + 1) * CHUNK) - first * CHUNK)
         self.read_chunks_into(ref, kind, first, last, memoryview(out))
-        return bytes(out)
+        return out
 
     def read_chunks_into(self, ref: Ref, kind: int, first: int, last: int,
                          out: memoryview, nowait: bool = False) -> int | None:
@@ -376,7 +377,8 @@ class Store:
             raise IntegrityError(f"pack {ref.pack.hex()} at offset {ref.offset}: {exc}") from None
         return n
 
-    def iter_blob(self, ref: Ref, kind: int, batch_chunks: int = _BATCH_CHUNKS) -> Iterator[bytes]:
+    def iter_blob(self, ref: Ref, kind: int,
+                  batch_chunks: int = _BATCH_CHUNKS) -> Iterator[bytearray]:
         """The authenticated plaintext of a blob in order, a batch of chunks at a time."""
         n = crypto.chunk_count(ref.plain_len)
         for first in range(0, n, batch_chunks):
@@ -387,7 +389,8 @@ class Store:
         """The whole authenticated plaintext of a (metadata-sized) blob."""
         if ref.plain_len > MAX_TREE_BYTES:
             raise IntegrityError(f"blob in pack {ref.pack.hex()} is implausibly large")
-        return self.read_chunks(ref, kind, 0, crypto.chunk_count(ref.plain_len) - 1)
+        # bytes, not bytearray: tree decoding slices names out of it, and they must hash.
+        return bytes(self.read_chunks(ref, kind, 0, crypto.chunk_count(ref.plain_len) - 1))
 
     def read_tree(self, ref: Ref) -> list[format.Entry]:
         """The entries of the tree blob at `ref`."""
