@@ -1,123 +1,133 @@
-"""A bounded cache of decrypted, authenticated 64 KiB chunks of file data, shared by the
-mount's readers; loads go through Store.read_chunks_into, so every byte is authenticated
-before it enters the cache.
+"""A bounded cache of decrypted 64 KiB chunks of file data in one shared-memory buffer.
+
+The buffer is a MAP_SHARED mapping cut into 64 KiB slots, so that the decryption worker process
+(decryptd) can decrypt into it and the mount read from it without a copy between them. Slots
+are handed out from a ring: a load takes a contiguous run of slots at the hand (so that a read
+within it is one slice), dropping the chunks that were there first in first out.
+
+A slot is in one of three states: free, loading (a load owns it; its bytes are not to be read,
+and may be unauthenticated if the load fails) or ready (an authenticated chunk). Only ready
+slots are ever read. A loading slot is never handed out again; nor is a pinned one, which a
+reader is waiting to copy out.
+
+All bookkeeping runs on the trio thread; only the decryption itself (in the worker process or a
+thread) writes into slots, and only into slots of a load that owns them.
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+import mmap
 
-from humiofs import crypto
+import trio
+
 from humiofs.crypto import CHUNK
 from humiofs.format import Ref
-from humiofs.store import Store
 
 CACHE_BYTES = 64 << 20        # decrypted file data kept
 
+Key = tuple[bytes, bytes, int]  # (pack, object id, chunk index)
 
-_Slot = tuple[bytearray, int, int]  # a decrypted chunk: its buffer, start and length there
+
+class Load:
+    """A run of chunks being decrypted into slots start.. of the cache."""
+
+    __slots__ = ("keys", "start", "done", "error")
+
+    def __init__(self, keys: list[Key], start: int) -> None:
+        self.keys, self.start = keys, start
+        self.done = trio.Event()
+        self.error: str | None = None
 
 
 class ChunkCache:
-    """Decrypted 64 KiB chunks of file data, least recently used dropped past `max_bytes`.
-
-    A load decrypts a run of chunks into one buffer, and each chunk is kept as a slot (buffer,
-    start, length) of it, so that a read within a run is answered with a memoryview and no copy.
-    Loads are shared: a reader that needs a chunk another thread is decrypting waits for it.
-    """
-
     def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._data: OrderedDict[tuple[bytes, bytes, int], _Slot] = OrderedDict()
-        self._loading: dict[tuple[bytes, bytes, int], threading.Event] = {}
-        self._lock = threading.Lock()
+        self.slots = max(1, max_bytes // CHUNK)
+        self.shared = mmap.mmap(-1, self.slots * CHUNK)  # MAP_SHARED | MAP_ANONYMOUS
+        self.view = memoryview(self.shared)
+        self.bytes = 0                                # ready bytes held
+        self._slot: dict[Key, int] = {}               # ready or loading chunks
+        self._key: list[Key | None] = [None] * self.slots
+        self._size = [0] * self.slots                 # bytes in a ready slot
+        self._load: list[Load | None] = [None] * self.slots
+        self._pins = [0] * self.slots
+        self._hand = 0
 
-    def get(self, ref: Ref, first: int, last: int) -> list[_Slot] | None:
-        """Chunks first..last if all are cached, else None; never blocks on I/O."""
-        out = []
-        with self._lock:
-            for i in range(first, last + 1):
-                slot = self._data.get((ref.pack, ref.oid, i))
-                if slot is None:
-                    return None
-                self._data.move_to_end((ref.pack, ref.oid, i))
-                out.append(slot)
-        return out
-
-    def load(self, store: Store, ref: Ref, first: int, last: int) -> list[_Slot]:
-        """Chunks first..last, read and authenticated from the store where not cached."""
-        mine: list[int] = []
-        waits: list[threading.Event] = []
-        with self._lock:
-            for i in range(first, last + 1):
-                key = (ref.pack, ref.oid, i)
-                if key in self._data:
-                    continue
-                event = self._loading.get(key)
-                if event is not None:
-                    waits.append(event)
-                else:
-                    self._loading[key] = threading.Event()
-                    mine.append(i)
+    def close(self) -> None:
         try:
-            for lo, hi in _runs(mine):
-                slots = _decrypt(store, ref, lo, hi)
-                assert slots is not None
-                self._insert(ref, lo, slots)
-        finally:
-            with self._lock:
-                for i in mine:
-                    self._loading.pop((ref.pack, ref.oid, i)).set()
-        for event in waits:
-            event.wait(60)
-        out = self.get(ref, first, last)
-        # None if another thread's load failed or the cache is too small for the request.
-        if out is None:
-            out = _decrypt(store, ref, first, last)
-            assert out is not None
-        return out
+            self.view.release()
+            self.shared.close()
+        except BufferError:  # a slice is still referenced somewhere: freed with it
+            pass
 
-    def _insert(self, ref: Ref, first: int, slots: list[_Slot]) -> None:
-        with self._lock:
-            for i, slot in enumerate(slots, first):
-                old = self._data.pop((ref.pack, ref.oid, i), None)
-                if old is not None:
-                    self.bytes -= old[2]
-                self._data[(ref.pack, ref.oid, i)] = slot
-                self.bytes += slot[2]
-            while self.bytes > self.max_bytes and self._data:
-                self.bytes -= self._data.popitem(last=False)[1][2]
+    def find(self, key: Key) -> tuple[int, Load | None] | None:
+        """(slot, the load filling it or None if ready), or None if the chunk is not here."""
+        slot = self._slot.get(key)
+        return None if slot is None else (slot, self._load[slot])
 
-    def load_nowait(self, store: Store, ref: Ref, first: int, last: int) -> list[_Slot] | None:
-        """Chunks first..last if their stored bytes are in the page cache (else None), for a
-        small read on the event loop: it then never waits for the disk, and decrypting a
-        chunk or two costs less than the hand-over to a worker thread."""
-        with self._lock:
-            if any((ref.pack, ref.oid, i) in self._loading for i in range(first, last + 1)):
-                return None
-        slots = _decrypt(store, ref, first, last, nowait=True)
-        if slots is not None:
-            self._insert(ref, first, slots)
-        return slots
+    def pin(self, slot: int) -> None:
+        self._pins[slot] += 1
 
+    def unpin(self, slot: int) -> None:
+        self._pins[slot] -= 1
 
-def _decrypt(store: Store, ref: Ref, first: int, last: int,
-             nowait: bool = False) -> list[_Slot] | None:
-    """Chunks first..last decrypted into one new buffer, as slots of it (None: see nowait)."""
-    size = min(ref.plain_len, (last + 1) * CHUNK) - first * CHUNK
-    buf = bytearray(size)
-    if store.read_chunks_into(ref, crypto.KIND_DATA, first, last, memoryview(buf),
-                              nowait) is None:
-        return None
-    return [(buf, k, min(CHUNK, size - k)) for k in range(0, size, CHUNK)] or [(buf, 0, 0)]
-
-
-def _runs(indexes: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for i in indexes:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
+    def reserve(self, ref: Ref, first: int, last: int) -> Load | None:
+        """A load of chunks first..last into a run of slots taken at the hand (their old
+        chunks dropped); None if no run that long is free of loading and pinned slots."""
+        n = last - first + 1
+        if n > self.slots:
+            return None
+        start, scanned = self._hand, 0
+        while scanned < self.slots + n:
+            if start + n > self.slots:          # runs do not wrap around
+                scanned += self.slots - start
+                start = 0
+                continue
+            busy = next((s for s in range(start + n - 1, start - 1, -1)
+                         if self._pins[s] or self._load[s] is not None), None)
+            if busy is None:
+                break
+            scanned += busy + 1 - start
+            start = busy + 1
         else:
-            runs.append((i, i))
-    return runs
+            return None
+        keys = [(ref.pack, ref.oid, i) for i in range(first, last + 1)]
+        load = Load(keys, start)
+        for slot, key in enumerate(keys, start):
+            self._drop(slot)
+            self._key[slot], self._load[slot] = key, load
+            self._slot[key] = slot
+        self._hand = (start + n) % self.slots
+        return load
+
+    def region(self, load: Load) -> memoryview:
+        """Where a load decrypts to: its slots, back to back."""
+        return self.view[load.start * CHUNK:(load.start + len(load.keys)) * CHUNK]
+
+    def finish(self, load: Load, error: str | None, sizes: list[int]) -> None:
+        """Ends a load: its chunks (of `sizes` bytes each) become readable, or on `error`
+        are dropped unread; wakes its waiters."""
+        load.error = error
+        for slot, size in enumerate(sizes, load.start):
+            self._load[slot] = None
+            if error is None:
+                self._size[slot] = size
+                self.bytes += size
+            else:
+                self._drop(slot)
+        load.done.set()
+
+    def chunk(self, slot: int) -> memoryview:
+        """The plaintext in a ready slot."""
+        assert self._load[slot] is None and self._key[slot] is not None
+        return self.view[slot * CHUNK:slot * CHUNK + self._size[slot]]
+
+    def run(self, slot: int, skip: int, n: int) -> memoryview:
+        """`n` bytes at `skip` into the ready slots slot, slot + 1, ..."""
+        return self.view[slot * CHUNK + skip:slot * CHUNK + skip + n]
+
+    def _drop(self, slot: int) -> None:
+        key = self._key[slot]
+        if key is not None:
+            del self._slot[key]
+            self._key[slot] = None
+            self.bytes -= self._size[slot]  # 0 while loading
+            self._size[slot] = 0

@@ -10,7 +10,8 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar, cast
 
 import pyfuse3
@@ -37,6 +38,25 @@ def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
 
+@contextmanager
+def _errors(what: str, args: tuple[object, ...]) -> Iterator[None]:
+    """Maps what a model call raises to the FUSEError the kernel gets."""
+    try:
+        yield
+    except tree.NotFound:
+        log.debug("%s%r: not found", what, args)
+        raise pyfuse3.FUSEError(errno.ENOENT) from None
+    except StoreError as exc:
+        log.error("%s: %s", what, exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    except OSError as exc:
+        log.debug("%s%r: %s", what, args, exc)
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except Exception:
+        log.exception("internal error in %s", what)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
 class Operations(pyfuse3.Operations):
     """Serves a tree.Tree read-only."""
 
@@ -46,10 +66,9 @@ class Operations(pyfuse3.Operations):
     def __init__(self, model: tree.Tree, threads: int = STORE_THREADS) -> None:
         super().__init__()
         self.tree = model
-        # Store reads and decryption run in worker threads so that one slow read never stalls
-        # the requests behind it on the trio loop. The one exception is a miss of a chunk or
-        # two whose stored bytes are already in the page cache (tree.NOWAIT_CHUNKS, read with
-        # RWF_NOWAIT): decrypting that costs less than the hand-over, and never waits for a disk.
+        # Metadata the model does not hold in memory is read and decrypted in worker threads,
+        # so that one slow store read never stalls the requests behind it on the trio loop.
+        # File data has its own path off the loop (reader.py: a decryption process).
         self._limiter = trio.CapacityLimiter(threads)
         self._dirs: dict[int, tree.Listing] = {}
         self._next_dh = 1
@@ -57,24 +76,12 @@ class Operations(pyfuse3.Operations):
     async def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
         """Runs a model call: from memory on the loop when it can, else in a worker thread;
         maps domain errors to FUSEError."""
-        try:
+        with _errors(what, args):
             try:
                 return fn(*args, block=False)
             except tree.WouldBlock:
                 return await trio.to_thread.run_sync(functools.partial(fn, *args, block=True),
                                                      limiter=self._limiter)
-        except tree.NotFound:
-            log.debug("%s%r: not found", what, args)
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except StoreError as exc:
-            log.error("%s: %s", what, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except OSError as exc:
-            log.debug("%s%r: %s", what, args, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", what)
-            raise pyfuse3.FUSEError(errno.EIO) from None
 
     def _entry(self, attr: tree.Attr, parent_volatile: bool) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -172,8 +179,11 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        # A memoryview of a cached chunk saves a copy; pyfuse3 takes any buffer.
-        return cast(bytes, await self._call("read", self.tree.read, fh, off, size))
+        # A memoryview into the chunk cache saves a copy: pyfuse3 takes any buffer, and
+        # copies it into the kernel before anything else runs on this thread.
+        with _errors("read", (fh, off, size)):
+            return cast(bytes, await self.tree.read(fh, off, size))
+        raise AssertionError("unreachable")  # _errors raises
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self.tree.release(fh)

@@ -107,16 +107,20 @@ def _unescape(field: str) -> str:
 
 def serve(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int | None = None) -> None:
     """Mounts `model` and serves it until unmounted or SIGINT/SIGTERM/SIGHUP, then unmounts."""
+    # Forked here, before pyfuse3 and trio start and before any thread does.
+    model.reader.start_worker(model.stores(), close_fds=() if ready_fd is None else (ready_fd,))
     ops = fs.Operations(model)
     try:
-        pyfuse3.init(ops, str(mountpoint), opts)
-    except RuntimeError as exc:
-        raise TargetError(f"cannot mount at {mountpoint}: {exc}") from None
-    _raise_readahead(mountpoint)
-    try:
-        trio.run(_main, ready_fd)
+        try:
+            pyfuse3.init(ops, str(mountpoint), opts)
+        except RuntimeError as exc:
+            raise TargetError(f"cannot mount at {mountpoint}: {exc}") from None
+        _raise_readahead(mountpoint)
+        try:
+            trio.run(_main, ready_fd)
+        finally:
+            pyfuse3.close(unmount=True)
     finally:
-        pyfuse3.close(unmount=True)
         model.close()
     log.info("unmounted %s", mountpoint)
 

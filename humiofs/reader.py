@@ -1,6 +1,16 @@
 """The mount's read path: open files, their extent maps (file offsets to offsets in the data
-blob), holes served as zeros without the store, decrypted chunks from the cache, and read-ahead
-of a sequential reader's next chunks into the page cache.
+blob), holes served as zeros without the store, and decrypted chunks from the chunk cache.
+
+Where a missing run of chunks is decrypted:
+- a short run (NOWAIT_CHUNKS): on the trio loop if its pack is open and its ciphertext is in
+  the page cache (read with RWF_NOWAIT, so the loop never waits for a disk), else in a thread;
+  a small file then costs no hand-over at all;
+- a longer run: in the decryption worker process (decryptd), straight into the cache's shared
+  memory, or in a thread if there is no worker (or it died).
+A sequential reader gets the next PREFETCH_CHUNKS decrypted ahead of it by the worker, so its
+reads are answered from memory while the worker runs on the other core.
+
+Reads run on the trio thread; open() and release() may run on any thread.
 """
 from __future__ import annotations
 
@@ -8,25 +18,24 @@ import errno
 import logging
 import threading
 from bisect import bisect_right
-from concurrent.futures import ThreadPoolExecutor
+
+import trio
 
 from humiofs import crypto
-from humiofs.chunkcache import CACHE_BYTES, ChunkCache
+from humiofs.chunkcache import CACHE_BYTES, ChunkCache, Load
 from humiofs.crypto import CHUNK
+from humiofs.decryptd import Worker
 from humiofs.errors import StoreError
-from humiofs.format import Entry
+from humiofs.format import Entry, Ref
 from humiofs.store import Store
 
 log = logging.getLogger(__name__)
 
-PREFETCH_CHUNKS = 128         # how far ahead of a sequential reader packs are read (8 MiB)
-PREFETCH_THREADS = 2
-# A miss of up to this many chunks whose ciphertext is already in the page cache (checked with
-# RWF_NOWAIT, so it never waits for a disk) is decrypted on the event loop. Both cryptography's
-# AES-GCM and pyfuse3's request loop hold the GIL, so decrypting in a worker thread cannot run
-# in parallel with the loop anyway; the hand-over only adds cost (measured: 1 GiB read 10-35%
-# faster inline). 2 MiB covers a 1 MiB kernel read that straddles chunks, and takes ~0.3 ms.
-NOWAIT_CHUNKS = 32
+PREFETCH_CHUNKS = 128         # how far ahead of a sequential reader chunks are decrypted (8 MiB)
+PREFETCH_JOB = 16             # chunks per read-ahead job (1 MiB)
+# A miss of up to this many chunks whose ciphertext is in the page cache is decrypted on the
+# loop: 256 KiB take ~60 us, less than a round trip to the worker.
+NOWAIT_CHUNKS = 4
 
 
 class WouldBlock(Exception):
@@ -66,19 +75,26 @@ class _Handle:
 
 
 class Reader:
-    """Open files and their reads; every method is safe to call from any thread."""
-
     def __init__(self, cache_bytes: int = CACHE_BYTES) -> None:
         self.cache = ChunkCache(cache_bytes)
+        self.worker: Worker | None = None
         self._lock = threading.Lock()
         self._files: dict[int, _File] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
-        self._prefetcher: ThreadPoolExecutor | None = None
+        self.offloaded = 0            # loads run off the loop (worker or thread), for tests
+        self._jobs: dict[int, tuple[Load, _File, int, int]] = {}
+        self._next_job = 1
+        self._collecting = False
+
+    def start_worker(self, stores: list[Store], close_fds: tuple[int, ...] = ()) -> None:
+        """Forks the decryption worker (see decryptd.Worker.start for when to call it)."""
+        self.worker = Worker.start(stores, self.cache.shared, close_fds)
 
     def close(self) -> None:
-        if self._prefetcher is not None:
-            self._prefetcher.shutdown(wait=False, cancel_futures=True)
+        if self.worker is not None:
+            self.worker.stop()
+        self.cache.close()
 
     def open(self, inode: int, path: str, store: Store, entry: Entry,
              inline: bytes | None) -> int:
@@ -101,10 +117,11 @@ class Reader:
                 if h.file.users == 0:
                     del self._files[h.file.inode]
 
-    def read(self, fh: int, off: int, size: int, block: bool = True) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         """`size` bytes of the file at `off` (fewer at the end); holes read as zeros without
         touching the store. Raises Damaged, naming the file and offset, if the store data
-        does not authenticate."""
+        does not authenticate. A memoryview into the cache stays valid only until this thread
+        next yields to trio: copy it to keep it."""
         with self._lock:
             h = self._handles.get(fh)
         if h is None:
@@ -116,75 +133,199 @@ class Reader:
         if f.inline is not None:
             return f.inline[off:end]
         parts: list[bytes | memoryview] = []
-        i = max(0, bisect_right(f.starts, off) - 1)
-        pos = off
-        while pos < end:
-            if i < len(f.starts) and f.starts[i] <= pos < f.ends[i]:
-                stop = min(end, f.ends[i])
-                parts.append(self._data(f, f.blob[i] + pos - f.starts[i], stop - pos, block))
-                pos = stop
-                i += 1
-            else:
-                if i < len(f.starts) and f.ends[i] <= pos:
+        # The chunks this read hands out stay pinned until it returns: no load (this read's
+        # own read-ahead included) can take their slots before their bytes are copied out.
+        pinned: list[int] = []
+        try:
+            i = max(0, bisect_right(f.starts, off) - 1)
+            pos = off
+            while pos < end:
+                if i < len(f.starts) and f.starts[i] <= pos < f.ends[i]:
+                    stop = min(end, f.ends[i])
+                    parts.append(await self._data(f, f.blob[i] + pos - f.starts[i], stop - pos,
+                                                  pinned))
+                    pos = stop
                     i += 1
-                    continue
-                stop = min(end, f.starts[i]) if i < len(f.starts) else end
-                parts.append(bytes(stop - pos))
-                pos = stop
-        self._prefetch(h, off, end)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+                else:
+                    if i < len(f.starts) and f.ends[i] <= pos:
+                        i += 1
+                        continue
+                    stop = min(end, f.starts[i]) if i < len(f.starts) else end
+                    parts.append(bytes(stop - pos))
+                    pos = stop
+            self._prefetch(h, off, end)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        finally:
+            for slot in pinned:
+                self.cache.unpin(slot)
 
-    def _data(self, f: _File, start: int, n: int, block: bool) -> bytes | memoryview:
+    async def _data(self, f: _File, start: int, n: int, pinned: list[int]) -> bytes | memoryview:
+        """`n` bytes of f's data blob at `start`: chunks from the cache, missing runs loaded.
+        Every chunk it uses is pinned, and added to `pinned` for the caller to unpin."""
+        ref = f.ref
+        first, last = start // CHUNK, (start + n - 1) // CHUNK
+        if ref is None or last >= crypto.chunk_count(ref.plain_len):
+            raise Damaged(f"cannot read {f.path} at data offset {start}: the file's extents "
+                          "lie beyond its stored data")
+        cache = self.cache
+        waits: list[Load] = []
+        i = first
+        while i <= last:
+            found = cache.find((ref.pack, ref.oid, i))
+            if found is not None:
+                cache.pin(found[0])
+                pinned.append(found[0])
+                if found[1] is not None and found[1] not in waits:
+                    waits.append(found[1])
+                i += 1
+                continue
+            j = i
+            while j < last and cache.find((ref.pack, ref.oid, j + 1)) is None:
+                j += 1
+            load = self._load(f, i, j, inline=j - i < NOWAIT_CHUNKS)
+            if load is None:  # every slot is busy: read around the cache
+                return await self._uncached(f, start, n)
+            for slot in range(load.start, load.start + j - i + 1):
+                cache.pin(slot)
+                pinned.append(slot)
+            waits.append(load)
+            i = j + 1
+        for load in waits:
+            if not load.done.is_set():
+                await load.done.wait()
+            if load.error is not None:
+                raise Damaged(f"cannot read {f.path} at data offset {start}: {load.error}")
+        slots = []
+        for i in range(first, last + 1):
+            found = cache.find((ref.pack, ref.oid, i))
+            assert found is not None and found[1] is None  # pinned and loaded
+            slots.append(found[0])
+        skip = start - first * CHUNK
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            # One run of slots (as one load leaves them): the bytes are handed out in place.
+            # They stay pinned until read() returns, and pyfuse3 copies a read's reply into
+            # the kernel before anything that could take a slot runs on this thread.
+            return cache.run(slots[0], skip, n)
+        views = [cache.chunk(slot) for slot in slots]
+        views[0] = views[0][skip:]
+        excess = sum(len(v) for v in views) - n
+        if excess:
+            views[-1] = views[-1][:len(views[-1]) - excess]
+        return b"".join(views)
+
+    def _load(self, f: _File, first: int, last: int, inline: bool) -> Load | None:
+        """Starts decrypting chunks first..last of f's blob into the cache; None if there is no
+        room. With `inline`, a run whose ciphertext is in the page cache is done at once."""
+        ref = f.ref
+        assert ref is not None
+        load = self.cache.reserve(ref, first, last)
+        if load is None:
+            return None
+        if inline:
+            try:
+                done = f.store.read_chunks_into(ref, crypto.KIND_DATA, first, last,
+                                                self.cache.region(load), nowait=True)
+            except StoreError as exc:
+                self.cache.finish(load, str(exc), _sizes(ref, first, last))
+                return load
+            if done is not None:
+                self.cache.finish(load, None, _sizes(ref, first, last))
+                return load
+        self.offloaded += 1
+        job = self._next_job
+        self._next_job += 1
+        w = self.worker
+        # A short run goes to a thread, which also opens its pack in this process, so that the
+        # next short reads from that pack (small files are packed together) stay on the loop.
+        if (not inline and w is not None and w.serves(f.store)
+                and w.submit(job, f.store, ref, first, last, load.start * CHUNK)):
+            self._jobs[job] = (load, f, first, last)
+            if not self._collecting:
+                self._collecting = True
+                trio.lowlevel.spawn_system_task(self._collect, w)
+        else:
+            trio.lowlevel.spawn_system_task(self._in_thread, load, f, first, last)
+        return load
+
+    async def _collect(self, worker: Worker) -> None:
+        """Finishes the worker's jobs as its results come in; if it dies, its unanswered jobs
+        move to threads."""
+        try:
+            while worker.alive:
+                await trio.lowlevel.wait_readable(worker.sock)
+                for job, error in worker.results() or ():
+                    entry = self._jobs.pop(job, None)
+                    if entry is None:  # never sent by us: the worker cannot be trusted
+                        log.error("the decryption worker answered an unknown job %d", job)
+                        worker.alive = False
+                        break
+                    load, f, first, last = entry
+                    assert f.ref is not None
+                    self.cache.finish(load, error, _sizes(f.ref, first, last))
+            log.warning("the decryption worker has exited; decrypting in threads from now on")
+            jobs, self._jobs = self._jobs, {}
+            for load, f, first, last in jobs.values():
+                trio.lowlevel.spawn_system_task(self._in_thread, load, f, first, last)
+        finally:
+            self._collecting = False
+
+    async def _in_thread(self, load: Load, f: _File, first: int, last: int) -> None:
+        ref = f.ref
+        assert ref is not None
+        error = None
+        try:
+            await trio.to_thread.run_sync(f.store.read_chunks_into, ref, crypto.KIND_DATA,
+                                          first, last, self.cache.region(load))
+        except StoreError as exc:
+            error = str(exc)
+        except Exception as exc:  # a system task must not raise: it would end the mount
+            log.exception("internal error reading %s", f.path)
+            error = f"internal error: {exc}"
+        self.cache.finish(load, error, _sizes(ref, first, last))
+
+    async def _uncached(self, f: _File, start: int, n: int) -> bytes:
         assert f.ref is not None
         first, last = start // CHUNK, (start + n - 1) // CHUNK
-        slots = self.cache.get(f.ref, first, last)
-        if slots is None and not block and last - first < NOWAIT_CHUNKS:
-            try:
-                slots = self.cache.load_nowait(f.store, f.ref, first, last)
-            except StoreError as exc:
-                raise Damaged(f"cannot read {f.path} at data offset {start}: {exc}") from None
-        if slots is None:
-            if not block:
-                raise WouldBlock()
-            try:
-                slots = self.cache.load(f.store, f.ref, first, last)
-            except StoreError as exc:
-                raise Damaged(f"cannot read {f.path} at data offset {start}: {exc}") from None
+        try:
+            buf = await trio.to_thread.run_sync(f.store.read_chunks, f.ref, crypto.KIND_DATA,
+                                                first, last)
+        except StoreError as exc:
+            raise Damaged(f"cannot read {f.path} at data offset {start}: {exc}") from None
         skip = start - first * CHUNK
-        buf, base, _ = slots[0]
-        if all(b is buf and s == base + k * CHUNK for k, (b, s, _) in enumerate(slots)):
-            return memoryview(buf)[base + skip:base + skip + n]
-        joined = b"".join(memoryview(b)[s:s + size] for b, s, size in slots)
-        return joined[skip:skip + n]
+        return bytes(memoryview(buf)[skip:skip + n])
 
     def _prefetch(self, h: _Handle, off: int, end: int) -> None:
-        """Keeps a sequential reader's next PREFETCH_CHUNKS of ciphertext read into the page
-        cache ahead of it, half a window at a time, by worker threads. They only read (which
-        releases the GIL), so the loop then decrypts page-cache hits without waiting and the
-        threads never compete with it for the GIL."""
+        """Keeps a sequential reader's next PREFETCH_CHUNKS decrypted ahead of it, half a
+        window at a time, in jobs of PREFETCH_JOB chunks."""
         f = h.file
         sequential = abs(off - h.next_off) <= 4 * CHUNK
         h.next_off = end
         if not sequential or f.ref is None:
             return
+        ref = f.ref
         k = bisect_right(f.starts, end) - 1
         # The first chunk past the data this read covered: its own chunks are loaded already.
         first = -(-(f.blob[k] + min(end, f.ends[k]) - f.starts[k]) // CHUNK) if k >= 0 else 0
         h.ahead = max(h.ahead, first)
         if h.ahead - first >= PREFETCH_CHUNKS // 2:
             return
-        n = crypto.chunk_count(f.ref.plain_len)
-        with self._lock:
-            if self._prefetcher is None:  # created late: never before a fork
-                self._prefetcher = ThreadPoolExecutor(PREFETCH_THREADS, "humiofs-ahead")
-            while h.ahead < n and h.ahead - first < PREFETCH_CHUNKS // 2:
-                hi = min(n, h.ahead + PREFETCH_CHUNKS // 2)
-                self._prefetcher.submit(self._ahead, f, h.ahead, hi - 1)
-                h.ahead = hi
+        stop = min(crypto.chunk_count(ref.plain_len), first + PREFETCH_CHUNKS)
+        while h.ahead < stop:
+            lo = h.ahead
+            while lo < stop and self.cache.find((ref.pack, ref.oid, lo)) is not None:
+                lo += 1
+            if lo == stop:
+                h.ahead = stop
+                return
+            hi = lo
+            while (hi + 1 < min(stop, lo + PREFETCH_JOB)
+                   and self.cache.find((ref.pack, ref.oid, hi + 1)) is None):
+                hi += 1
+            if self._load(f, lo, hi, inline=False) is None:
+                return  # no room: try again on the next read
+            h.ahead = hi + 1
 
-    def _ahead(self, f: _File, first: int, last: int) -> None:
-        assert f.ref is not None
-        try:
-            f.store.warm(f.ref, first, last)
-        except StoreError as exc:  # the reader that gets there reports it, with the path
-            log.debug("read-ahead of %s failed: %s", f.path, exc)
+
+def _sizes(ref: Ref, first: int, last: int) -> list[int]:
+    """The plaintext length of each of chunks first..last of a blob."""
+    return [min(CHUNK, ref.plain_len - i * CHUNK) for i in range(first, last + 1)]

@@ -328,24 +328,6 @@ class Store:
             self._release_pack(pf)
         return True
 
-    def warm(self, ref: Ref, first: int, last: int) -> None:
-        """Reads the stored bytes of chunks first..last into the page cache (and opens the
-        pack), so that a later read_chunks_into(nowait=True) finds them there."""
-        start, end = _stored_span(ref, first, last)
-        pf = self._acquire_pack(ref.pack)
-        try:
-            scratch = _scratch_buffer(min(end - start, 1 << 20))
-            pos = start
-            while pos < end:
-                n = os.preadv(pf.fd, [scratch[:end - pos]], pos)
-                if not n:
-                    break  # truncated: the reader that gets there reports it
-                pos += n
-        except OSError as exc:
-            raise StoreError(f"cannot read pack {ref.pack.hex()}: {exc.strerror}") from None
-        finally:
-            self._release_pack(pf)
-
     def read_chunks(self, ref: Ref, kind: int, first: int, last: int) -> bytearray:
         """Authenticated plaintext of chunks first..last (inclusive) of the blob at `ref`,
         in a buffer of its own."""

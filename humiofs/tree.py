@@ -16,7 +16,8 @@ then simply points at another inode, and nothing the kernel caches about an inod
 
 Calls that may need store I/O take `block`: with block=False they raise WouldBlock instead of
 reading the store, so the FUSE adapter can answer from memory on the event loop and run only
-the misses in a worker thread. Everything here is thread-safe.
+the misses in a worker thread. Everything here is thread-safe, except read(), which is async and
+runs on the trio thread (see reader.py).
 """
 from __future__ import annotations
 
@@ -238,6 +239,9 @@ class Tree:
             raise StoreError(f"no backup in {backup_dir} has a generation at or before --at", 2)
         return tree
 
+    def stores(self) -> list[Store]:
+        return [src.store for src in self._sources]
+
     def close(self) -> None:
         self.reader.close()
         for src in self._sources:
@@ -447,9 +451,9 @@ class Tree:
     def release(self, fh: int) -> None:
         self.reader.release(fh)
 
-    def read(self, fh: int, off: int, size: int, block: bool = True) -> bytes | memoryview:
-        """See Reader.read."""
-        return self.reader.read(fh, off, size, block)
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        """See Reader.read (runs on the trio thread)."""
+        return await self.reader.read(fh, off, size)
 
 
 def _globaldata(gen: Generation) -> list[Entry]:

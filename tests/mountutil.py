@@ -89,12 +89,12 @@ def listdir(model: tree.Tree, inode: int) -> dict[bytes, tree.Attr]:
     return dict(listing.item(i) for i in range(len(listing)))
 
 
-def read_all(model: tree.Tree, inode: int, step: int = 100_000) -> bytes:
+async def read_all(model: tree.Tree, inode: int, step: int = 100_000) -> bytes:
     """A file's bytes through the model, read in odd-sized steps."""
     fh = model.open(inode)
     try:
         out = bytearray()
-        while piece := model.read(fh, len(out), step):
+        while piece := await model.read(fh, len(out), step):
             out += piece
         return bytes(out)
     finally:

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import ctypes
-import mmap
 import os
 import random
 import shutil
+import signal
 import stat
 from pathlib import Path
 
 import pytest
+import trio
 
 from conftest import KEY, make_sample
 from humiofs import reader, tree
 from humiofs.crypto import CHUNK, STORED_CHUNK
 from humiofs.errors import NoSuchStore, WrongKey
-from humiofs.format import Generation, Ref
+from humiofs.format import Generation
 from humiofs.scan import data_extents
 from humiofs.store import Store
 from mountutil import (backup, create_store, entries, listdir, read_all, resolve, tamper_file_data,
-                       tiny_node, wait_for)
+                       tiny_node)
 
 NODE = b"node1"
 
@@ -76,7 +76,7 @@ def format_time(ms: int) -> str:
     return fmt(ms)
 
 
-def test_tree_matches_source(model: tree.Tree, sample_node: Path) -> None:
+async def test_tree_matches_source(model: tree.Tree, sample_node: Path) -> None:
     """Every entry's type, mode, mtime, size, target and st_blocks, and every file's bytes."""
     seen = set()
     for dirpath, dirnames, filenames in os.walk(sample_node):
@@ -99,7 +99,7 @@ def test_tree_matches_source(model: tree.Tree, sample_node: Path) -> None:
                 with open(p, "rb") as f:
                     data = sum(n for _, n in data_extents(f.fileno(), st.st_size))
                 assert a.blocks == -(-data // 4096) * 8, rel
-                assert hashlib.sha256(read_all(model, a.inode)).digest() == \
+                assert hashlib.sha256(await read_all(model, a.inode)).digest() == \
                     hashlib.sha256(p.read_bytes()).digest(), rel
             else:
                 assert a.nlink == 2
@@ -116,7 +116,7 @@ def test_tree_matches_source(model: tree.Tree, sample_node: Path) -> None:
     assert listed == seen
 
 
-def test_reads_at_odd_offsets(model: tree.Tree, sample_node: Path) -> None:
+async def test_reads_at_odd_offsets(model: tree.Tree, sample_node: Path) -> None:
     """Reads across extents, holes and chunk boundaries give exactly the source's bytes."""
     rng = random.Random(3)
     files = [rel for rel in source_files(sample_node)
@@ -138,13 +138,13 @@ def test_reads_at_odd_offsets(model: tree.Tree, sample_node: Path) -> None:
                     if not 0 <= start <= size:
                         continue
                     for length in (1, 4095, CHUNK + 17, 3 * CHUNK + 5, 1 << 20):
-                        got = bytes(model.read(fh, start, length))
+                        got = bytes(await model.read(fh, start, length))
                         assert got == os.pread(f.fileno(), length, start), (rel, start, length)
         finally:
             model.release(fh)
 
 
-def test_holes_read_without_the_store(model: tree.Tree, sample_node: Path,
+async def test_holes_read_without_the_store(model: tree.Tree, sample_node: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """An all-hole file reads as zeros with the store unreadable."""
     rel = next(r for r in source_files(sample_node)
@@ -156,11 +156,11 @@ def test_holes_read_without_the_store(model: tree.Tree, sample_node: Path,
 
     monkeypatch.setattr(Store, "read_chunks_into", broken)
     fh = model.open(a.inode)
-    assert bytes(model.read(fh, 12345, 1 << 20)) == bytes(1 << 20)
+    assert bytes(await model.read(fh, 12345, 1 << 20)) == bytes(1 << 20)
     model.release(fh)
 
 
-def test_seed_file(model: tree.Tree, sample_node: Path,
+async def test_seed_file(model: tree.Tree, sample_node: Path,
                    backed_up: tuple[Path, Store, Generation]) -> None:
     gen = backed_up[2]
     assert gen.identity is not None
@@ -170,7 +170,7 @@ def test_seed_file(model: tree.Tree, sample_node: Path,
     assert list(folder) == [name]
     a = folder[name]
     assert a.size == len(uuid) and a.blocks == 8 and stat.S_ISREG(a.mode)
-    assert read_all(model, a.inode) == uuid
+    assert await read_all(model, a.inode) == uuid
     assert model.lookup(resolve(model, NODE + b"/globaldata").inode, name) == a
 
 
@@ -203,7 +203,8 @@ def two_generations(tmp_path: Path) -> tuple[Path, Path, Generation, Generation]
 
 
 @pytest.mark.allow_warnings
-def test_earlier_generations(two_generations: tuple[Path, Path, Generation, Generation]) -> None:
+async def test_earlier_generations(
+        two_generations: tuple[Path, Path, Generation, Generation]) -> None:
     backup_dir, src, first, second = two_generations
     m = tree.Tree.from_backup_dir(backup_dir, KEY)
     assert b"added.txt" in listdir(m, resolve(m, NODE).inode)
@@ -211,8 +212,8 @@ def test_earlier_generations(two_generations: tuple[Path, Path, Generation, Gene
     assert names == [format_time(first.time_ms).encode(), format_time(second.time_ms).encode()]
     old = b".generations/node1/" + names[0]
     assert b"added.txt" not in listdir(m, resolve(m, old).inode)
-    assert read_all(m, resolve(m, old + b"/cluster_membership.uuid").inode) != \
-        read_all(m, resolve(m, b"node1/cluster_membership.uuid").inode)
+    assert await read_all(m, resolve(m, old + b"/cluster_membership.uuid").inode) != \
+        await read_all(m, resolve(m, b"node1/cluster_membership.uuid").inode)
     seeds = listdir(m, resolve(m, old + b"/globaldata").inode)
     assert first.identity is not None and list(seeds) == [first.identity.seed_name]
     pinned = tree.Tree.from_backup_dir(backup_dir, KEY, at_ms=first.time_ms + 1)
@@ -221,7 +222,8 @@ def test_earlier_generations(two_generations: tuple[Path, Path, Generation, Gene
         tree.Tree.from_backup_dir(backup_dir, KEY, at_ms=first.time_ms - 1)
 
 
-def test_new_generation_gets_new_inodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_new_generation_gets_new_inodes(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     src = tiny_node(tmp_path / "src", {"a": b"one"})
     store = create_store(tmp_path / "backup" / "node1")
     backup(store, src)
@@ -233,13 +235,13 @@ def test_new_generation_gets_new_inodes(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(tree, "REFRESH_S", 0.0)
     assert {b"a", b"b"} <= set(listdir(m, resolve(m, NODE).inode))
     assert resolve(m, b"node1/a").inode != before.inode
-    assert read_all(m, before.inode) == b"one"  # what the kernel still knows stays valid
+    assert await read_all(m, before.inode) == b"one"  # what the kernel still knows stays valid
     assert m.getattr(before.inode) == before
     assert len(listdir(m, resolve(m, b".generations/node1").inode)) == 2
 
 
 @pytest.mark.allow_warnings
-def test_damaged_file_fails_alone(backed_up: tuple[Path, Store, Generation], tmp_path: Path,
+async def test_damaged_file_fails_alone(backed_up: tuple[Path, Store, Generation], tmp_path: Path,
                                   sample_node: Path) -> None:
     backup_dir = tmp_path / "backup"
     shutil.copytree(backed_up[0], backup_dir)
@@ -250,20 +252,20 @@ def test_damaged_file_fails_alone(backed_up: tuple[Path, Store, Generation], tmp
     m = tree.Tree.from_backup_dir(backup_dir, KEY)
     a = resolve(m, NODE + b"/" + os.fsencode(victim))
     fh = m.open(a.inode)
-    assert bytes(m.read(fh, 0, 4096)) == (sample_node / victim).read_bytes()[:4096]
+    assert bytes(await m.read(fh, 0, 4096)) == (sample_node / victim).read_bytes()[:4096]
     with pytest.raises(tree.Damaged) as info:
-        m.read(fh, CHUNK + 10, 100)
+        await m.read(fh, CHUNK + 10, 100)
     assert victim in str(info.value) and f"offset {CHUNK + 10}" in str(info.value)
     with pytest.raises(tree.Damaged):  # and again: a failed load is not cached
-        m.read(fh, CHUNK, 1)
+        await m.read(fh, CHUNK, 1)
     for rel in source_files(sample_node):
         if rel != victim:
             b = resolve(m, NODE + b"/" + os.fsencode(rel))
-            assert read_all(m, b.inode) == (sample_node / rel).read_bytes(), rel
+            assert await read_all(m, b.inode) == (sample_node / rel).read_bytes(), rel
 
 
 @pytest.mark.allow_warnings
-def test_damaged_folder_fails_alone(tmp_path: Path) -> None:
+async def test_damaged_folder_fails_alone(tmp_path: Path) -> None:
     src = tiny_node(tmp_path / "src", {"bad/f": b"1", "good/g": b"2"})
     store = create_store(tmp_path / "backup" / "node1")
     gen = backup(store, src)
@@ -279,10 +281,11 @@ def test_damaged_folder_fails_alone(tmp_path: Path) -> None:
         m.opendir(bad.inode)
     with pytest.raises(tree.Damaged):
         m.lookup(bad.inode, b"f")
-    assert read_all(m, resolve(m, b"node1/good/g").inode) == b"2"
+    assert await read_all(m, resolve(m, b"node1/good/g").inode) == b"2"
 
 
-def test_caches_are_bounded(backed_up: tuple[Path, Store, Generation], sample_node: Path) -> None:
+async def test_caches_are_bounded(backed_up: tuple[Path, Store, Generation],
+                                  sample_node: Path) -> None:
     m = tree.Tree([Store.open(backed_up[0] / "node1", KEY)], cache_bytes=1 << 20,
                   listing_budget=50)
     for src in m._sources:
@@ -290,12 +293,12 @@ def test_caches_are_bounded(backed_up: tuple[Path, Store, Generation], sample_no
     first = resolve(m, b"node1/cluster_membership.uuid")
     for rel in source_files(sample_node):
         a = resolve(m, NODE + b"/" + os.fsencode(rel))
-        assert read_all(m, a.inode) == (sample_node / rel).read_bytes()
+        assert await read_all(m, a.inode) == (sample_node / rel).read_bytes()
         assert m.cache.bytes <= 1 << 20
         assert m._listed <= 50 or len(m._listings) == 1
     # An inode whose folder listing was dropped still resolves: its tree is read again.
     assert m.getattr(first.inode) == first
-    assert read_all(m, first.inode) == (sample_node / "cluster_membership.uuid").read_bytes()
+    assert await read_all(m, first.inode) == (sample_node / "cluster_membership.uuid").read_bytes()
 
 
 def test_would_block_until_cached(backed_up: tuple[Path, Store, Generation]) -> None:
@@ -305,10 +308,7 @@ def test_would_block_until_cached(backed_up: tuple[Path, Store, Generation]) -> 
         m.lookup(node.inode, b"cluster_membership.uuid", block=False)
     a = m.lookup(node.inode, b"cluster_membership.uuid")
     assert m.lookup(node.inode, b"cluster_membership.uuid", block=False) == a
-    fh = m.open(a.inode, block=False)
-    with pytest.raises(tree.WouldBlock):
-        m.read(fh, 0, 10, block=False)
-    assert m.read(fh, 0, 10) == m.read(fh, 0, 10, block=False)
+    m.open(a.inode, block=False)
 
 
 def test_errors_by_kind(model: tree.Tree) -> None:
@@ -352,78 +352,136 @@ def test_stores_the_key_does_not_open(backed_up: tuple[Path, Store, Generation],
 
 
 
-def test_small_misses_read_on_the_loop_only_from_memory(
-        backed_up: tuple[Path, Store, Generation], sample_node: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """block=False decrypts up to NOWAIT_CHUNKS chunks when the pack is open and in the page
-    cache (no disk wait), never a larger read."""
-    monkeypatch.setattr(reader, "NOWAIT_CHUNKS", 2)
+async def test_small_misses_decrypt_on_the_loop_only_from_memory(
+        backed_up: tuple[Path, Store, Generation], sample_node: Path) -> None:
+    """A miss of up to NOWAIT_CHUNKS chunks is decrypted on the loop when its pack is open and
+    in the page cache (no disk wait); anything else is decrypted off the loop."""
     m = tree.Tree.from_backup_dir(backed_up[0], KEY)
     small = [r for r in source_files(sample_node) if 0 < (sample_node / r).stat().st_size < 4096]
     first, second = (resolve(m, NODE + b"/" + os.fsencode(r)) for r in small[:2])
     fh = m.open(first.inode)
-    with pytest.raises(tree.WouldBlock):  # the pack is not open yet
-        m.read(fh, 0, 4096, block=False)
-    assert bytes(m.read(fh, 0, 4096)) == (sample_node / small[0]).read_bytes()
+    assert bytes(await m.read(fh, 0, 4096)) == (sample_node / small[0]).read_bytes()
+    assert m.reader.offloaded == 1  # the pack was not open yet
     fh2 = m.open(second.inode)
-    assert bytes(m.read(fh2, 0, 4096, block=False)) == (sample_node / small[1]).read_bytes()
+    assert bytes(await m.read(fh2, 0, 4096)) == (sample_node / small[1]).read_bytes()
+    assert m.reader.offloaded == 1
     big = next(r for r in source_files(sample_node) if r.endswith(".gz")
-               and (sample_node / r).stat().st_size > 8 * CHUNK)
+               and (sample_node / r).stat().st_size > 16 * CHUNK)
     fh3 = m.open(resolve(m, NODE + b"/" + os.fsencode(big)).inode)
-    m.read(fh3, 0, 1)
-    with pytest.raises(tree.WouldBlock):
-        m.read(fh3, 4 * CHUNK, 3 * CHUNK, block=False)
+    await m.read(fh3, 15 * CHUNK, 1)  # not sequential: no read-ahead
+    before = m.reader.offloaded
+    n = reader.NOWAIT_CHUNKS + 1
+    got = await m.read(fh3, 8 * CHUNK, n * CHUNK)
+    assert bytes(got) == (sample_node / big).read_bytes()[8 * CHUNK:(8 + n) * CHUNK]
+    assert m.reader.offloaded == before + 1
 
 
-def test_sequential_reads_are_read_ahead(backed_up: tuple[Path, Store, Generation],
-                                         sample_node: Path) -> None:
-    """A sequential reader's next chunks are read into the page cache ahead of it, so that
-    the loop can decrypt them without waiting for the disk."""
+async def test_sequential_reads_are_decrypted_ahead(backed_up: tuple[Path, Store, Generation],
+                                                    sample_node: Path) -> None:
+    """A sequential reader's next chunks are decrypted into the cache ahead of it, so that its
+    next reads are answered from memory; a random reader's are not."""
     m = tree.Tree.from_backup_dir(backed_up[0], KEY)
     big = max(source_files(sample_node), key=lambda r: (sample_node / r).stat().st_blocks)
     data = (sample_node / big).read_bytes()
     fh = m.open(resolve(m, NODE + b"/" + os.fsencode(big)).inode)
     f = m.reader._handles[fh].file
-    assert f.ref is not None
-    pack = f.store.pack_path(f.ref.pack)
-    _evict(pack)
-    # Turn off the kernel's own read-ahead on the store's open pack, which would otherwise
-    # make the pages resident by itself: only humiofs's read-ahead may do it here.
-    opened = f.store._acquire_pack(f.ref.pack)
-    os.posix_fadvise(opened.fd, 0, 0, os.POSIX_FADV_RANDOM)
-    f.store._release_pack(opened)
-    assert not _resident(pack, f.ref, 4, 20)
-    assert bytes(m.read(fh, 0, 131072)) == data[:131072]
-    assert bytes(m.read(fh, 131072, 131072)) == data[131072:262144]
-    wait_for(lambda: _resident(pack, f.ref, 4, 20), "read-ahead")
-    assert bytes(m.read(fh, 262144, 1 << 20, block=False)) == data[262144:262144 + (1 << 20)]
+    assert f.ref is not None and len(data) > 40 * CHUNK
+    assert bytes(await m.read(fh, 20 * CHUNK, 4096)) == data[20 * CHUNK:20 * CHUNK + 4096]
+    assert m.cache.find((f.ref.pack, f.ref.oid, 21)) is None  # one random read: no read-ahead
+    assert bytes(await m.read(fh, 0, 131072)) == data[:131072]
+    assert bytes(await m.read(fh, 131072, 131072)) == data[131072:262144]
+    for i in range(4, 20):
+        found = m.cache.find((f.ref.pack, f.ref.oid, i))
+        assert found is not None, i
+        if found[1] is not None:
+            await found[1].done.wait()
+    before = m.reader.offloaded
+    assert bytes(await m.read(fh, 262144, 1 << 20)) == data[262144:262144 + (1 << 20)]
+    assert m.reader.offloaded - before <= 2  # the read-ahead's own next window only
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+async def test_worker_process_reads_exact_bytes(backed_up: tuple[Path, Store, Generation],
+                                                sample_node: Path) -> None:
+    """With the decryption worker, 16 concurrent readers at random offsets, through a cache
+    too small to hold their reads at once, get exactly the source's bytes."""
+    m = tree.Tree([Store.open(backed_up[0] / "node1", KEY)], cache_bytes=24 * CHUNK)
+    m.reader.start_worker(m.stores())
     try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for src in m._sources:
+            src.refresh()
+        files = [r for r in source_files(sample_node)
+                 if (sample_node / r).stat().st_size > 4 * CHUNK]
+        rng = random.Random(5)
+
+        async def reader_task(seed: int) -> None:
+            r = random.Random(seed)
+            rel = r.choice(files)
+            data = (sample_node / rel).read_bytes()
+            fh = m.open(resolve(m, NODE + b"/" + os.fsencode(rel)).inode)
+            try:
+                for _ in range(25):
+                    off = r.randrange(len(data))
+                    n = r.choice((1, 4096, CHUNK + 3, 5 * CHUNK))
+                    assert bytes(await m.read(fh, off, n)) == data[off:off + n], (rel, off, n)
+            finally:
+                m.release(fh)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(reader_task, rng.randrange(1 << 30))
+        assert m.reader.worker is not None and m.reader.worker.alive
+        assert m.reader.offloaded > 0
     finally:
-        os.close(fd)
+        m.close()
 
 
-def _resident(path: Path, ref: Ref | None, first: int, last: int) -> bool:
-    """True if the ciphertext of chunks first..last is all in the page cache, by mincore(2),
-    which (unlike a read) never starts the kernel's read-ahead itself."""
-    assert ref is not None
-    page = mmap.PAGESIZE
-    start = ref.offset + first * STORED_CHUNK
-    end = ref.offset + (last + 1) * STORED_CHUNK
-    base = start - start % page
-    length = end - base
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), length, offset=base,
-                                            access=mmap.ACCESS_COPY) as mm:
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-        vec = (ctypes.c_ubyte * (-(-length // page)))()
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        resident = all(v & 1 for v in vec)
-        del addr
-    return resident
+@pytest.mark.allow_warnings
+async def test_worker_death_falls_back_to_threads(backed_up: tuple[Path, Store, Generation],
+                                                  sample_node: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    m = tree.Tree.from_backup_dir(backed_up[0], KEY)
+    m.reader.start_worker(m.stores())
+    try:
+        files = sorted((r for r in source_files(sample_node)
+                        if (sample_node / r).stat().st_size > 8 * CHUNK),
+                       key=lambda r: (sample_node / r).stat().st_size)
+        a = resolve(m, NODE + b"/" + os.fsencode(files[0]))
+        assert await read_all(m, a.inode) == (sample_node / files[0]).read_bytes()
+        assert m.reader.worker is not None
+        os.kill(m.reader.worker.pid, signal.SIGKILL)
+        for rel in files:
+            b = resolve(m, NODE + b"/" + os.fsencode(rel))
+            assert await read_all(m, b.inode, step=1 << 20) == (sample_node / rel).read_bytes()
+        assert not m.reader.worker.alive
+        assert "decryption worker has exited" in caplog.text
+    finally:
+        m.close()
+
+
+@pytest.mark.allow_warnings
+async def test_worker_reports_damage_and_goes_on(backed_up: tuple[Path, Store, Generation],
+                                                 tmp_path: Path, sample_node: Path) -> None:
+    backup_dir = tmp_path / "backup"
+    shutil.copytree(backed_up[0], backup_dir)
+    store = Store.open(backup_dir / "node1", KEY)
+    big = [r for r in source_files(sample_node) if r.endswith(".gz")
+           and (sample_node / r).stat().st_size > 16 * CHUNK]
+    victim = big[0]
+    tamper_file_data(store, backed_up[2], victim, at=12 * STORED_CHUNK + 100)  # in chunk 12
+    m = tree.Tree.from_backup_dir(backup_dir, KEY)
+    m.reader.start_worker(m.stores())
+    try:
+        fh = m.open(resolve(m, NODE + b"/" + os.fsencode(victim)).inode)
+        data = (sample_node / victim).read_bytes()
+        assert bytes(await m.read(fh, 0, 8 * CHUNK)) == data[:8 * CHUNK]
+        with pytest.raises(tree.Damaged, match=victim):
+            await m.read(fh, 10 * CHUNK, 8 * CHUNK)
+        with pytest.raises(tree.Damaged, match=victim):  # and again: nothing of it was kept
+            await m.read(fh, 12 * CHUNK, 10)
+        assert bytes(await m.read(fh, 13 * CHUNK, 8 * CHUNK)) == data[13 * CHUNK:21 * CHUNK]
+        assert m.reader.worker is not None and m.reader.worker.alive
+        for rel in big[1:]:
+            b = resolve(m, NODE + b"/" + os.fsencode(rel))
+            assert await read_all(m, b.inode) == (sample_node / rel).read_bytes()
+    finally:
+        m.close()
