@@ -235,9 +235,10 @@ class Reader:
         job = self._next_job
         self._next_job += 1
         w = self.worker
-        # A short run goes to a thread, which also opens its pack in this process, so that the
-        # next short reads from that pack (small files are packed together) stay on the loop.
-        if (not inline and w is not None and w.serves(f.store)
+        # A small file goes to a thread, which also opens its pack in this process, so that
+        # the next small files from that pack (they are packed together) stay on the loop.
+        if ((not inline or ref.plain_len > NOWAIT_CHUNKS * CHUNK)
+                and w is not None and w.serves(f.store)
                 and w.submit(job, f.store, ref, first, last, load.start * CHUNK)):
             self._jobs[job] = (load, f, first, last)
             if not self._collecting:
@@ -317,8 +318,11 @@ class Reader:
             if lo == stop:
                 h.ahead = stop
                 return
+            # Jobs near the reader are small, so that its next read waits for little; further
+            # ahead they grow to PREFETCH_JOB, fewer jobs for the same bytes.
+            size = max(NOWAIT_CHUNKS, min(PREFETCH_JOB, (lo - first) // 2))
             hi = lo
-            while (hi + 1 < min(stop, lo + PREFETCH_JOB)
+            while (hi + 1 < min(stop, lo + size)
                    and self.cache.find((ref.pack, ref.oid, hi + 1)) is None):
                 hi += 1
             if self._load(f, lo, hi, inline=False) is None:
