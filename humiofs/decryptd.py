@@ -98,7 +98,7 @@ class Worker:
                 return out
             except OSError:
                 msg = b""
-            if not msg:
+            if len(msg) < _RESULT.size:  # gone (or, never expected, garbled): stop using it
                 self.alive = False
                 return out or None
             job, status = _RESULT.unpack_from(msg)

@@ -75,6 +75,8 @@ class _Handle:
 
 
 class Reader:
+    """Open files and their reads."""
+
     def __init__(self, cache_bytes: int = CACHE_BYTES) -> None:
         self.cache = ChunkCache(cache_bytes)
         self.worker: Worker | None = None
