@@ -38,6 +38,7 @@ _JOB = struct.Struct(f"<IHIIQ{REF_LEN}s")
 _RESULT = struct.Struct("<IB")
 OK, DAMAGED = 0, 1
 _STOP_S = 2.0
+NICE = 10
 
 
 class Worker:
@@ -129,6 +130,10 @@ def _serve(sock: socket.socket, shared: memoryview, stores: list[Store]) -> None
     # child ends when the mount closes the socket.
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    # Below the server and the reader in priority: it works ahead of them, and on two cores
+    # the three of them share, yielding to them shortened a 1 GiB read (median of 6: 0.68 s
+    # -> 0.64 s). On a busy node it also leaves the node's own work alone.
+    os.nice(NICE)
     while True:
         msg = sock.recv(_JOB.size)
         if len(msg) != _JOB.size:
