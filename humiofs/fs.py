@@ -10,8 +10,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
 
 import pyfuse3
@@ -38,23 +37,19 @@ def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
 
-@contextmanager
-def _errors(what: str, args: tuple[object, ...]) -> Iterator[None]:
-    """Maps what a model call raises to the FUSEError the kernel gets."""
-    try:
-        yield
-    except tree.NotFound:
+def _fuse_error(what: str, args: tuple[object, ...], exc: Exception) -> pyfuse3.FUSEError:
+    """The FUSEError the kernel gets for what a model call raised (logged as it deserves)."""
+    if isinstance(exc, tree.NotFound):
         log.debug("%s%r: not found", what, args)
-        raise pyfuse3.FUSEError(errno.ENOENT) from None
-    except StoreError as exc:
+        return pyfuse3.FUSEError(errno.ENOENT)
+    if isinstance(exc, StoreError):
         log.error("%s: %s", what, exc)
-        raise pyfuse3.FUSEError(errno.EIO) from None
-    except OSError as exc:
+        return pyfuse3.FUSEError(errno.EIO)
+    if isinstance(exc, OSError):
         log.debug("%s%r: %s", what, args, exc)
-        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-    except Exception:
-        log.exception("internal error in %s", what)
-        raise pyfuse3.FUSEError(errno.EIO) from None
+        return pyfuse3.FUSEError(exc.errno or errno.EIO)
+    log.error("internal error in %s", what, exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 class Operations(pyfuse3.Operations):
@@ -76,12 +71,14 @@ class Operations(pyfuse3.Operations):
     async def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
         """Runs a model call: from memory on the loop when it can, else in a worker thread;
         maps domain errors to FUSEError."""
-        with _errors(what, args):
+        try:
             try:
                 return fn(*args, block=False)
             except tree.WouldBlock:
                 return await trio.to_thread.run_sync(functools.partial(fn, *args, block=True),
                                                      limiter=self._limiter)
+        except Exception as exc:
+            raise _fuse_error(what, args, exc) from None
 
     def _entry(self, attr: tree.Attr, parent_volatile: bool) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -181,9 +178,10 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         # A memoryview into the chunk cache saves a copy: pyfuse3 takes any buffer, and
         # copies it into the kernel before anything else runs on this thread.
-        with _errors("read", (fh, off, size)):
+        try:
             return cast(bytes, await self.tree.read(fh, off, size))
-        raise AssertionError("unreachable")  # _errors raises
+        except Exception as exc:
+            raise _fuse_error("read", (fh, off, size), exc) from None
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self.tree.release(fh)

@@ -170,6 +170,12 @@ class Reader:
             raise Damaged(f"cannot read {f.path} at data offset {start}: the file's extents "
                           "lie beyond its stored data")
         cache = self.cache
+        start_slot = cache.ready_run(ref, first, last)
+        if start_slot is not None:
+            for slot in range(start_slot, start_slot + last - first + 1):
+                cache.pin(slot)
+                pinned.append(slot)
+            return cache.run(start_slot, start - first * CHUNK, n)
         waits: list[Load] = []
         i = first
         while i <= last:
