@@ -108,7 +108,7 @@ def _unescape(field: str) -> str:
 def serve(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int | None = None) -> None:
     """Mounts `model` and serves it until unmounted or SIGINT/SIGTERM/SIGHUP, then unmounts."""
     # Forked here, before pyfuse3 and trio start and before any thread does.
-    model.reader.start_worker(model.stores(), close_fds=() if ready_fd is None else (ready_fd,))
+    model.start_worker(close_fds=() if ready_fd is None else (ready_fd,))
     ops = fs.Operations(model)
     try:
         try:

@@ -239,8 +239,9 @@ class Tree:
             raise StoreError(f"no backup in {backup_dir} has a generation at or before --at", 2)
         return tree
 
-    def stores(self) -> list[Store]:
-        return [src.store for src in self._sources]
+    def start_worker(self, close_fds: tuple[int, ...] = ()) -> None:
+        """Forks the decryption worker over the open stores (see reader.Reader.start_worker)."""
+        self.reader.start_worker([src.store for src in self._sources], close_fds)
 
     def close(self) -> None:
         self.reader.close()

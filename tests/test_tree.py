@@ -405,7 +405,7 @@ async def test_worker_process_reads_exact_bytes(backed_up: tuple[Path, Store, Ge
     """With the decryption worker, 16 concurrent readers at random offsets, through a cache
     too small to hold their reads at once, get exactly the source's bytes."""
     m = tree.Tree([Store.open(backed_up[0] / "node1", KEY)], cache_bytes=24 * CHUNK)
-    m.reader.start_worker(m.stores())
+    m.start_worker()
     try:
         for src in m._sources:
             src.refresh()
@@ -440,7 +440,7 @@ async def test_worker_death_falls_back_to_threads(backed_up: tuple[Path, Store, 
                                                   sample_node: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     m = tree.Tree.from_backup_dir(backed_up[0], KEY)
-    m.reader.start_worker(m.stores())
+    m.start_worker()
     try:
         files = sorted((r for r in source_files(sample_node)
                         if (sample_node / r).stat().st_size > 8 * CHUNK),
@@ -469,7 +469,7 @@ async def test_worker_reports_damage_and_goes_on(backed_up: tuple[Path, Store, G
     victim = big[0]
     tamper_file_data(store, backed_up[2], victim, at=12 * STORED_CHUNK + 100)  # in chunk 12
     m = tree.Tree.from_backup_dir(backup_dir, KEY)
-    m.reader.start_worker(m.stores())
+    m.start_worker()
     try:
         fh = m.open(resolve(m, NODE + b"/" + os.fsencode(victim)).inode)
         data = (sample_node / victim).read_bytes()
