@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import stat
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import trio
 
 from conftest import KEY, make_sample
-from humiofs import reader, tree
+from humiofs import decryptd, reader, tree
 from humiofs.crypto import CHUNK, STORED_CHUNK
 from humiofs.errors import NoSuchStore, WrongKey
 from humiofs.format import Generation
@@ -308,7 +309,7 @@ def test_would_block_until_cached(backed_up: tuple[Path, Store, Generation]) -> 
         m.lookup(node.inode, b"cluster_membership.uuid", block=False)
     a = m.lookup(node.inode, b"cluster_membership.uuid")
     assert m.lookup(node.inode, b"cluster_membership.uuid", block=False) == a
-    m.open(a.inode, block=False)
+    assert m.open(a.inode, block=False) > 0
 
 
 def test_errors_by_kind(model: tree.Tree) -> None:
@@ -456,6 +457,18 @@ async def test_worker_death_falls_back_to_threads(backed_up: tuple[Path, Store, 
         assert "decryption worker has exited" in caplog.text
     finally:
         m.close()
+
+
+def test_a_garbled_worker_result_retires_the_worker() -> None:
+    """A result too short to parse means the worker is not to be trusted: results() says it
+    is gone (its jobs then move to threads) instead of raising in the mount's collector."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    with ours, theirs:
+        worker = decryptd.Worker(ours, 0, [])
+        theirs.send(b"\x01\x00")
+        assert worker.results() is None
+        assert not worker.alive
 
 
 @pytest.mark.allow_warnings
