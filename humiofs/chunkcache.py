@@ -30,10 +30,10 @@ Key = tuple[bytes, bytes, int]  # (pack, object id, chunk index)
 class Load:
     """A run of chunks being decrypted into slots start.. of the cache."""
 
-    __slots__ = ("keys", "start", "done", "error")
+    __slots__ = ("keys", "start", "sizes", "done", "error")
 
-    def __init__(self, keys: list[Key], start: int) -> None:
-        self.keys, self.start = keys, start
+    def __init__(self, keys: list[Key], start: int, sizes: list[int]) -> None:
+        self.keys, self.start, self.sizes = keys, start, sizes  # sizes: plaintext per chunk
         self.done = trio.Event()
         self.error: str | None = None
 
@@ -102,7 +102,8 @@ class ChunkCache:
         else:
             return None
         keys = [(ref.pack, ref.oid, i) for i in range(first, last + 1)]
-        load = Load(keys, start)
+        load = Load(keys, start, [min(CHUNK, ref.plain_len - i * CHUNK)
+                                  for i in range(first, last + 1)])
         for slot, key in enumerate(keys, start):
             self._drop(slot)
             self._key[slot], self._load[slot] = key, load
@@ -114,11 +115,11 @@ class ChunkCache:
         """Where a load decrypts to: its slots, back to back."""
         return self.view[load.start * CHUNK:(load.start + len(load.keys)) * CHUNK]
 
-    def finish(self, load: Load, error: str | None, sizes: list[int]) -> None:
-        """Ends a load: its chunks (of `sizes` bytes each) become readable, or on `error`
-        are dropped unread; wakes its waiters."""
+    def finish(self, load: Load, error: str | None) -> None:
+        """Ends a load: its chunks become readable, or on `error` are dropped unread; wakes its
+        waiters."""
         load.error = error
-        for slot, size in enumerate(sizes, load.start):
+        for slot, size in enumerate(load.sizes, load.start):
             self._load[slot] = None
             if error is None:
                 self._size[slot] = size

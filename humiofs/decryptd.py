@@ -142,9 +142,9 @@ def _serve(sock: socket.socket, shared: memoryview, stores: list[Store]) -> None
         status, text = OK, ""
         try:
             ref = Ref.decode(raw)
-            n = min(ref.plain_len, (last + 1) * crypto.CHUNK) - first * crypto.CHUNK
+            end = offset + (last - first + 1) * crypto.CHUNK  # the load's slots
             stores[index].read_chunks_into(ref, crypto.KIND_DATA, first, last,
-                                           shared[offset:offset + n])
+                                           shared[offset:end])
         except StoreError as exc:
             status, text = DAMAGED, str(exc)
         except Exception as exc:  # the mount logs it with the file's path

@@ -26,7 +26,7 @@ from humiofs.chunkcache import CACHE_BYTES, ChunkCache, Load
 from humiofs.crypto import CHUNK
 from humiofs.decryptd import Worker
 from humiofs.errors import StoreError
-from humiofs.format import Entry, Ref
+from humiofs.format import Entry
 from humiofs.store import Store
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,9 @@ class Reader:
             raise Damaged(f"cannot read {f.path} at data offset {start}: the file's extents "
                           "lie beyond its stored data")
         cache = self.cache
+        # All ready in one run of slots (as one load leaves them): the bytes are handed out in
+        # place. They stay pinned until read() returns, and pyfuse3 copies a read's reply into
+        # the kernel before anything that could take a slot runs on this thread.
         start_slot = cache.ready_run(ref, first, last)
         if start_slot is not None:
             for slot in range(start_slot, start_slot + last - first + 1):
@@ -203,18 +206,15 @@ class Reader:
                 await load.done.wait()
             if load.error is not None:
                 raise Damaged(f"cannot read {f.path} at data offset {start}: {load.error}")
-        slots = []
+        skip = start - first * CHUNK
+        start_slot = cache.ready_run(ref, first, last)
+        if start_slot is not None:  # loaded as one run: in place, as above
+            return cache.run(start_slot, skip, n)
+        views = []
         for i in range(first, last + 1):
             found = cache.find((ref.pack, ref.oid, i))
             assert found is not None and found[1] is None  # pinned and loaded
-            slots.append(found[0])
-        skip = start - first * CHUNK
-        if slots == list(range(slots[0], slots[0] + len(slots))):
-            # One run of slots (as one load leaves them): the bytes are handed out in place.
-            # They stay pinned until read() returns, and pyfuse3 copies a read's reply into
-            # the kernel before anything that could take a slot runs on this thread.
-            return cache.run(slots[0], skip, n)
-        views = [cache.chunk(slot) for slot in slots]
+            views.append(cache.chunk(found[0]))
         views[0] = views[0][skip:]
         excess = sum(len(v) for v in views) - n
         if excess:
@@ -234,10 +234,10 @@ class Reader:
                 done = f.store.read_chunks_into(ref, crypto.KIND_DATA, first, last,
                                                 self.cache.region(load), nowait=True)
             except StoreError as exc:
-                self.cache.finish(load, str(exc), _sizes(ref, first, last))
+                self.cache.finish(load, str(exc))
                 return load
             if done is not None:
-                self.cache.finish(load, None, _sizes(ref, first, last))
+                self.cache.finish(load, None)
                 return load
         self.offloaded += 1
         job = self._next_job
@@ -268,9 +268,7 @@ class Reader:
                         log.error("the decryption worker answered an unknown job %d", job)
                         worker.alive = False
                         break
-                    load, f, first, last = entry
-                    assert f.ref is not None
-                    self.cache.finish(load, error, _sizes(f.ref, first, last))
+                    self.cache.finish(entry[0], error)
             log.warning("the decryption worker has exited; decrypting in threads from now on")
             jobs, self._jobs = self._jobs, {}
             for load, f, first, last in jobs.values():
@@ -290,7 +288,7 @@ class Reader:
         except Exception as exc:  # a system task must not raise: it would end the mount
             log.exception("internal error reading %s", f.path)
             error = f"internal error: {exc}"
-        self.cache.finish(load, error, _sizes(ref, first, last))
+        self.cache.finish(load, error)
 
     async def _uncached(self, f: _File, start: int, n: int) -> bytes:
         assert f.ref is not None
@@ -336,8 +334,3 @@ class Reader:
             if self._load(f, lo, hi, inline=False) is None:
                 return  # no room: try again on the next read
             h.ahead = hi + 1
-
-
-def _sizes(ref: Ref, first: int, last: int) -> list[int]:
-    """The plaintext length of each of chunks first..last of a blob."""
-    return [min(CHUNK, ref.plain_len - i * CHUNK) for i in range(first, last + 1)]
