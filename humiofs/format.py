@@ -5,6 +5,8 @@ IntegrityError on anything malformed.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import struct
@@ -17,16 +19,33 @@ TYPE_PACK = b"P"
 TYPE_GENERATION = b"G"
 PACK_VERSION = 1
 GENERATION_VERSION = 1
-TREE_VERSION = 1
+TREE_VERSION = 2
 HEADER_LEN = 8
 
 FILE = 1
 DIR = 2
 SYMLINK = 3
+FIFO = 4
+CHR = 5
+BLK = 6
+# Types whose entries carry no subtree, target or data of their own.
+SPECIALS = (FIFO, CHR, BLK)
+# Types whose entries may be names of one inode (hard links, section 7.1).
+LINKABLE = (FILE, FIFO, CHR, BLK)
+
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_VALUE_MAX = 65536
+NSEC = 1_000_000_000
 
 REF_LEN = 56
 _REF = struct.Struct(">16s16sQQQ")
-_ENTRY_HEAD = struct.Struct(">BIIIqqQQ")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_MAX_EXTENTS = 1 << 24
+_ENTRY_HEAD_V1 = struct.Struct(">BIIIqqQQ")
+_ENTRY_HEAD = struct.Struct(">BIIIIqIqIQQ")
+_DEVICE = struct.Struct(">II")
 _EXTENT = struct.Struct(">QQ")
 _TREE_HEAD = struct.Struct(">2sBI")
 GENERATION_NAME = re.compile(r"^(\d{13})-([0-9a-f]{16})$")
@@ -78,9 +97,13 @@ class Ref:
             raise IntegrityError("ref is not valid hex") from None
 
 
+Xattrs = tuple[tuple[bytes, bytes], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One directory entry of a tree. `name` and `target` are raw bytes."""
+    """One directory entry of a tree (FORMAT.md 7.1). `name`, `target` and the xattr names and
+    values are raw bytes; times are nanoseconds since the epoch, of any size and sign."""
 
     name: bytes
     type: int
@@ -95,27 +118,75 @@ class Entry:
     extents: tuple[tuple[int, int], ...] = ()
     subtree: Ref | None = None
     target: bytes = b""
+    nlink: int = 1
+    rdev: tuple[int, int] = (0, 0)   # (major, minor) of a device
+    xattrs: Xattrs = ()
 
     @property
     def data_bytes(self) -> int:
         """Bytes of real data (what `du` counts): the sum of the extent lengths."""
         return sum(length for _, length in self.extents)
 
+    def link_key(self) -> tuple[object, ...] | None:
+        """What names of one inode share (FORMAT.md 7.1, hard links), or None if this entry is
+        not one of several names of an inode. Equal keys within a generation: one inode."""
+        if self.nlink < 2 or self.type not in LINKABLE:
+            return None
+        return (self.ino, self.type, self.data, self.extents, self.rdev, self.size, self.mode,
+                self.uid, self.gid, self.mtime_ns, self.nlink, self.xattrs)
+
+
+def split_ns(ns: int) -> tuple[int, int]:
+    """(seconds, nanoseconds) of a time in ns, as a POSIX timespec (nsec always >= 0)."""
+    return divmod(ns, NSEC)
+
 
 def check_name(name: bytes) -> None:
     """Raises IntegrityError unless `name` is a safe single path component."""
-    if not 0 < len(name) <= 255 or name in (b".", b"..") or b"/" in name or b"\0" in name:
+    if not 0 < len(name) <= NAME_MAX or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise IntegrityError(f"unsafe name in tree: {name!r}")
 
 
+def check_xattrs(xattrs: Xattrs) -> None:
+    """Raises ValueError unless `xattrs` follows FORMAT.md 7.1 (sorted, bounded names and
+    values)."""
+    prev = b""
+    for name, value in xattrs:
+        if not 0 < len(name) <= XATTR_NAME_MAX or b"\0" in name or name <= prev:
+            raise ValueError(f"invalid extended attribute name {name!r}")
+        if len(value) > XATTR_VALUE_MAX:
+            raise ValueError(f"extended attribute {name!r} is too large")
+        prev = name
+
+
+def encode_xattrs(xattrs: Xattrs) -> bytes:
+    out = [_U16.pack(len(xattrs))]
+    for name, value in xattrs:
+        out.append(bytes((len(name),)))
+        out.append(name)
+        out.append(_U32.pack(len(value)))
+        out.append(value)
+    return b"".join(out)
+
+
 def encode_tree(entries: list[Entry]) -> bytes:
-    """The deterministic tree plaintext of `entries` (which must be sorted by name)."""
+    """The deterministic version 2 tree plaintext of `entries` (which must be sorted by name).
+
+    Raises ValueError (OverflowError for a time past year 292 billion) for an entry that
+    cannot be encoded; the writer checks each entry with `encode_tree([entry])` first.
+    """
     out = [_TREE_HEAD.pack(b"HT", TREE_VERSION, len(entries))]
     for e in entries:
-        out.append(struct.pack(">H", len(e.name)))
+        out.append(_U16.pack(len(e.name)))
         out.append(e.name)
-        out.append(_ENTRY_HEAD.pack(e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.ctime_ns,
-                                    e.ino, e.size))
+        m_sec, m_nsec = divmod(e.mtime_ns, NSEC)
+        c_sec, c_nsec = divmod(e.ctime_ns, NSEC)
+        try:
+            out.append(_ENTRY_HEAD.pack(e.type, e.mode, e.uid, e.gid, e.nlink, m_sec, m_nsec,
+                                        c_sec, c_nsec, e.ino, e.size))
+        except struct.error as exc:
+            raise ValueError(f"{e.name!r}: a value is out of range ({exc})") from None
+        out.append(encode_xattrs(e.xattrs))
         if e.type == FILE:
             if e.data is None:
                 out.append(b"\0")
@@ -128,16 +199,13 @@ def encode_tree(entries: list[Entry]) -> bytes:
             assert e.subtree is not None, "a directory entry needs its subtree"
             out.append(e.subtree.encode())
         elif e.type == SYMLINK:
-            out.append(struct.pack(">H", len(e.target)))
+            out.append(_U16.pack(len(e.target)))
             out.append(e.target)
-        else:
+        elif e.type in (CHR, BLK):
+            out.append(_DEVICE.pack(*e.rdev))
+        elif e.type != FIFO:
             raise ValueError(f"unknown entry type {e.type}")
     return b"".join(out)
-
-
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_MAX_EXTENTS = 1 << 24
 
 
 def _check_extents(extents: tuple[tuple[int, int], ...], size: int, data: Ref | None) -> None:
@@ -167,15 +235,20 @@ def _decode_tree(data: bytes) -> list[Entry]:
     magic, version, count = _TREE_HEAD.unpack_from(data, 0)
     if magic != b"HT":
         raise IntegrityError("not a tree")
-    if version != TREE_VERSION:
+    if version not in (1, TREE_VERSION):
         raise IntegrityError(f"unsupported tree version {version}")
+    v1 = version == 1
     pos = _TREE_HEAD.size
     n_data = len(data)
     entries: list[Entry] = []
     append = entries.append
-    head_unpack, head_size = _ENTRY_HEAD.unpack_from, _ENTRY_HEAD.size
+    if v1:
+        head_unpack, head_size = _ENTRY_HEAD_V1.unpack_from, _ENTRY_HEAD_V1.size
+    else:
+        head_unpack, head_size = _ENTRY_HEAD.unpack_from, _ENTRY_HEAD.size
     u16, u32 = _U16.unpack_from, _U32.unpack_from
     prev = b""
+    xattrs: Xattrs = ()
     for _ in range(count):
         (name_len,) = u16(data, pos)
         pos += 2
@@ -187,8 +260,26 @@ def _decode_tree(data: bytes) -> list[Entry]:
         if name <= prev:
             raise IntegrityError("tree entries are not strictly sorted")
         prev = name
-        etype, mode, uid, gid, mtime, ctime, ino, size = head_unpack(data, pos)
-        pos += head_size
+        if v1:
+            etype, mode, uid, gid, mtime, ctime, ino, size = head_unpack(data, pos)
+            pos += head_size
+            nlink = 2 if etype == DIR else 1
+            if etype > SYMLINK:
+                raise IntegrityError(f"tree entry has unknown type {etype}")
+        else:
+            (etype, mode, uid, gid, nlink, m_sec, m_nsec, c_sec, c_nsec, ino,
+             size) = head_unpack(data, pos)
+            pos += head_size
+            if m_nsec >= NSEC or c_nsec >= NSEC:
+                raise IntegrityError("tree entry has an invalid time")
+            mtime = m_sec * NSEC + m_nsec
+            ctime = c_sec * NSEC + c_nsec
+            (n_x,) = u16(data, pos)
+            pos += 2
+            if n_x:
+                xattrs, pos = _decode_xattrs(data, pos, n_x)
+            elif xattrs:
+                xattrs = ()
         if mode > 0o7777:
             raise IntegrityError("tree entry has an invalid mode")
         if etype == FILE:
@@ -211,11 +302,12 @@ def _decode_tree(data: bytes) -> list[Entry]:
             pos = end
             _check_extents(extents, size, ref)
             append(Entry(name, etype, mode, uid, gid, mtime, ctime, ino, size,
-                         data=ref, extents=extents))
+                         data=ref, extents=extents, nlink=nlink, xattrs=xattrs))
         elif etype == DIR:
             sub = Ref.decode(data[pos:pos + REF_LEN])
             pos += REF_LEN
-            append(Entry(name, etype, mode, uid, gid, mtime, ctime, ino, size, subtree=sub))
+            append(Entry(name, etype, mode, uid, gid, mtime, ctime, ino, size, subtree=sub,
+                         nlink=nlink, xattrs=xattrs))
         elif etype == SYMLINK:
             (tlen,) = u16(data, pos)
             pos += 2
@@ -223,12 +315,42 @@ def _decode_tree(data: bytes) -> list[Entry]:
             pos += tlen
             if len(target) != tlen or not target or b"\0" in target:
                 raise IntegrityError("tree has an invalid symlink target")
-            append(Entry(name, etype, mode, uid, gid, mtime, ctime, ino, size, target=target))
+            append(Entry(name, etype, mode, uid, gid, mtime, ctime, ino, size, target=target,
+                         nlink=nlink, xattrs=xattrs))
+        elif etype == FIFO:
+            append(Entry(name, etype, mode, uid, gid, mtime, ctime, ino, size, nlink=nlink,
+                         xattrs=xattrs))
+        elif etype in (CHR, BLK):
+            rdev = _DEVICE.unpack_from(data, pos)
+            pos += _DEVICE.size
+            append(Entry(name, etype, mode, uid, gid, mtime, ctime, ino, size, rdev=rdev,
+                         nlink=nlink, xattrs=xattrs))
         else:
             raise IntegrityError(f"tree entry has unknown type {etype}")
     if pos != n_data:
         raise IntegrityError("tree has trailing bytes")
     return entries
+
+
+def _decode_xattrs(data: bytes, pos: int, count: int) -> tuple[Xattrs, int]:
+    out = []
+    for _ in range(count):
+        n = data[pos]
+        name = data[pos + 1:pos + 1 + n]
+        pos += 1 + n
+        (vlen,) = _U32.unpack_from(data, pos)
+        pos += 4
+        value = data[pos:pos + vlen]
+        pos += vlen
+        if len(value) != vlen:
+            raise IntegrityError("tree is truncated")
+        out.append((name, value))
+    xattrs = tuple(out)
+    try:
+        check_xattrs(xattrs)
+    except ValueError as exc:
+        raise IntegrityError(f"tree entry has {exc}") from None
+    return xattrs, pos
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +362,7 @@ class RootAttrs:
     gid: int
     mtime_ns: int
     tree: Ref
+    xattrs: Xattrs = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +401,11 @@ def generation_time(name: str) -> int:
 
 
 def encode_generation(gen: Generation) -> bytes:
+    root: dict[str, object] = {
+        "mode": gen.root.mode, "uid": gen.root.uid, "gid": gen.root.gid,
+        "mtime_ns": gen.root.mtime_ns, "tree": gen.root.tree.hex()}
+    if gen.root.xattrs:
+        root["xattrs"] = [[n.hex(), base64.b64encode(v).decode()] for n, v in gen.root.xattrs]
     doc = {
         "version": GENERATION_VERSION,
         "name": gen.name,
@@ -285,8 +413,7 @@ def encode_generation(gen: Generation) -> bytes:
         "backup_name": gen.backup_name,
         "host": gen.host,
         "directory": gen.directory,
-        "root": {"mode": gen.root.mode, "uid": gen.root.uid, "gid": gen.root.gid,
-                 "mtime_ns": gen.root.mtime_ns, "tree": gen.root.tree.hex()},
+        "root": root,
         "identity": None if gen.identity is None else {
             "node_id": gen.identity.node_id, "uuid": gen.identity.uuid},
         "stats": gen.stats,
@@ -306,8 +433,11 @@ def decode_generation(data: bytes, file_name: str) -> Generation:
         if doc["name"] != file_name:
             raise IntegrityError(f"generation {file_name}: contents belong to {doc['name']!r}")
         r = doc["root"]
+        xattrs = tuple((bytes.fromhex(n), base64.b64decode(v, validate=True))
+                       for n, v in r.get("xattrs", ()))
+        check_xattrs(xattrs)
         root = RootAttrs(int(r["mode"]) & 0o7777, int(r["uid"]), int(r["gid"]),
-                         int(r["mtime_ns"]), Ref.from_hex(r["tree"]))
+                         int(r["mtime_ns"]), Ref.from_hex(r["tree"]), xattrs)
         ident = doc.get("identity")
         identity = None
         if ident is not None:
@@ -320,5 +450,5 @@ def decode_generation(data: bytes, file_name: str) -> Generation:
                           root, identity, stats)
     except IntegrityError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         raise IntegrityError(f"generation {file_name} is malformed: {exc}") from None

@@ -45,36 +45,62 @@ def test_ref_rejects_header_offset_and_bad_lengths() -> None:
 
 # -- hand-built tree bytes (FORMAT.md 7.1) -------------------------------------------------------
 
+# The version the helpers below build; the version 1 tests set it to 1 (see v1 below).
+VERSION = 2
+
+
+def raw_time(ns: int) -> bytes:
+    """A version 2 time: signed seconds, then nanoseconds (a POSIX timespec)."""
+    sec, nsec = divmod(ns, 10**9)
+    return struct.pack(">q", sec) + struct.pack(">I", nsec)
+
+
+def raw_xattrs(xattrs: list[tuple[bytes, bytes]]) -> bytes:
+    out = struct.pack(">H", len(xattrs))
+    for name, value in xattrs:
+        out += struct.pack(">B", len(name)) + name + struct.pack(">I", len(value)) + value
+    return out
+
+
 def raw_head(name: bytes, etype: int, mode: int = 0o644, uid: int = 1000, gid: int = 1001,
              mtime: int = 1_700_000_000_123_456_789, ctime: int = 1_700_000_001_000_000_000,
-             ino: int = 4242, size: int = 0) -> bytes:
-    return (struct.pack(">H", len(name)) + name + struct.pack(">B", etype)
-            + struct.pack(">I", mode) + struct.pack(">I", uid) + struct.pack(">I", gid)
-            + struct.pack(">q", mtime) + struct.pack(">q", ctime) + struct.pack(">Q", ino)
-            + struct.pack(">Q", size))
+             ino: int = 4242, size: int = 0, nlink: int | None = None,
+             xattrs: list[tuple[bytes, bytes]] | None = None, version: int | None = None
+             ) -> bytes:
+    head = (struct.pack(">H", len(name)) + name + struct.pack(">B", etype)
+            + struct.pack(">I", mode) + struct.pack(">I", uid) + struct.pack(">I", gid))
+    if (version or VERSION) == 1:
+        return (head + struct.pack(">q", mtime) + struct.pack(">q", ctime)
+                + struct.pack(">Q", ino) + struct.pack(">Q", size))
+    if nlink is None:
+        nlink = 2 if etype == DIR else 1
+    return (head + struct.pack(">I", nlink) + raw_time(mtime) + raw_time(ctime)
+            + struct.pack(">Q", ino) + struct.pack(">Q", size) + raw_xattrs(xattrs or []))
 
 
 def raw_file(name: bytes, extents: list[tuple[int, int]], ref: Ref | None, size: int,
-             **kw: int) -> bytes:
+             **kw: object) -> bytes:
     body = b"\x00" if ref is None else b"\x01" + ref.encode()
     body += struct.pack(">I", len(extents))
     for off, length in extents:
         body += struct.pack(">Q", off) + struct.pack(">Q", length)
-    return raw_head(name, FILE, size=size, **kw) + body
+    return raw_head(name, FILE, size=size, **kw) + body  # type: ignore[arg-type]
 
 
-def raw_dir(name: bytes, ref: Ref, **kw: int) -> bytes:
-    return raw_head(name, DIR, **kw) + ref.encode()
+def raw_dir(name: bytes, ref: Ref, **kw: object) -> bytes:
+    return raw_head(name, DIR, **kw) + ref.encode()  # type: ignore[arg-type]
 
 
-def raw_symlink(name: bytes, target: bytes, **kw: int) -> bytes:
-    return raw_head(name, SYMLINK, **kw) + struct.pack(">H", len(target)) + target
+def raw_symlink(name: bytes, target: bytes, **kw: object) -> bytes:
+    return (raw_head(name, SYMLINK, **kw)  # type: ignore[arg-type]
+            + struct.pack(">H", len(target)) + target)
 
 
-def raw_tree(*entries: bytes, version: int = 1, count: int | None = None,
+def raw_tree(*entries: bytes, version: int | None = None, count: int | None = None,
              magic: bytes = b"HT") -> bytes:
     n = len(entries) if count is None else count
-    return magic + struct.pack(">B", version) + struct.pack(">I", n) + b"".join(entries)
+    return (magic + struct.pack(">B", version or VERSION) + struct.pack(">I", n)
+            + b"".join(entries))
 
 
 def small_ref(plain_len: int) -> Ref:
@@ -85,7 +111,7 @@ GOLDEN_ENTRIES = [
     Entry(b"a.seg", FILE, 0o644, 1000, 1001, 1_700_000_000_123_456_789,
           1_700_000_001_000_000_000, 4242, 10000, data=DATA_REF,
           extents=((0, 4096), (8192, 100))),
-    Entry(b"dir", DIR, 0o755, 0, 0, 5, 6, 7, 0, subtree=SUB_REF),
+    Entry(b"dir", DIR, 0o755, 0, 0, 5, 6, 7, 0, subtree=SUB_REF, nlink=2),
     Entry(b"empty", FILE, 0o600, 1, 2, 3, 4, 5, 0),
     Entry(b"hole", FILE, 0o640, 1, 2, 3, 4, 6, 1 << 20),
     Entry(b"link", SYMLINK, 0o777, 0, 0, -1_000_000_000, 8, 9, 16, target=b"humiodata.2024-x"),
@@ -93,35 +119,122 @@ GOLDEN_ENTRIES = [
           extents=((0, 3),)),
 ]
 
-GOLDEN_TREE = raw_tree(
-    raw_file(b"a.seg", [(0, 4096), (8192, 100)], DATA_REF, 10000),
-    raw_dir(b"dir", SUB_REF, mode=0o755, uid=0, gid=0, mtime=5, ctime=6, ino=7, size=0),
-    raw_file(b"empty", [], None, 0, mode=0o600, uid=1, gid=2, mtime=3, ctime=4, ino=5),
-    raw_file(b"hole", [], None, 1 << 20, mode=0o640, uid=1, gid=2, mtime=3, ctime=4, ino=6),
-    raw_symlink(b"link", b"humiodata.2024-x", mode=0o777, uid=0, gid=0, mtime=-1_000_000_000,
-                ctime=8, ino=9, size=16),
-    raw_file("notes-ü.txt".encode(), [(0, 3)], small_ref(3), 3, mode=0o644, uid=0, gid=0,
-             mtime=1, ctime=1, ino=1),
+def golden_tree(version: int | None = None) -> bytes:
+    v = version
+    return raw_tree(
+        raw_file(b"a.seg", [(0, 4096), (8192, 100)], DATA_REF, 10000, version=v),
+        raw_dir(b"dir", SUB_REF, mode=0o755, uid=0, gid=0, mtime=5, ctime=6, ino=7, size=0,
+                version=v),
+        raw_file(b"empty", [], None, 0, mode=0o600, uid=1, gid=2, mtime=3, ctime=4, ino=5,
+                 version=v),
+        raw_file(b"hole", [], None, 1 << 20, mode=0o640, uid=1, gid=2, mtime=3, ctime=4, ino=6,
+                 version=v),
+        raw_symlink(b"link", b"humiodata.2024-x", mode=0o777, uid=0, gid=0,
+                    mtime=-1_000_000_000, ctime=8, ino=9, size=16, version=v),
+        raw_file("notes-ü.txt".encode(), [(0, 3)], small_ref(3), 3, mode=0o644, uid=0, gid=0,
+                 mtime=1, ctime=1, ino=1, version=v),
+        version=v)
+
+
+GOLDEN_TREE = golden_tree()
+
+# Version 2 only: far-future and pre-1970 times, hard links, special files, xattrs.
+Y2300_NS = 10_413_792_000 * 10**9 + 7          # 2300-01-01T00:00:00.000000007Z
+Y1901_NS = -2_177_452_800 * 10**9 + 999_999_999  # 1901-01-01T00:00:00.999999999Z
+XATTRS = ((b"security.selinux", b"system_u:object_r:var_t:s0\0"), (b"user.empty", b""),
+          (b"user.k", bytes(range(256))))
+GOLDEN_V2_ENTRIES = [
+    Entry(b"dev", format.CHR, 0o600, 0, 6, Y1901_NS, Y2300_NS, 11, 0, rdev=(1, 3)),
+    Entry(b"disk", format.BLK, 0o660, 0, 6, 0, 0, 12, 0, rdev=(259, 65536), nlink=2),
+    Entry(b"far", FILE, 0o644, 0, 0, Y2300_NS, Y2300_NS, 13, 3, data=small_ref(3),
+          extents=((0, 3),), nlink=3, xattrs=XATTRS),
+    Entry(b"pipe", format.FIFO, 0o640, 5, 5, -1, 1, 14, 0),
+    Entry(b"sub", DIR, 0o755, 0, 0, 1, 1, 15, 0, subtree=SUB_REF, nlink=7,
+          xattrs=XATTRS[:1]),
+]
+GOLDEN_V2_TREE = raw_tree(
+    raw_head(b"dev", format.CHR, mode=0o600, uid=0, gid=6, mtime=Y1901_NS, ctime=Y2300_NS,
+             ino=11) + struct.pack(">II", 1, 3),
+    raw_head(b"disk", format.BLK, mode=0o660, uid=0, gid=6, mtime=0, ctime=0, ino=12,
+             nlink=2) + struct.pack(">II", 259, 65536),
+    raw_file(b"far", [(0, 3)], small_ref(3), 3, mode=0o644, uid=0, gid=0, mtime=Y2300_NS,
+             ctime=Y2300_NS, ino=13, nlink=3, xattrs=list(XATTRS)),
+    raw_head(b"pipe", format.FIFO, mode=0o640, uid=5, gid=5, mtime=-1, ctime=1, ino=14),
+    raw_dir(b"sub", SUB_REF, mode=0o755, uid=0, gid=0, mtime=1, ctime=1, ino=15, nlink=7,
+            xattrs=list(XATTRS[:1])),
 )
 
 
 def test_tree_golden_encode() -> None:
     assert encode_tree(GOLDEN_ENTRIES) == GOLDEN_TREE
+    assert encode_tree(GOLDEN_V2_ENTRIES) == GOLDEN_V2_TREE
 
 
 def test_tree_golden_prefix_literal() -> None:
     # The first entry's head as literal hex, in case raw_head itself drifted from the spec:
-    # "HT", version 1, count 6 | name_len 5, "a.seg", type 1, mode 0o644, uid 1000, gid 1001.
-    assert GOLDEN_TREE[:27].hex() == ("4854" "01" "00000006"
-                                      "0005" "612e736567" "01" "000001a4" "000003e8" "000003e9")
+    # "HT", version 2, count 6 | name_len 5, "a.seg", type 1, mode 0o644, uid 1000, gid 1001,
+    # nlink 1, mtime 1700000000 s 123456789 ns.
+    assert GOLDEN_TREE[:43].hex() == ("4854" "02" "00000006"
+                                      "0005" "612e736567" "01" "000001a4" "000003e8" "000003e9"
+                                      "00000001" "000000006553f100" "075bcd15")
+    # A pre-1970 time: -0.000000001 s is second -1 and nanosecond 999999999.
+    pipe = GOLDEN_V2_TREE.index(b"pipe") + 4 + 1 + 12 + 4
+    assert GOLDEN_V2_TREE[pipe:pipe + 12].hex() == "ffffffffffffffff" "3b9ac9ff"
 
 
 def test_tree_golden_decode() -> None:
     assert decode_tree(GOLDEN_TREE) == GOLDEN_ENTRIES
+    assert decode_tree(GOLDEN_V2_TREE) == GOLDEN_V2_ENTRIES
+
+
+def test_tree_version_1_still_reads() -> None:
+    # Stores written before version 2 hold version 1 trees (FORMAT.md 7.1.1).
+    v1 = golden_tree(version=1)
+    assert v1[2] == 1
+    assert decode_tree(v1) == GOLDEN_ENTRIES
+    assert [e.nlink for e in decode_tree(v1)] == [1, 2, 1, 1, 1, 1]
+    with pytest.raises(IntegrityError, match="unknown type"):
+        decode_tree(raw_tree(raw_head(b"p", format.FIFO, version=1), version=1))
+
+
+@pytest.mark.parametrize("ns", [Y2300_NS, Y1901_NS, 2**63 + 5, -(2**63) - 5, 0, -1,
+                                 (2**63 - 1) * 10**9 + 999_999_999])
+def test_times_round_trip(ns: int) -> None:
+    e = Entry(b"x", FILE, 0o644, 0, 0, ns, ns, 1, 0)
+    assert decode_tree(encode_tree([e])) == [e]
+
+
+def test_time_beyond_the_format_is_a_value_error() -> None:
+    e = Entry(b"x", FILE, 0o644, 0, 0, 2**63 * 10**9, 0, 1, 0)
+    with pytest.raises(ValueError):
+        encode_tree([e])
+
+
+def test_rejects_bad_nanoseconds_and_xattrs() -> None:
+    bad = bytearray(raw_tree(f(b"a")))
+    at = 7 + 2 + 1 + 1 + 12 + 4 + 8
+    bad[at:at + 4] = struct.pack(">I", 10**9)
+    with pytest.raises(IntegrityError, match="time"):
+        decode_tree(bytes(bad))
+    for xattrs in ([(b"user.b", b""), (b"user.a", b"")], [(b"user.a", b""), (b"user.a", b"")],
+                   [(b"", b"v")], [(b"user.\0", b"")], [(b"user.big", b"x" * 65537)]):
+        with pytest.raises(IntegrityError, match="attribute"):
+            decode_tree(raw_tree(raw_file(b"a", [], None, 0, xattrs=xattrs)))
+
+
+def test_link_key() -> None:
+    far = GOLDEN_V2_ENTRIES[2]
+    assert far.link_key() is not None
+    assert GOLDEN_V2_ENTRIES[0].link_key() is None        # nlink 1
+    assert GOLDEN_V2_ENTRIES[4].link_key() is None        # a folder
+    from dataclasses import replace
+    assert replace(far, name=b"other").link_key() == far.link_key()
+    assert replace(far, mtime_ns=1).link_key() != far.link_key()
 
 
 def test_tree_empty() -> None:
-    assert encode_tree([]) == b"HT\x01\x00\x00\x00\x00"
+    assert encode_tree([]) == b"HT\x02\x00\x00\x00\x00"
+    assert decode_tree(b"HT\x02\x00\x00\x00\x00") == []
     assert decode_tree(b"HT\x01\x00\x00\x00\x00") == []
 
 
@@ -185,9 +298,10 @@ def test_rejects_trailing_bytes() -> None:
 
 
 def test_rejects_every_truncation() -> None:
-    for n in range(len(GOLDEN_TREE)):
-        with pytest.raises(IntegrityError):
-            decode_tree(GOLDEN_TREE[:n])
+    for tree in (GOLDEN_TREE, GOLDEN_V2_TREE, golden_tree(version=1)):
+        for n in range(len(tree)):
+            with pytest.raises(IntegrityError):
+                decode_tree(tree[:n])
 
 
 def test_rejects_count_beyond_entries() -> None:
@@ -196,14 +310,15 @@ def test_rejects_count_beyond_entries() -> None:
 
 
 def test_rejects_unknown_type() -> None:
-    entry = raw_head(b"a", 4) + b"\0" * 8
-    with pytest.raises(IntegrityError, match="unknown type"):
-        decode_tree(raw_tree(entry))
+    for etype in (0, 7, 255):
+        entry = raw_head(b"a", etype) + b"\0" * 8
+        with pytest.raises(IntegrityError, match="unknown type"):
+            decode_tree(raw_tree(entry))
 
 
 def test_rejects_version_and_magic() -> None:
     with pytest.raises(IntegrityError, match="version"):
-        decode_tree(raw_tree(f(b"a"), version=2))
+        decode_tree(raw_tree(f(b"a"), version=3))
     with pytest.raises(IntegrityError):
         decode_tree(raw_tree(f(b"a"), magic=b"TH"))
 
