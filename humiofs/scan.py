@@ -3,10 +3,13 @@ reads of a file's data, and the stat signature used for change detection.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import os
 import queue
+import resource
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +21,28 @@ from humiofs.errors import SourceChanged
 # write; 1 MiB buffers measured slower here.
 READ_BUFFER = 256 << 10
 DEFAULT_EXCLUDES = ("/jvm-tmp",)
+
+
+# Folder depth a walk handles: it recurses a few frames and holds one open fd per level.
+MAX_DEPTH = 20_000
+
+
+@contextlib.contextmanager
+def deep_walk() -> Iterator[None]:
+    """Lets a recursive walk that opens each folder relative to its parent go MAX_DEPTH
+    folders deep: raises the recursion limit for the block, and the soft limit of open files
+    to the hard one. A node can hold paths far longer than PATH_MAX (4096 bytes), which only
+    such a walk reaches. (CPython 3.11 keeps Python-to-Python calls off the C stack.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, 4 * MAX_DEPTH))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
 
 
 @dataclass(frozen=True, slots=True)

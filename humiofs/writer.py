@@ -5,19 +5,23 @@ memory holds one listing per level, and a file's data is streamed through a fixe
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
-from humiofs import crypto, format, identity, scan
-from humiofs.errors import SourceChanged, StoreError
-from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs
+from humiofs import crypto, format, identity, scan, xattrs
+from humiofs.errors import HumiofsError, SourceChanged, StoreError
+from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs, Xattrs
 from humiofs.progress import Progress
 from humiofs.store import PackWriter, Store, new_generation_name
 
@@ -49,18 +53,20 @@ class BackupStats:
     skipped: int = 0
     dirs: int = 0
     symlinks: int = 0
+    specials: int = 0
     files: int = 0
     bytes: int = 0
     data_bytes: int = 0
     bytes_read: int = 0
     bytes_stored: int = 0
     trees_stored: int = 0
+    grown: int = 0          # files stored as a prefix: they grew while they were read
     warnings: list[str] = field(default_factory=list)
     skipped_paths: list[RelPath] = field(default_factory=list)
 
     def generation_stats(self) -> dict[str, int]:
         return {"files": self.files, "dirs": self.dirs, "symlinks": self.symlinks,
-                "bytes": self.bytes, "data_bytes": self.data_bytes}
+                "specials": self.specials, "bytes": self.bytes, "data_bytes": self.data_bytes}
 
 
 # Counts of what a tree holds, all levels below it: files, dirs, symlinks, bytes, data bytes.
@@ -101,6 +107,8 @@ class Backup:
         self._pending: list[Future[None]] = []
         # Counts of every tree this run stored or reused, for the next run's `tree_counts`.
         self.tree_counts_seen: dict[Ref, TreeCounts] = {}
+        # (st_dev, st_ino) -> the entry stored for the first name of a hard-linked file.
+        self._links: dict[tuple[int, int], Entry] = {}
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -118,11 +126,19 @@ class Backup:
         """
         src = self.opt.source
         try:
-            root_st = os.stat(src)
+            root_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except NotADirectoryError:
+            raise StoreError(f"DIRECTORY {src} is not a directory", 2) from None
         except OSError as exc:
             raise StoreError(f"cannot read DIRECTORY {src}: {exc.strerror}", 2) from None
-        if not stat.S_ISDIR(root_st.st_mode):
-            raise StoreError(f"DIRECTORY {src} is not a directory", 2)
+        try:
+            return self._build(parent, root_fd)
+        finally:
+            os.close(root_fd)
+
+    def _build(self, parent: Generation | None, root_fd: int) -> Generation:
+        src = self.opt.source
+        root_st = os.fstat(root_fd)
         try:
             st = os.stat(self.store.path)
             self._store_ino = (st.st_dev, st.st_ino)
@@ -135,8 +151,16 @@ class Backup:
         if parent is not None and parent.root.mtime_ns == root_st.st_mtime_ns:
             root_ref = self._reuse(b"", prev_root)
         try:
+            root_xattrs = xattrs.read(root_fd)
+        except OSError as exc:
+            root_xattrs = parent.root.xattrs if parent is not None else ()
+            self._warn(f"the extended attributes of {src} cannot be read ({exc.strerror}); "
+                       "keeping the previous ones")
+            self.stats.skipped += 1
+        try:
             if root_ref is None:
-                root_ref = self._dir(os.fsencode(src), b"", prev_root)
+                with scan.deep_walk():
+                    root_ref, _ = self._dir(root_fd, b"", prev_root)
             self._finish_packs()
         except BaseException:
             self._abort_packs()
@@ -156,7 +180,7 @@ class Backup:
             backup_name=self.opt.backup_name, host=socket.gethostname(),
             directory=str(src),
             root=RootAttrs(root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid,
-                           root_st.st_mtime_ns, root_ref),
+                           root_st.st_mtime_ns, root_ref, root_xattrs),
             identity=ident,
             stats=self.stats.generation_stats())
 
@@ -244,56 +268,99 @@ class Backup:
         self.tree_counts_seen[prev_ref] = counts
         return prev_ref
 
-    def _dir(self, path: bytes, rel: bytes, prev_ref: Ref | None) -> Ref:
+    def _dir(self, dfd: int, rel: bytes, prev_ref: Ref | None) -> tuple[Ref, int]:
+        """Stores the folder open as `dfd` (and everything below it) unless its tree is
+        unchanged; returns its tree's ref and the number of subfolders it holds."""
         before = self._counts()
-        ref = self._walk_dir(path, rel, prev_ref)
+        ref, subdirs = self._walk_dir(dfd, rel, prev_ref)
         after = self._counts()
         self.tree_counts_seen[ref] = (after[0] - before[0], after[1] - before[1],
                                       after[2] - before[2], after[3] - before[3],
                                       after[4] - before[4])
-        return ref
+        return ref, subdirs
 
-    def _walk_dir(self, path: bytes, rel: bytes, prev_ref: Ref | None) -> Ref:
+    def _walk_dir(self, dfd: int, rel: bytes, prev_ref: Ref | None) -> tuple[Ref, int]:
         prev_plain, prev = self._previous_tree(prev_ref, rel)
-        with os.scandir(path) as it:
-            items = sorted(it, key=lambda d: d.name)
+        # Entries from a version 1 tree have no xattrs or link counts yet: read those anew.
+        meta_stale = prev_plain is not None and prev_plain[2] == 1
+        # Trees are sorted by raw bytes, which orders names that are not UTF-8 differently
+        # from their str form.
+        with os.scandir(dfd) as it:
+            items = sorted(((os.fsencode(de.name), de) for de in it), key=itemgetter(0))
         entries: list[Entry] = []
-        for de in items:
-            name = de.name
+        for name, de in items:
             child_rel = rel + b"/" + name if rel else name
             if self.excluder.excluded(child_rel, name):
                 continue
-            try:
-                st = de.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                kept = self._skip(child_rel, exc.strerror or str(exc), prev.get(name))
-                if kept is not None:
-                    entries.append(kept)
-                continue
             old = prev.get(name)
-            if stat.S_ISDIR(st.st_mode):
-                entry = self._subdir(de.path, child_rel, st, old)
-            elif stat.S_ISREG(st.st_mode):
-                entry = self._file(de.path, child_rel, st, old)
-            elif stat.S_ISLNK(st.st_mode):
-                entry = self._symlink(de.path, child_rel, st, old)
-            else:
-                log.info("skipping %s: not a file, folder or symlink", _show(child_rel))
-                continue
+            if old is not None and meta_stale:
+                old = replace(old, ctime_ns=-1)  # never equal to a real ctime: read the metadata
+            try:
+                entry = self._child(dfd, de, name, child_rel, old)
+            except HumiofsError:
+                raise
+            except Exception as exc:  # one entry never ends the run (see _problem)
+                entry = self._skip(child_rel, _problem(exc), old)
             if entry is not None:
                 entries.append(entry)
-        plain = format.encode_tree(entries)
+        plain = self._encode(entries, rel, prev)
+        subdirs = sum(1 for e in entries if e.type == DIR)
         if plain == prev_plain and prev_ref is not None:
-            return prev_ref
+            return prev_ref, subdirs
         ref = self._tree_pack().add(crypto.KIND_TREE, plain)
         self.stats.trees_stored += 1
         self.stats.bytes_stored += ref.stored_len
         self._rotate()
-        return ref
+        return ref, subdirs
 
-    def _subdir(self, path: bytes, rel: bytes, st: os.stat_result, old: Entry | None) -> Entry | None:
+    def _encode(self, entries: list[Entry], rel: bytes, prev: dict[bytes, Entry]) -> bytes:
+        """The tree of `entries`; an entry the format cannot hold is skipped with a warning
+        (the previous generation's copy kept, if it had one) instead of failing the folder."""
+        try:
+            return format.encode_tree(entries)
+        except (ValueError, OverflowError):
+            pass
+        kept = []
+        for e in entries:
+            try:
+                format.encode_tree([e])
+            except (ValueError, OverflowError) as exc:
+                child_rel = rel + b"/" + e.name if rel else e.name
+                old = self._skip(child_rel, f"cannot be stored: {exc}", prev.get(e.name))
+                if old is not None:
+                    kept.append(old)
+                continue
+            kept.append(e)
+        return format.encode_tree(kept)
+
+    def _child(self, dfd: int, de: os.DirEntry[str], name: bytes, rel: bytes,
+               old: Entry | None) -> Entry | None:
+        """The entry for one name in a folder, or None if it is gone or not kept."""
+        try:
+            st = de.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if len(name) > format.NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, f"its name is longer than {format.NAME_MAX} bytes")
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            return self._file(dfd, name, rel, st, old)
+        if stat.S_ISDIR(mode):
+            return self._subdir(dfd, name, rel, st, old)
+        if stat.S_ISLNK(mode):
+            return self._symlink(dfd, name, st, old)
+        if stat.S_ISSOCK(mode):
+            self.stats.skipped += 1
+            self._warn(f"{_show(rel)}: a socket cannot be backed up (the program that listens on "
+                       "it makes it anew); skipped. Exclude it with BACKUP_EXCLUDE to silence this")
+            return None
+        etype = _SPECIAL_TYPES.get(stat.S_IFMT(mode))
+        if etype is None:
+            raise OSError(errno.EINVAL, f"unknown file type {stat.S_IFMT(mode):o}")
+        return self._special(dfd, name, st, etype, old)
+
+    def _subdir(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result,
+                old: Entry | None) -> Entry | None:
         if self._store_ino == (st.st_dev, st.st_ino):
             log.info("skipping %s: it is the backup store itself", _show(rel))
             return None
@@ -301,116 +368,194 @@ class Backup:
         if (old is not None and old.ino == st.st_ino and old.mtime_ns == st.st_mtime_ns
                 and (reused := self._reuse(rel, prev)) is not None):
             self.stats.dirs += 1
-            return _entry(path, st, DIR, subtree=reused)
+            return _entry(name, st, DIR, subtree=reused, nlink=old.nlink,
+                          xattrs=self._xattrs(old, st, xattrs.at(dfd, name)))
         try:
-            sub = self._dir(path, rel, prev)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            return self._skip(rel, exc.strerror or str(exc), old)
+        try:
+            st = os.fstat(fd)
+            attrs = self._xattrs(old, st, fd)
+            sub, subdirs = self._dir(fd, rel, prev)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(fd)
         self.stats.dirs += 1
-        return _entry(path, st, DIR, subtree=sub)
+        return _entry(name, st, DIR, subtree=sub, nlink=2 + subdirs, xattrs=attrs)
 
-    def _symlink(self, path: bytes, rel: bytes, st: os.stat_result, old: Entry | None) -> Entry | None:
+    def _symlink(self, dfd: int, name: bytes, st: os.stat_result,
+                 old: Entry | None) -> Entry | None:
         try:
-            target = os.readlink(path)
+            target = os.readlink(name, dir_fd=dfd)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            return self._skip(rel, exc.strerror or str(exc), old)
         self.stats.symlinks += 1
-        return _entry(path, st, SYMLINK, target=target)
+        return _entry(name, st, SYMLINK, target=target,
+                      xattrs=self._xattrs(old, st, xattrs.at(dfd, name)))
+
+    def _special(self, dfd: int, name: bytes, st: os.stat_result, etype: int,
+                 old: Entry | None) -> Entry:
+        """A FIFO or a device node: its attributes and device number; nothing is opened."""
+        self.stats.specials += 1
+        rdev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if etype != format.FIFO else (0, 0)
+        return _entry(name, st, etype, rdev=rdev, nlink=st.st_nlink,
+                      xattrs=self._xattrs(old, st, xattrs.at(dfd, name)))
+
+    def _xattrs(self, old: Entry | None, st: os.stat_result, target: int | bytes) -> Xattrs:
+        """The entry's extended attributes: the previous generation's if the inode's ctime
+        (which every xattr change moves) is the same, else read from `target`."""
+        if old is not None and old.ctime_ns == st.st_ctime_ns and old.ino == st.st_ino:
+            return old.xattrs
+        return xattrs.read(target)
 
     # -- files ----------------------------------------------------------------------------------
 
-    def _file(self, path: bytes, rel: bytes, st: os.stat_result, old: Entry | None) -> Entry | None:
+    def _file(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result,
+              old: Entry | None) -> Entry | None:
+        link = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
+        if link is not None:
+            first = self._links.get(link)
+            if first is not None and _same_inode_state(first, st):
+                # Another name of an inode this run already stored: the same entry, data once.
+                self.stats.unchanged += 1
+                self.stats.files += 1
+                return replace(first, name=name)
+        entry = self._file_entry(dfd, name, rel, st, old)
+        if entry is not None:
+            self._count_file(entry)
+            if link is not None:
+                self._links[link] = entry
+        return entry
+
+    def _file_entry(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result,
+                    old: Entry | None) -> Entry | None:
         if old is not None and old.type == FILE and _unchanged(old, st):
             self.stats.unchanged += 1
             entry = old
             if (old.mode, old.uid, old.gid) != (st.st_mode & 0o7777, st.st_uid, st.st_gid):
-                entry = _entry(path, st, FILE, data=old.data, extents=old.extents)
-            self._count_file(entry)
+                entry = replace(old, mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid)
             self._progress.update(1, entry.data_bytes)
             return entry
         if self.should_stop():
             # Stopping: keep what the last generation had instead of reading more.
             return self._keep_old(old)
         last_error = ""
-        for attempt in range(READ_ATTEMPTS):
+        for _attempt in range(READ_ATTEMPTS):
             try:
-                entry = self._store_file(path, rel, last_try=attempt == READ_ATTEMPTS - 1)
+                entry = self._store_file(dfd, name, old)
             except SourceChanged as exc:
                 last_error = str(exc)
                 continue
             except FileNotFoundError:
                 return None
-            except OSError as exc:
-                last_error = exc.strerror or str(exc)
-                break
             if old is None or old.type != FILE:
                 self.stats.new += 1
             else:
                 self.stats.changed += 1
-            self._count_file(entry)
             return entry
-        return self._skip(rel, last_error, old)
+        return self._skip(rel, last_error, old, counted=False)
 
-    def _store_file(self, path: bytes, rel: bytes, last_try: bool) -> Entry:
+    def _store_file(self, dfd: int, name: bytes, old: Entry | None) -> Entry:
+        """Reads and stores one file as it was at one moment (FORMAT.md 7.3).
+
+        Raises SourceChanged if the file shrank, stopped being a file, or was rewritten in
+        place while it was read; the caller tries again.
+        """
         read_ns = time.time_ns()
-        fd = _open_source(path)
+        fd = _open_source(name, dfd)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise SourceChanged("it is no longer a regular file")
-            if st.st_ctime_ns >= read_ns - RACY_NS and not last_try:
-                # Changed within a timestamp tick of this read: a write during the read might
-                # not move ctime, so the before/after comparison could miss a torn read. Wait
-                # the tick out and read again.
+            # Changed within a timestamp tick of this read: a write during the read might not
+            # move the ctime, so the before/after comparison alone could miss a torn read.
+            # Wait the tick out; a file that stays unchanged meanwhile is read as usual (and
+            # its ctime trusted), one that changed again is being written: it is read twice.
+            racy = st.st_ctime_ns >= read_ns - RACY_NS
+            if racy:
                 time.sleep(max(0, st.st_ctime_ns + RACY_NS - time.time_ns()) / 1e9)
-                raise SourceChanged("it was being changed")
+                again = os.fstat(fd)
+                racy = scan.Signature.of(again) != scan.Signature.of(st)
+                st = again
+            attrs = self._xattrs(old, st, fd)
             extents = scan.data_extents(fd, st.st_size)
             data_len = sum(length for _, length in extents)
             ref: Ref | None = None
             if data_len == 0:
-                _check_same(fd, st)
+                after = self._after_read(fd, st, racy)
+                if after is not None and scan.data_extents(fd, st.st_size) != extents:
+                    raise SourceChanged("it was rewritten while it was read")
             elif data_len < SMALL_FILE:
                 data = b"".join(bytes(v) for v in scan.iter_extent_data(fd, extents))
-                _check_same(fd, st)
+                after = self._after_read(fd, st, racy)
+                if after is not None and not _reads_again_as(fd, st.st_size, extents,
+                                                             _blake2b(data)):
+                    raise SourceChanged("it was rewritten while it was read")
                 ref = self._small_pack().add(crypto.KIND_DATA, data)
                 self._rotate()
             else:
-                ref = self._store_large(fd, st, extents, data_len)
+                ref, after = self._store_large(fd, st, extents, data_len, racy)
         finally:
             os.close(fd)
         self.stats.bytes_read += data_len
         if ref is not None:
             self.stats.bytes_stored += ref.stored_len
         self._progress.update(1, 0 if data_len >= SMALL_FILE else data_len)
-        racy = st.st_ctime_ns >= read_ns - RACY_NS
-        entry = _entry(path, st, FILE, data=ref, extents=tuple(extents))
-        if racy:
+        entry = _entry(name, st, FILE, data=ref, extents=tuple(extents), nlink=st.st_nlink,
+                       xattrs=attrs)
+        if after is not None:
+            # Read twice and stored as of the size it had when opened (it is being written):
+            # a ctime of 0 makes the next run read it again.
             entry = replace(entry, ctime_ns=0)
+            if after.st_size > st.st_size:
+                self.stats.grown += 1
         return entry
 
+    def _after_read(self, fd: int, before: os.stat_result, racy: bool) -> os.stat_result | None:
+        """None if the file is provably as it was when opened; else its stat now, and the
+        caller must read it a second time to know that the first read was not torn (it grew,
+        or changed within a timestamp tick of being opened). Raises SourceChanged if it
+        shrank, or if it changed during the read without having been racy when opened (the
+        next attempt will be, and checks its read by reading twice)."""
+        after = os.fstat(fd)
+        same = scan.Signature.of(after) == scan.Signature.of(before)
+        if same and not racy:
+            return None
+        if after.st_size < before.st_size:
+            raise SourceChanged("it shrank while it was read")
+        if not racy:
+            raise SourceChanged("it changed while it was read")
+        return after
+
     def _store_large(self, fd: int, st: os.stat_result, extents: list[tuple[int, int]],
-                     data_len: int) -> Ref:
+                     data_len: int, racy: bool) -> tuple[Ref, os.stat_result | None]:
         pack = self.store.new_pack()
+        # Only a racy file can end up read twice; only then is the first read hashed.
+        digest = hashlib.blake2b(digest_size=32) if racy else None
         try:
             with scan.ReadAhead(fd, extents) as reader:
                 def pieces() -> Iterator[memoryview]:
                     for view in reader:
                         self._progress.update(0, len(view))
+                        if digest is not None:
+                            digest.update(view)
                         yield view
                 try:
                     ref = pack.add_stream(crypto.KIND_DATA, pieces(), data_len)
                 except ValueError as exc:
                     raise SourceChanged(str(exc)) from None
-            _check_same(fd, st)
+            after = self._after_read(fd, st, racy)
+            if after is not None:
+                assert digest is not None
+                if not _reads_again_as(fd, st.st_size, extents, digest.digest()):
+                    raise SourceChanged("it was rewritten while it was read")
         except BaseException:
             pack.abort()
             raise
         self._finish_later(pack)
-        return ref
+        return ref, after
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -422,38 +567,78 @@ class Backup:
     def _keep_old(self, old: Entry | None) -> Entry | None:
         if old is None:
             return None
-        if old.type == FILE:
-            self._count_file(old)
+        if old.type == DIR:
+            self.stats.dirs += 1
+        elif old.type == SYMLINK:
+            self.stats.symlinks += 1
+        elif old.type != FILE:
+            self.stats.specials += 1
         return old
 
-    def _skip(self, rel: bytes, why: str, old: Entry | None) -> Entry | None:
+    def _skip(self, rel: bytes, why: str, old: Entry | None, counted: bool = True
+              ) -> Entry | None:
         """Counts and reports an entry that could not be read; returns what the previous
-        generation had for it (kept as it was), or None."""
+        generation had for it (kept as it was), or None. A kept file is counted into the
+        stats here unless `counted` is False (the caller counts it)."""
         self.stats.skipped += 1
         self.stats.skipped_paths.append(rel)
         if old is None:
             self._warn(f"{_show(rel)}: {why}; not in this generation")
             return None
         self._warn(f"{_show(rel)}: {why}; keeping the copy from the previous generation")
-        return self._keep_old(old)
+        kept = self._keep_old(old)
+        if kept is not None and kept.type == FILE and counted:
+            self._count_file(kept)
+        return kept
 
     def _warn(self, message: str) -> None:
         self.stats.warnings.append(message)
         log.warning("%s", message)
 
 
-def _open_source(path: bytes) -> int:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SPECIAL_TYPES = {stat.S_IFIFO: format.FIFO, stat.S_IFCHR: format.CHR, stat.S_IFBLK: format.BLK}
+
+
+def _problem(exc: Exception) -> str:
+    """What went wrong with one entry, for its warning."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _blake2b(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def _reads_again_as(fd: int, size: int, extents: list[tuple[int, int]], first: bytes) -> bool:
+    """True if `[0, size)` of the file has the same extents as the first read, and bytes
+    whose blake2b digest is `first` (a comparison, not a defence: the file is ours to read)."""
+    if scan.data_extents(fd, size) != extents:
+        return False
+    again = hashlib.blake2b(digest_size=32)
     try:
-        return os.open(path, flags | os.O_NOATIME)
+        for view in scan.iter_extent_data(fd, extents):
+            again.update(view)
+    except SourceChanged:
+        return False
+    return again.digest() == first
+
+
+def _open_source(name: bytes, dfd: int) -> int:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        return os.open(name, flags | os.O_NOATIME, dir_fd=dfd)
     except PermissionError:
-        return os.open(path, flags)
+        return os.open(name, flags, dir_fd=dfd)
 
 
-def _check_same(fd: int, before: os.stat_result) -> None:
-    after = os.fstat(fd)
-    if scan.Signature.of(after) != scan.Signature.of(before):
-        raise SourceChanged("it changed while it was read")
+def _same_inode_state(first: Entry, st: os.stat_result) -> bool:
+    """True if a hard-linked inode is as it was when this run stored it under another name."""
+    return (first.size == st.st_size and first.mtime_ns == st.st_mtime_ns
+            and (first.ctime_ns == st.st_ctime_ns or first.ctime_ns == 0))
 
 
 def _unchanged(old: Entry, st: os.stat_result) -> bool:
@@ -461,10 +646,10 @@ def _unchanged(old: Entry, st: os.stat_result) -> bool:
             and old.ctime_ns == st.st_ctime_ns and old.ino == st.st_ino)
 
 
-def _entry(path: bytes, st: os.stat_result, etype: int, **kw: object) -> Entry:
-    return Entry(os.path.basename(path), etype, st.st_mode & 0o7777, st.st_uid, st.st_gid,
+def _entry(name: bytes, st: os.stat_result, etype: int, **kw: Any) -> Entry:
+    return Entry(name, etype, st.st_mode & 0o7777, st.st_uid, st.st_gid,
                  st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-                 st.st_size if etype != DIR else 0, **kw)  # type: ignore[arg-type]
+                 st.st_size if etype in (FILE, SYMLINK) else 0, **kw)
 
 
 def _estimate_bytes(parent: Generation | None, src: Path) -> int:
