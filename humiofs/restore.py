@@ -15,9 +15,9 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from humiofs import crypto
+from humiofs import crypto, format, scan, xattrs
 from humiofs.errors import IntegrityError, StoreError, TargetError
-from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, check_name
+from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs, check_name
 from humiofs.progress import Progress
 from humiofs.store import Store
 
@@ -37,6 +37,8 @@ class RestoreStats:
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
+    specials: int = 0
+    links: int = 0          # files restored as another name of an inode already restored
     skipped: int = 0
     bytes: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -51,6 +53,10 @@ class Restore:
         self.stats = RestoreStats()
         self._as_root = os.geteuid() == 0
         self._progress = Progress(enabled=options.progress)
+        # Hard links: Entry.link_key() -> [O_PATH fd of the first name restored, names left].
+        self._links: dict[object, list[int]] = {}
+        # Extended attributes the target refused: name -> (count, first path, error).
+        self._xattr_failures: dict[bytes, tuple[int, bytes, str]] = {}
 
     def run(self, gen: Generation) -> RestoreStats:
         target = self.opt.target
@@ -66,14 +72,19 @@ class Restore:
             if not (self.opt.missing_only or self.opt.overwrite) and os.listdir(root_fd):
                 raise TargetError(f"restore target {target} is not empty; use --missing-only "
                                   "to add what is missing or --overwrite to replace files")
-            self._tree(root_fd, b"", gen.root.tree)
+            with scan.deep_walk():
+                self._tree(root_fd, b"", gen.root.tree)
             if not self.opt.missing_only:
-                self._set_attrs(root_fd, gen.root.mode, gen.root.uid, gen.root.gid,
-                                gen.root.mtime_ns)
+                self._set_attrs(root_fd, b".", gen.root.mode, gen.root.uid, gen.root.gid,
+                                gen.root.mtime_ns, gen.root.xattrs)
             _syncfs(root_fd)
         finally:
             os.close(root_fd)
+            for fd, _left in self._links.values():
+                os.close(fd)
+            self._links.clear()
             self._progress.close()
+        self._report_xattr_failures()
         return self.stats
 
     def _tree(self, dfd: int, rel: bytes, ref: Ref) -> None:
@@ -92,6 +103,8 @@ class Restore:
                     self._file(dfd, path, e)
                 elif e.type == SYMLINK:
                     self._symlink(dfd, path, e)
+                else:
+                    self._special(dfd, path, e)
             except OSError as exc:
                 raise _target_error(exc, path) from None
 
@@ -128,7 +141,7 @@ class Restore:
             self._tree(sub, path, e.subtree)
             # --missing-only leaves folders that were already there as they are.
             if created or not self.opt.missing_only:
-                self._set_attrs(sub, e.mode, e.uid, e.gid, e.mtime_ns)
+                self._set_attrs(sub, path, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
         finally:
             os.close(sub)
         self.stats.dirs += 1
@@ -147,8 +160,51 @@ class Restore:
         raise TargetError(f"{os.fsdecode(path)} exists in the target; use --overwrite to "
                           "replace it")
 
+    def _link(self, dfd: int, path: bytes, e: Entry) -> bool:
+        """Restores `e` as another name of an inode restored before (FORMAT.md 7.1, hard
+        links); False if it is the first name of its inode, or the link cannot be made."""
+        key = e.link_key()
+        held = self._links.get(key) if key is not None else None
+        if held is None:
+            return False
+        tmp = _temp_name()
+        try:
+            # linkat() through /proc follows the O_PATH fd to the inode itself: no path of the
+            # first name is looked up again, so nothing in the target can redirect it.
+            os.link(b"/proc/self/fd/%d" % held[0], tmp, dst_dir_fd=dfd, follow_symlinks=True)
+        except OSError as exc:
+            log.info("%s: cannot be linked to its other name (%s); writing a copy",
+                     os.fsdecode(path), exc.strerror)
+            return False
+        try:
+            os.rename(tmp, e.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            os.unlink(tmp, dir_fd=dfd)
+            raise
+        held[1] -= 1
+        if held[1] <= 0:
+            os.close(held[0])
+            del self._links[key]
+        self.stats.links += 1
+        return True
+
+    def _linked(self, dfd: int, e: Entry) -> None:
+        """Remembers the inode just restored as `e.name`, for its other names."""
+        key = e.link_key()
+        if key is None:
+            return
+        try:
+            fd = os.open(e.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return   # e.g. out of fds: its other names are written as copies
+        self._links[key] = [fd, e.nlink - 1]
+
     def _file(self, dfd: int, path: bytes, e: Entry) -> None:
         if not self._may_write(dfd, path, e.name):
+            return
+        if self._link(dfd, path, e):
+            self.stats.files += 1
+            self._progress.update(1, 0)
             return
         tmp = _temp_name()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -159,7 +215,7 @@ class Restore:
             except (IntegrityError, StoreError) as exc:
                 raise IntegrityError(f"cannot restore {os.fsdecode(path)}: {exc}") from None
             os.ftruncate(fd, e.size)
-            self._set_attrs(fd, e.mode, e.uid, e.gid, e.mtime_ns)
+            self._set_attrs(fd, path, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
             os.close(fd)
             fd = -1
             os.rename(tmp, e.name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -171,6 +227,7 @@ class Restore:
             except FileNotFoundError:
                 pass
             raise
+        self._linked(dfd, e)
         self.stats.files += 1
         self._progress.update(1, 0)
 
@@ -197,21 +254,71 @@ class Restore:
             return
         tmp = _temp_name()
         os.symlink(e.target, tmp, dir_fd=dfd)
+        self._finish_node(dfd, tmp, path, e)
+        self.stats.symlinks += 1
+
+    def _special(self, dfd: int, path: bytes, e: Entry) -> None:
+        """A FIFO, or (as root) a device node."""
+        if e.type not in format.SPECIALS:
+            raise IntegrityError(f"cannot restore {os.fsdecode(path)}: unknown type {e.type}")
+        if e.type != format.FIFO and not self._as_root:
+            self._skip(path, "a device node; only root can create it")
+            return
+        if not self._may_write(dfd, path, e.name):
+            return
+        if self._link(dfd, path, e):
+            self.stats.specials += 1
+            return
+        tmp = _temp_name()
+        if e.type == format.FIFO:
+            os.mkfifo(tmp, 0o600, dir_fd=dfd)
+        else:
+            kind = stat.S_IFCHR if e.type == format.CHR else stat.S_IFBLK
+            os.mknod(tmp, kind | 0o600, os.makedev(*e.rdev), dir_fd=dfd)
+        self._finish_node(dfd, tmp, path, e)
+        self._linked(dfd, e)
+        self.stats.specials += 1
+
+    def _finish_node(self, dfd: int, tmp: bytes, path: bytes, e: Entry) -> None:
+        """Sets the attributes of a symlink, FIFO or device node just made as `tmp`, without
+        opening it (which could block, or act on a device) or following it, then renames it
+        into place."""
         try:
             if self._as_root:
                 os.chown(tmp, e.uid, e.gid, dir_fd=dfd, follow_symlinks=False)
+            if e.type != SYMLINK:
+                os.chmod(tmp, e.mode, dir_fd=dfd, follow_symlinks=False)
+            self._set_xattrs(xattrs.at(dfd, tmp), path, e.xattrs)
             os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
             os.rename(tmp, e.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             os.unlink(tmp, dir_fd=dfd)
             raise
-        self.stats.symlinks += 1
 
-    def _set_attrs(self, fd: int, mode: int, uid: int, gid: int, mtime_ns: int) -> None:
+    def _set_attrs(self, fd: int, path: bytes, mode: int, uid: int, gid: int, mtime_ns: int,
+                   attrs: Xattrs) -> None:
+        # In this order: chown clears set-id bits and file capabilities, and every xattr set
+        # moves the ctime only (the mtime is set last).
         if self._as_root:
             os.fchown(fd, uid, gid)
         os.fchmod(fd, mode)
+        self._set_xattrs(fd, path, attrs)
         os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+    def _set_xattrs(self, target: int | bytes, path: bytes, attrs: Xattrs) -> None:
+        if not attrs:
+            return
+        for name, exc in xattrs.write(target, attrs):
+            count, first, why = self._xattr_failures.get(name, (0, path, exc.strerror or ""))
+            self._xattr_failures[name] = (count + 1, first, why)
+
+    def _report_xattr_failures(self) -> None:
+        """One warning per attribute name the target refused (often all of a kind, such as
+        `security.selinux` without SELinux or `trusted.*` without root)."""
+        for name, (count, first, why) in sorted(self._xattr_failures.items()):
+            more = f" and {count - 1} more" if count > 1 else ""
+            self._skip(first, f"extended attribute {os.fsdecode(name)} not restored on this "
+                              f"entry{more}: {why}")
 
 
 def _temp_name() -> bytes:
