@@ -90,7 +90,7 @@ class Operations(pyfuse3.Operations):
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
         e.st_gid = attr.gid
-        e.st_rdev = 0
+        e.st_rdev = attr.rdev
         e.st_size = attr.size
         # cp --sparse=always and tar look for holes in st_blksize steps: 4 KiB finds them all.
         e.st_blksize = 4096
@@ -133,6 +133,20 @@ class Operations(pyfuse3.Operations):
         s.f_files = s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
+
+    # -- extended attributes: the stored ones (FORMAT.md 7.1), read-only ----------------------
+
+    async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
+                       ctx: pyfuse3.RequestContext) -> bytes:
+        for key, value in await self._call("getxattr", self.tree.xattrs, inode):
+            if key == name:
+                return value
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, inode: pyfuse3.InodeT,
+                        ctx: pyfuse3.RequestContext) -> Sequence[pyfuse3.XAttrNameT]:
+        return [pyfuse3.XAttrNameT(name)
+                for name, _ in await self._call("listxattr", self.tree.xattrs, inode)]
 
     # -- folders ------------------------------------------------------------------------------
 

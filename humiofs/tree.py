@@ -36,7 +36,9 @@ from pathlib import Path
 
 from humiofs import generations
 from humiofs.errors import NoSuchStore, StoreError, WrongKey
-from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, generation_time
+from humiofs import format
+from humiofs.format import (DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs,
+                            generation_time)
 from humiofs.chunkcache import CACHE_BYTES
 from humiofs.reader import Damaged, Reader, WouldBlock
 from humiofs.store import Store, is_store, list_stores
@@ -50,6 +52,7 @@ REFRESH_S = 1.0               # how often the list of generations is read again
 LISTING_BUDGET = 64_000       # tree entries kept decoded (about 40 MB)
 _BLOCK = 4096
 _NAME = attrgetter("name")
+_SPECIAL_MODES = {format.FIFO: stat.S_IFIFO, format.CHR: stat.S_IFCHR, format.BLK: stat.S_IFBLK}
 
 
 class NotFound(Exception):
@@ -70,6 +73,7 @@ class Attr:
     blocks: int
     mtime_ns: int
     volatile: bool = False
+    rdev: int = 0
 
 
 def _blocks(nbytes: int) -> int:
@@ -142,12 +146,14 @@ class _Dir:
     """A folder of a node tree (or a node root, or the synthetic globaldata folder) whose
     children get the inode range base .. base+count-1 once its listing is first read."""
 
-    __slots__ = ("inode", "parent", "path", "source", "gen", "ref", "is_root", "base", "count")
+    __slots__ = ("inode", "parent", "path", "source", "gen", "ref", "view", "is_root", "base",
+                 "count")
 
     def __init__(self, inode: int, parent: int, path: str, source: _Source, gen: Generation,
-                 ref: Ref | None, is_root: bool = False) -> None:
+                 ref: Ref | None, view: int, is_root: bool = False) -> None:
         self.inode, self.parent, self.path = inode, parent, path
         self.source, self.gen, self.ref, self.is_root = source, gen, ref, is_root
+        self.view = view            # the inode of the node root this folder is under
         self.base = self.count = 0
 
 
@@ -221,6 +227,9 @@ class Tree:
         self._ranges: list[_Dir] = []
         self._listings: OrderedDict[int, list[Entry]] = OrderedDict()
         self._listed = 0
+        # Hard links: (view, Entry.link_key()) -> the one inode all names of it get: the
+        # inode of the first name handed out. Grows with the hard-linked names visited.
+        self._link_inodes: dict[tuple[int, object], int] = {}
 
     @classmethod
     def from_backup_dir(cls, backup_dir: Path, key: str, name: str | None = None,
@@ -266,7 +275,8 @@ class Tree:
             if inode is None:
                 inode = self._roots[key] = self._next
                 self._next += 1
-                self._dirs[inode] = _Dir(inode, parent, path, src, gen, gen.root.tree, True)
+                self._dirs[inode] = _Dir(inode, parent, path, src, gen, gen.root.tree, inode,
+                                         True)
             return inode
 
     def _top_items(self, top: _Top, block: bool) -> list[tuple[bytes, int]]:
@@ -312,7 +322,7 @@ class Tree:
                 if i == len(entries) or entries[i].name != GLOBALDATA:
                     root = d.gen.root
                     entries.insert(i, Entry(GLOBALDATA, DIR, 0o755, root.uid, root.gid,
-                                            d.gen.time_ms * 1_000_000, 0, 0, _BLOCK))
+                                            d.gen.time_ms * 1_000_000, 0, 0, _BLOCK, nlink=2))
         with self._lock:
             if d.base == 0:
                 d.base, d.count = self._next, len(entries)
@@ -354,24 +364,48 @@ class Tree:
             if d is None:
                 d = self._dirs[inode] = _Dir(inode, parent.inode,
                                              f"{parent.path}/{os.fsdecode(e.name)}",
-                                             parent.source, parent.gen, e.subtree)
+                                             parent.source, parent.gen, e.subtree, parent.view)
             return d
 
     # -- attributes ---------------------------------------------------------------------------
 
     def _top_attr(self, inode: int) -> Attr:
         mtime = max((s.current.time_ms for s in self._sources if s.current), default=0)
-        return Attr(inode, stat.S_IFDIR | 0o555, 2, self.uid, self.gid, _BLOCK, 8,
+        # 2 + subfolders, from what is known without store I/O (these folders are volatile:
+        # their attributes expire within a second).
+        top = self._top[inode]
+        if inode == ROOT_INODE:
+            nlink = 3 + sum(1 for s in self._sources if s.current is not None)
+        elif top.source is None:
+            nlink = 2 + len(self._sources)
+        else:
+            nlink = 2 + len(top.source.names)
+        return Attr(inode, stat.S_IFDIR | 0o555, nlink, self.uid, self.gid, _BLOCK, 8,
                     mtime * 1_000_000, volatile=True)
 
     def _entry_attr(self, inode: int, e: Entry) -> Attr:
         if e.type == FILE:
-            return Attr(inode, stat.S_IFREG | e.mode, 1, e.uid, e.gid, e.size,
+            return Attr(inode, stat.S_IFREG | e.mode, e.nlink, e.uid, e.gid, e.size,
                         _blocks(e.data_bytes), e.mtime_ns)
         if e.type == DIR:
             # Trees do not keep a folder's size; one 4 KiB block is what ext4 and xfs show.
-            return Attr(inode, stat.S_IFDIR | e.mode, 2, e.uid, e.gid, _BLOCK, 8, e.mtime_ns)
-        return Attr(inode, stat.S_IFLNK | e.mode, 1, e.uid, e.gid, len(e.target), 0, e.mtime_ns)
+            # nlink is 2 + subfolders, or 1 ("not counted") from a version 1 tree.
+            return Attr(inode, stat.S_IFDIR | e.mode, e.nlink, e.uid, e.gid, _BLOCK, 8,
+                        e.mtime_ns)
+        if e.type == SYMLINK:
+            return Attr(inode, stat.S_IFLNK | e.mode, 1, e.uid, e.gid, len(e.target), 0,
+                        e.mtime_ns)
+        return Attr(inode, _SPECIAL_MODES[e.type] | e.mode, e.nlink, e.uid, e.gid, 0, 0,
+                    e.mtime_ns, rdev=os.makedev(*e.rdev))
+
+    def _child_inode(self, d: _Dir, index: int, e: Entry) -> int:
+        """The inode of entry `index` of the folder `d`: base + index, except that all names
+        of one hard-linked inode get the inode of the first of them handed out."""
+        key = e.link_key()
+        if key is None:
+            return d.base + index
+        with self._lock:
+            return self._link_inodes.setdefault((d.view, key), d.base + index)
 
     def getattr(self, inode: int, block: bool = True) -> Attr:
         """The attributes of `inode`; NotFound if the model never handed it out."""
@@ -382,8 +416,20 @@ class Tree:
             d = self._dirs.get(inode)
         if d is not None and d.is_root:
             r = d.gen.root
-            return Attr(inode, stat.S_IFDIR | r.mode, 2, r.uid, r.gid, _BLOCK, 8, r.mtime_ns)
+            subdirs = sum(1 for e in self._listing(d, block) if e.type == DIR)
+            return Attr(inode, stat.S_IFDIR | r.mode, 2 + subdirs, r.uid, r.gid, _BLOCK, 8,
+                        r.mtime_ns)
         return self._entry_attr(inode, self._entry(inode, block)[1])
+
+    def xattrs(self, inode: int, block: bool = True) -> Xattrs:
+        """The stored extended attributes of `inode` (FORMAT.md 7.1), sorted by name."""
+        if inode in self._top:
+            return ()
+        with self._lock:
+            d = self._dirs.get(inode)
+        if d is not None and d.is_root:
+            return d.gen.root.xattrs
+        return self._entry(inode, block)[1].xattrs
 
     def volatile(self, inode: int) -> bool:
         """True for folders whose listing changes as backups come and go."""
@@ -413,7 +459,7 @@ class Tree:
         i = bisect_left(entries, name, key=_NAME)
         if i == len(entries) or entries[i].name != name:
             raise NotFound()
-        return self._entry_attr(d.base + i, entries[i])
+        return self._entry_attr(self._child_inode(d, i, entries[i]), entries[i])
 
     def opendir(self, inode: int, block: bool = True) -> Listing:
         """The children of a folder, as they are now."""
@@ -423,8 +469,7 @@ class Tree:
             return Listing(items, lambda _i, child: self.getattr(child), volatile=True)
         d = self._dir(inode, block)
         entries = self._listing(d, block)
-        base = d.base
-        return Listing([(e.name, base + i) for i, e in enumerate(entries)],
+        return Listing([(e.name, self._child_inode(d, i, e)) for i, e in enumerate(entries)],
                        lambda i, child: self._entry_attr(child, entries[i]), volatile=False)
 
     def readlink(self, inode: int, block: bool = True) -> bytes:
