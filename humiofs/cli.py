@@ -16,7 +16,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from humiofs import config as configmod
-from humiofs import errors, generations
+from humiofs import errors, generations, scan
 from humiofs.config import Config
 from humiofs.errors import HumiofsError, Interrupted, StoreError
 from humiofs.format import generation_time
@@ -177,8 +177,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         gen = run.run(parent)
     s = run.stats
     skipped = f", {s.skipped} skipped" if s.skipped else ""
+    # A file being written (appended to) is stored as of the size it had when it was opened.
+    live = f" ({s.live} still being written, stored as they were)" if s.live else ""
     print(f"backup {store.name}: generation {generations.format_time(gen.time_ms)}: "
-          f"{s.new} new, {s.changed} changed, {s.unchanged} unchanged files{skipped}; "
+          f"{s.new} new, {s.changed} changed{live}, {s.unchanged} unchanged files{skipped}; "
           f"read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
           f"in {time.monotonic() - start:.1f}s")
     return errors.EXIT_PARTIAL if s.skipped else errors.EXIT_OK
@@ -198,7 +200,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     skipped = f", {stats.skipped} left alone" if stats.skipped else ""
     print(f"restore {store.name}: generation {generations.format_time(gen.time_ms)} -> "
           f"{args.to}: {stats.files} files, {stats.dirs} folders, {stats.symlinks} symlinks"
-          f"{skipped}; {human_bytes(stats.bytes)} of data in {time.monotonic() - start:.1f}s")
+          + (f", {stats.specials} FIFOs and devices" if stats.specials else "")
+          + (f" ({stats.links} of the files as hard links)" if stats.links else "")
+          + f"{skipped}; {human_bytes(stats.bytes)} of data in {time.monotonic() - start:.1f}s")
     return errors.EXIT_PARTIAL if stats.skipped else errors.EXIT_OK
 
 
@@ -273,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return func(args)
+        # Backup, restore, check and prune walk trees recursively: a node may be deep.
+        with scan.deep_walk():
+            return func(args)
     except HumiofsError as exc:
         print(f"humiofs: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -60,7 +60,7 @@ class BackupStats:
     bytes_read: int = 0
     bytes_stored: int = 0
     trees_stored: int = 0
-    grown: int = 0          # files stored as a prefix: they grew while they were read
+    live: int = 0           # files being written: read twice, stored as they were when opened
     warnings: list[str] = field(default_factory=list)
     skipped_paths: list[RelPath] = field(default_factory=list)
 
@@ -509,8 +509,7 @@ class Backup:
             # Read twice and stored as of the size it had when opened (it is being written):
             # a ctime of 0 makes the next run read it again.
             entry = replace(entry, ctime_ns=0)
-            if after.st_size > st.st_size:
-                self.stats.grown += 1
+            self.stats.live += 1
         return entry
 
     def _after_read(self, fd: int, before: os.stat_result, racy: bool) -> os.stat_result | None:

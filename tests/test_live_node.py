@@ -1,0 +1,422 @@
+"""Every entry of a live node is saved, or explained: far-future and pre-1970 times, a file
+appended to during the run, files rewritten in place, hard links, FIFOs, sockets, devices,
+xattrs and ACLs, odd names, and paths longer than PATH_MAX. Backups run through the CLI (or
+in-process where the store itself is inspected); restore and a real mount give it all back."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY, ROOT, clean_env, run_cli, write_env
+from humiofs.errors import EXIT_OK, EXIT_PARTIAL
+from humiofs.format import FILE
+from humiofs.store import Store
+from messynode import (IS_ROOT, Y1901_NS, Y2300_NS, Appender, digest, is_record_prefix,
+                       long_path, make_messy_node, record)
+from mountutil import Mount, wait_for
+from storetools import backup, create_store, files, restore, walk
+
+pytestmark = pytest.mark.allow_warnings
+
+
+def env_for(tmp_path: Path, node: Path) -> Path:
+    (tmp_path / "backup").mkdir(exist_ok=True)
+    return write_env(tmp_path / "node.env", tmp_path / "backup", directory=node)
+
+
+def cli_backup(env: Path) -> subprocess.CompletedProcess[str]:
+    r = run_cli("backup", "--config", env)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def cli_restore(env: Path, target: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    r = run_cli("restore", "--config", env, "--to", target, *extra)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def read_at(root: Path, parts: list[bytes]) -> bytes:
+    """The bytes of a file reached component by component (its path may exceed PATH_MAX)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in parts[:-1]:
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        f = os.open(parts[-1], os.O_RDONLY, dir_fd=fd)
+        try:
+            return os.read(f, 1 << 20)
+        finally:
+            os.close(f)
+    finally:
+        os.close(fd)
+
+
+# -- times ------------------------------------------------------------------------------------
+
+def test_far_future_and_1901_times_back_up_and_round_trip(tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "x").write_bytes(b"x")
+    (node / "old").write_bytes(b"o")
+    (node / "d").mkdir()
+    os.utime(node / "x", ns=(Y2300_NS, Y2300_NS))
+    os.utime(node / "old", ns=(Y1901_NS, Y1901_NS))
+    os.utime(node / "d", ns=(Y2300_NS, Y2300_NS))
+    env = env_for(tmp_path, node)
+    r = cli_backup(env)
+    assert r.returncode == EXIT_OK, r.stderr
+    r = cli_restore(env, tmp_path / "r")
+    assert r.returncode == EXIT_OK, r.stderr
+    assert (tmp_path / "r" / "x").stat().st_mtime_ns == Y2300_NS
+    assert (tmp_path / "r" / "old").stat().st_mtime_ns == Y1901_NS
+    assert (tmp_path / "r" / "d").stat().st_mtime_ns == Y2300_NS
+    # A second run finds the far-future file unchanged.
+    r = cli_backup(env)
+    assert r.returncode == EXIT_OK and "0 new, 0 changed" in r.stdout, r.stdout + r.stderr
+
+
+def test_far_future_time_in_watch(tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "x").write_bytes(b"x")
+    os.utime(node / "x", ns=(Y2300_NS, Y2300_NS))
+    env = env_for(tmp_path, node)
+    log = tmp_path / "watch.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "--config", str(env),
+                                 "--watch", "--interval", "0.3"], env=clean_env(), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        gens = tmp_path / "backup" / "node1" / "generations"
+
+        def committed() -> bool:
+            assert proc.poll() is None, log.read_text()
+            return gens.is_dir() and any(gens.iterdir())
+        wait_for(committed, "a generation")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    assert rc == EXIT_OK, log.read_text()
+    assert "Traceback" not in log.read_text()
+
+
+# -- files that change while they are read ------------------------------------------------------
+
+@pytest.mark.parametrize("start_bytes", [0, 3 << 20], ids=["small", "large"])
+def test_appended_file_is_stored_as_a_consistent_prefix(tmp_path: Path,
+                                                        start_bytes: int) -> None:
+    """A file that gets 4 KiB every 5 ms is in the generation, as a prefix it really had."""
+    node = tmp_path / "node"
+    node.mkdir()
+    live = node / "segment_live"
+    with open(live, "wb") as f:
+        for j in range(start_bytes // 4096):
+            f.write(record(j))
+    env = env_for(tmp_path, node)
+    with Appender(live, start=start_bytes // 4096) as app:
+        wait_for(lambda: app.count > start_bytes // 4096 + 20, "appends")
+        r = cli_backup(env)
+        assert r.returncode == EXIT_OK, r.stdout + r.stderr
+        assert "still being written" in r.stdout
+        r = cli_restore(env, tmp_path / "r")
+    assert r.returncode == EXIT_OK, r.stderr
+    data = (tmp_path / "r" / "segment_live").read_bytes()
+    assert len(data) >= start_bytes + 20 * 4096
+    assert is_record_prefix(data)
+
+
+def test_appended_file_in_every_watch_generation(tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    live = node / "segment_live"
+    live.write_bytes(b"")
+    env = env_for(tmp_path, node)
+    log = tmp_path / "watch.log"
+    with Appender(live), open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "--config", str(env),
+                                 "--watch", "--interval", "0.3"], env=clean_env(), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            gens = tmp_path / "backup" / "node1" / "generations"
+
+            def three() -> bool:
+                assert proc.poll() is None, log.read_text()
+                return gens.is_dir() and len(os.listdir(gens)) >= 3
+            wait_for(three, "three generations", 60)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(30)
+    assert rc == EXIT_OK, log.read_text()
+    store = Store.open(tmp_path / "backup" / "node1", KEY)
+    sizes = []
+    for name in store.list_generations():
+        gen = store.load_generation(name)
+        e = files(store, gen)["segment_live"]
+        target = tmp_path / f"r-{name}"
+        restore(store, gen, target)
+        data = (target / "segment_live").read_bytes()
+        assert len(data) == e.size and is_record_prefix(data)
+        sizes.append(e.size)
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0], sizes
+
+
+def boundaries(data: bytes) -> int:
+    return sum(1 for a, b in zip(data, data[1:]) if a != b)
+
+
+@pytest.mark.parametrize("size", [200_000, 3 << 20], ids=["small", "large"])
+def test_file_rewritten_in_place_is_never_stored_torn(tmp_path: Path, size: int) -> None:
+    """A file overwritten front to back, again and again, alternately with A and B, holds at
+    every moment new bytes up to some point and old ones after it: one boundary at most.
+    A backup stores such a state, or keeps the file out with a warning; never a torn mix."""
+    node = tmp_path / "node"
+    node.mkdir()
+    victim = node / "rewritten"
+    victim.write_bytes(b"A" * size)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        fd = os.open(victim, os.O_WRONLY)
+        try:
+            letter = b"B"
+            while not stop.is_set():
+                for off in range(0, size, 65536):
+                    os.pwrite(fd, letter * min(65536, size - off), off)
+                letter = b"A" if letter == b"B" else b"B"
+        finally:
+            os.close(fd)
+    env = env_for(tmp_path, node)
+    writer = threading.Thread(target=rewrite, daemon=True)
+    writer.start()
+    try:
+        r = cli_backup(env)
+    finally:
+        stop.set()
+        writer.join()
+    assert r.returncode in (EXIT_OK, EXIT_PARTIAL), r.stderr
+    r2 = cli_restore(env, tmp_path / "r")
+    assert r2.returncode == EXIT_OK, r2.stderr
+    restored = tmp_path / "r" / "rewritten"
+    if r.returncode == EXIT_PARTIAL:
+        assert "rewritten: it " in r.stderr and not restored.exists(), r.stderr
+    else:
+        data = restored.read_bytes()
+        assert len(data) == size and boundaries(data) <= 1
+
+
+# -- kinds of entry ------------------------------------------------------------------------------
+
+def test_hard_links_are_stored_once_and_come_back_as_links(tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    (node / "a").mkdir(parents=True)
+    (node / "b").mkdir()
+    (node / "a" / "one").write_bytes(os.urandom(1_000_000))
+    os.link(node / "a" / "one", node / "a" / "two")
+    os.link(node / "a" / "one", node / "b" / "three")
+    store = create_store(tmp_path / "backup" / "node1")
+    gen, stats = backup(store, node)
+    entries = files(store, gen)
+    refs = {entries[p].data for p in ("a/one", "a/two", "b/three")}
+    assert len(refs) == 1 and {entries[p].nlink for p in entries} == {3}
+    assert stats.bytes_read == 1_000_000
+    stored = sum(p.stat().st_size for p in (store.path / "packs").glob("*/*"))
+    assert stored < 1_100_000
+    assert gen.stats["data_bytes"] == 1_000_000
+    restore(store, gen, tmp_path / "r")
+    inos = {(tmp_path / "r" / p).stat().st_ino for p in ("a/one", "a/two", "b/three")}
+    assert len(inos) == 1 and (tmp_path / "r" / "a" / "one").stat().st_nlink == 3
+    assert (tmp_path / "r" / "b" / "three").read_bytes() == (node / "a" / "one").read_bytes()
+
+
+def test_fifo_socket_and_devices(tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    os.mkfifo(node / "pipe")
+    os.chmod(node / "pipe", 0o620)
+    os.mknod(node / "sock", stat.S_IFSOCK | 0o600)
+    if IS_ROOT:
+        os.mknod(node / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.mknod(node / "loop", stat.S_IFBLK | 0o640, os.makedev(7, 300))
+    env = env_for(tmp_path, node)
+    r = cli_backup(env)
+    assert r.returncode == EXIT_PARTIAL, r.stdout + r.stderr
+    assert "sock: a socket cannot be backed up" in r.stderr
+    r = cli_restore(env, tmp_path / "r")
+    assert r.returncode == EXIT_OK, r.stderr
+    st = (tmp_path / "r" / "pipe").lstat()
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o620
+    assert not (tmp_path / "r" / "sock").exists()
+    if IS_ROOT:
+        st = (tmp_path / "r" / "null").lstat()
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+        st = (tmp_path / "r" / "loop").lstat()
+        assert stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(7, 300)
+        assert stat.S_IMODE(st.st_mode) == 0o640
+
+
+def test_odd_names_keep_raw_byte_order(tmp_path: Path) -> None:
+    """Trees sort names by raw bytes: b'\\xff' sorts after an emoji's UTF-8 bytes, but before
+    it as str. A wrong order would make the generation unreadable."""
+    node = tmp_path / "node"
+    node.mkdir()
+    for name in (b"\xff", "\U0001F600".encode(), b"a\nb", b"\xc3\xbc"):
+        with open(os.path.join(os.fsencode(node), name), "wb") as f:
+            f.write(name)
+    store = create_store(tmp_path / "backup" / "node1")
+    gen, _ = backup(store, node)
+    names = [e.name for e in store.read_tree(gen.root.tree)]
+    assert names == sorted(names) and len(names) == 4
+    restore(store, gen, tmp_path / "r")
+    for name in names:
+        assert open(os.path.join(os.fsencode(tmp_path / "r"), name), "rb").read() == name
+
+
+def test_xattrs_and_acls_round_trip(tmp_path: Path) -> None:
+    node = make_messy_node(tmp_path / "node")
+    store = create_store(tmp_path / "backup" / "node1")
+    gen, _ = backup(store, node)
+    entry = dict(walk(store, gen.root.tree))["xattrs/labelled"]
+    names = [n for n, _ in entry.xattrs]
+    assert b"user.bin" in names and b"system.posix_acl_access" in names
+    restore(store, gen, tmp_path / "r")
+    want, _ = digest(node, skip=(b"socket",))
+    got, _ = digest(tmp_path / "r")
+    assert got[b"xattrs/labelled"] == want[b"xattrs/labelled"]
+    assert got[b"xattrs"] == want[b"xattrs"]
+
+
+def test_unchanged_xattr_change_is_seen(tmp_path: Path) -> None:
+    """Setting an xattr moves only the ctime: the next run stores it, without re-reading data."""
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "f").write_bytes(b"x" * 5000)
+    store = create_store(tmp_path / "backup" / "node1")
+    backup(store, node, settle=True)
+    os.setxattr(node / "f", b"user.new", b"1")
+    gen, _ = backup(store, node)
+    assert files(store, gen)["f"].xattrs == ((b"user.new", b"1"),)
+
+
+def test_path_longer_than_path_max(tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    fd = os.open(node, os.O_RDONLY | os.O_DIRECTORY)
+    parts = long_path(node)
+    for name in parts[:-1]:
+        os.mkdir(name, dir_fd=fd)
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.close(os.open(parts[-1], os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+    os.close(fd)
+    assert len(b"/".join(parts)) > 4096
+    env = env_for(tmp_path, node)
+    r = cli_backup(env)
+    assert r.returncode == EXIT_OK, r.stderr
+    r = cli_restore(env, tmp_path / "r")
+    assert r.returncode == EXIT_OK, r.stderr
+    assert read_at(tmp_path / "r", parts) == b""
+    r = run_cli("check", "--config", env)
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+
+
+@pytest.fixture
+def deep_tmp(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path, emptied with rm(1) afterwards: pytest's own cleanup recurses too deep."""
+    yield tmp_path
+    subprocess.run(["rm", "-rf", str(tmp_path)], check=True)
+
+
+def test_deep_tree(deep_tmp: Path) -> None:
+    """3,000 levels of folders: deeper than Python's default recursion limit allows."""
+    tmp_path = deep_tmp
+    node = tmp_path / "node"
+    node.mkdir()
+    fd = os.open(node, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):
+        os.mkdir(b"d", dir_fd=fd)
+        sub = os.open(b"d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.close(os.open(b"bottom", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+    os.close(fd)
+    env = env_for(tmp_path, node)
+    r = cli_backup(env)
+    assert r.returncode == EXIT_OK, r.stderr
+    r = cli_restore(env, tmp_path / "r")
+    assert r.returncode == EXIT_OK, r.stderr
+    assert read_at(tmp_path / "r", [b"d"] * 3000 + [b"bottom"]) == b""
+    r = run_cli("check", "--config", env)
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+
+
+# -- all of it at once: backup, restore and the mount ------------------------------------------
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, int]]:
+    """A messy node backed up through the CLI while a file is appended to: (node, env file,
+    exit code of the backup). The appended file is closed by then."""
+    tmp = tmp_path_factory.mktemp("messy")
+    node = make_messy_node(tmp / "node")
+    env = env_for(tmp, node)
+    with Appender(node / "dataspace_1" / "datasource_1" / "segment_live") as app:
+        wait_for(lambda: app.count > 10, "appends")
+        r = cli_backup(env)
+    assert "socket: a socket cannot be backed up" in r.stderr
+    yield node, env, r.returncode
+
+
+def compare(node: Path, other: Path, mounted: bool = False) -> None:
+    skip = (b"socket", b"globaldata") if mounted else (b"socket",)
+    want, want_links = digest(node, skip=skip, extents=not mounted)
+    got, got_links = digest(other, skip=skip, extents=not mounted)
+    live = b"dataspace_1/datasource_1/segment_live"
+    data = read_at(other, live.split(b"/"))
+    assert len(data) > 10 * 4096 and is_record_prefix(data)
+    want.pop(live), got.pop(live)
+    if mounted:
+        # The folder holding globaldata gains a subfolder in the mount.
+        got[b""] = want[b""] = ()
+    assert got == want
+    assert got_links == want_links and len(want_links) == 2
+
+
+def test_messy_node_backs_up_with_a_generation(messy: tuple[Path, Path, int]) -> None:
+    assert messy[2] == EXIT_PARTIAL  # the socket
+
+
+def test_messy_node_restores_every_kind(messy: tuple[Path, Path, int], tmp_path: Path) -> None:
+    node, env, _ = messy
+    r = cli_restore(env, tmp_path / "r")
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    assert "as hard links" in r.stdout
+    compare(node, tmp_path / "r")
+
+
+def test_messy_node_mounts_every_kind(messy: tuple[Path, Path, int], tmp_path: Path) -> None:
+    node, env, _ = messy
+    with Mount(env, tmp_path / "mnt") as m:
+        compare(node, m.path / "node1", mounted=True)
+        du = subprocess.run(["du", "-s", "--block-size=1", str(m.path / "node1" / "dataspace_1")],
+                            capture_output=True, text=True, check=True)
+        du_src = subprocess.run(["du", "-s", "--block-size=1", str(node / "dataspace_1")],
+                                capture_output=True, text=True, check=True)
+        # The live segment is stored as a prefix; everything else matches, links counted once.
+        assert abs(int(du.stdout.split()[0]) - int(du_src.stdout.split()[0])) < 64 * 4096
+        getfattr = subprocess.run(["getfattr", "-d", str(m.path / "node1" / "xattrs" / "labelled")],
+                                  capture_output=True, text=True)
+        assert getfattr.returncode == 0 and "user.bin" in getfattr.stdout
+        sub = m.path / "node1" / "dataspace_1"
+        assert sub.stat().st_nlink == 2 + 2
+        assert (m.path / "node1" / "far-future").stat().st_mtime_ns == Y2300_NS
