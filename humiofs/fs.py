@@ -150,6 +150,8 @@ class Operations(pyfuse3.Operations):
         if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
+            # An entry's cookie is the index of the entry after it, so a listing larger than the
+            # kernel's buffer resumes exactly there, and telldir/seekdir land where they should.
             for i in range(start_id, len(listing)):
                 name, attr = listing.item(i)
                 if not pyfuse3.readdir_reply(token, name,

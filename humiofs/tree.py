@@ -152,18 +152,24 @@ class _Dir:
 
 
 class Listing:
-    """An opened folder: its children, fixed from opendir to releasedir."""
+    """An opened folder as readdir(3) shows it, fixed from opendir to releasedir: `.` and `..`
+    first, then its children in name order. Item i is the same entry for the listing's life,
+    so an index is a stable position to resume or seek to."""
 
-    def __init__(self, items: list[tuple[bytes, int]], attr: Callable[[int, int], Attr],
-                 volatile: bool) -> None:
+    def __init__(self, dots: tuple[Attr, Attr], items: list[tuple[bytes, int]],
+                 attr: Callable[[int, int], Attr], volatile: bool) -> None:
+        self._dots = ((b".", dots[0]), (b"..", dots[1]))
         self._items = items
         self._attr = attr
         self.volatile = volatile
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._dots) + len(self._items)
 
     def item(self, index: int) -> tuple[bytes, Attr]:
+        if index < len(self._dots):
+            return self._dots[index]
+        index -= len(self._dots)
         name, inode = self._items[index]
         return name, self._attr(index, inode)
 
@@ -416,16 +422,23 @@ class Tree:
         return self._entry_attr(d.base + i, entries[i])
 
     def opendir(self, inode: int, block: bool = True) -> Listing:
-        """The children of a folder, as they are now."""
+        """A folder's listing as it is now: `.`, `..` (the root's `..` is the root itself, as
+        the kernel expects), then its children."""
         top = self._top.get(inode)
         if top is not None:
             items = self._top_items(top, block)
-            return Listing(items, lambda _i, child: self.getattr(child), volatile=True)
+            return Listing(self._dots(inode, block), items,
+                           lambda _i, child: self.getattr(child), volatile=True)
         d = self._dir(inode, block)
         entries = self._listing(d, block)
         base = d.base
-        return Listing([(e.name, base + i) for i, e in enumerate(entries)],
+        return Listing(self._dots(inode, block),
+                       [(e.name, base + i) for i, e in enumerate(entries)],
                        lambda i, child: self._entry_attr(child, entries[i]), volatile=False)
+
+    def _dots(self, inode: int, block: bool) -> tuple[Attr, Attr]:
+        """The attributes of `.` and `..` in the folder `inode`."""
+        return self.getattr(inode, block), self.getattr(self.parent(inode, block), block)
 
     def readlink(self, inode: int, block: bool = True) -> bytes:
         if inode in self._top or inode in self._dirs:
