@@ -127,10 +127,14 @@ class Operations(pyfuse3.Operations):
         pass
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data_bytes, inodes = await self._call("statfs", self.tree.statfs)
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = s.f_bfree = s.f_bavail = 0
-        s.f_files = s.f_ffree = s.f_favail = 0
+        s.f_blocks = -(-data_bytes // s.f_frsize)
+        s.f_files = inodes
+        # A snapshot has room for nothing more: no free blocks or inodes, so df shows 100%.
+        s.f_bfree = s.f_bavail = 0
+        s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
 

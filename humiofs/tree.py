@@ -404,6 +404,30 @@ class Tree:
             d = self._dirs.get(inode)
         return d.parent if d is not None else self._entry(inode, block)[0].inode
 
+    def statfs(self, block: bool = True) -> tuple[int, int]:
+        """The size of what the NAME/ folders show, as (bytes, inodes).
+
+        bytes: the file data of the generations NAME/ shows, holes left out, as `du` counts it
+        (but not rounded up to whole blocks per file). inodes: their files, folders and
+        symlinks, plus the synthetic folders and seed files (a few more than `find | wc -l`).
+        The earlier generations under .generations are not counted: they mostly share their
+        data with these. Both come from the generations' own stats, already in memory; only a
+        stale list of generations needs store I/O (WouldBlock with block=False).
+        """
+        data_bytes, inodes = 0, len(self._top)
+        for src in self._sources:
+            gen = self._fresh(src, block).current
+            if gen is None:
+                continue
+            # The stats are a backup's own count, not checked against its trees: never below 0.
+            counts = {k: max(0, gen.stats.get(k, 0)) for k in
+                      ("data_bytes", "files", "dirs", "symlinks")}
+            data_bytes += counts["data_bytes"]
+            inodes += 1 + counts["files"] + counts["dirs"] + counts["symlinks"]  # 1: NAME/
+            if gen.identity is not None:
+                inodes += 2  # globaldata/ and its seed file
+        return data_bytes, inodes
+
     # -- folders ------------------------------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes, block: bool = True) -> Attr:

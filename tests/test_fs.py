@@ -262,9 +262,14 @@ async def test_a_bug_in_the_model_is_eio_not_a_dead_mount(
     assert "internal error in getattr" in caplog.text
 
 
-async def test_statfs_and_forget(ops: fs.Operations) -> None:
+async def test_statfs_and_forget(ops: fs.Operations,
+                                 backed_up: tuple[Path, Path, Store, Generation]) -> None:
+    stats = backed_up[3].stats
     s = await ops.statfs(CTX)
-    assert s.f_namemax == 255
+    assert s.f_namemax == 255 and s.f_frsize == 4096
+    assert s.f_blocks == -(-stats["data_bytes"] // 4096) > 0
+    assert stats["files"] + stats["dirs"] + stats["symlinks"] < s.f_files
+    assert s.f_bfree == s.f_bavail == s.f_ffree == s.f_favail == 0
     big = await lookup(ops, b"node1/big.bin")
     await ops.forget([(big.st_ino, 1)])
     assert (await ops.getattr(big.st_ino, CTX)).st_size == BIG

@@ -398,3 +398,19 @@ def test_a_large_folder_lists_every_entry_once(wide: Path) -> None:
         rest = lines[str(i)]
         assert (rest.split("/") if rest else []) == want[i:], i
 
+
+def test_df_shows_the_backup_size_and_nothing_free(mnt: Path, setup: tuple[Path, Path]) -> None:
+    store = Store.open(setup[1] / "node1", KEY)
+    stats = store.load_generation(store.list_generations()[-1]).stats
+    store.close()
+    done = subprocess.run(["df", "--block-size=4096",
+                           "--output=size,used,avail,itotal,iused,iavail", str(mnt)],
+                          capture_output=True, text=True, check=True)
+    size, used, avail, itotal, iused, iavail = map(int, done.stdout.splitlines()[1].split())
+    assert size == used == -(-stats["data_bytes"] // 4096) > 0
+    inodes = stats["files"] + stats["dirs"] + stats["symlinks"]
+    assert inodes < itotal == iused <= inodes + 8
+    assert avail == iavail == 0
+    vfs = os.statvfs(mnt)
+    assert vfs.f_frsize * vfs.f_blocks == size * 4096
+    assert vfs.f_bfree == vfs.f_bavail == vfs.f_ffree == vfs.f_favail == 0
