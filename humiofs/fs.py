@@ -127,10 +127,14 @@ class Operations(pyfuse3.Operations):
         pass
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data_bytes, inodes = await self._call("statfs", self.tree.statfs)
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = s.f_bfree = s.f_bavail = 0
-        s.f_files = s.f_ffree = s.f_favail = 0
+        s.f_blocks = -(-data_bytes // s.f_frsize)
+        s.f_files = inodes
+        # A snapshot has room for nothing more: no free blocks or inodes, so df shows 100%.
+        s.f_bfree = s.f_bavail = 0
+        s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
 
@@ -164,6 +168,8 @@ class Operations(pyfuse3.Operations):
         if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
+            # An entry's cookie is the index of the entry after it, so a listing larger than the
+            # kernel's buffer resumes exactly there, and telldir/seekdir land where they should.
             for i in range(start_id, len(listing)):
                 name, attr = listing.item(i)
                 if not pyfuse3.readdir_reply(token, name,

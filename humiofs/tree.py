@@ -158,18 +158,24 @@ class _Dir:
 
 
 class Listing:
-    """An opened folder: its children, fixed from opendir to releasedir."""
+    """An opened folder as readdir(3) shows it, fixed from opendir to releasedir: `.` and `..`
+    first, then its children in name order. Item i is the same entry for the listing's life,
+    so an index is a stable position to resume or seek to."""
 
-    def __init__(self, items: list[tuple[bytes, int]], attr: Callable[[int, int], Attr],
-                 volatile: bool) -> None:
+    def __init__(self, dots: tuple[Attr, Attr], items: list[tuple[bytes, int]],
+                 attr: Callable[[int, int], Attr], volatile: bool) -> None:
+        self._dots = ((b".", dots[0]), (b"..", dots[1]))
         self._items = items
         self._attr = attr
         self.volatile = volatile
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._dots) + len(self._items)
 
     def item(self, index: int) -> tuple[bytes, Attr]:
+        if index < len(self._dots):
+            return self._dots[index]
+        index -= len(self._dots)
         name, inode = self._items[index]
         return name, self._attr(index, inode)
 
@@ -444,6 +450,30 @@ class Tree:
             d = self._dirs.get(inode)
         return d.parent if d is not None else self._entry(inode, block)[0].inode
 
+    def statfs(self, block: bool = True) -> tuple[int, int]:
+        """The size of what the NAME/ folders show, as (bytes, inodes).
+
+        bytes: the file data of the generations NAME/ shows, holes left out, as `du` counts it
+        (but not rounded up to whole blocks per file). inodes: their files, folders and
+        symlinks, plus the synthetic folders and seed files (a few more than `find | wc -l`).
+        The earlier generations under .generations are not counted: they mostly share their
+        data with these. Both come from the generations' own stats, already in memory; only a
+        stale list of generations needs store I/O (WouldBlock with block=False).
+        """
+        data_bytes, inodes = 0, len(self._top)
+        for src in self._sources:
+            gen = self._fresh(src, block).current
+            if gen is None:
+                continue
+            # The stats are a backup's own count, not checked against its trees: never below 0.
+            counts = {k: max(0, gen.stats.get(k, 0)) for k in
+                      ("data_bytes", "files", "dirs", "symlinks")}
+            data_bytes += counts["data_bytes"]
+            inodes += 1 + counts["files"] + counts["dirs"] + counts["symlinks"]  # 1: NAME/
+            if gen.identity is not None:
+                inodes += 2  # globaldata/ and its seed file
+        return data_bytes, inodes
+
     # -- folders ------------------------------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes, block: bool = True) -> Attr:
@@ -462,15 +492,22 @@ class Tree:
         return self._entry_attr(self._child_inode(d, i, entries[i]), entries[i])
 
     def opendir(self, inode: int, block: bool = True) -> Listing:
-        """The children of a folder, as they are now."""
+        """A folder's listing as it is now: `.`, `..` (the root's `..` is the root itself, as
+        the kernel expects), then its children."""
         top = self._top.get(inode)
         if top is not None:
             items = self._top_items(top, block)
-            return Listing(items, lambda _i, child: self.getattr(child), volatile=True)
+            return Listing(self._dots(inode, block), items,
+                           lambda _i, child: self.getattr(child), volatile=True)
         d = self._dir(inode, block)
         entries = self._listing(d, block)
-        return Listing([(e.name, self._child_inode(d, i, e)) for i, e in enumerate(entries)],
+        return Listing(self._dots(inode, block),
+                       [(e.name, self._child_inode(d, i, e)) for i, e in enumerate(entries)],
                        lambda i, child: self._entry_attr(child, entries[i]), volatile=False)
+
+    def _dots(self, inode: int, block: bool) -> tuple[Attr, Attr]:
+        """The attributes of `.` and `..` in the folder `inode`."""
+        return self.getattr(inode, block), self.getattr(self.parent(inode, block), block)
 
     def readlink(self, inode: int, block: bool = True) -> bytes:
         if inode in self._top or inode in self._dirs:

@@ -2,6 +2,7 @@
 mount in a subprocess that is always unmounted. Plain functions and classes, no fixtures."""
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -85,8 +86,10 @@ def resolve(model: tree.Tree, path: bytes) -> tree.Attr:
 
 
 def listdir(model: tree.Tree, inode: int) -> dict[bytes, tree.Attr]:
+    """A folder's children by name (without `.` and `..`)."""
     listing = model.opendir(inode)
-    return dict(listing.item(i) for i in range(len(listing)))
+    return {name: attr for name, attr in map(listing.item, range(len(listing)))
+            if name not in (b".", b"..")}
 
 
 async def read_all(model: tree.Tree, inode: int, step: int = 100_000) -> bytes:
@@ -195,6 +198,40 @@ class Mount:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
             raise AssertionError(f"mount process did not exit after unmount: {self.stderr()}")
+
+
+class _Dirent64(ctypes.Structure):
+    """glibc's struct dirent64 (the same on every Linux architecture)."""
+
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+def readdir(path: Path) -> list[tuple[bytes, int, int]]:
+    """(name, d_ino, d_type) of every entry libc readdir(3) returns, in its order, `.` and `..`
+    included (os.scandir and os.listdir leave those two out)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = [ctypes.c_char_p]
+    libc.readdir64.restype = ctypes.POINTER(_Dirent64)
+    libc.readdir64.argtypes = [ctypes.c_void_p]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    d = libc.opendir(os.fsencode(path))
+    if not d:
+        raise OSError(ctypes.get_errno(), f"opendir {path}")
+    try:
+        out = []
+        while True:
+            ctypes.set_errno(0)
+            ent = libc.readdir64(d)
+            if not ent:
+                if ctypes.get_errno():
+                    raise OSError(ctypes.get_errno(), f"readdir {path}")
+                return out
+            out.append((ent.contents.d_name, ent.contents.d_ino, ent.contents.d_type))
+    finally:
+        libc.closedir(d)
 
 
 def copy_backup_dir(src: Path, dest: Path) -> Path:

@@ -50,15 +50,15 @@ def ops(backed_up: tuple[Path, Path, Store, Generation]) -> Iterator[fs.Operatio
 @pytest.fixture
 def replies(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, pyfuse3.EntryAttributes, int]]:
     """Stands in for pyfuse3.readdir_reply, which needs a kernel request: records the entries
-    and takes at most 3 per readdir call, as a small kernel buffer would."""
+    and takes at most 3 per readdir call (per token: pass a new object() to each call), as a
+    small kernel buffer would."""
     got: list[tuple[bytes, pyfuse3.EntryAttributes, int]] = []
-    per_call = {"n": 0}
+    taken: dict[object, int] = {}
 
     def reply(token: Any, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
-        if per_call["n"] == 3:
-            per_call["n"] = 0
+        if taken.setdefault(token, 0) == 3:
             return False
-        per_call["n"] += 1
+        taken[token] += 1
         got.append((name, attr, next_id))
         return True
 
@@ -81,7 +81,7 @@ async def listdir(ops: fs.Operations, inode: int,
     start = 0
     while True:
         before = len(replies)
-        await ops.readdir(fh, start, None)  # type: ignore[arg-type]
+        await ops.readdir(fh, start, object())  # type: ignore[arg-type]
         if len(replies) == before:
             break
         start = replies[-1][2]
@@ -131,19 +131,49 @@ async def test_not_found(ops: fs.Operations) -> None:
 async def test_readdir_resumes_and_names_are_bytes(
         ops: fs.Operations, replies: list[tuple[bytes, pyfuse3.EntryAttributes, int]]) -> None:
     root = await listdir(ops, pyfuse3.ROOT_INODE, replies)
-    assert root == [b".generations", b"node1"]
+    assert root == [b".", b"..", b".generations", b"node1"]
     node = await lookup(ops, b"node1")
     names = await listdir(ops, node.st_ino, replies)
     assert names == sorted(names) and len(set(names)) == len(names)
-    assert names == [b"big.bin", b"cluster_membership.uuid", b"dir", b"globaldata", b"link",
-                     b"names"]
+    assert names == [b".", b"..", b"big.bin", b"cluster_membership.uuid", b"dir", b"globaldata",
+                     b"link", b"names"]
     attrs = {name: attr for name, attr, _ in replies}
     assert stat.S_ISLNK(attrs[b"link"].st_mode)
     folder = await lookup(ops, b"node1/names")
     raw = await listdir(ops, folder.st_ino, replies)
+    assert raw[:2] == [b".", b".."]
     assert b"raw-\xfe\xff" in raw and all(isinstance(n, bytes) for n in raw)
     f = await ops.lookup(folder.st_ino, b"raw-\xfe\xff", CTX)
     assert await read_file(ops, f.st_ino) == b"raw bytes name"
+
+
+async def test_dot_and_dotdot_lead_every_listing(
+        ops: fs.Operations, replies: list[tuple[bytes, pyfuse3.EntryAttributes, int]]) -> None:
+    """`.` is the folder and `..` its parent (the root's is the root), both folders; and a
+    listing read on from any entry's cookie, as seekdir does, gives exactly the entries after
+    that one."""
+    (gen,) = [n for n in await listdir(ops, (await lookup(ops, b".generations/node1")).st_ino,
+                                       replies) if n not in (b".", b"..")]
+    paths = [b"", b"node1", b"node1/dir", b"node1/globaldata", b".generations",
+             b".generations/node1", b".generations/node1/" + gen]
+    for path in paths:
+        this = await lookup(ops, path) if path else await ops.getattr(pyfuse3.ROOT_INODE, CTX)
+        up = await lookup(ops, path.rpartition(b"/")[0]) if b"/" in path else \
+            await ops.getattr(pyfuse3.ROOT_INODE, CTX)
+        names = await listdir(ops, this.st_ino, replies)
+        assert names[:2] == [b".", b".."], path
+        (_, dot, _), (_, dotdot, _) = replies[:2]
+        assert (dot.st_ino, dotdot.st_ino) == (this.st_ino, up.st_ino), path
+        assert stat.S_ISDIR(dot.st_mode) and stat.S_ISDIR(dotdot.st_mode), path
+        cookies = [0] + [next_id for _, _, next_id in replies]
+        fh = await ops.opendir(this.st_ino, CTX)
+        for i, cookie in enumerate(cookies):
+            replies.clear()
+            await ops.readdir(fh, cookie, object())  # type: ignore[arg-type]
+            assert [n for n, _, _ in replies] == names[i:i + 3], (path, i)
+        await ops.releasedir(fh)
+    root = await ops.getattr(pyfuse3.ROOT_INODE, CTX)
+    assert root.st_ino == pyfuse3.ROOT_INODE
 
 
 async def test_read_and_readlink(ops: fs.Operations,
@@ -232,9 +262,14 @@ async def test_a_bug_in_the_model_is_eio_not_a_dead_mount(
     assert "internal error in getattr" in caplog.text
 
 
-async def test_statfs_and_forget(ops: fs.Operations) -> None:
+async def test_statfs_and_forget(ops: fs.Operations,
+                                 backed_up: tuple[Path, Path, Store, Generation]) -> None:
+    stats = backed_up[3].stats
     s = await ops.statfs(CTX)
-    assert s.f_namemax == 255
+    assert s.f_namemax == 255 and s.f_frsize == 4096
+    assert s.f_blocks == -(-stats["data_bytes"] // 4096) > 0
+    assert stats["files"] + stats["dirs"] + stats["symlinks"] < s.f_files
+    assert s.f_bfree == s.f_bavail == s.f_ffree == s.f_favail == 0
     big = await lookup(ops, b"node1/big.bin")
     await ops.forget([(big.st_ino, 1)])
     assert (await ops.getattr(big.st_ino, CTX)).st_size == BIG

@@ -24,8 +24,8 @@ import pytest
 from conftest import KEY, make_sample, run_cli, write_env
 from humiofs.scan import data_extents
 from humiofs.store import Store
-from mountutil import (Mount, is_mounted, mount_line, mounted_digest, pid_gone, source_digest,
-                       tamper_file_data, wait_for)
+from mountutil import (Mount, backup, create_store, is_mounted, mount_line, mounted_digest,
+                       pid_gone, readdir, source_digest, tamper_file_data, tiny_node, wait_for)
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"),
                                 reason="needs FUSE (/dev/fuse and fusermount3)")
@@ -51,6 +51,23 @@ def mnt(setup: tuple[Path, Path]) -> Iterator[Path]:
     """The backup mounted for the whole module, from a two-line env file (BACKUP_DIR + key)."""
     env = write_env(setup[0].parent / "mount.env", setup[1], name=None)
     with Mount(env, setup[0].parent / "mnt") as m:
+        yield m.path
+
+
+WIDE = 5000
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A mounted backup of a small node with a folder of WIDE files and a nested folder."""
+    root = tmp_path_factory.mktemp("wide")
+    src = tiny_node(root / "src", {"a/b/c.txt": b"nested\n"})
+    (src / "many").mkdir()
+    for i in range(WIDE):
+        (src / "many" / f"f{i:05d}").write_bytes(b"x")
+    backup(create_store(root / "backup" / "node1"), src)
+    env = write_env(root / "wide.env", root / "backup", name=None)
+    with Mount(env, root / "mnt") as m:
         yield m.path
 
 
@@ -310,3 +327,90 @@ def test_name_limits_the_root(setup: tuple[Path, Path], tmp_path: Path) -> None:
         assert sorted(os.listdir(m.path)) == [".generations", "node1"]
     done = run_cli("mount", "--config", env, "--name", "nosuch", tmp_path / "m")
     assert done.returncode == 2, done.stderr
+
+
+DT_DIR = 4  # d_type of a folder in readdir(3)
+
+
+def ls_a(folder: Path) -> list[str]:
+    """`ls -aU`: every name in readdir order."""
+    done = subprocess.run(["ls", "-aU", str(folder)], capture_output=True, text=True, check=True,
+                          env={**os.environ, "LC_ALL": "C"})
+    return done.stdout.splitlines()
+
+
+def test_every_folder_lists_dot_and_dotdot(wide: Path) -> None:
+    node = wide / "node1"
+    gens = wide / ".generations" / "node1"
+    (gen,) = os.listdir(gens)
+    parents = {wide: wide, node: wide, node / "a" / "b": node / "a",
+               node / "globaldata": node, wide / ".generations": wide,
+               gens: wide / ".generations", gens / gen: gens, gens / gen / "a": gens / gen}
+    for folder, parent in parents.items():
+        assert ls_a(folder)[:2] == [".", ".."], folder
+        got = readdir(folder)
+        assert [name for name, _, _ in got[:2]] == [b".", b".."], folder
+        assert sorted(os.fsdecode(n) for n, _, _ in got[2:]) == sorted(os.listdir(folder)), folder
+        assert got[0][1] == os.stat(folder).st_ino, folder
+        assert got[1][1] == os.stat(parent).st_ino, folder
+        assert got[0][2] == got[1][2] == DT_DIR, folder
+    assert readdir(wide)[1][1] == os.stat(wide).st_ino == 1  # the root's .. is the root
+
+# Reads a folder with readdir, noting telldir before each entry, then seeks back to each
+# position given and reads on to the end from there.
+SEEKDIR = r"""
+opendir(my $d, $ARGV[0]) or die "opendir: $!";
+my (@names, @pos);
+while (1) {
+    push @pos, telldir($d);
+    defined(my $n = readdir($d)) or last;
+    push @names, $n;
+}
+print "all\t", join("/", @names), "\n";
+for my $i (@ARGV[1 .. $#ARGV]) {
+    seekdir($d, $pos[$i]);
+    my @rest;
+    while (defined(my $n = readdir($d))) { push @rest, $n; }
+    print "$i\t", join("/", @rest), "\n";
+}
+"""
+
+
+def test_a_large_folder_lists_every_entry_once(wide: Path) -> None:
+    folder = wide / "node1" / "many"
+    want = [".", ".."] + [f"f{i:05d}" for i in range(WIDE)]
+    count = subprocess.run(f"ls -a '{folder}' | wc -l", shell=True, capture_output=True,
+                           text=True, check=True).stdout
+    assert int(count) == WIDE + 2
+    assert ls_a(folder) == want
+    got = readdir(folder)
+    assert [name.decode() for name, _, _ in got] == want
+    inodes = [ino for _, ino, _ in got[2:]]
+    assert len(set(inodes)) == WIDE
+    for i in (0, 1234, WIDE - 1):
+        assert os.lstat(folder / want[i + 2]).st_ino == inodes[i]
+    seeks = [0, 1, 2, 3, 1000, 2501, WIDE, WIDE + 1, WIDE + 2]
+    out = subprocess.run(["perl", "-e", SEEKDIR, str(folder), *map(str, seeks)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = dict(line.split("\t") for line in out)
+    assert lines["all"].split("/") == want
+    for i in seeks:
+        rest = lines[str(i)]
+        assert (rest.split("/") if rest else []) == want[i:], i
+
+
+def test_df_shows_the_backup_size_and_nothing_free(mnt: Path, setup: tuple[Path, Path]) -> None:
+    store = Store.open(setup[1] / "node1", KEY)
+    stats = store.load_generation(store.list_generations()[-1]).stats
+    store.close()
+    done = subprocess.run(["df", "--block-size=4096",
+                           "--output=size,used,avail,itotal,iused,iavail", str(mnt)],
+                          capture_output=True, text=True, check=True)
+    size, used, avail, itotal, iused, iavail = map(int, done.stdout.splitlines()[1].split())
+    assert size == used == -(-stats["data_bytes"] // 4096) > 0
+    inodes = stats["files"] + stats["dirs"] + stats["symlinks"]
+    assert inodes < itotal == iused <= inodes + 8
+    assert avail == iavail == 0
+    vfs = os.statvfs(mnt)
+    assert vfs.f_frsize * vfs.f_blocks == size * 4096
+    assert vfs.f_bfree == vfs.f_bavail == vfs.f_ffree == vfs.f_favail == 0

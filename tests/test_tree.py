@@ -223,6 +223,38 @@ async def test_earlier_generations(
         tree.Tree.from_backup_dir(backup_dir, KEY, at_ms=first.time_ms - 1)
 
 
+def test_statfs_counts_what_name_shows(model: tree.Tree, sample_node: Path) -> None:
+    """The bytes are the source's file data (holes left out), the inodes its entries plus the
+    few synthetic ones."""
+    data = entries = 0
+    for dirpath, dirnames, filenames in os.walk(sample_node):
+        dirnames[:] = [d for d in dirnames if d != "jvm-tmp"]
+        entries += len(dirnames) + len(filenames)
+        for name in filenames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                with open(p, "rb") as f:
+                    data += sum(n for _, n in data_extents(f.fileno(), p.stat().st_size))
+    data_bytes, inodes = model.statfs()
+    assert data_bytes == data
+    assert entries < inodes <= entries + 8
+
+
+def test_statfs_follows_the_shown_generation(
+        two_generations: tuple[Path, Path, Generation, Generation],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    backup_dir, _, first, second = two_generations
+    latest = tree.Tree.from_backup_dir(backup_dir, KEY)
+    pinned = tree.Tree.from_backup_dir(backup_dir, KEY, at_ms=first.time_ms)
+    assert latest.statfs(block=False)[0] == second.stats["data_bytes"]
+    assert pinned.statfs(block=False)[0] == first.stats["data_bytes"]
+    assert latest.statfs()[1] == pinned.statfs()[1] + 1  # added.txt
+    monkeypatch.setattr(tree, "REFRESH_S", 0.0)
+    with pytest.raises(tree.WouldBlock):  # a stale list of generations is store I/O
+        latest.statfs(block=False)
+    assert latest.statfs()[0] == second.stats["data_bytes"]
+
+
 async def test_new_generation_gets_new_inodes(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     src = tiny_node(tmp_path / "src", {"a": b"one"})
