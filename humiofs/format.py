@@ -263,7 +263,7 @@ def _decode_tree(data: bytes) -> list[Entry]:
         if v1:
             etype, mode, uid, gid, mtime, ctime, ino, size = head_unpack(data, pos)
             pos += head_size
-            nlink = 2 if etype == DIR else 1
+            nlink = 1     # folders too: 1 is "not counted" (FORMAT.md 7.1.1)
             if etype > SYMLINK:
                 raise IntegrityError(f"tree entry has unknown type {etype}")
         else:
