@@ -157,10 +157,12 @@ class Backup:
             self._warn(f"the extended attributes of {src} cannot be read ({exc.strerror}); "
                        "keeping the previous ones")
             self.stats.skipped += 1
+        root_nlink = parent.root.nlink if parent is not None else 1
         try:
             if root_ref is None:
                 with scan.deep_walk():
-                    root_ref, _ = self._dir(root_fd, b"", prev_root)
+                    root_ref, subdirs = self._dir(root_fd, b"", prev_root)
+                root_nlink = 2 + subdirs
             self._finish_packs()
         except BaseException:
             self._abort_packs()
@@ -180,7 +182,7 @@ class Backup:
             backup_name=self.opt.backup_name, host=socket.gethostname(),
             directory=str(src),
             root=RootAttrs(root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid,
-                           root_st.st_mtime_ns, root_ref, root_xattrs),
+                           root_st.st_mtime_ns, root_ref, root_xattrs, root_nlink),
             identity=ident,
             stats=self.stats.generation_stats())
 

@@ -140,10 +140,11 @@ def test_appended_file_in_every_watch_generation(tmp_path: Path) -> None:
     node = tmp_path / "node"
     node.mkdir()
     live = node / "segment_live"
-    live.write_bytes(b"")
+    # Big enough that reading it always overlaps an append.
+    live.write_bytes(b"".join(record(j) for j in range(768)))
     env = env_for(tmp_path, node)
     log = tmp_path / "watch.log"
-    with Appender(live), open(log, "wb") as err:
+    with Appender(live, start=768), open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "--config", str(env),
                                  "--watch", "--interval", "0.3"], env=clean_env(), cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=err)

@@ -83,6 +83,36 @@ def test_kernel_mount_is_ro_humiofs(mnt: Path) -> None:
     assert sorted(os.listdir(mnt)) == [".generations", "node1"]
 
 
+def test_walkers_that_trust_nlink_find_everything(mnt: Path) -> None:
+    """perl's File::Find skips the rest of a folder once it has seen st_nlink - 2 subfolders:
+    a wrong 2 hides whole subtrees. Every folder reports 2 + its subfolders."""
+    walk = subprocess.run(
+        ["perl", "-MFile::Find", "-e",
+         "$File::Find::dont_use_nlink = 0; find(sub { print \"$File::Find::name\\n\" }, @ARGV)",
+         str(mnt / "node1")], capture_output=True, text=True, check=True)
+    everything = subprocess.run(["find", str(mnt / "node1")], capture_output=True, text=True,
+                                check=True)
+    assert sorted(walk.stdout.splitlines()) == sorted(everything.stdout.splitlines())
+    for d in (mnt / "node1", *(mnt / "node1").glob("dataspace_*")):
+        subdirs = sum(1 for p in d.iterdir() if p.is_dir() and not p.is_symlink())
+        assert d.stat().st_nlink == 2 + subdirs, d
+
+
+def test_xattr_calls_answer_like_a_filesystem_with_xattrs(mnt: Path, tmp_path: Path) -> None:
+    """An empty list and ENODATA, not ENOTSUP: getfattr and tar --xattrs stay quiet."""
+    seg = next((mnt / "node1").glob("dataspace_*/datasource_*/*"))
+    assert os.listxattr(seg) == []
+    with pytest.raises(OSError) as err:
+        os.getxattr(seg, "user.nothing")
+    assert err.value.errno == errno.ENODATA
+    done = subprocess.run(["getfattr", "-d", "-R", str(mnt / "node1")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    tar = subprocess.run(["tar", "--xattrs", "-cf", str(tmp_path / "x.tar"), "-C",
+                          str(mnt / "node1"), "."], capture_output=True, text=True)
+    assert tar.returncode == 0 and tar.stderr == "", tar.stderr
+
+
 def test_every_file_matches_the_source(mnt: Path, sample_node: Path) -> None:
     assert mounted_digest(mnt / "node1", extents=False) == source_digest(sample_node, False)
 
