@@ -59,8 +59,10 @@ def check_mountpoint(path: Path) -> Path:
 
 def options(allow_other: bool = False) -> set[str]:
     """The FUSE mount options: read-only at the kernel too, permissions checked by the kernel
-    against the stored modes, and other users locked out unless asked for."""
-    opts = {"fsname=humiofs", "subtype=humiofs", "ro", "default_permissions"}
+    against the stored modes, other users locked out unless asked for, and neither the device
+    nodes nor the set-id bits of a backup give anyone access to anything (nodev, nosuid)."""
+    opts = {"fsname=humiofs", "subtype=humiofs", "ro", "default_permissions", "nodev",
+            "nosuid"}
     if allow_other:
         opts.add("allow_other")
     return opts

@@ -421,3 +421,7 @@ def test_messy_node_mounts_every_kind(messy: tuple[Path, Path, int], tmp_path: P
         sub = m.path / "node1" / "dataspace_1"
         assert sub.stat().st_nlink == 2 + 2
         assert (m.path / "node1" / "far-future").stat().st_mtime_ns == Y2300_NS
+        if IS_ROOT:
+            # nodev: a device node in a backup gives no access to the device.
+            with pytest.raises(PermissionError):
+                open(m.path / "node1" / "dev-null", "rb")

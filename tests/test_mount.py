@@ -79,6 +79,7 @@ def test_kernel_mount_is_ro_humiofs(mnt: Path) -> None:
     fsname, _, fstype, opts = mount_line(mnt)[:4]
     assert fsname == "humiofs" and fstype == "fuse.humiofs"
     assert "ro" in opts.split(",") and "default_permissions" in opts.split(",")
+    assert {"nodev", "nosuid"} <= set(opts.split(","))
     assert "allow_other" not in opts.split(",")
     assert sorted(os.listdir(mnt)) == [".generations", "node1"]
 
