@@ -3,9 +3,13 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
+import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from humiofs.format import Identity
 
@@ -26,7 +30,8 @@ def detect(directory: Path, host_id: str | None) -> Identity | None:
     global-data-snapshot.json that carries the node's uuid, else it is `unknown`.
     """
     try:
-        raw = (directory / UUID_FILE).read_bytes()[:200]
+        with _open_regular(directory / UUID_FILE) as f:
+            raw = f.read(200)
     except FileNotFoundError:
         log.warning("%s has no %s; the backup will not present a seed file",
                     directory, UUID_FILE)
@@ -58,23 +63,37 @@ def node_id_from_snapshot(path: Path, uuid: str) -> str | None:
     key_re = re.compile(rb'"(' + b"|".join(k.encode() for k in _ID_KEYS)
                         + rb')"\s*:\s*"?(\d{1,9})"?')
     try:
-        f = open(path, "rb")
-    except OSError:
+        with _open_regular(path) as f:
+            return _scan(f, needle, key_re)
+    except OSError:   # unreadable or not a file: the id is not found, the backup goes on
         return None
-    with f:
-        tail = b""
-        while True:
-            block = f.read(_BLOCK)
-            data = tail + block
-            start = 0
-            while (hit := data.find(needle, start)) >= 0:
-                found = _id_near(data, hit, len(needle), key_re)
-                if found:
-                    return found
-                start = hit + 1
-            if not block:
-                return None
-            tail = data[-(_WINDOW + len(needle)):]
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading; OSError unless it is a regular file. Never blocks (a FIFO
+    of that name would block a plain open until something writes to it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _scan(f: BinaryIO, needle: bytes, key_re: re.Pattern[bytes]) -> str | None:
+    tail = b""
+    while True:
+        block = f.read(_BLOCK)
+        data = tail + block
+        start = 0
+        while (hit := data.find(needle, start)) >= 0:
+            found = _id_near(data, hit, len(needle), key_re)
+            if found:
+                return found
+            start = hit + 1
+        if not block:
+            return None
+        tail = data[-(_WINDOW + len(needle)):]
 
 
 def _id_near(data: bytes, hit: int, n: int, key_re: re.Pattern[bytes]) -> str | None:

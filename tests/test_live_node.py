@@ -425,3 +425,18 @@ def test_messy_node_mounts_every_kind(messy: tuple[Path, Path, int], tmp_path: P
             # nodev: a device node in a backup gives no access to the device.
             with pytest.raises(PermissionError):
                 open(m.path / "node1" / "dev-null", "rb")
+
+
+def test_fifos_where_identity_files_belong_do_not_hang(tmp_path: Path) -> None:
+    """The identity files are read by name: a FIFO there must not block the backup."""
+    node = tmp_path / "node"
+    node.mkdir()
+    os.mkfifo(node / "cluster_membership.uuid")
+    env = env_for(tmp_path, node)
+    r = run_cli("backup", "--config", env, timeout=60)
+    assert r.returncode == EXIT_OK and "Traceback" not in r.stderr, r.stderr
+    (node / "cluster_membership.uuid").unlink()
+    (node / "cluster_membership.uuid").write_text("0f8e2c1a-0000-4000-8000-0000000000cc")
+    os.mkfifo(node / "global-data-snapshot.json")
+    r = run_cli("backup", "--config", env, timeout=60)
+    assert r.returncode == EXIT_OK and "Traceback" not in r.stderr, r.stderr
