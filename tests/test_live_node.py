@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import pytest
 
 from conftest import KEY, ROOT, clean_env, run_cli, write_env
 from humiofs.errors import EXIT_OK, EXIT_PARTIAL
-from humiofs.format import FILE
 from humiofs.store import Store
 from messynode import (IS_ROOT, Y1901_NS, Y2300_NS, Appender, digest, is_record_prefix,
                        long_path, make_messy_node, record)
@@ -43,6 +41,27 @@ def cli_restore(env: Path, target: Path, *extra: str) -> subprocess.CompletedPro
     r = run_cli("restore", "--config", env, "--to", target, *extra)
     assert "Traceback" not in r.stderr, r.stderr
     return r
+
+
+def watch_until(env: Path, log: Path, generations: int) -> None:
+    """Runs `backup --watch` until the store holds `generations` generations, then stops it
+    with SIGTERM; it must exit 0 without a traceback."""
+    store = env.parent / "backup" / "node1"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "--config", str(env),
+                                 "--watch", "--interval", "0.3"], env=clean_env(), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        def enough() -> bool:
+            assert proc.poll() is None, log.read_text()
+            gens = store / "generations"
+            return gens.is_dir() and len(os.listdir(gens)) >= generations
+        wait_for(enough, f"{generations} generations", 60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    assert rc == EXIT_OK, log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 def read_at(root: Path, parts: list[bytes]) -> bytes:
@@ -91,24 +110,7 @@ def test_far_future_time_in_watch(tmp_path: Path) -> None:
     node.mkdir()
     (node / "x").write_bytes(b"x")
     os.utime(node / "x", ns=(Y2300_NS, Y2300_NS))
-    env = env_for(tmp_path, node)
-    log = tmp_path / "watch.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "--config", str(env),
-                                 "--watch", "--interval", "0.3"], env=clean_env(), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        gens = tmp_path / "backup" / "node1" / "generations"
-
-        def committed() -> bool:
-            assert proc.poll() is None, log.read_text()
-            return gens.is_dir() and any(gens.iterdir())
-        wait_for(committed, "a generation")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(30)
-    assert rc == EXIT_OK, log.read_text()
-    assert "Traceback" not in log.read_text()
+    watch_until(env_for(tmp_path, node), tmp_path / "watch.log", 1)
 
 
 # -- files that change while they are read ------------------------------------------------------
@@ -142,23 +144,8 @@ def test_appended_file_in_every_watch_generation(tmp_path: Path) -> None:
     live = node / "segment_live"
     # Big enough that reading it always overlaps an append.
     live.write_bytes(b"".join(record(j) for j in range(768)))
-    env = env_for(tmp_path, node)
-    log = tmp_path / "watch.log"
-    with Appender(live, start=768), open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "--config", str(env),
-                                 "--watch", "--interval", "0.3"], env=clean_env(), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            gens = tmp_path / "backup" / "node1" / "generations"
-
-            def three() -> bool:
-                assert proc.poll() is None, log.read_text()
-                return gens.is_dir() and len(os.listdir(gens)) >= 3
-            wait_for(three, "three generations", 60)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(30)
-    assert rc == EXIT_OK, log.read_text()
+    with Appender(live, start=768):
+        watch_until(env_for(tmp_path, node), tmp_path / "watch.log", 3)
     store = Store.open(tmp_path / "backup" / "node1", KEY)
     sizes = []
     for name in store.list_generations():
