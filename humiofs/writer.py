@@ -285,11 +285,12 @@ class Backup:
         prev_plain, prev = self._previous_tree(prev_ref, rel)
         # Entries from a version 1 tree have no xattrs or link counts yet: read those anew.
         meta_stale = prev_plain is not None and prev_plain[2] == 1
-        # Trees are sorted by raw bytes, which orders names that are not UTF-8 differently
-        # from their str form.
         with os.scandir(dfd) as it:
             items = sorted(((os.fsencode(de.name), de) for de in it), key=itemgetter(0))
         entries: list[Entry] = []
+        # True while every entry is the previous generation's, unchanged: then so is the tree,
+        # and encoding it can be skipped (most folders of most runs).
+        same = prev_plain is not None and prev_plain[2] == format.TREE_VERSION
         for name, de in items:
             child_rel = rel + b"/" + name if rel else name
             if self.excluder.excluded(child_rel, name):
@@ -305,8 +306,12 @@ class Backup:
                 entry = self._skip(child_rel, _problem(exc), old)
             if entry is not None:
                 entries.append(entry)
-        plain = self._encode(entries, rel, prev)
+                if same and entry is not old and entry != old:
+                    same = False
         subdirs = sum(1 for e in entries if e.type == DIR)
+        if same and len(entries) == len(prev) and prev_ref is not None:
+            return prev_ref, subdirs
+        plain = self._encode(entries, rel, prev)
         if plain == prev_plain and prev_ref is not None:
             return prev_ref, subdirs
         ref = self._tree_pack().add(crypto.KIND_TREE, plain)
