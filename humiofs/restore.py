@@ -270,11 +270,19 @@ class Restore:
             self.stats.specials += 1
             return
         tmp = _temp_name()
-        if e.type == format.FIFO:
-            os.mkfifo(tmp, 0o600, dir_fd=dfd)
-        else:
-            kind = stat.S_IFCHR if e.type == format.CHR else stat.S_IFBLK
-            os.mknod(tmp, kind | 0o600, os.makedev(*e.rdev), dir_fd=dfd)
+        try:
+            if e.type == format.FIFO:
+                os.mkfifo(tmp, 0o600, dir_fd=dfd)
+            else:
+                kind = stat.S_IFCHR if e.type == format.CHR else stat.S_IFBLK
+                os.mknod(tmp, kind | 0o600, os.makedev(*e.rdev), dir_fd=dfd)
+        except OSError as exc:
+            # A container without CAP_MKNOD, or a target filesystem without FIFOs or devices.
+            if exc.errno not in (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            what = "a FIFO" if e.type == format.FIFO else "a device node"
+            self._skip(path, f"{what} cannot be created here ({exc.strerror})")
+            return
         self._finish_node(dfd, tmp, path, e)
         self._linked(dfd, e)
         self.stats.specials += 1

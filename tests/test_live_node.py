@@ -5,6 +5,7 @@ in-process where the store itself is inspected); restore and a real mount give i
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -427,3 +428,26 @@ def test_fifos_where_identity_files_belong_do_not_hang(tmp_path: Path) -> None:
     os.mkfifo(node / "global-data-snapshot.json")
     r = run_cli("backup", "--config", env, timeout=60)
     assert r.returncode == EXIT_OK and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not IS_ROOT or not shutil.which("unshare"),
+                    reason="needs root and unshare(1) for a user namespace")
+def test_restore_in_a_container_without_mknod(tmp_path: Path) -> None:
+    """Root in a user namespace (a container) cannot make device nodes: each is named in a
+    warning (exit 8) and everything else is restored."""
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "f").write_bytes(b"data")
+    os.mkfifo(node / "pipe")
+    os.mknod(node / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    env = env_for(tmp_path, node)
+    assert cli_backup(env).returncode == EXIT_OK
+    r = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-m", "humiofs",
+                        "restore", "--config", str(env), "--to", str(tmp_path / "r")],
+                       env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == EXIT_PARTIAL, r.stdout + r.stderr
+    assert "null: a device node cannot be created here" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "r" / "f").read_bytes() == b"data"
+    assert stat.S_ISFIFO((tmp_path / "r" / "pipe").lstat().st_mode)
+    assert not (tmp_path / "r" / "null").exists()
