@@ -198,12 +198,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
                           progress=None if not args.no_progress else False)
     stats = Restore(store, opts).run(gen)
     skipped = f", {stats.skipped} left alone" if stats.skipped else ""
+    if stats.xattrs_refused:
+        skipped += f", {stats.xattrs_refused} kinds of extended attribute refused by the target"
     print(f"restore {store.name}: generation {generations.format_time(gen.time_ms)} -> "
           f"{args.to}: {stats.files} files, {stats.dirs} folders, {stats.symlinks} symlinks"
           + (f", {stats.specials} FIFOs and devices" if stats.specials else "")
           + (f" ({stats.links} of the files as hard links)" if stats.links else "")
           + f"{skipped}; {human_bytes(stats.bytes)} of data in {time.monotonic() - start:.1f}s")
-    return errors.EXIT_PARTIAL if stats.skipped else errors.EXIT_OK
+    return errors.EXIT_PARTIAL if stats.skipped or stats.xattrs_refused else errors.EXIT_OK
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ The exit codes are part of the interface and are listed in the README.
 """
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -87,3 +89,21 @@ class Interrupted(HumiofsError):
     """The run was stopped by a signal before it finished."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x09: "\\t"}
+
+
+def show(name: bytes) -> str:
+    """A path or name from the node for a one-line message: UTF-8 as is, any other byte as
+    \\xNN, and control characters (newlines, escape sequences) escaped, so that a name can
+    neither break the line nor act on the terminal."""
+    return name.decode("utf-8", "backslashreplace").translate(_CONTROL)
+
+
+def os_reason(exc: OSError) -> str:
+    """Why an OS call failed, for a message about one entry."""
+    if exc.errno == errno.EMFILE:
+        return ("folders nested deeper than the open-file limit allows (raise it with "
+                "ulimit -n)")
+    return exc.strerror or str(exc)

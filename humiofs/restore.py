@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from humiofs import crypto, format, scan, xattrs
-from humiofs.errors import IntegrityError, StoreError, TargetError
+from humiofs.errors import IntegrityError, StoreError, TargetError, os_reason, show
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs, check_name
 from humiofs.progress import Progress
 from humiofs.store import Store
@@ -40,6 +40,7 @@ class RestoreStats:
     specials: int = 0
     links: int = 0          # files restored as another name of an inode already restored
     skipped: int = 0
+    xattrs_refused: int = 0  # extended attribute names the target refused (each warned once)
     bytes: int = 0
     warnings: list[str] = field(default_factory=list)
 
@@ -84,14 +85,14 @@ class Restore:
                 os.close(fd)
             self._links.clear()
             self._progress.close()
-        self._report_xattr_failures()
+            self._report_xattr_failures()
         return self.stats
 
     def _tree(self, dfd: int, rel: bytes, ref: Ref) -> None:
         try:
             entries = self.store.read_tree(ref)
         except StoreError as exc:
-            where = f"folder {os.fsdecode(rel)}" if rel else "the top folder"
+            where = f"folder {show(rel)}" if rel else "the top folder"
             raise IntegrityError(f"cannot restore {where}: {exc}") from None
         for e in entries:
             check_name(e.name)
@@ -106,7 +107,12 @@ class Restore:
                 else:
                     self._special(dfd, path, e)
             except OSError as exc:
-                raise _target_error(exc, path) from None
+                # A full or read-only target ends the restore; anything else is about this
+                # entry (a file too large for the target, a name it refuses, folders nested
+                # deeper than the open-file limit): named in a warning, the rest restored.
+                if exc.errno in _FATAL:
+                    raise _target_error(exc, path) from None
+                self._skip(path, f"{os_reason(exc)}; not restored")
 
     def _exists(self, dfd: int, name: bytes) -> os.stat_result | None:
         try:
@@ -116,7 +122,7 @@ class Restore:
 
     def _skip(self, path: bytes, why: str) -> None:
         self.stats.skipped += 1
-        msg = f"{os.fsdecode(path)}: {why}"
+        msg = f"{show(path)}: {why}"
         self.stats.warnings.append(msg)
         log.warning("%s", msg)
 
@@ -125,7 +131,7 @@ class Restore:
         if st is not None and not stat.S_ISDIR(st.st_mode):
             if not self.opt.overwrite:
                 if not self.opt.missing_only:
-                    raise TargetError(f"{os.fsdecode(path)} exists in the target; use "
+                    raise TargetError(f"{show(path)} exists in the target; use "
                                       "--overwrite to replace it")
                 self._skip(path, "exists and is not a folder; left alone")
                 return
@@ -157,7 +163,7 @@ class Restore:
             return True
         if self.opt.missing_only:
             return False
-        raise TargetError(f"{os.fsdecode(path)} exists in the target; use --overwrite to "
+        raise TargetError(f"{show(path)} exists in the target; use --overwrite to "
                           "replace it")
 
     def _link(self, dfd: int, path: bytes, e: Entry) -> bool:
@@ -174,7 +180,7 @@ class Restore:
             os.link(b"/proc/self/fd/%d" % held[0], tmp, dst_dir_fd=dfd, follow_symlinks=True)
         except OSError as exc:
             log.info("%s: cannot be linked to its other name (%s); writing a copy",
-                     os.fsdecode(path), exc.strerror)
+                     show(path), exc.strerror)
             return False
         try:
             os.rename(tmp, e.name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -213,7 +219,7 @@ class Restore:
             try:
                 self._write_data(fd, e)
             except (IntegrityError, StoreError) as exc:
-                raise IntegrityError(f"cannot restore {os.fsdecode(path)}: {exc}") from None
+                raise IntegrityError(f"cannot restore {show(path)}: {exc}") from None
             os.ftruncate(fd, e.size)
             self._set_attrs(fd, path, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
             os.close(fd)
@@ -260,7 +266,7 @@ class Restore:
     def _special(self, dfd: int, path: bytes, e: Entry) -> None:
         """A FIFO, or (as root) a device node."""
         if e.type not in format.SPECIALS:
-            raise IntegrityError(f"cannot restore {os.fsdecode(path)}: unknown type {e.type}")
+            raise IntegrityError(f"cannot restore {show(path)}: unknown type {e.type}")
         if e.type != format.FIFO and not self._as_root:
             self._skip(path, "a device node; only root can create it")
             return
@@ -325,8 +331,12 @@ class Restore:
         `security.selinux` without SELinux or `trusted.*` without root)."""
         for name, (count, first, why) in sorted(self._xattr_failures.items()):
             more = f" and {count - 1} more" if count > 1 else ""
-            self._skip(first, f"extended attribute {os.fsdecode(name)} not restored on this "
-                              f"entry{more}: {why}")
+            self.stats.xattrs_refused += 1
+            msg = (f"{show(first)}: extended attribute {show(name)} not restored on this "
+                   f"entry{more}: {why}")
+            self.stats.warnings.append(msg)
+            log.warning("%s", msg)
+        self._xattr_failures.clear()
 
 
 def _temp_name() -> bytes:
@@ -341,10 +351,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+_FATAL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def _target_error(exc: OSError, path: bytes) -> TargetError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return TargetError(f"restore target is full while writing {os.fsdecode(path)}")
-    return TargetError(f"cannot restore {os.fsdecode(path)}: {exc.strerror}")
+        return TargetError(f"restore target is full while writing {show(path)}")
+    return TargetError(f"cannot restore {show(path)}: {exc.strerror}")
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

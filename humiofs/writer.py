@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from humiofs import crypto, format, identity, scan, xattrs
-from humiofs.errors import HumiofsError, SourceChanged, StoreError
+from humiofs.errors import HumiofsError, SourceChanged, StoreError, os_reason, show
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs, Xattrs
 from humiofs.progress import Progress
 from humiofs.store import PackWriter, Store, new_generation_name
@@ -608,8 +608,8 @@ _SPECIAL_TYPES = {stat.S_IFIFO: format.FIFO, stat.S_IFCHR: format.CHR, stat.S_IF
 
 def _problem(exc: Exception) -> str:
     """What went wrong with one entry, for its warning."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+    if isinstance(exc, OSError):
+        return os_reason(exc)
     if isinstance(exc, RecursionError):
         return "it is nested too deeply"
     return f"{type(exc).__name__}: {exc}"
@@ -675,5 +675,4 @@ def _estimate_bytes(parent: Generation | None, src: Path) -> int:
     return total
 
 
-def _show(rel: bytes) -> str:
-    return os.fsdecode(rel)
+_show = show

@@ -451,3 +451,78 @@ def test_restore_in_a_container_without_mknod(tmp_path: Path) -> None:
     assert (tmp_path / "r" / "f").read_bytes() == b"data"
     assert stat.S_ISFIFO((tmp_path / "r" / "pipe").lstat().st_mode)
     assert not (tmp_path / "r" / "null").exists()
+
+
+def deep_chain(root: Path, depth: int) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir(b"d", dir_fd=fd)
+        sub = os.open(b"d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.close(os.open(b"bottom", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+    os.close(fd)
+
+
+def with_fd_limit(n: int) -> None:
+    """preexec_fn: soft and hard open-file limit n, as `ulimit -n n` in a shell sets them."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def test_deeper_than_the_open_file_limit_is_a_warning(tmp_path: Path) -> None:
+    """With `ulimit -n 64`, 200 levels of folders cannot all be open at once: backup and
+    restore each name the folder where they stopped (exit 8), and keep everything else."""
+    node = tmp_path / "node"
+    (node / "deep").mkdir(parents=True)
+    deep_chain(node / "deep", 200)
+    (node / "zz-after").write_bytes(b"after")
+    env = env_for(tmp_path, node)
+    r = subprocess.run([sys.executable, "-m", "humiofs", "backup", "--config", str(env)],
+                       env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: with_fd_limit(64))
+    assert r.returncode == EXIT_PARTIAL, r.stdout + r.stderr
+    assert "nested deeper than the open-file limit" in r.stderr and "Traceback" not in r.stderr
+    assert cli_backup(env).returncode == EXIT_OK        # without the limit: all of it
+    r = subprocess.run([sys.executable, "-m", "humiofs", "restore", "--config", str(env),
+                        "--to", str(tmp_path / "r")],
+                       env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: with_fd_limit(64))
+    assert r.returncode == EXIT_PARTIAL, r.stdout + r.stderr
+    assert "nested deeper than the open-file limit" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "r" / "zz-after").read_bytes() == b"after"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounts a tmpfs")
+def test_a_file_too_large_for_the_target_is_a_warning(tmp_path: Path) -> None:
+    """tmpfs holds a 17 TiB sparse file that ext4 cannot: restore names it (exit 8) and
+    restores everything else, xattrs included."""
+    node = tmp_path / "node"
+    node.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(node)], check=True)
+    try:
+        with open(node / "huge", "wb") as f:
+            f.truncate(17 << 40)
+        (node / "zz").write_bytes(b"zz")
+        os.setxattr(node / "zz", b"user.k", b"v")
+        env = env_for(tmp_path, node)
+        assert cli_backup(env).returncode == EXIT_OK
+    finally:
+        subprocess.run(["umount", str(node)], check=True)
+    r = cli_restore(env, tmp_path / "r")
+    assert r.returncode == EXIT_PARTIAL, r.stdout + r.stderr
+    assert "huge: File too large; not restored" in r.stderr
+    assert os.getxattr(tmp_path / "r" / "zz", b"user.k") == b"v"
+
+
+def test_names_in_warnings_cannot_break_the_line(tmp_path: Path) -> None:
+    """A name with a newline, an escape sequence or a byte that is not UTF-8 is shown escaped
+    in its one-line warning."""
+    node = tmp_path / "node"
+    node.mkdir()
+    os.mknod(os.path.join(os.fsencode(node), b"sock\n\x1b[31m\xff"), stat.S_IFSOCK | 0o600)
+    r = cli_backup(env_for(tmp_path, node))
+    assert r.returncode == EXIT_PARTIAL
+    line = next(ln for ln in r.stderr.splitlines() if "socket" in ln)
+    assert "sock\\n\\x1b[31m\\xff: a socket cannot be backed up" in line
+    assert "\x1b" not in r.stderr
