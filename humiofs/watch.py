@@ -155,8 +155,12 @@ class Watch:
             self.counts = run.tree_counts_seen
         else:
             self.counts.update(run.tree_counts_seen)
-        if self.tracker is not None and run.stats.skipped_paths:
-            self.tracker.mark(run.stats.skipped_paths)
+        if self.tracker is not None:
+            if run.stats.skipped_paths:
+                self.tracker.mark(run.stats.skipped_paths)
+            # A write through one name of a hard-linked file raises an event in that name's
+            # folder only: the folders of every such file are listed on every pass.
+            self.tracker.mark(run.linked_files)
         if not changed(gen, parent):
             log.debug("pass %d: nothing changed (%.1f ms)", self.passes + 1,
                       (time.monotonic() - start) * 1000)

@@ -109,6 +109,8 @@ class Backup:
         self.tree_counts_seen: dict[Ref, TreeCounts] = {}
         # (st_dev, st_ino) -> the entry stored for the first name of a hard-linked file.
         self._links: dict[tuple[int, int], Entry] = {}
+        # Paths of the files with more than one name that this run saw (for watch.py).
+        self.linked_files: list[bytes] = []
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -423,11 +425,18 @@ class Backup:
               old: Entry | None) -> Entry | None:
         link = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
         if link is not None:
+            self.linked_files.append(rel)
             first = self._links.get(link)
             if first is not None and _same_inode_state(first, st):
                 # Another name of an inode this run already stored: the same entry, data once.
-                self.stats.unchanged += 1
+                if old is None or old.type != FILE:
+                    self.stats.new += 1
+                elif _unchanged(old, st):
+                    self.stats.unchanged += 1
+                else:
+                    self.stats.changed += 1
                 self.stats.files += 1
+                self._progress.update(1, 0)
                 return replace(first, name=name)
         entry = self._file_entry(dfd, name, rel, st, old)
         if entry is not None:

@@ -44,14 +44,25 @@ def cli_restore(env: Path, target: Path, *extra: str) -> subprocess.CompletedPro
     return r
 
 
+def start_watch(env: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "--config", str(env),
+                                 "--watch", "--interval", "0.3"], env=clean_env(), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
+def stop_watch(proc: subprocess.Popen[bytes], log: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    assert rc == EXIT_OK, log.read_text()
+    assert "Traceback" not in log.read_text()
+
+
 def watch_until(env: Path, log: Path, generations: int) -> None:
     """Runs `backup --watch` until the store holds `generations` generations, then stops it
     with SIGTERM; it must exit 0 without a traceback."""
     store = env.parent / "backup" / "node1"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "--config", str(env),
-                                 "--watch", "--interval", "0.3"], env=clean_env(), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=err)
+    proc = start_watch(env, log)
     try:
         def enough() -> bool:
             assert proc.poll() is None, log.read_text()
@@ -59,10 +70,7 @@ def watch_until(env: Path, log: Path, generations: int) -> None:
             return gens.is_dir() and len(os.listdir(gens)) >= generations
         wait_for(enough, f"{generations} generations", 60)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(30)
-    assert rc == EXIT_OK, log.read_text()
-    assert "Traceback" not in log.read_text()
+        stop_watch(proc, log)
 
 
 def read_at(root: Path, parts: list[bytes]) -> bytes:
@@ -526,3 +534,40 @@ def test_names_in_warnings_cannot_break_the_line(tmp_path: Path) -> None:
     line = next(ln for ln in r.stderr.splitlines() if "socket" in ln)
     assert "sock\\n\\x1b[31m\\xff: a socket cannot be backed up" in line
     assert "\x1b" not in r.stderr
+
+
+def test_watch_sees_a_write_through_another_hard_link(tmp_path: Path) -> None:
+    """inotify reports a write to a hard-linked file only in the folder of the name written
+    through; the other name's folder must not keep the old data until the next full walk."""
+    node = tmp_path / "node"
+    (node / "hd1").mkdir(parents=True)
+    (node / "hd2").mkdir()
+    (node / "hd1" / "f").write_bytes(b"v1\n")
+    os.link(node / "hd1" / "f", node / "hd2" / "g")
+    env = env_for(tmp_path, node)
+    log = tmp_path / "watch.log"
+    proc = start_watch(env, log)
+    store_path = tmp_path / "backup" / "node1"
+
+    def both(size: int) -> bool:
+        assert proc.poll() is None, log.read_text()
+        if not (store_path / "generations").is_dir():
+            return False
+        store = Store.open(store_path, KEY)
+        try:
+            names = store.list_generations()
+            if not names:
+                return False
+            entries = files(store, store.load_generation(names[-1]))
+            f, g = entries.get("hd1/f"), entries.get("hd2/g")
+            return f is not None and g is not None and f.size == g.size == size \
+                and f.data == g.data
+        finally:
+            store.close()
+    try:
+        wait_for(lambda: both(3), "both names in a generation", 60)
+        with open(node / "hd2" / "g", "ab") as out:
+            out.write(b"v2\n")
+        wait_for(lambda: both(6), "the write seen through both names", 60)
+    finally:
+        stop_watch(proc, log)
