@@ -364,7 +364,6 @@ class RootAttrs:
     mtime_ns: int
     tree: Ref
     xattrs: Xattrs = ()
-    nlink: int = 1      # 2 + subfolders in the tree; 1 if not counted (FORMAT.md 7.2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +404,7 @@ def generation_time(name: str) -> int:
 def encode_generation(gen: Generation) -> bytes:
     root: dict[str, object] = {
         "mode": gen.root.mode, "uid": gen.root.uid, "gid": gen.root.gid,
-        "mtime_ns": gen.root.mtime_ns, "tree": gen.root.tree.hex(), "nlink": gen.root.nlink}
+        "mtime_ns": gen.root.mtime_ns, "tree": gen.root.tree.hex()}
     if gen.root.xattrs:
         root["xattrs"] = [[n.hex(), base64.b64encode(v).decode()] for n, v in gen.root.xattrs]
     doc = {
@@ -439,8 +438,7 @@ def decode_generation(data: bytes, file_name: str) -> Generation:
                        for n, v in r.get("xattrs", ()))
         check_xattrs(xattrs)
         root = RootAttrs(int(r["mode"]) & 0o7777, int(r["uid"]), int(r["gid"]),
-                         int(r["mtime_ns"]), Ref.from_hex(r["tree"]), xattrs,
-                         max(1, int(r.get("nlink", 1))))
+                         int(r["mtime_ns"]), Ref.from_hex(r["tree"]), xattrs)
         ident = doc.get("identity")
         identity = None
         if ident is not None:

@@ -404,17 +404,6 @@ class Tree:
         return Attr(inode, _SPECIAL_MODES[e.type] | e.mode, e.nlink, e.uid, e.gid, 0, 0,
                     e.mtime_ns, rdev=os.makedev(*e.rdev))
 
-    def _root_nlink(self, d: _Dir) -> int:
-        """A node root's nlink without store I/O: counted from its listing if that is loaded,
-        else the generation's count plus the globaldata folder the mount may add (one too
-        many is harmless to walkers that trust nlink; one too few would hide a folder)."""
-        with self._lock:
-            entries = self._listings.get(d.inode)
-        if entries is not None:
-            return 2 + sum(1 for e in entries if e.type == DIR)
-        n = d.gen.root.nlink
-        return n + (1 if d.gen.identity is not None else 0) if n > 1 else 1
-
     def _child_inode(self, d: _Dir, index: int, e: Entry) -> int:
         """The inode of entry `index` of the folder `d`: base + index, except that all names
         of one hard-linked inode get the inode of the first of them handed out."""
@@ -433,8 +422,11 @@ class Tree:
             d = self._dirs.get(inode)
         if d is not None and d.is_root:
             r = d.gen.root
-            return Attr(inode, stat.S_IFDIR | r.mode, self._root_nlink(d), r.uid, r.gid, _BLOCK,
-                        8, r.mtime_ns)
+            # 2 + subfolders, the globaldata folder the mount may add included: counted from
+            # the listing, which a lookup of the root needs next anyway.
+            subdirs = sum(1 for e in self._listing(d, block) if e.type == DIR)
+            return Attr(inode, stat.S_IFDIR | r.mode, 2 + subdirs, r.uid, r.gid, _BLOCK, 8,
+                        r.mtime_ns)
         return self._entry_attr(inode, self._entry(inode, block)[1])
 
     def xattrs(self, inode: int, block: bool = True) -> Xattrs:

@@ -159,12 +159,10 @@ class Backup:
             self._warn(f"the extended attributes of {src} cannot be read ({exc.strerror}); "
                        "keeping the previous ones")
             self.stats.skipped += 1
-        root_nlink = parent.root.nlink if parent is not None else 1
         try:
             if root_ref is None:
                 with scan.deep_walk():
-                    root_ref, subdirs = self._dir(root_fd, b"", prev_root)
-                root_nlink = 2 + subdirs
+                    root_ref, _ = self._dir(root_fd, b"", prev_root)
             self._finish_packs()
         except BaseException:
             self._abort_packs()
@@ -184,7 +182,7 @@ class Backup:
             backup_name=self.opt.backup_name, host=socket.gethostname(),
             directory=str(src),
             root=RootAttrs(root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid,
-                           root_st.st_mtime_ns, root_ref, root_xattrs, root_nlink),
+                           root_st.st_mtime_ns, root_ref, root_xattrs),
             identity=ident,
             stats=self.stats.generation_stats())
 
@@ -357,7 +355,7 @@ class Backup:
         if stat.S_ISDIR(mode):
             return self._subdir(dfd, name, rel, st, old)
         if stat.S_ISLNK(mode):
-            return self._symlink(dfd, name, st, old)
+            return self._symlink(dfd, name, rel, st, old)
         if stat.S_ISSOCK(mode):
             self.stats.skipped += 1
             self._warn(f"{_show(rel)}: a socket cannot be backed up (the program that listens on "
@@ -366,7 +364,7 @@ class Backup:
         etype = _SPECIAL_TYPES.get(stat.S_IFMT(mode))
         if etype is None:
             raise OSError(errno.EINVAL, f"unknown file type {stat.S_IFMT(mode):o}")
-        return self._special(dfd, name, st, etype, old)
+        return self._special(dfd, name, rel, st, etype, old)
 
     def _subdir(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result,
                 old: Entry | None) -> Entry | None:
@@ -378,14 +376,14 @@ class Backup:
                 and (reused := self._reuse(rel, prev)) is not None):
             self.stats.dirs += 1
             return _entry(name, st, DIR, subtree=reused, nlink=old.nlink,
-                          xattrs=self._xattrs(old, st, xattrs.at(dfd, name)))
+                          xattrs=self._xattrs(old, st, xattrs.at(dfd, name), rel))
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
         except FileNotFoundError:
             return None
         try:
             st = os.fstat(fd)
-            attrs = self._xattrs(old, st, fd)
+            attrs = self._xattrs(old, st, fd, rel)
             sub, subdirs = self._dir(fd, rel, prev)
         except FileNotFoundError:
             return None
@@ -394,7 +392,7 @@ class Backup:
         self.stats.dirs += 1
         return _entry(name, st, DIR, subtree=sub, nlink=2 + subdirs, xattrs=attrs)
 
-    def _symlink(self, dfd: int, name: bytes, st: os.stat_result,
+    def _symlink(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result,
                  old: Entry | None) -> Entry | None:
         try:
             target = os.readlink(name, dir_fd=dfd)
@@ -402,22 +400,34 @@ class Backup:
             return None
         self.stats.symlinks += 1
         return _entry(name, st, SYMLINK, target=target,
-                      xattrs=self._xattrs(old, st, xattrs.at(dfd, name)))
+                      xattrs=self._xattrs(old, st, xattrs.at(dfd, name), rel))
 
-    def _special(self, dfd: int, name: bytes, st: os.stat_result, etype: int,
+    def _special(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result, etype: int,
                  old: Entry | None) -> Entry:
         """A FIFO or a device node: its attributes and device number; nothing is opened."""
         self.stats.specials += 1
         rdev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if etype != format.FIFO else (0, 0)
         return _entry(name, st, etype, rdev=rdev, nlink=st.st_nlink,
-                      xattrs=self._xattrs(old, st, xattrs.at(dfd, name)))
+                      xattrs=self._xattrs(old, st, xattrs.at(dfd, name), rel))
 
-    def _xattrs(self, old: Entry | None, st: os.stat_result, target: int | bytes) -> Xattrs:
+    def _xattrs(self, old: Entry | None, st: os.stat_result, target: int | bytes,
+                rel: bytes) -> Xattrs:
         """The entry's extended attributes: the previous generation's if the inode's ctime
-        (which every xattr change moves) is the same, else read from `target`."""
+        (which every xattr change moves) is the same, else read from `target`. If they cannot
+        be read (more than the kernel will list, say), the entry is stored without them and
+        named in a warning: its data matters more."""
         if old is not None and old.ctime_ns == st.st_ctime_ns and old.ino == st.st_ino:
             return old.xattrs
-        return xattrs.read(target)
+        try:
+            return xattrs.read(target)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            self.stats.skipped += 1
+            self.stats.skipped_paths.append(rel)
+            self._warn(f"{_show(rel)}: its extended attributes cannot be read "
+                       f"({os_reason(exc)}); stored without them")
+            return ()
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -460,7 +470,7 @@ class Backup:
         last_error = ""
         for _attempt in range(READ_ATTEMPTS):
             try:
-                entry = self._store_file(dfd, name, old)
+                entry = self._store_file(dfd, name, rel, old)
             except SourceChanged as exc:
                 last_error = str(exc)
                 continue
@@ -473,7 +483,7 @@ class Backup:
             return entry
         return self._skip(rel, last_error, old, counted=False)
 
-    def _store_file(self, dfd: int, name: bytes, old: Entry | None) -> Entry:
+    def _store_file(self, dfd: int, name: bytes, rel: bytes, old: Entry | None) -> Entry:
         """Reads and stores one file as it was at one moment (FORMAT.md 7.3).
 
         Raises SourceChanged if the file shrank, stopped being a file, or was rewritten in
@@ -495,24 +505,24 @@ class Backup:
                 again = os.fstat(fd)
                 racy = scan.Signature.of(again) != scan.Signature.of(st)
                 st = again
-            attrs = self._xattrs(old, st, fd)
+            attrs = self._xattrs(old, st, fd, rel)
             extents = scan.data_extents(fd, st.st_size)
             data_len = sum(length for _, length in extents)
             ref: Ref | None = None
             if data_len == 0:
-                after = self._after_read(fd, st, racy)
+                after = self._after_read(fd, st, racy, old)
                 if after is not None and scan.data_extents(fd, st.st_size) != extents:
                     raise SourceChanged("it was rewritten while it was read")
             elif data_len < SMALL_FILE:
                 data = b"".join(bytes(v) for v in scan.iter_extent_data(fd, extents))
-                after = self._after_read(fd, st, racy)
+                after = self._after_read(fd, st, racy, old)
                 if after is not None and not _reads_again_as(fd, st.st_size, extents,
                                                              _blake2b(data)):
                     raise SourceChanged("it was rewritten while it was read")
                 ref = self._small_pack().add(crypto.KIND_DATA, data)
                 self._rotate()
             else:
-                ref, after = self._store_large(fd, st, extents, data_len, racy)
+                ref, after = self._store_large(fd, st, extents, data_len, racy, old)
         finally:
             os.close(fd)
         self.stats.bytes_read += data_len
@@ -528,12 +538,16 @@ class Backup:
             self.stats.live += 1
         return entry
 
-    def _after_read(self, fd: int, before: os.stat_result, racy: bool) -> os.stat_result | None:
+    def _after_read(self, fd: int, before: os.stat_result, racy: bool,
+                    old: Entry | None) -> os.stat_result | None:
         """None if the file is provably as it was when opened; else its stat now, and the
         caller must read it a second time to know that the first read was not torn (it grew,
         or changed within a timestamp tick of being opened). Raises SourceChanged if it
-        shrank, or if it changed during the read without having been racy when opened (the
-        next attempt will be, and checks its read by reading twice)."""
+        shrank, if it changed during the read without having been racy when opened (the next
+        attempt will be, and checks its read by reading twice), or if it is being written
+        anew from the start (FORMAT.md 7.3): empty when opened, but not before (the previous
+        generation's copy) or after. That empty state is real, but it is a file truncated to
+        be written again (`cp` over it), not one worth a generation."""
         after = os.fstat(fd)
         same = scan.Signature.of(after) == scan.Signature.of(before)
         if same and not racy:
@@ -542,10 +556,14 @@ class Backup:
             raise SourceChanged("it shrank while it was read")
         if not racy:
             raise SourceChanged("it changed while it was read")
+        if before.st_size == 0 and (after.st_size > 0 or (
+                old is not None and old.type == FILE and old.size > 0)):
+            raise SourceChanged("it was being written anew from the start")
         return after
 
     def _store_large(self, fd: int, st: os.stat_result, extents: list[tuple[int, int]],
-                     data_len: int, racy: bool) -> tuple[Ref, os.stat_result | None]:
+                     data_len: int, racy: bool, old: Entry | None
+                     ) -> tuple[Ref, os.stat_result | None]:
         pack = self.store.new_pack()
         # Only a racy file can end up read twice; only then is the first read hashed.
         digest = hashlib.blake2b(digest_size=32) if racy else None
@@ -561,7 +579,7 @@ class Backup:
                     ref = pack.add_stream(crypto.KIND_DATA, pieces(), data_len)
                 except ValueError as exc:
                     raise SourceChanged(str(exc)) from None
-            after = self._after_read(fd, st, racy)
+            after = self._after_read(fd, st, racy, old)
             if after is not None:
                 assert digest is not None
                 if not _reads_again_as(fd, st.st_size, extents, digest.digest()):

@@ -359,7 +359,7 @@ NAME = "1764000000000-0123456789abcdef"
 def generation(name: str = NAME) -> Generation:
     return Generation(name=name, time_ms=1764000000000, backup_name="node1", host="h",
                       directory="/data/humio-data",
-                      root=RootAttrs(0o755, 0, 0, 123, SUB_REF, nlink=4),
+                      root=RootAttrs(0o755, 0, 0, 123, SUB_REF),
                       identity=Identity("1", "cd613e30-d8f1-4adf-91b7-584a2265b1f5"),
                       stats={"files": 1, "dirs": 2, "symlinks": 3, "bytes": 4, "data_bytes": 5})
 
@@ -370,28 +370,26 @@ def test_generation_round_trip_and_layout() -> None:
     assert doc == {
         "version": 1, "name": NAME, "time_ms": 1764000000000, "backup_name": "node1",
         "host": "h", "directory": "/data/humio-data",
-        "root": {"mode": 0o755, "uid": 0, "gid": 0, "mtime_ns": 123, "tree": SUB_REF.hex(),
-                 "nlink": 4},
+        "root": {"mode": 0o755, "uid": 0, "gid": 0, "mtime_ns": 123, "tree": SUB_REF.hex()},
         "identity": {"node_id": "1", "uuid": "cd613e30-d8f1-4adf-91b7-584a2265b1f5"},
         "stats": {"files": 1, "dirs": 2, "symlinks": 3, "bytes": 4, "data_bytes": 5}}
     assert len(doc["root"]["tree"]) == 112
     assert decode_generation(raw, NAME) == generation()
 
 
-def test_generation_root_xattrs_times_and_nlink() -> None:
+def test_generation_root_xattrs_and_times() -> None:
     gen = generation()
-    root = RootAttrs(0o700, 0, 0, Y2300_NS, SUB_REF, XATTRS, 9)
+    root = RootAttrs(0o700, 0, 0, Y2300_NS, SUB_REF, XATTRS)
     gen = Generation(gen.name, gen.time_ms, gen.backup_name, gen.host, gen.directory, root,
                      None, {})
     raw = encode_generation(gen)
     assert json.loads(raw)["root"]["xattrs"][0] == [b"security.selinux".hex(),
                                                     "c3lzdGVtX3U6b2JqZWN0X3I6dmFyX3Q6czAA"]
     assert decode_generation(raw, NAME) == gen
-    # Generations of humiofs 0.1 have neither: no xattrs, nlink 1 ("not counted").
+    # Generations of humiofs 0.1 have no xattrs member.
     doc = json.loads(raw)
-    del doc["root"]["xattrs"], doc["root"]["nlink"]
-    old = decode_generation(json.dumps(doc).encode(), NAME).root
-    assert (old.xattrs, old.nlink) == ((), 1)
+    del doc["root"]["xattrs"]
+    assert decode_generation(json.dumps(doc).encode(), NAME).root.xattrs == ()
     doc["root"]["xattrs"] = [["75736572", "not base64!"]]
     with pytest.raises(IntegrityError):
         decode_generation(json.dumps(doc).encode(), NAME)

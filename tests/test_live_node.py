@@ -571,3 +571,59 @@ def test_watch_sees_a_write_through_another_hard_link(tmp_path: Path) -> None:
         wait_for(lambda: both(6), "the write seen through both names", 60)
     finally:
         stop_watch(proc, log)
+
+
+def test_file_copied_over_again_and_again_is_never_stored_truncated(tmp_path: Path) -> None:
+    """`cp` over a file truncates it, then writes it anew. The backup stores a state the file
+    held (a prefix of what was being copied in), or keeps the previous generation's copy
+    with a warning; never the empty file that `cp` leaves for an instant."""
+    node = tmp_path / "node"
+    node.mkdir()
+    src = [os.urandom(3 << 20), os.urandom(3 << 20)]
+    for i, data in enumerate(src):
+        (tmp_path / f"src{i}").write_bytes(data)
+    (node / "trunc").write_bytes(src[0])
+    env = env_for(tmp_path, node)
+    assert cli_backup(env).returncode == EXIT_OK
+    stop = threading.Event()
+
+    def copy_over() -> None:
+        i = 1
+        while not stop.is_set():
+            subprocess.run(["cp", str(tmp_path / f"src{i}"), str(node / "trunc")], check=True)
+            i = 1 - i
+    copier = threading.Thread(target=copy_over, daemon=True)
+    copier.start()
+    try:
+        results = [cli_backup(env) for _ in range(4)]
+    finally:
+        stop.set()
+        copier.join()
+    store = Store.open(tmp_path / "backup" / "node1", KEY)
+    for name, r in zip(store.list_generations()[1:], results):
+        assert r.returncode in (EXIT_OK, EXIT_PARTIAL), r.stderr
+        target = tmp_path / f"r-{name}"
+        restore(store, store.load_generation(name), target)
+        data = (target / "trunc").read_bytes()
+        assert data and any(data == whole[:len(data)] for whole in src), r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounts a tmpfs")
+def test_xattrs_the_kernel_will_not_list_leave_the_data_stored(tmp_path: Path) -> None:
+    """5,000 xattrs are more than listxattr can return (E2BIG): the file is stored without
+    them, named in a warning (exit 8), instead of being left out."""
+    node = tmp_path / "node"
+    node.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(node)], check=True)
+    try:
+        (node / "many").write_bytes(b"data")
+        for i in range(5000):
+            os.setxattr(node / "many", b"user.attribute-name-%05d" % i, b"")
+        env = env_for(tmp_path, node)
+        r = cli_backup(env)
+    finally:
+        subprocess.run(["umount", str(node)], check=True)
+    assert r.returncode == EXIT_PARTIAL, r.stdout + r.stderr
+    assert "many: its extended attributes cannot be read" in r.stderr
+    assert cli_restore(env, tmp_path / "r").returncode == EXIT_OK
+    assert (tmp_path / "r" / "many").read_bytes() == b"data"
