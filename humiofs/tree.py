@@ -4,7 +4,7 @@ What the mount shows:
 
     /NAME/                         store NAME at its latest generation (or the one --at TIME)
     /NAME/globaldata/cluster_membership-NODEID-UUID.uuid    the node's seed file (synthetic)
-    /.generations/NAME/TIME/       every generation of NAME, TIME like 2026-11-24T10:00:00Z
+    /.generations/NAME/TIME/       every generation of NAME, TIME like 20261124T100000Z
 
 Inodes are handed out lazily and never change meaning: when a directory's listing is first read,
 its children get a contiguous range of inode numbers (base + index in the sorted listing). So an
@@ -28,7 +28,7 @@ import stat
 import threading
 import time
 from bisect import bisect_left, bisect_right
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -84,10 +84,10 @@ def _blocks(nbytes: int) -> int:
 class _Source:
     """One opened store and the generations the mount shows of it."""
 
-    def __init__(self, store: Store, at_ms: int | None) -> None:
+    def __init__(self, store: Store, at: generations.At | None) -> None:
         self.store = store
         self.name = store.name.encode()
-        self.at_ms = at_ms
+        self.at = at
         self.names: list[str] = []
         self.gens: dict[str, Generation] = {}
         self.bad: set[str] = set()
@@ -102,7 +102,7 @@ class _Source:
         names = self.store.list_generations()
         current = None
         for name in reversed(names):
-            if self.at_ms is not None and generation_time(name) > self.at_ms:
+            if self.at is not None and not self.at.admits(name):
                 continue
             current = self.generation(name)
             if current is not None:
@@ -122,15 +122,13 @@ class _Source:
         return gen
 
     def time_names(self) -> list[tuple[bytes, str]]:
-        """(folder name, generation name) for every generation: the commit time to the second,
-        or to the millisecond where two generations share a second."""
-        seconds = [generations.format_time(generation_time(n)) for n in self.names]
-        out = []
-        for name, sec in zip(self.names, seconds):
-            if seconds.count(sec) > 1:
-                sec = f"{sec[:-1]}.{generation_time(name) % 1000:03d}Z"
-            out.append((sec.encode(), name))
-        return out
+        """(folder name, generation name) for every generation: the commit time in ISO 8601
+        basic format (no ':', which rsync and scp read as host:path) to the second, or to the
+        millisecond where two generations share a second. --at takes either back."""
+        times = [generation_time(n) for n in self.names]
+        seconds = Counter(t // 1000 for t in times)
+        return [(generations.folder_time(t, seconds[t // 1000] > 1).encode(), name)
+                for name, t in zip(self.names, times)]
 
 
 class _Top:
@@ -211,14 +209,14 @@ def open_sources(backup_dir: Path, key: str, name: str | None = None) -> list[St
 class Tree:
     """The read-only model of the mount: every method is safe to call from any thread."""
 
-    def __init__(self, stores: list[Store], at_ms: int | None = None,
+    def __init__(self, stores: list[Store], at: generations.At | None = None,
                  cache_bytes: int = CACHE_BYTES, listing_budget: int = LISTING_BUDGET) -> None:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.reader = Reader(cache_bytes)
         self.cache = self.reader.cache
         self.listing_budget = listing_budget
         self._lock = threading.RLock()
-        self._sources = sorted((_Source(s, at_ms) for s in stores), key=attrgetter("name"))
+        self._sources = sorted((_Source(s, at) for s in stores), key=attrgetter("name"))
         self._top: dict[int, _Top] = {ROOT_INODE: _Top(ROOT_INODE, ROOT_INODE, None),
                                       2: _Top(2, ROOT_INODE, None)}
         self._gens_of: dict[bytes, int] = {}
@@ -239,20 +237,31 @@ class Tree:
 
     @classmethod
     def from_backup_dir(cls, backup_dir: Path, key: str, name: str | None = None,
-             at_ms: int | None = None) -> Tree:
+             at: generations.At | None = None) -> Tree:
         """Opens the stores and reads which generation each shows (see open_sources)."""
-        tree = cls(open_sources(backup_dir, key, name), at_ms)
+        tree = cls(open_sources(backup_dir, key, name), at)
         for src in tree._sources:
             src.refresh()
-            if src.current is None and at_ms is None:
+        if at is not None and at.name is not None and \
+                not any(at.name in src.names for src in tree._sources):
+            tree.close()
+            raise StoreError(f"no backup in {backup_dir} has the generation {at.name}", 2)
+        for src in tree._sources:
+            if src.current is None and at is None:
                 log.warning("backup %s has no generation yet; it appears once it has",
                             src.store.name)
             elif src.current is None:
-                log.warning("backup %s has no generation at or before --at; it is left out",
-                            src.store.name)
-        if at_ms is not None and all(src.current is None for src in tree._sources):
-            raise StoreError(f"no backup in {backup_dir} has a generation at or before --at", 2)
+                log.warning("backup %s has no generation at or before --at %s; it is left out",
+                            src.store.name, at.text if at else "")
+        if at is not None and all(src.current is None for src in tree._sources):
+            tree.close()
+            raise StoreError(f"no backup in {backup_dir} has a generation at or before "
+                             f"{generations.format_time(at.until_ms)} (--at {at.text})", 2)
         return tree
+
+    def shown(self) -> list[tuple[str, Generation | None]]:
+        """(store name, the generation NAME/ shows now) for every store in the mount."""
+        return [(src.store.name, src.current) for src in self._sources]
 
     def start_worker(self, close_fds: tuple[int, ...] = ()) -> None:
         """Forks the decryption worker over the open stores (see reader.Reader.start_worker)."""

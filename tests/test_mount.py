@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import KEY, make_sample, run_cli, write_env
+from humiofs.generations import format_time
 from humiofs.scan import data_extents
 from humiofs.store import Store
 from mountutil import (Mount, backup, create_store, is_mounted, mount_line, mounted_digest,
@@ -310,6 +311,50 @@ def test_new_generation_appears(tmp_path: Path) -> None:
         assert len(gens) == 2
         assert not (m.path / ".generations" / "node1" / gens[0] / "added.txt").exists()
         assert (m.path / ".generations" / "node1" / gens[1] / "added.txt").exists()
+
+
+@pytest.mark.parametrize("how", ["rsync", "scp"])
+def test_generation_folders_copy_as_named(how: str, mnt: Path, sample_node: Path,
+                                          tmp_path: Path) -> None:
+    """rsync and scp read a name with ':' as host:path; a generation folder, named as ls -1
+    shows it, copies as named."""
+    gens = mnt / ".generations" / "node1"
+    (name,) = os.listdir(gens)
+    assert ":" not in name
+    cmd = {"rsync": ["rsync", "-aS", f"{name}/", str(tmp_path / "copy")],
+           "scp": ["scp", "-r", "-p", name, str(tmp_path / "copy")]}[how]
+    done = subprocess.run(cmd, cwd=gens, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert mounted_digest(tmp_path / "copy", extents=False) == \
+        source_digest(sample_node, extents=False)
+
+
+def test_mount_at_a_generation_folder_name(tmp_path: Path) -> None:
+    node = make_sample(tmp_path / "node", size="1M", small_files=20)
+    (tmp_path / "backup").mkdir()
+    env = write_env(tmp_path / "n.env", tmp_path / "backup", directory=node)
+    backup_cli(env)
+    (node / "added.txt").write_bytes(b"second generation\n")
+    time.sleep(max(0.0, 1.05 - time.time() % 1))  # a new second: a new folder name
+    backup_cli(env)
+    with Mount(env, tmp_path / "m") as m:
+        first, second = sorted(os.listdir(m.path / ".generations" / "node1"))
+    names = sorted(os.listdir(tmp_path / "backup" / "node1" / "generations"))
+    for at, shown in ((first, names[0]), (second, names[1]), (names[0], names[0])):
+        where = tmp_path / "at"
+        where.mkdir(exist_ok=True)
+        done = run_cli("mount", "--config", env, where, "--at", at, timeout=60)
+        assert done.returncode == 0, done.stderr
+        try:
+            assert f"node1/ shows generation {format_time(int(shown[:13]))} ({shown}) " \
+                f"(--at {at})" in done.stdout
+            assert (where / "node1" / "added.txt").exists() == (shown == names[1])
+        finally:
+            assert run_cli("umount", where).returncode == 0
+    done = run_cli("mount", "--config", env, tmp_path / "at", "--at", "2026-02-30T10:00")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert not is_mounted(tmp_path / "at")
 
 
 def test_unmount_while_reading_does_not_hang(setup: tuple[Path, Path], sample_node: Path,
