@@ -13,6 +13,7 @@ Mount the backups in BACKUP_DIR read-only at MOUNTPOINT (an empty folder), decry
                                     byte for byte, holes, symlinks, modes and times included
   MOUNTPOINT/NAME/globaldata/cluster_membership-NODEID-UUID.uuid
                                     the node's seed file: cp it to restore the node's identity
+                                    (in the node's own globaldata/ if it has one)
   MOUNTPOINT/.generations/NAME/TIME/    every generation, TIME its commit time in UTC like
                                     20261124T100000Z (20261124T100000.123Z where two share
                                     a second); no ':' in it, so rsync and scp copy it as named
@@ -24,9 +25,13 @@ second. By default the mount serves in the background and the command returns on
 mounted; unmount with `humiofs umount MOUNTPOINT`.
 
 Copies that keep holes (sparse files stay sparse): rsync -aS, tar -S, cp --sparse=always, and
-plain cp / cp -a (coreutils 9.1). Restoring missing segments:
+plain cp / cp -a (coreutils 9.1). Restoring missing segments, without the seed file (which
+would claim a lost node's identity) or a globaldata/ folder the node does not have:
 
-  rsync -aS --ignore-existing MOUNTPOINT/NAME/ /data/humio-data/"""
+  rsync -aS --ignore-existing --prune-empty-dirs \\
+        --exclude='/globaldata/cluster_membership-*.uuid' MOUNTPOINT/NAME/ /data/humio-data/
+
+or, without a mount: humiofs restore --missing-only --to /data/humio-data"""
 
 UMOUNT_HELP = """\
 Unmount a humiofs mount (as fusermount3 -u does); the mount process then exits. Fails while

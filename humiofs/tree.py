@@ -142,15 +142,18 @@ class _Top:
 
 class _Dir:
     """A folder of a node tree (or a node root, or the synthetic globaldata folder) whose
-    children get the inode range base .. base+count-1 once its listing is first read."""
+    children get the inode range base .. base+count-1 once its listing is first read.
+    `seeded`: the node root's globaldata folder, where the seed file is shown (the folder is
+    synthetic if `ref` is None, else the node's own)."""
 
-    __slots__ = ("inode", "parent", "path", "source", "gen", "ref", "view", "is_root", "base",
-                 "count")
+    __slots__ = ("inode", "parent", "path", "source", "gen", "ref", "view", "is_root", "seeded",
+                 "base", "count")
 
     def __init__(self, inode: int, parent: int, path: str, source: _Source, gen: Generation,
-                 ref: Ref | None, view: int, is_root: bool = False) -> None:
+                 ref: Ref | None, view: int, is_root: bool = False, seeded: bool = False) -> None:
         self.inode, self.parent, self.path = inode, parent, path
         self.source, self.gen, self.ref, self.is_root = source, gen, ref, is_root
+        self.seeded = seeded
         self.view = view            # the inode of the node root this folder is under
         self.base = self.count = 0
 
@@ -326,7 +329,7 @@ class Tree:
         if not block:
             raise WouldBlock()
         if d.ref is None:
-            entries = _globaldata(d.gen)
+            entries = []
         else:
             try:
                 entries = d.source.store.read_tree(d.ref)
@@ -338,6 +341,13 @@ class Tree:
                     root = d.gen.root
                     entries.insert(i, Entry(GLOBALDATA, DIR, 0o755, root.uid, root.gid,
                                             d.gen.time_ms * 1_000_000, 0, 0, _BLOCK, nlink=2))
+        if d.seeded and d.gen.identity is not None:
+            # The seed file joins the node's own globaldata folder, if it has one; a real file
+            # of that very name wins.
+            seed = _seed(d.gen)
+            i = bisect_left(entries, seed.name, key=_NAME)
+            if i == len(entries) or entries[i].name != seed.name:
+                entries.insert(i, seed)
         with self._lock:
             if d.base == 0:
                 d.base, d.count = self._next, len(entries)
@@ -379,7 +389,8 @@ class Tree:
             if d is None:
                 d = self._dirs[inode] = _Dir(inode, parent.inode,
                                              f"{parent.path}/{os.fsdecode(e.name)}",
-                                             parent.source, parent.gen, e.subtree, parent.view)
+                                             parent.source, parent.gen, e.subtree, parent.view,
+                                             seeded=parent.is_root and e.name == GLOBALDATA)
             return d
 
     # -- attributes ---------------------------------------------------------------------------
@@ -546,7 +557,7 @@ class Tree:
         if e.type != FILE:
             raise IsADirectoryError(errno.EISDIR, "is a folder") if e.type == DIR else \
                 OSError(errno.ELOOP, "is a symlink")
-        inline = d.gen.identity.uuid.encode() if d.ref is None and d.gen.identity else None
+        inline = d.gen.identity.uuid.encode() if _is_seed(d, e) and d.gen.identity else None
         return self.reader.open(inode, f"{d.path}/{os.fsdecode(e.name)}", d.source.store, e,
                                 inline)
 
@@ -558,10 +569,17 @@ class Tree:
         return await self.reader.read(fh, off, size)
 
 
-def _globaldata(gen: Generation) -> list[Entry]:
+def _seed(gen: Generation) -> Entry:
+    """The seed file's entry: globaldata/cluster_membership-NODEID-UUID.uuid."""
     assert gen.identity is not None
     uuid = gen.identity.uuid.encode()
     mtime = gen.time_ms * 1_000_000
-    # Its contents are served from memory (_File.inline); the extent only makes st_blocks true.
-    return [Entry(gen.identity.seed_name, FILE, 0o644, gen.root.uid, gen.root.gid, mtime, 0, 0,
-                  len(uuid), extents=((0, len(uuid)),))]
+    # Its contents are served from memory (the reader's inline data); the extent only makes
+    # st_blocks true. A stored file with data always has a ref, so data=None with an extent
+    # tells the seed from a real file of the same name (_is_seed).
+    return Entry(gen.identity.seed_name, FILE, 0o644, gen.root.uid, gen.root.gid, mtime, 0, 0,
+                 len(uuid), extents=((0, len(uuid)),))
+
+
+def _is_seed(d: _Dir, e: Entry) -> bool:
+    return d.seeded and e.type == FILE and e.data is None and bool(e.extents)

@@ -180,20 +180,46 @@ async def test_seed_file(model: tree.Tree, sample_node: Path,
 
 
 @pytest.mark.allow_warnings
-def test_no_seed_without_identity_or_with_a_real_globaldata(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    (src / "globaldata").mkdir(parents=True)
-    (src / "globaldata" / "real").write_bytes(b"x")
-    (src / "cluster_membership.uuid").write_text("0b5a6c1e-8d3f-4c2a-9e71-2f6d8a9b0c13")
-    store = create_store(tmp_path / "backup" / "a")
-    backup(store, src)
+def test_no_seed_without_identity(tmp_path: Path) -> None:
     other = tmp_path / "src2"
     other.mkdir()
     (other / "file").write_bytes(b"y")
     backup(create_store(tmp_path / "backup" / "b"), other)  # no uuid: no identity
     m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
-    assert list(listdir(m, resolve(m, b"a/globaldata").inode)) == [b"real"]
     assert list(listdir(m, resolve(m, b"b").inode)) == [b"file"]
+
+
+UUID = "0b5a6c1e-8d3f-4c2a-9e71-2f6d8a9b0c13"
+SEED = f"cluster_membership-1-{UUID}.uuid".encode()
+
+
+async def test_seed_joins_the_nodes_own_globaldata(tmp_path: Path) -> None:
+    """The node's own globaldata folder shows the seed file too; if the node has a file of
+    that very name, it is shown instead (the real one wins)."""
+    src = tiny_node(tmp_path / "src", {"globaldata/a-real-file": b"x",
+                                       "globaldata/zz/nested": b"y"})
+    store = create_store(tmp_path / "backup" / "a")
+    first = backup(store, src)
+    (src / "globaldata" / SEED.decode()).write_bytes(b"the node's own\n")
+    backup(store, src)
+    m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY, at=At.from_ms(first.time_ms))
+    folder = resolve(m, b"a/globaldata")
+    listed = listdir(m, folder.inode)
+    assert list(listed) == [b"a-real-file", SEED, b"zz"]
+    assert await read_all(m, listed[SEED].inode) == UUID.encode()
+    assert listed[SEED].size == len(UUID) and listed[SEED].blocks == 8
+    assert await read_all(m, listed[b"a-real-file"].inode) == b"x"
+    assert m.lookup(folder.inode, SEED) == listed[SEED]
+    assert folder.nlink == 3
+    m.close()
+    m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
+    listed = listdir(m, resolve(m, b"a/globaldata").inode)
+    assert list(listed) == [b"a-real-file", SEED, b"zz"]
+    assert await read_all(m, listed[SEED].inode) == b"the node's own\n"
+    for gen_folder in listdir(m, resolve(m, b".generations/a").inode):
+        assert SEED in listdir(m, resolve(m, b".generations/a/" + gen_folder +
+                                          b"/globaldata").inode)
+    m.close()
 
 
 @pytest.fixture
