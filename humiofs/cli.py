@@ -153,7 +153,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def open_store(cfg: Config) -> Store:
     """Opens the configured store (it must exist)."""
-    return Store.open(cfg.store_path(), cfg.need_key())
+    return Store.open(cfg.store_path(), cfg.passphrase())
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -168,7 +168,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         watch = importlib.import_module("humiofs.watch")
         interval = args.interval if args.interval is not None else cfg.interval_s
         return watch.run(cfg, interval, tuple(args.exclude), not args.no_progress)
-    store = Store.open_or_create(cfg.store_path(), cfg.need_key())
+    store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
     opts = BackupOptions(source=source, backup_name=store.name,
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
                          host_id=cfg.host_id, progress=None if not args.no_progress else False)
@@ -223,7 +223,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         store: Store | None = None
         if cfg.backup_key:
             try:
-                store = Store.open(path, cfg.need_key())
+                store = Store.open(path, cfg.passphrase())
             except errors.WrongKey:
                 # The store the settings name must open, as for every other command; when
                 # listing all of BACKUP_DIR, the others may belong to nodes with other keys.

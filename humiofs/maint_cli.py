@@ -103,7 +103,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         with prune_lock(store, wait=not args.no_wait):
-            report = Checker(store, cfg.need_key(), args.read_data, subset).run()
+            report = Checker(store, store.passphrase or cfg.need_key(), args.read_data,
+                             subset).run()
     finally:
         store.close()
     names = store.list_generations()

@@ -79,7 +79,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.debug:
         logging.getLogger().setLevel(logging.DEBUG)
     cfg = load_config(args)
-    key = cfg.need_key()
+    key = cfg.passphrase()
     at = generations.parse_at(args.at) if args.at else None
     mountpoint = mount.check_mountpoint(args.mountpoint)
     # Only --name limits the mount: BACKUP_NAME in a node's env file names the store that

@@ -40,6 +40,7 @@ from humiofs import format
 from humiofs.format import (DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs,
                             generation_time)
 from humiofs.chunkcache import CACHE_BYTES
+from humiofs.keys import Passphrase
 from humiofs.reader import Damaged, Reader, WouldBlock
 from humiofs.store import Store, is_store, list_stores
 
@@ -181,7 +182,8 @@ class Listing:
         return name, self._attr(index, inode)
 
 
-def open_sources(backup_dir: Path, key: str, name: str | None = None) -> list[Store]:
+def open_sources(backup_dir: Path, key: str | Passphrase,
+                 name: str | None = None) -> list[Store]:
     """Opens every store in `backup_dir` that `key` opens (or only `name`).
 
     A store the key does not open is left out with a warning; if it opens none, WrongKey.
@@ -205,7 +207,8 @@ def open_sources(backup_dir: Path, key: str, name: str | None = None) -> list[St
             log.warning("backup %s is left out of the mount: %s", n, exc)
     if not stores:
         raise WrongKey(f"the key does not open any store in {backup_dir} ({', '.join(names)}). "
-                       "If the key is lost, these backups cannot be read by anyone")
+                       f"{Passphrase.of(key).check_advice()}. If the key is lost, nobody can "
+                       "read these backups")
     return stores
 
 
@@ -239,7 +242,7 @@ class Tree:
         self._link_inodes: dict[tuple[int, object], int] = {}
 
     @classmethod
-    def from_backup_dir(cls, backup_dir: Path, key: str, name: str | None = None,
+    def from_backup_dir(cls, backup_dir: Path, key: str | Passphrase, name: str | None = None,
              at: generations.At | None = None) -> Tree:
         """Opens the stores and reads which generation each shows (see open_sources)."""
         tree = cls(open_sources(backup_dir, key, name), at)

@@ -392,9 +392,81 @@ def test_wrong_key(made: Made, tmp_path: Path, command: str) -> None:
     assert r.returncode == 3, (r.stdout, r.stderr)
     msg = one_line_error(r)
     assert str(store) in msg and "key is lost" in msg and "delete" in msg
+    # How to check the key comes first: where it was read from, and what counts in it. The
+    # advice for a lost key (a fresh backup) comes after it.
+    check = msg.index(f"Check the key first: it was read from BACKUP_KEY on line 4 of the env "
+                      f"file {env}")
+    assert "every character" in msg and "blanks" in msg and "quotes" in msg
+    assert check < msg.index("key is lost") < msg.index("fresh backup") < msg.index("delete")
     assert store_files(store) == before
     assert not (tmp_path / "target").exists()
     assert WRONG not in r.stdout + r.stderr
+
+
+def test_wrong_key_names_where_it_was_read(made: Made, tmp_path: Path) -> None:
+    env = write_env(tmp_path / "nokey.env", made.backups, key=None)
+    kf = tmp_path / "key"
+    kf.write_text(WRONG + "\n")
+    for args, environ, source in (
+            ((), {"BACKUP_KEY": WRONG}, "BACKUP_KEY in the environment"),
+            (("--key-file", kf), {}, f"the first line of the key file {kf} (--key-file)")):
+        r = run_cli("ls", "-c", env, *args, env={**clean_env(), **environ})
+        assert r.returncode == 3
+        assert f"Check the key first: it was read from {source}," in one_line_error(r)
+        assert WRONG not in r.stderr
+
+
+def test_a_service_with_environmentfile_and_a_person_use_one_key(made: Made,
+                                                                 tmp_path: Path) -> None:
+    """A unit with EnvironmentFile= and --config of the same env file: systemd puts its own
+    reading of BACKUP_KEY in the environment (backslashes dropped). The store it writes opens
+    by hand with --config alone, and the other way round."""
+    line = "C:\\keys\\prod 'x'"
+    systemd = "C:keysprod 'x'"      # systemd's reading (test_config checks it against systemd)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "node.env", backups, directory=made.node, key=line)
+    service = {**clean_env(), "BACKUP_KEY": systemd}
+    r = run_cli("backup", "-c", env, env=service)
+    assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "t")
+    assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
+    assert tree_digest(tmp_path / "t") == source_digest(made.node)
+    assert Store.open(backups / "node1", "C:\\keys\\prod 'x'").passphrase == line
+    r = run_cli("backup", "-c", env, env=service)
+    assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("source", ["environment", "key file", "systemd"])
+def test_a_store_made_with_an_earlier_reading_of_the_key_still_opens(
+        made: Made, tmp_path: Path, source: str) -> None:
+    """Earlier versions used the environment's value and a key file's line as they were, and a
+    service with EnvironmentFile= used systemd's reading: such a store opens, with a warning
+    that says what to do, and after `key change` with the same key it opens without one."""
+    written, earlier = {"environment": ("  my key ", "  my key "),
+                        "key file": ('"my key"', '"my key"'),
+                        "systemd": ("C:\\keys\\prod", "C:keysprod")}[source]
+    backups = tmp_path / "backups"
+    shutil.copytree(made.store, backups / "node1")
+    Store.open(backups / "node1", KEY).change_key(earlier)   # as an earlier version made it
+    kf = tmp_path / "key"
+    kf.write_text(written + "\n")
+    env = write_env(tmp_path / "node.env", backups,
+                    key=written if source == "systemd" else None)
+    args: list[str | Path] = ["--key-file", kf] if source == "key file" else []
+    environ = {**clean_env(), **({"BACKUP_KEY": written} if source == "environment" else {})}
+    r = run_cli("ls", "-c", env, *args, env=environ)
+    assert r.returncode == 0, r.stderr
+    assert "2 generation(s)" in r.stdout
+    assert "WARNING" in r.stderr and "as earlier versions of humiofs read it" in r.stderr
+    assert "humiofs key change" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "my key" not in r.stderr and "keysprod" not in r.stderr and "prod" not in r.stderr
+    r = run_cli("key", "change", "-c", env, *args, "--new-key-file", kf, env=environ)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("ls", "-c", env, *args, env=environ)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    r = run_cli("check", "-c", env, *args, env=environ)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_key_change(copy: tuple[Path, Path], made: Made, tmp_path: Path) -> None:
