@@ -94,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "too when run as root).", epilog=EPILOG, formatter_class=fmt)
     _common(p)
     p.add_argument("--to", type=Path, required=True, metavar="DIR", help="restore target")
-    p.add_argument("--at", metavar="TIME", help="the latest generation at or before TIME "
-                   "(ISO 8601 such as 2026-11-24T10:00, or @UNIXSECONDS)")
+    p.add_argument("--at", metavar="TIME", help="the latest generation at or before TIME: a "
+                   "time as ls prints it (2026-11-24T10:00:00.123Z), a folder name under the "
+                   "mount's .generations (20261124T100000Z), ISO 8601 such as 2026-11-24T10:00 "
+                   "(local time without a zone; a time covers its whole last unit, here the "
+                   "minute), @UNIXSECONDS, or a generation name (exactly that one)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--missing-only", action="store_true",
                       help="only write files that are absent from DIR (restore missing segments)")
@@ -150,7 +153,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def open_store(cfg: Config) -> Store:
     """Opens the configured store (it must exist)."""
-    return Store.open(cfg.store_path(), cfg.need_key())
+    return Store.open(cfg.store_path(), cfg.passphrase())
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -165,7 +168,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         watch = importlib.import_module("humiofs.watch")
         interval = args.interval if args.interval is not None else cfg.interval_s
         return watch.run(cfg, interval, tuple(args.exclude), not args.no_progress)
-    store = Store.open_or_create(cfg.store_path(), cfg.need_key())
+    store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
     opts = BackupOptions(source=source, backup_name=store.name,
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
                          host_id=cfg.host_id, progress=None if not args.no_progress else False)
@@ -179,7 +182,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     skipped = f", {s.skipped} skipped" if s.skipped else ""
     # A file being written (appended to) is stored as of the size it had when it was opened.
     live = f" ({s.live} still being written, stored as they were)" if s.live else ""
-    print(f"backup {store.name}: generation {generations.format_time(gen.time_ms)}: "
+    print(f"backup {store.name}: generation {generations.describe(gen)}: "
           f"{s.new} new, {s.changed} changed{live}, {s.unchanged} unchanged files{skipped}; "
           f"read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
           f"in {time.monotonic() - start:.1f}s")
@@ -190,8 +193,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from humiofs.restore import Restore, RestoreOptions
 
     cfg = load_config(args)
+    at = generations.parse_at(args.at) if args.at is not None else None
     store = open_store(cfg)
-    gen = generations.pick(store, args.at)
+    gen = generations.pick(store, at)
     start = time.monotonic()
     opts = RestoreOptions(target=args.to, missing_only=args.missing_only,
                           overwrite=args.overwrite,
@@ -200,7 +204,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     skipped = f", {stats.skipped} left alone" if stats.skipped else ""
     if stats.xattrs_refused:
         skipped += f", {stats.xattrs_refused} kinds of extended attribute refused by the target"
-    print(f"restore {store.name}: generation {generations.format_time(gen.time_ms)} -> "
+    print(f"restore {store.name}: generation {generations.describe(gen)} -> "
           f"{args.to}: {stats.files} files, {stats.dirs} folders, {stats.symlinks} symlinks"
           + (f", {stats.specials} FIFOs and devices" if stats.specials else "")
           + (f" ({stats.links} of the files as hard links)" if stats.links else "")
@@ -221,7 +225,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         store: Store | None = None
         if cfg.backup_key:
             try:
-                store = Store.open(path, cfg.need_key())
+                store = Store.open(path, cfg.passphrase())
             except errors.WrongKey:
                 # The store the settings name must open, as for every other command; when
                 # listing all of BACKUP_DIR, the others may belong to nodes with other keys.

@@ -1,7 +1,8 @@
 """Settings from flags, the environment and a Humio-style env file (`docker --env-file`).
 
 Precedence: command-line flags, then the process environment, then the env file. The key is
-read from BACKUP_KEY (environment or env file) or from a file, never from the command line.
+read from BACKUP_KEY (environment or env file) or from a file, never from the command line,
+and every source yields the same canonical passphrase (docs/FORMAT.md 4.4).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from humiofs.errors import ConfigError
-from humiofs.keys import check_passphrase
+from humiofs.keys import Passphrase, canonical_passphrase, check_passphrase
 
 DEFAULT_BACKUP_DIR = "/backup"
 DEFAULT_DELETE_AFTER_MS = 604_800_000
@@ -32,6 +33,8 @@ class Config:
     directory: Path | None = None
     backup_name: str | None = None
     backup_key: str | None = field(default=None, repr=False)
+    key_source: str | None = None
+    key_legacy: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     delete_after_ms: int = DEFAULT_DELETE_AFTER_MS
     host_id: str | None = None
     excludes: tuple[str, ...] = ()
@@ -60,19 +63,28 @@ class Config:
         check_passphrase(self.backup_key)
         return self.backup_key
 
+    def passphrase(self) -> Passphrase:
+        """The key (checked as need_key does), where it was read from, and the forms an
+        earlier version read from the same source (FORMAT.md 4.4)."""
+        return Passphrase(self.need_key(), self.key_source or "the key given", self.key_legacy)
+
     def store_path(self) -> Path:
         return self.backup_dir / self.need_name()
 
 
-def parse_env_file(text: str, source: str, environ: Mapping[str, str]) -> dict[str, str]:
+def parse_env_file(text: str, source: str, environ: Mapping[str, str],
+                   raw: dict[str, tuple[int, str | None]] | None = None) -> dict[str, str]:
     """Parses KEY=VALUE lines the way `docker --env-file` does, plus optional quotes.
 
     Blank lines and lines starting with # are ignored; `KEY` alone takes the value from the
-    environment; a value wrapped in matching single or double quotes loses them.
+    environment as it is; a value loses the blanks around it, then one pair of matching single
+    or double quotes around what is left (canonical_passphrase). If `raw` is given, it gets
+    (line number, everything after the '=') of each KEY=VALUE line: what systemd's
+    EnvironmentFile= reads (None for an `export KEY=VALUE` line, which systemd does not take).
     """
     values: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    for number, whole in enumerate(text.splitlines(), 1):
+        line = whole.strip()
         if not line or line.startswith("#"):
             continue
         m = _KEY_LINE.match(line)
@@ -82,19 +94,75 @@ def parse_env_file(text: str, source: str, environ: Mapping[str, str]) -> dict[s
         if value is None:
             if key in environ:
                 values[key] = environ[key]
+                if raw is not None:
+                    raw.pop(key, None)
             continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key] = value
+        values[key] = canonical_passphrase(value)
+        if raw is not None:
+            raw[key] = (number, None if line.startswith("export") else whole.split("=", 1)[1])
     return values
+
+
+def systemd_value(value: str) -> str | None:
+    """What systemd's EnvironmentFile= makes of VALUE in a line KEY=VALUE (its env-file rules:
+    leading and trailing blanks dropped, backslash escapes outside single quotes, quoted parts
+    joined); None if systemd would read on into the next line (an open quote or a final
+    backslash)."""
+    blank = " \t\n\r"
+    out: list[str] = []
+    state = "pre"
+    trailing: int | None = None     # where unescaped blanks at the end of a bare value start
+    for c in value:
+        if state == "pre":
+            if c == "'":
+                state = "single"
+            elif c == '"':
+                state = "double"
+            elif c == "\\":
+                state = "escape"
+            elif c not in blank:
+                state = "bare"
+                out.append(c)
+        elif state == "bare":
+            if c == "\\":
+                state, trailing = "escape", None
+            else:
+                if c not in blank:
+                    trailing = None
+                elif trailing is None:
+                    trailing = len(out)
+                out.append(c)
+        elif state == "escape":
+            state = "bare"
+            out.append(c)
+        elif state == "single":
+            if c == "'":
+                state = "pre"
+            else:
+                out.append(c)
+        elif state == "double":
+            if c == '"':
+                state = "pre"
+            elif c == "\\":
+                state = "double-escape"
+            else:
+                out.append(c)
+        else:   # double-escape: only these lose their backslash, as in a shell
+            state = "double"
+            out.extend(c if c in '"\\`$' else "\\" + c)
+    if state not in ("pre", "bare"):
+        return None
+    if state == "bare" and trailing is not None:
+        del out[trailing:]
+    return "".join(out)
 
 
 def load(flags: Mapping[str, str | None], env_file: Path | None = None,
          key_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Resolves the settings; raises ConfigError with a one-line message on bad input."""
     environ = os.environ if environ is None else environ
-    layers: list[Mapping[str, str]] = []
+    layers: list[tuple[str, Mapping[str, str]]] = []
+    lines: dict[str, tuple[int, str | None]] = {}
     if env_file is not None:
         try:
             text = env_file.read_text(encoding="utf-8")
@@ -102,24 +170,24 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
             raise ConfigError(f"cannot read env file {env_file}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"env file {env_file} is not UTF-8 text") from None
-        layers.append(parse_env_file(text, str(env_file), environ))
-    layers.append({k: environ[k] for k in SETTINGS if k in environ})
+        layers.append((f"the env file {env_file}",
+                       parse_env_file(text, str(env_file), environ, lines)))
+    layers.append(("the environment", {k: environ[k] for k in SETTINGS if k in environ}))
     flag_layer = {k: v for k, v in flags.items() if v is not None}
     if key_file is not None:
         flag_layer["BACKUP_KEY_FILE"] = str(key_file)
-    layers.append(flag_layer)
+    layers.append(("--key-file", flag_layer))
     merged: dict[str, str] = {}
-    for layer in layers:
+    key_layer = ""
+    for where, layer in layers:
         # BACKUP_KEY and BACKUP_KEY_FILE are one setting given two ways: the higher layer's
         # choice wins whichever way it is given (within one layer the file wins).
         if "BACKUP_KEY" in layer or "BACKUP_KEY_FILE" in layer:
             merged.pop("BACKUP_KEY", None)
             merged.pop("BACKUP_KEY_FILE", None)
+            key_layer = where
         merged.update(layer)
-
-    key = merged.get("BACKUP_KEY") or None
-    if merged.get("BACKUP_KEY_FILE"):
-        key = read_key_file(Path(merged["BACKUP_KEY_FILE"]))
+    key, key_source, key_legacy = _key(merged, key_layer, env_file, lines)
 
     name = merged.get("BACKUP_NAME") or None
     if name is not None and not _NAME.fullmatch(name):
@@ -132,12 +200,59 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
         directory=Path(directory) if directory else None,
         backup_name=name,
         backup_key=key,
+        key_source=key_source,
+        key_legacy=key_legacy,
         delete_after_ms=_int_setting(merged, "DELETE_BACKUP_AFTER_MILLIS",
                                      DEFAULT_DELETE_AFTER_MS),
         host_id=_host_id(merged.get("BOOTSTRAP_HOST_ID") or None),
         excludes=excludes,
         interval_s=float(_int_setting(merged, "BACKUP_INTERVAL_SECONDS", 60)),
     )
+
+
+Legacy = tuple[tuple[str, str], ...]
+
+
+def _key(merged: Mapping[str, str], where: str, env_file: Path | None,
+         lines: Mapping[str, tuple[int, str | None]]) -> tuple[str | None, str | None, Legacy]:
+    """The canonical passphrase, where it was read from, and the other forms earlier versions
+    read from the same source (FORMAT.md 4.4). `where` is the layer that set the key."""
+    if merged.get("BACKUP_KEY_FILE"):
+        path = Path(merged["BACKUP_KEY_FILE"])
+        key, first_line = _read_key_file(path)
+        named = "--key-file" if where == "--key-file" else f"BACKUP_KEY_FILE in {where}"
+        return key, f"the first line of the key file {path} ({named})", _other(
+            key, first_line, f"from the key file {path} as its first line holds it (blanks "
+            "and quotes included)")
+    value = merged.get("BACKUP_KEY")
+    if not value:
+        return None, None, ()
+    line = lines.get("BACKUP_KEY")
+    if env_file is not None and line is not None:
+        number, raw = line
+        in_file = f"BACKUP_KEY on line {number} of the env file {env_file}"
+        systemd = systemd_value(raw) if raw is not None else None
+        if where != "the environment":
+            return value, in_file, _other(
+                value, systemd, f"from line {number} of {env_file} as systemd's "
+                "EnvironmentFile= reads it")
+        if raw is not None and systemd == value and \
+                canonical_passphrase(raw) != canonical_passphrase(value):
+            # The service's unit gave this env file to EnvironmentFile= as well as --config:
+            # the environment's value is systemd's reading of this very line.
+            return canonical_passphrase(raw), (
+                f"{in_file} (the environment's BACKUP_KEY, systemd's reading of that line, "
+                "is not used)"), _other(canonical_passphrase(raw), value,
+                                        "as systemd's EnvironmentFile= put it in the "
+                                        "environment")
+    # The environment's value (a line `BACKUP_KEY` alone in the env file names it too).
+    key = canonical_passphrase(value)
+    return key, "BACKUP_KEY in the environment", _other(
+        key, value, "from the environment as it holds it (blanks and quotes included)")
+
+
+def _other(key: str, form: str | None, how: str) -> Legacy:
+    return ((form, how),) if form is not None and form and form != key else ()
 
 
 def _host_id(value: str | None) -> str | None:
@@ -148,17 +263,24 @@ def _host_id(value: str | None) -> str | None:
 
 
 def read_key_file(path: Path) -> str:
-    """The key stored in a file: its first line, without the line ending."""
+    """The key stored in a file: the canonical passphrase of its first line (FORMAT.md 4.4)."""
+    return _read_key_file(path)[0]
+
+
+def _read_key_file(path: Path) -> tuple[str, str]:
+    """(the canonical passphrase, the first line as it is, without its line ending)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"key file {path} is not UTF-8 text") from None
-    key = text.split("\n", 1)[0].rstrip("\r")
+    first = text.split("\n", 1)[0].rstrip("\r")
+    key = canonical_passphrase(first)
     if not key:
-        raise ConfigError(f"key file {path} is empty")
-    return key
+        raise ConfigError(f"key file {path} is empty" if not first.strip() else
+                          f"key file {path} holds no key (only quotes)")
+    return key, first
 
 
 def _int_setting(values: Mapping[str, str], name: str, default: int) -> int:

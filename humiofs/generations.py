@@ -1,37 +1,129 @@
-"""Choosing a generation: the latest one, or the latest at or before a given time."""
+"""Choosing a generation: the latest one, or the latest at or before a time given with --at;
+and how generation times are written for people and for folder names."""
 from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 from humiofs.errors import ConfigError, StoreError
-from humiofs.format import Generation, generation_time
+from humiofs.format import GENERATION_NAME, Generation, generation_time
 from humiofs.store import Store
 
 log = logging.getLogger(__name__)
-_UNIX = re.compile(r"^@(\d+(?:\.\d+)?)$")
+_UNIX = re.compile(r"^@(\d{1,12})(?:\.(\d+))?$")
+# ISO 8601, extended (2026-11-24T12:03:56.789Z, what ls prints) or basic (20261124T120356Z,
+# the folder names under .generations), to the day, hour, minute, second or a fraction.
+_ISO = re.compile(r"""^(?P<y>\d{4})-?(?P<mo>\d\d)-?(?P<d>\d\d)
+                      (?:[T\ ](?P<h>\d\d)(?::?(?P<mi>\d\d)(?::?(?P<s>\d\d)(?:[.,](?P<f>\d+))?)?)?)?
+                      (?P<z>Z|[+-]\d\d(?::?\d\d)?)?$""", re.X | re.I)
+AT_FORMS = ("use a time as ls prints it (2026-11-24T10:00:00.123Z), a folder name under "
+            ".generations (20261124T100000Z), ISO 8601 such as 2026-11-24T10:00 (local time "
+            "without a zone), @UNIXSECONDS, or a generation name")
 
 
-def parse_time(text: str) -> int:
-    """Unix milliseconds from `@SECONDS` or an ISO 8601 date/time (local time if no zone)."""
-    text = text.strip()
-    m = _UNIX.match(text)
-    if m:
-        return int(float(m.group(1)) * 1000)
+@dataclass(frozen=True)
+class At:
+    """What --at chose: the latest generation at or before a time, or one generation by name.
+
+    A time covers all of its last unit: 10:00 stands for 10:00:00.000 .. 10:00:59.999, and a
+    time to the second as ls prints it takes the generation committed within that second.
+    """
+
+    text: str
+    until_ms: int
+    name: str | None = None
+
+    @classmethod
+    def from_ms(cls, ms: int) -> At:
+        return cls(f"@{ms / 1000:.3f}", ms)
+
+    def admits(self, gen_name: str) -> bool:
+        """True if the generation `gen_name` is at or before this point."""
+        if self.name is not None:
+            return gen_name <= self.name          # names sort by time, then by suffix
+        return generation_time(gen_name) <= self.until_ms
+
+    def pick(self, names: list[str]) -> str | None:
+        """The latest of `names` (sorted, oldest first) at or before this point."""
+        for name in reversed(names):
+            if self.admits(name):
+                return name
+        return None
+
+
+def parse_at(text: str) -> At:
+    """Reads an --at value; ConfigError (exit 2, one line) if it is none of AT_FORMS."""
+    value = text.strip()
+    if GENERATION_NAME.match(value):
+        return At(value, generation_time(value), value)
     try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"cannot read time {text!r}; use ISO 8601 like 2026-11-24T10:00 "
-                          "or @UNIXSECONDS") from None
-    if dt.tzinfo is None:
-        dt = dt.astimezone()
-    return int(dt.timestamp() * 1000)
+        m = _UNIX.match(value)
+        if m:
+            frac = (m.group(2) or "")[:3]
+            start = int(m.group(1)) * 1000 + int(frac.ljust(3, "0") or 0)
+            return At(value, start + _unit_ms(len(frac)) - 1)
+        m = _ISO.match(value)
+        if m:
+            return At(value, _iso_until(m))
+    except (ValueError, OverflowError):
+        pass
+    raise ConfigError(f"cannot read --at {text!r}: {AT_FORMS}")
+
+
+def _unit_ms(fraction_digits: int) -> int:
+    return 10 ** (3 - min(3, fraction_digits)) if fraction_digits else 1000
+
+
+def _iso_until(m: re.Match[str]) -> int:
+    """The last millisecond an ISO 8601 time covers, at the precision it was written to."""
+    frac = (m["f"] or "")[:3]
+    start = datetime(int(m["y"]), int(m["mo"]), int(m["d"]), int(m["h"] or 0),
+                     int(m["mi"] or 0), int(m["s"] or 0), int(frac.ljust(3, "0") or 0) * 1000)
+    if m["f"]:
+        unit = timedelta(milliseconds=_unit_ms(len(frac)))
+    elif m["s"]:
+        unit = timedelta(seconds=1)
+    elif m["mi"]:
+        unit = timedelta(minutes=1)
+    elif m["h"]:
+        unit = timedelta(hours=1)
+    else:
+        unit = timedelta(days=1)
+    zone = m["z"]
+    if zone is None:
+        # Local time; the end is computed in local time too, so a day is a calendar day.
+        end = (start + unit).astimezone()
+    else:
+        if zone.upper() == "Z":
+            tz = timezone.utc
+        else:
+            digits = zone[1:].replace(":", "")
+            offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
+            tz = timezone(offset if zone[0] == "+" else -offset)
+        end = (start + unit).replace(tzinfo=tz)
+    return round(end.timestamp() * 1000) - 1
 
 
 def format_time(ms: int) -> str:
-    """A generation time for people: ISO 8601 in UTC, to the second."""
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A generation time for people and messages: ISO 8601 in UTC, to the millisecond (what
+    ls prints, and what --at takes back)."""
+    dt = datetime.fromtimestamp(ms // 1000, timezone.utc)
+    return f"{dt:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
+
+
+def folder_time(ms: int, with_ms: bool = False) -> str:
+    """A generation's folder name under .generations: ISO 8601 basic format in UTC, to the
+    second (or to the millisecond, `with_ms`). No ':' in it, so rsync and scp never take it
+    for host:path; it sorts by time, and --at takes it back."""
+    dt = datetime.fromtimestamp(ms // 1000, timezone.utc)
+    return f"{dt:%Y%m%dT%H%M%S}" + (f".{ms % 1000:03d}Z" if with_ms else "Z")
+
+
+def describe(gen: Generation) -> str:
+    """`2026-11-24T12:03:56.789Z (1796...-...)`: which generation, for messages."""
+    return f"{format_time(gen.time_ms)} ({gen.name})"
 
 
 def latest_readable(store: Store) -> Generation | None:
@@ -45,13 +137,17 @@ def latest_readable(store: Store) -> Generation | None:
     return None
 
 
-def pick(store: Store, at: str | None = None) -> Generation:
-    """The latest generation, or the latest committed at or before `at`."""
+def pick(store: Store, at: At | None = None) -> Generation:
+    """The latest generation, or the one `at` chooses; StoreError with exit 2 if no generation
+    matches."""
     names = store.list_generations()
+    chosen: str | None = names[-1] if names else None
     if at is not None:
-        limit = parse_time(at)
-        names = [n for n in names if generation_time(n) <= limit]
-    if not names:
-        when = f" at or before {at}" if at else ""
+        if at.name is not None and at.name not in names:
+            raise StoreError(f"store {store.path} has no generation {at.name}", 2)
+        chosen = at.pick(names)
+    if chosen is None:
+        when = (f" at or before {format_time(at.until_ms)} (--at {at.text})"
+                if at is not None else "")
         raise StoreError(f"store {store.path} has no generation{when}", 2)
-    return store.load_generation(names[-1])
+    return store.load_generation(chosen)

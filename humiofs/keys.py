@@ -8,7 +8,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -35,6 +35,37 @@ class KdfParams:
         if not (2 <= self.iterations <= 64 and 19456 <= self.memory_kib <= 4194304
                 and 1 <= self.lanes <= 64 and self.memory_kib >= 8 * self.lanes):
             raise IntegrityError("key file has out-of-range KDF parameters")
+
+
+def canonical_passphrase(value: str) -> str:
+    """The passphrase a BACKUP_KEY value stands for (FORMAT.md 4.4): without the whitespace at
+    both ends, then without one pair of matching quotes around what is left. Every source
+    applies it exactly once to its value (it is not idempotent: "'key'" becomes 'key')."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return value
+
+
+@dataclass(frozen=True)
+class Passphrase:
+    """A canonical passphrase, where it was read from (for messages), and the other forms an
+    earlier version of humiofs read from the same source, as (text, how it was read): a store
+    created then may need one of them (FORMAT.md 4.4). Never shown: repr leaves the texts out."""
+
+    text: str = field(repr=False)
+    source: str = "the key given"
+    legacy: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    @classmethod
+    def of(cls, key: str | Passphrase) -> Passphrase:
+        return key if isinstance(key, Passphrase) else cls(key)
+
+    def check_advice(self) -> str:
+        """What a wrong-key message says first: how to check the key."""
+        return (f"Check the key first: it was read from {self.source}, and every character of "
+                "it counts (case, backslashes, blanks and quotes inside it) except the blanks "
+                "around it and one pair of quotes around all of it")
 
 
 def check_passphrase(passphrase: str) -> None:

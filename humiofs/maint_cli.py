@@ -42,10 +42,13 @@ Drop the generations that retention no longer keeps, then the packs that no kept
 needs. `backup --watch` does this by itself (every 10 intervals after a change, hourly when
 idle); run it by hand for a store without a watching backup.
 
-Kept: the latest generation; every generation holding a file that a newer kept generation
-no longer has, while that newer one is younger than DELETE_BACKUP_AFTER_MILLIS (default 7
-days), so a file deleted on the node stays restorable for that long; the last generation of
-each hour of the past day and of each day within DELETE_BACKUP_AFTER_MILLIS. The rest goes.
+Kept: the latest generation; every generation holding a file that the next generation
+lacks, while that next one (the first without the file) is younger than
+DELETE_BACKUP_AFTER_MILLIS (default 7 days), and that next one with it, so that a file deleted
+on the node stays restorable for that long after the backup first saw it gone, and goes with
+the first prune after that; the last generation of each hour of the past day and of each day
+within DELETE_BACKUP_AFTER_MILLIS. The rest goes. --dry-run shows why each generation is kept,
+and when its files first went missing ("gone at").
 
 Packs go in two steps, so that a mount reading a dropped generation keeps working: a prune
 records the packs nothing needs, and a prune at least --grace seconds later deletes the
@@ -100,7 +103,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         with prune_lock(store, wait=not args.no_wait):
-            report = Checker(store, cfg.need_key(), args.read_data, subset).run()
+            report = Checker(store, store.passphrase or cfg.need_key(), args.read_data,
+                             subset).run()
     finally:
         store.close()
     names = store.list_generations()
@@ -136,8 +140,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     would = "would " if args.dry_run else ""
     if args.dry_run or args.verbose:
         for d in r.decisions:
-            print(f"  {format_time(generation_time(d.name))}  {d.name}  "
-                  f"{'keep: ' + d.reason if d.keep else 'drop'}")
+            what = f"keep: {d.reason}" if d.keep else "drop"
+            if d.keep and d.compared and d.gone_ms is None:
+                what += "; none of its files has gone missing"
+            print(f"  {format_time(generation_time(d.name))}  {d.name}  {what}")
     kept = sum(1 for d in r.decisions if d.keep)
     parts = [f"prune {store.name}: {would}keep {kept} of {len(r.decisions)} generations"]
     if r.deleted_packs:

@@ -13,7 +13,10 @@ Mount the backups in BACKUP_DIR read-only at MOUNTPOINT (an empty folder), decry
                                     byte for byte, holes, symlinks, modes and times included
   MOUNTPOINT/NAME/globaldata/cluster_membership-NODEID-UUID.uuid
                                     the node's seed file: cp it to restore the node's identity
-  MOUNTPOINT/.generations/NAME/TIME/    every generation, TIME like 2026-11-24T10:00:00Z
+                                    (in the node's own globaldata/ if it has one)
+  MOUNTPOINT/.generations/NAME/TIME/    every generation, TIME its commit time in UTC like
+                                    20261124T100000Z (20261124T100000.123Z where two share
+                                    a second); no ':' in it, so rsync and scp copy it as named
 
 Only BACKUP_DIR and the key are needed. The root lists every store in BACKUP_DIR that the key
 opens (stores it does not open are left out with a warning); --name limits it to one.
@@ -22,9 +25,13 @@ second. By default the mount serves in the background and the command returns on
 mounted; unmount with `humiofs umount MOUNTPOINT`.
 
 Copies that keep holes (sparse files stay sparse): rsync -aS, tar -S, cp --sparse=always, and
-plain cp / cp -a (coreutils 9.1). Restoring missing segments:
+plain cp / cp -a (coreutils 9.1). Restoring missing segments, without the seed file (which
+would claim a lost node's identity) or a globaldata/ folder the node does not have:
 
-  rsync -aS --ignore-existing MOUNTPOINT/NAME/ /data/humio-data/"""
+  rsync -aS --ignore-existing --prune-empty-dirs \\
+        --exclude='/globaldata/cluster_membership-*.uuid' MOUNTPOINT/NAME/ /data/humio-data/
+
+or, without a mount: humiofs restore --missing-only --to /data/humio-data"""
 
 UMOUNT_HELP = """\
 Unmount a humiofs mount (as fusermount3 -u does); the mount process then exits. Fails while
@@ -40,7 +47,9 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty folder")
     p.add_argument("--name", metavar="NAME", help="show only the store NAME")
     p.add_argument("--at", metavar="TIME", help="NAME/ shows the latest generation at or before "
-                   "TIME (ISO 8601 such as 2026-11-24T10:00, or @UNIXSECONDS)")
+                   "TIME: a time as ls prints it, a folder name under .generations, ISO 8601 "
+                   "such as 2026-11-24T10:00 (local time without a zone; it covers the whole "
+                   "minute), @UNIXSECONDS, or a generation name")
     p.add_argument("--foreground", "-f", action="store_true",
                    help="serve in this process until unmounted, Ctrl-C or SIGTERM")
     p.add_argument("--allow-other", action="store_true",
@@ -70,12 +79,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.debug:
         logging.getLogger().setLevel(logging.DEBUG)
     cfg = load_config(args)
-    key = cfg.need_key()
-    at_ms = generations.parse_time(args.at) if args.at else None
+    key = cfg.passphrase()
+    at = generations.parse_at(args.at) if args.at else None
     mountpoint = mount.check_mountpoint(args.mountpoint)
     # Only --name limits the mount: BACKUP_NAME in a node's env file names the store that
     # node writes, while an operator mounting wants to see every backup the key opens.
-    model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at_ms)
+    model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at)
+    if at is not None:
+        for name, gen in model.shown():
+            if gen is not None:
+                print(f"humiofs: {name}/ shows generation {generations.describe(gen)} "
+                      f"(--at {at.text})", flush=True)
     return mount.run(model, mountpoint, foreground=args.foreground,
                      allow_other=args.allow_other, log_file=args.log)
 

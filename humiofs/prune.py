@@ -61,49 +61,73 @@ def prune_lock(store: Store, wait: bool = False) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether a generation is kept, and why (empty reason: dropped)."""
+    """Whether a generation is kept, and why (empty reason: dropped).
+
+    `compared`: it was compared with its successor (FORMAT.md 10.1), which happens whenever
+    that successor is younger than DELETE_BACKUP_AFTER_MILLIS. `gone_ms` is then when paths of
+    it first went missing (the successor's time), with one of them in `gone_path`, or None if
+    the successor holds them all.
+    """
 
     name: str
     keep: bool
     reason: str
+    compared: bool = False
+    gone_ms: int | None = None
+    gone_path: bytes | None = None
 
 
 def plan(gens: list[tuple[str, Generation | None]], now_ms: int, delete_after_ms: int,
          lacks: Callable[[Generation, Generation], bytes | None]) -> list[Decision]:
     """Decides, for generations given oldest first, which ones retention keeps.
 
-    `lacks(g, k)` returns a path that `g` has and the newer `k` does not (None if there is
-    none). A generation that cannot be read (None) is always kept. See FORMAT.md section 10.
+    Each readable generation is compared with its successor, the next readable one in this
+    full list (kept or not), so the time a path went missing is that of the first generation
+    that lacked it, however many generations after it earlier prunes dropped. `lacks(g, n)`
+    returns a path that `g` has and the newer `n` does not (None if there is none). A
+    generation that cannot be read (None) is always kept. See FORMAT.md section 10.1.
     """
+    young_from = now_ms - delete_after_ms
     hourly_from = now_ms - min(DAY_MS, delete_after_ms)
-    daily_from = now_ms - delete_after_ms
+    readable = [(i, gen) for i, (_, gen) in enumerate(gens) if gen is not None]
+    reasons: list[list[str]] = [[] for _ in gens]
+    compared: set[int] = set()
+    gone: dict[int, tuple[int, bytes]] = {}
+    if readable:
+        reasons[readable[-1][0]].append("latest")
+    # Rules 2 and 3: a generation holding a path its successor lacks, while that successor
+    # (the first without the path) is younger than D; and that successor, which dates it.
+    for (i, gen), (j, succ) in zip(readable, readable[1:]):
+        if succ.time_ms <= young_from:
+            continue        # whatever it lacks went missing more than D ago: no diff needed
+        compared.add(i)
+        path = lacks(gen, succ)
+        if path is None:
+            continue
+        gone[i] = (succ.time_ms, path)
+        shown, until = os.fsdecode(path), format_time(succ.time_ms + delete_after_ms)
+        reasons[i].append(f"holds {shown}, gone at {format_time(succ.time_ms)}, "
+                          f"kept until {until}")
+        reasons[j].append(f"first without {shown}: dates its deletion until {until}")
+    # Rules 4 and 5: the newest readable generation of each recent hour and day.
     hours: set[int] = set()
     days: set[int] = set()
-    out: list[Decision] = []
-    newer_kept: Generation | None = None
-    for name, gen in reversed(gens):
-        if gen is None:
+    for i, gen in reversed(readable):
+        hour, day = gen.time_ms // HOUR_MS, gen.time_ms // DAY_MS
+        if gen.time_ms > hourly_from and hour not in hours:
+            reasons[i].append("last of its hour")
+        elif gen.time_ms > young_from and day not in days:
+            reasons[i].append("last of its day")
+        hours.add(hour)
+        days.add(day)
+    out = []
+    for i, (name, maybe) in enumerate(gens):
+        if maybe is None:
             out.append(Decision(name, True, "unreadable, kept as it is"))
             continue
-        reason = ""
-        hour, day = gen.time_ms // HOUR_MS, gen.time_ms // DAY_MS
-        if newer_kept is None:
-            reason = "latest"
-        elif newer_kept.time_ms > daily_from and (path := lacks(gen, newer_kept)) is not None:
-            reason = (f"holds {os.fsdecode(path)}, gone at "
-                      f"{format_time(newer_kept.time_ms)}")
-        elif gen.time_ms > hourly_from and hour not in hours:
-            reason = "last of its hour"
-        elif gen.time_ms > daily_from and day not in days:
-            reason = "last of its day"
-        if gen.time_ms > hourly_from:
-            hours.add(hour)
-        if gen.time_ms > daily_from:
-            days.add(day)
-        out.append(Decision(name, bool(reason), reason))
-        if reason:
-            newer_kept = gen
-    out.reverse()
+        when, path = gone.get(i, (None, None))
+        out.append(Decision(name, bool(reasons[i]), "; ".join(reasons[i]), i in compared,
+                            when, path))
     return out
 
 

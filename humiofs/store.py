@@ -75,10 +75,13 @@ class _PackFile:
 class Store:
     """An opened store: its location, its id and the unwrapped master key."""
 
-    def __init__(self, path: Path, store_id: bytes, master: bytes) -> None:
+    def __init__(self, path: Path, store_id: bytes, master: bytes,
+                 passphrase: str | None = None) -> None:
         self.path = path
         self.store_id = store_id
         self._master = master
+        # The form of the passphrase that opened the store (check tries it on every key file).
+        self.passphrase = passphrase
         self._open_packs: OrderedDict[bytes, _PackFile] = OrderedDict()
         self._packs_lock = threading.Lock()
         self.max_open_packs = 64
@@ -93,9 +96,10 @@ class Store:
     # -- creating and opening -------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: Path, passphrase: str,
+    def create(cls, path: Path, key: str | keys.Passphrase,
                kdf: keys.KdfParams | None = None) -> Store:
         """Creates a new store at `path`, atomically: it appears complete or not at all."""
+        passphrase = keys.Passphrase.of(key).text
         keys.check_passphrase(passphrase)
         parent = path.parent
         if not parent.is_dir():
@@ -123,20 +127,23 @@ class Store:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and is_store(path):
-                return cls.open(path, passphrase)
+                return cls.open(path, key)
             raise store_io_error(exc, f"the new store {path}") from None
         fsync_dir(parent)
         log.info("created store %s", path)
-        return cls(path, store_id, master)
+        return cls(path, store_id, master, passphrase)
 
     @classmethod
-    def open_or_create(cls, path: Path, passphrase: str) -> Store:
+    def open_or_create(cls, path: Path, key: str | keys.Passphrase) -> Store:
         """Opens the store at `path`, creating it first if there is none (a first backup)."""
-        return cls.open(path, passphrase) if is_store(path) else cls.create(path, passphrase)
+        return cls.open(path, key) if is_store(path) else cls.create(path, key)
 
     @classmethod
-    def open(cls, path: Path, passphrase: str) -> Store:
-        """Opens the store at `path`; raises WrongKey if the passphrase does not open it."""
+    def open(cls, path: Path, key: str | keys.Passphrase) -> Store:
+        """Opens the store at `path` with the canonical passphrase, or else with a form of it
+        an earlier version read from the same source (with a warning; FORMAT.md 4.4); raises
+        WrongKey if none opens it."""
+        key = keys.Passphrase.of(key)
         try:
             raw = (path / "config").read_bytes()
         except FileNotFoundError:
@@ -157,21 +164,32 @@ class Store:
             key_names = sorted(os.listdir(key_dir))
         except OSError as exc:
             raise StoreError(f"cannot list {key_dir}: {exc.strerror}") from None
-        problems = []
-        for name in key_names:
-            try:
-                master = keys.unwrap((key_dir / name).read_bytes(), store_id, passphrase)
-            except (IntegrityError, OSError) as exc:
-                problems.append(f"{name}: {exc}")
-                continue
-            if master is not None:
-                return cls(path, store_id, master)
-        for problem in problems:
-            log.warning("store %s: key file %s", path, problem)
+        problems: dict[str, str] = {}
+        forms = [(key.text, "")] + [(text, how) for text, how in key.legacy if text != key.text]
+        for passphrase, how in forms:
+            for name in key_names:
+                if name in problems:
+                    continue
+                try:
+                    master = keys.unwrap((key_dir / name).read_bytes(), store_id, passphrase)
+                except (IntegrityError, OSError) as exc:
+                    problems[name] = str(exc)
+                    continue
+                if master is not None:
+                    if how:
+                        log.warning(
+                            "the store %s opens only with the key read %s, as earlier versions "
+                            "of humiofs read it; this one reads every source the same way "
+                            "(README, The key). To make the store open with the key as read "
+                            "now, run `humiofs key change` with --new-key-file holding the "
+                            "same key", path, how)
+                    return cls(path, store_id, master, passphrase)
+        for name, problem in problems.items():
+            log.warning("store %s: key file %s: %s", path, name, problem)
         raise WrongKey(
-            f"the key does not open the store {path}. If the key is lost, this backup cannot be "
-            f"read by anyone: delete {path} or choose a new BACKUP_NAME or BACKUP_DIR, and start "
-            "a fresh backup")
+            f"the key does not open the store {path}. {key.check_advice()}. If the key is "
+            "lost, nobody can read this backup: start a fresh backup under a new BACKUP_NAME "
+            f"or BACKUP_DIR (or delete {path} first)")
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -226,8 +244,10 @@ class Store:
         finally:
             os.close(fd)
 
-    def change_key(self, new_passphrase: str, kdf: keys.KdfParams | None = None) -> None:
+    def change_key(self, new_key: str | keys.Passphrase,
+                   kdf: keys.KdfParams | None = None) -> None:
         """Wraps the master key under a new passphrase and removes the old key files."""
+        new_passphrase = keys.Passphrase.of(new_key).text
         keys.check_passphrase(new_passphrase)
         key_dir = self.path / "keys"
         old = os.listdir(key_dir)
@@ -240,6 +260,7 @@ class Store:
         for name in old:
             os.unlink(key_dir / name)
         fsync_dir(key_dir)
+        self.passphrase = new_passphrase
 
     # -- reading ----------------------------------------------------------------------------
 

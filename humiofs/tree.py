@@ -4,7 +4,7 @@ What the mount shows:
 
     /NAME/                         store NAME at its latest generation (or the one --at TIME)
     /NAME/globaldata/cluster_membership-NODEID-UUID.uuid    the node's seed file (synthetic)
-    /.generations/NAME/TIME/       every generation of NAME, TIME like 2026-11-24T10:00:00Z
+    /.generations/NAME/TIME/       every generation of NAME, TIME like 20261124T100000Z
 
 Inodes are handed out lazily and never change meaning: when a directory's listing is first read,
 its children get a contiguous range of inode numbers (base + index in the sorted listing). So an
@@ -28,7 +28,7 @@ import stat
 import threading
 import time
 from bisect import bisect_left, bisect_right
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -40,6 +40,7 @@ from humiofs import format
 from humiofs.format import (DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs,
                             generation_time)
 from humiofs.chunkcache import CACHE_BYTES
+from humiofs.keys import Passphrase
 from humiofs.reader import Damaged, Reader, WouldBlock
 from humiofs.store import Store, is_store, list_stores
 
@@ -84,10 +85,10 @@ def _blocks(nbytes: int) -> int:
 class _Source:
     """One opened store and the generations the mount shows of it."""
 
-    def __init__(self, store: Store, at_ms: int | None) -> None:
+    def __init__(self, store: Store, at: generations.At | None) -> None:
         self.store = store
         self.name = store.name.encode()
-        self.at_ms = at_ms
+        self.at = at
         self.names: list[str] = []
         self.gens: dict[str, Generation] = {}
         self.bad: set[str] = set()
@@ -102,7 +103,7 @@ class _Source:
         names = self.store.list_generations()
         current = None
         for name in reversed(names):
-            if self.at_ms is not None and generation_time(name) > self.at_ms:
+            if self.at is not None and not self.at.admits(name):
                 continue
             current = self.generation(name)
             if current is not None:
@@ -122,15 +123,13 @@ class _Source:
         return gen
 
     def time_names(self) -> list[tuple[bytes, str]]:
-        """(folder name, generation name) for every generation: the commit time to the second,
-        or to the millisecond where two generations share a second."""
-        seconds = [generations.format_time(generation_time(n)) for n in self.names]
-        out = []
-        for name, sec in zip(self.names, seconds):
-            if seconds.count(sec) > 1:
-                sec = f"{sec[:-1]}.{generation_time(name) % 1000:03d}Z"
-            out.append((sec.encode(), name))
-        return out
+        """(folder name, generation name) for every generation: the commit time in ISO 8601
+        basic format (no ':', which rsync and scp read as host:path) to the second, or to the
+        millisecond where two generations share a second. --at takes either back."""
+        times = [generation_time(n) for n in self.names]
+        seconds = Counter(t // 1000 for t in times)
+        return [(generations.folder_time(t, seconds[t // 1000] > 1).encode(), name)
+                for name, t in zip(self.names, times)]
 
 
 class _Top:
@@ -144,15 +143,18 @@ class _Top:
 
 class _Dir:
     """A folder of a node tree (or a node root, or the synthetic globaldata folder) whose
-    children get the inode range base .. base+count-1 once its listing is first read."""
+    children get the inode range base .. base+count-1 once its listing is first read.
+    `seeded`: the node root's globaldata folder, where the seed file is shown (the folder is
+    synthetic if `ref` is None, else the node's own)."""
 
-    __slots__ = ("inode", "parent", "path", "source", "gen", "ref", "view", "is_root", "base",
-                 "count")
+    __slots__ = ("inode", "parent", "path", "source", "gen", "ref", "view", "is_root", "seeded",
+                 "base", "count")
 
     def __init__(self, inode: int, parent: int, path: str, source: _Source, gen: Generation,
-                 ref: Ref | None, view: int, is_root: bool = False) -> None:
+                 ref: Ref | None, view: int, is_root: bool = False, seeded: bool = False) -> None:
         self.inode, self.parent, self.path = inode, parent, path
         self.source, self.gen, self.ref, self.is_root = source, gen, ref, is_root
+        self.seeded = seeded
         self.view = view            # the inode of the node root this folder is under
         self.base = self.count = 0
 
@@ -180,7 +182,8 @@ class Listing:
         return name, self._attr(index, inode)
 
 
-def open_sources(backup_dir: Path, key: str, name: str | None = None) -> list[Store]:
+def open_sources(backup_dir: Path, key: str | Passphrase,
+                 name: str | None = None) -> list[Store]:
     """Opens every store in `backup_dir` that `key` opens (or only `name`).
 
     A store the key does not open is left out with a warning; if it opens none, WrongKey.
@@ -204,21 +207,22 @@ def open_sources(backup_dir: Path, key: str, name: str | None = None) -> list[St
             log.warning("backup %s is left out of the mount: %s", n, exc)
     if not stores:
         raise WrongKey(f"the key does not open any store in {backup_dir} ({', '.join(names)}). "
-                       "If the key is lost, these backups cannot be read by anyone")
+                       f"{Passphrase.of(key).check_advice()}. If the key is lost, nobody can "
+                       "read these backups")
     return stores
 
 
 class Tree:
     """The read-only model of the mount: every method is safe to call from any thread."""
 
-    def __init__(self, stores: list[Store], at_ms: int | None = None,
+    def __init__(self, stores: list[Store], at: generations.At | None = None,
                  cache_bytes: int = CACHE_BYTES, listing_budget: int = LISTING_BUDGET) -> None:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.reader = Reader(cache_bytes)
         self.cache = self.reader.cache
         self.listing_budget = listing_budget
         self._lock = threading.RLock()
-        self._sources = sorted((_Source(s, at_ms) for s in stores), key=attrgetter("name"))
+        self._sources = sorted((_Source(s, at) for s in stores), key=attrgetter("name"))
         self._top: dict[int, _Top] = {ROOT_INODE: _Top(ROOT_INODE, ROOT_INODE, None),
                                       2: _Top(2, ROOT_INODE, None)}
         self._gens_of: dict[bytes, int] = {}
@@ -238,21 +242,32 @@ class Tree:
         self._link_inodes: dict[tuple[int, object], int] = {}
 
     @classmethod
-    def from_backup_dir(cls, backup_dir: Path, key: str, name: str | None = None,
-             at_ms: int | None = None) -> Tree:
+    def from_backup_dir(cls, backup_dir: Path, key: str | Passphrase, name: str | None = None,
+             at: generations.At | None = None) -> Tree:
         """Opens the stores and reads which generation each shows (see open_sources)."""
-        tree = cls(open_sources(backup_dir, key, name), at_ms)
+        tree = cls(open_sources(backup_dir, key, name), at)
         for src in tree._sources:
             src.refresh()
-            if src.current is None and at_ms is None:
+        if at is not None and at.name is not None and \
+                not any(at.name in src.names for src in tree._sources):
+            tree.close()
+            raise StoreError(f"no backup in {backup_dir} has the generation {at.name}", 2)
+        for src in tree._sources:
+            if src.current is None and at is None:
                 log.warning("backup %s has no generation yet; it appears once it has",
                             src.store.name)
             elif src.current is None:
-                log.warning("backup %s has no generation at or before --at; it is left out",
-                            src.store.name)
-        if at_ms is not None and all(src.current is None for src in tree._sources):
-            raise StoreError(f"no backup in {backup_dir} has a generation at or before --at", 2)
+                log.warning("backup %s has no generation at or before --at %s; it is left out",
+                            src.store.name, at.text if at else "")
+        if at is not None and all(src.current is None for src in tree._sources):
+            tree.close()
+            raise StoreError(f"no backup in {backup_dir} has a generation at or before "
+                             f"{generations.format_time(at.until_ms)} (--at {at.text})", 2)
         return tree
+
+    def shown(self) -> list[tuple[str, Generation | None]]:
+        """(store name, the generation NAME/ shows now) for every store in the mount."""
+        return [(src.store.name, src.current) for src in self._sources]
 
     def start_worker(self, close_fds: tuple[int, ...] = ()) -> None:
         """Forks the decryption worker over the open stores (see reader.Reader.start_worker)."""
@@ -317,7 +332,7 @@ class Tree:
         if not block:
             raise WouldBlock()
         if d.ref is None:
-            entries = _globaldata(d.gen)
+            entries = []
         else:
             try:
                 entries = d.source.store.read_tree(d.ref)
@@ -329,6 +344,13 @@ class Tree:
                     root = d.gen.root
                     entries.insert(i, Entry(GLOBALDATA, DIR, 0o755, root.uid, root.gid,
                                             d.gen.time_ms * 1_000_000, 0, 0, _BLOCK, nlink=2))
+        if d.seeded and d.gen.identity is not None:
+            # The seed file joins the node's own globaldata folder, if it has one; a real file
+            # of that very name wins.
+            seed = _seed(d.gen)
+            i = bisect_left(entries, seed.name, key=_NAME)
+            if i == len(entries) or entries[i].name != seed.name:
+                entries.insert(i, seed)
         with self._lock:
             if d.base == 0:
                 d.base, d.count = self._next, len(entries)
@@ -370,7 +392,8 @@ class Tree:
             if d is None:
                 d = self._dirs[inode] = _Dir(inode, parent.inode,
                                              f"{parent.path}/{os.fsdecode(e.name)}",
-                                             parent.source, parent.gen, e.subtree, parent.view)
+                                             parent.source, parent.gen, e.subtree, parent.view,
+                                             seeded=parent.is_root and e.name == GLOBALDATA)
             return d
 
     # -- attributes ---------------------------------------------------------------------------
@@ -529,7 +552,7 @@ class Tree:
         if e.type != FILE:
             raise IsADirectoryError(errno.EISDIR, "is a folder") if e.type == DIR else \
                 OSError(errno.ELOOP, "is a symlink")
-        inline = d.gen.identity.uuid.encode() if d.ref is None and d.gen.identity else None
+        inline = d.gen.identity.uuid.encode() if _is_seed(d, e) and d.gen.identity else None
         return self.reader.open(inode, f"{d.path}/{os.fsdecode(e.name)}", d.source.store, e,
                                 inline)
 
@@ -541,10 +564,17 @@ class Tree:
         return await self.reader.read(fh, off, size)
 
 
-def _globaldata(gen: Generation) -> list[Entry]:
+def _seed(gen: Generation) -> Entry:
+    """The seed file's entry: globaldata/cluster_membership-NODEID-UUID.uuid."""
     assert gen.identity is not None
     uuid = gen.identity.uuid.encode()
     mtime = gen.time_ms * 1_000_000
-    # Its contents are served from memory (_File.inline); the extent only makes st_blocks true.
-    return [Entry(gen.identity.seed_name, FILE, 0o644, gen.root.uid, gen.root.gid, mtime, 0, 0,
-                  len(uuid), extents=((0, len(uuid)),))]
+    # Its contents are served from memory (the reader's inline data); the extent only makes
+    # st_blocks true. A stored file with data always has a ref, so data=None with an extent
+    # tells the seed from a real file of the same name (_is_seed).
+    return Entry(gen.identity.seed_name, FILE, 0o644, gen.root.uid, gen.root.gid, mtime, 0, 0,
+                 len(uuid), extents=((0, len(uuid)),))
+
+
+def _is_seed(d: _Dir, e: Entry) -> bool:
+    return d.seeded and e.type == FILE and e.data is None and bool(e.extents)

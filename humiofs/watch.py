@@ -40,7 +40,7 @@ def run(cfg: Config, interval: float, extra_excludes: tuple[str, ...], progress:
     if not interval > 0:
         raise ConfigError("the backup interval must be more than 0 seconds")
     cfg.need_directory()
-    store = Store.open_or_create(cfg.store_path(), cfg.need_key())
+    store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
     try:
         return Watch(store, cfg, interval, extra_excludes, progress).run()
     finally:

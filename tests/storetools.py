@@ -119,3 +119,24 @@ def flip(path: Path, offset: int) -> None:
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0x40]))
+
+
+Digest = dict[str, tuple[object, ...]]
+
+
+def backups_within_one_second(store: Store, node: Path,
+                              timeout: float = 30.0) -> list[tuple[Generation, Digest]]:
+    """Two backups of `node` committed within one second, each after adding a file to it:
+    the generations, with the node's source_digest at each."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, "no two backups within one second"
+        while time.time() % 1 > 0.3:        # start early in a second (polled, no fixed sleep)
+            time.sleep(0.01)
+        out = []
+        for _ in range(2):
+            (node / f"file{len(store.list_generations())}").write_bytes(b"x")
+            gen = backup(store, node, host_id="1")[0]
+            out.append((gen, source_digest(node)))
+        if out[0][0].time_ms // 1000 == out[1][0].time_ms // 1000:
+            return out

@@ -19,15 +19,19 @@ from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, wr
 from humiofs import cli, errors
 from humiofs.generations import format_time
 from humiofs.store import Store
-from storetools import pack_files, source_digest, store_files, wait_not_racy
+import storetools
+from storetools import (create_store, pack_files, source_digest, store_files,
+                        wait_not_racy)
 
 WRONG = "not the right key"
 BACKUP_LINE = re.compile(
-    r"^backup (?P<name>\S+): generation \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: (?P<new>\d+) new, "
+    r"^backup (?P<name>\S+): generation (?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) "
+    r"\((?P<gen>\d{13}-[0-9a-f]{16})\): (?P<new>\d+) new, "
     r"(?P<changed>\d+) changed, (?P<unchanged>\d+) unchanged files(, (?P<skipped>\d+) skipped)?; "
     r"read (?P<read>[\d.]+ \w+), stored [\d.]+ \w+ in [\d.]+s$")
 RESTORE_LINE = re.compile(
-    r"^restore (?P<name>\S+): generation \S+ -> (?P<to>.+): (?P<files>\d+) files, \d+ folders, "
+    r"^restore (?P<name>\S+): generation (?P<time>\S+) \((?P<gen>\S+)\) -> (?P<to>.+): "
+    r"(?P<files>\d+) files, \d+ folders, "
     r"\d+ symlinks(, (?P<alone>\d+) left alone)?; [\d.]+ \w+ of data in [\d.]+s$")
 
 
@@ -241,13 +245,85 @@ def test_restore_at_brings_deleted_file_back(history: History, tmp_path: Path) -
     assert r.returncode == 0 and not (tmp_path / "u" / history.deleted).exists()
 
 
-@pytest.mark.parametrize("when,code", [("@1", 2), ("yesterday", 2), ("1999-01-01", 2)])
-def test_restore_at_errors(history: History, tmp_path: Path, when: str,
-                           code: int) -> None:
+@pytest.mark.parametrize("when,why", [
+    ("@1", "no generation at or before 1970-01-01T00:00:01.999Z"),
+    ("1999-01-01", "no generation at or before"),
+    (f"{1:013d}-{'0' * 16}", f"no generation {1:013d}-{'0' * 16}"),
+    ("yesterday", "a time as ls prints it"),
+    ("2026-13-01T00:00Z", "a time as ls prints it"),
+    ("@1.5.5", "a time as ls prints it")])
+def test_restore_at_errors(history: History, tmp_path: Path, when: str, why: str) -> None:
     r = run_cli("restore", "-c", history.env, "--to", tmp_path / "t", "--at", when)
-    assert r.returncode == code
-    one_line_error(r)
+    assert r.returncode == 2
+    assert why in one_line_error(r)
     assert not (tmp_path / "t").exists()
+
+
+def ls_generations(env: Path) -> list[tuple[str, str]]:
+    """(time, generation name) of each generation, as `ls` prints them."""
+    r = run_cli("ls", "-c", env)
+    assert r.returncode == 0, r.stderr
+    return [(line.split()[0], line.split()[1]) for line in r.stdout.splitlines()[1:]]
+
+
+def restored_generation(r: subprocess.CompletedProcess[str]) -> tuple[str, str]:
+    """(time, name) of the generation a restore says it chose."""
+    assert r.returncode == 0, r.stderr
+    m = RESTORE_LINE.match(r.stdout.strip())
+    assert m, r.stdout
+    return m["time"], m["gen"]
+
+
+@pytest.mark.parametrize("form", ["as ls prints it", "generation name", "to the second"])
+def test_restore_at_what_ls_prints(history: History, tmp_path: Path, form: str) -> None:
+    """A time or name copied from ls gives that generation, and the summary says which one
+    (full time in UTC, and name). A time to the second covers that whole second."""
+    listed = ls_generations(history.env)
+    assert [name for _, name in listed] == history.names
+    assert [when for when, _ in listed] == [format_time(t) for t in history.times]
+    for i, (when, name) in enumerate(listed):
+        at = {"as ls prints it": when, "generation name": name,
+              "to the second": when[:19] + "Z"}[form]
+        want = i
+        if form == "to the second":   # the latest generation committed by the end of it
+            want = max(j for j, t in enumerate(history.times) if t // 1000 <= history.times[i]
+                       // 1000)
+        r = run_cli("restore", "-c", history.env, "--to", tmp_path / f"t{i}", "--at", at)
+        assert restored_generation(r) == listed[want], (at, r.stdout)
+        assert tree_digest(tmp_path / f"t{i}") == history.digests[want]
+
+
+@dataclass
+class SameSecond:
+    env: Path
+    backups: Path
+    names: list[str]
+    digests: list[dict[str, tuple[object, ...]]]
+
+
+@pytest.fixture(scope="module")
+def same_second(tmp_path_factory: pytest.TempPathFactory) -> SameSecond:
+    """Two generations committed within one second (backups in-process, as fast as they go)."""
+    base = tmp_path_factory.mktemp("same-second")
+    node = base / "node"
+    node.mkdir()
+    (node / "cluster_membership.uuid").write_text("0b5a6c1e-8d3f-4c2a-9e71-2f6d8a9b0c13")
+    store = create_store(base / "backups" / "node1")
+    made = storetools.backups_within_one_second(store, node)
+    return SameSecond(write_env(base / "node.env", base / "backups", directory=node),
+                      base / "backups", [g.name for g, _ in made], [d for _, d in made])
+
+
+def test_two_generations_in_one_second(same_second: SameSecond, tmp_path: Path) -> None:
+    listed = dict((name, when) for when, name in ls_generations(same_second.env))
+    times = [listed[n] for n in same_second.names]
+    assert times[0] != times[1] and times[0][:19] == times[1][:19]
+    for i, name in enumerate(same_second.names):
+        for at in (times[i], name):
+            r = run_cli("restore", "-c", same_second.env, "--to", tmp_path / "t", "--at", at)
+            assert restored_generation(r) == (times[i], name)
+            assert tree_digest(tmp_path / "t") == same_second.digests[i]
+            shutil.rmtree(tmp_path / "t")
 
 
 def test_ls(history: History, made: Made) -> None:
@@ -316,9 +392,81 @@ def test_wrong_key(made: Made, tmp_path: Path, command: str) -> None:
     assert r.returncode == 3, (r.stdout, r.stderr)
     msg = one_line_error(r)
     assert str(store) in msg and "key is lost" in msg and "delete" in msg
+    # How to check the key comes first: where it was read from, and what counts in it. The
+    # advice for a lost key (a fresh backup) comes after it.
+    check = msg.index(f"Check the key first: it was read from BACKUP_KEY on line 4 of the env "
+                      f"file {env}")
+    assert "every character" in msg and "blanks" in msg and "quotes" in msg
+    assert check < msg.index("key is lost") < msg.index("fresh backup") < msg.index("delete")
     assert store_files(store) == before
     assert not (tmp_path / "target").exists()
     assert WRONG not in r.stdout + r.stderr
+
+
+def test_wrong_key_names_where_it_was_read(made: Made, tmp_path: Path) -> None:
+    env = write_env(tmp_path / "nokey.env", made.backups, key=None)
+    kf = tmp_path / "key"
+    kf.write_text(WRONG + "\n")
+    for args, environ, source in (
+            ((), {"BACKUP_KEY": WRONG}, "BACKUP_KEY in the environment"),
+            (("--key-file", kf), {}, f"the first line of the key file {kf} (--key-file)")):
+        r = run_cli("ls", "-c", env, *args, env={**clean_env(), **environ})
+        assert r.returncode == 3
+        assert f"Check the key first: it was read from {source}," in one_line_error(r)
+        assert WRONG not in r.stderr
+
+
+def test_a_service_with_environmentfile_and_a_person_use_one_key(made: Made,
+                                                                 tmp_path: Path) -> None:
+    """A unit with EnvironmentFile= and --config of the same env file: systemd puts its own
+    reading of BACKUP_KEY in the environment (backslashes dropped). The store it writes opens
+    by hand with --config alone, and the other way round."""
+    line = "C:\\keys\\prod 'x'"
+    systemd = "C:keysprod 'x'"      # systemd's reading (test_config checks it against systemd)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "node.env", backups, directory=made.node, key=line)
+    service = {**clean_env(), "BACKUP_KEY": systemd}
+    r = run_cli("backup", "-c", env, env=service)
+    assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "t")
+    assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
+    assert tree_digest(tmp_path / "t") == source_digest(made.node)
+    assert Store.open(backups / "node1", "C:\\keys\\prod 'x'").passphrase == line
+    r = run_cli("backup", "-c", env, env=service)
+    assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("source", ["environment", "key file", "systemd"])
+def test_a_store_made_with_an_earlier_reading_of_the_key_still_opens(
+        made: Made, tmp_path: Path, source: str) -> None:
+    """Earlier versions used the environment's value and a key file's line as they were, and a
+    service with EnvironmentFile= used systemd's reading: such a store opens, with a warning
+    that says what to do, and after `key change` with the same key it opens without one."""
+    written, earlier = {"environment": ("  my key ", "  my key "),
+                        "key file": ('"my key"', '"my key"'),
+                        "systemd": ("C:\\keys\\prod", "C:keysprod")}[source]
+    backups = tmp_path / "backups"
+    shutil.copytree(made.store, backups / "node1")
+    Store.open(backups / "node1", KEY).change_key(earlier)   # as an earlier version made it
+    kf = tmp_path / "key"
+    kf.write_text(written + "\n")
+    env = write_env(tmp_path / "node.env", backups,
+                    key=written if source == "systemd" else None)
+    args: list[str | Path] = ["--key-file", kf] if source == "key file" else []
+    environ = {**clean_env(), **({"BACKUP_KEY": written} if source == "environment" else {})}
+    r = run_cli("ls", "-c", env, *args, env=environ)
+    assert r.returncode == 0, r.stderr
+    assert "2 generation(s)" in r.stdout
+    assert "WARNING" in r.stderr and "as earlier versions of humiofs read it" in r.stderr
+    assert "humiofs key change" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "my key" not in r.stderr and "keysprod" not in r.stderr and "prod" not in r.stderr
+    r = run_cli("key", "change", "-c", env, *args, "--new-key-file", kf, env=environ)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("ls", "-c", env, *args, env=environ)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    r = run_cli("check", "-c", env, *args, env=environ)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_key_change(copy: tuple[Path, Path], made: Made, tmp_path: Path) -> None:

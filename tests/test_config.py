@@ -3,6 +3,9 @@ and the checks on names and numbers."""
 from __future__ import annotations
 
 import logging
+import os
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import pytest
 from humiofs import config
 from humiofs.config import Config, load, parse_env_file
 from humiofs.errors import ConfigError
+from humiofs.keys import canonical_passphrase
 
 NO_FLAGS: dict[str, str | None] = {}
 
@@ -92,7 +96,108 @@ def test_key_file_first_line(tmp_path: Path) -> None:
     kf = tmp_path / "key"
     kf.write_text("first line key \r\nsecond\n")
     cfg = load(NO_FLAGS, key_file=kf, environ={"BACKUP_KEY": "from env"})
-    assert cfg.backup_key == "first line key "
+    assert cfg.backup_key == "first line key"
+    assert cfg.key_source == f"the first line of the key file {kf} (--key-file)"
+    # What an earlier version read from the same file: the line as it is.
+    assert cfg.key_legacy == (("first line key ", f"from the key file {kf} as its first line "
+                               "holds it (blanks and quotes included)"),)
+
+
+# (how a value is written, the canonical passphrase): FORMAT.md 4.4
+CANONICAL = [
+    ("my key", "my key"),
+    ("  my key\t", "my key"),
+    ('"my key"', "my key"),
+    ("'my key'", "my key"),
+    ('  " my key "  ', " my key "),
+    ("\"'quoted'\"", "'quoted'"),
+    ("C:\\keys\\prod", "C:\\keys\\prod"),
+    ("it's \"so\" #1 $HOME", "it's \"so\" #1 $HOME"),
+    ('"unbalanced', '"unbalanced'),
+    ("\u00a0nbsp\u00a0", "nbsp"),
+]
+
+
+@pytest.mark.parametrize("written,key", CANONICAL)
+def test_every_source_gives_the_canonical_passphrase(tmp_path: Path, written: str,
+                                                     key: str) -> None:
+    """The env file, the environment (directly or named in the env file) and a key file give
+    one key for one value."""
+    p = env_file(tmp_path, f"BACKUP_KEY={written}\n")
+    assert load(NO_FLAGS, env_file=p, environ={}).backup_key == key
+    assert load(NO_FLAGS, environ={"BACKUP_KEY": written}).backup_key == key
+    bare = env_file(tmp_path, "BACKUP_KEY\n")
+    assert load(NO_FLAGS, env_file=bare, environ={"BACKUP_KEY": written}).backup_key == key
+    kf = tmp_path / "key"
+    kf.write_text(written + "\nsecond line\n")
+    assert load(NO_FLAGS, key_file=kf, environ={}).backup_key == key
+    assert config.read_key_file(kf) == key          # key change --new-key-file
+
+
+def test_key_sources_are_named(tmp_path: Path) -> None:
+    p = env_file(tmp_path, "# settings\nBACKUP_KEY=k1\n")
+    assert load(NO_FLAGS, env_file=p, environ={}).key_source == \
+        f"BACKUP_KEY on line 2 of the env file {p}"
+    assert load(NO_FLAGS, env_file=p, environ={"BACKUP_KEY": "k2"}).key_source == \
+        "BACKUP_KEY in the environment"
+    bare = env_file(tmp_path, "BACKUP_KEY\n")
+    assert load(NO_FLAGS, env_file=bare, environ={"BACKUP_KEY": "k2"}).key_source == \
+        "BACKUP_KEY in the environment"
+    kf = tmp_path / "key"
+    kf.write_text("k3\n")
+    with_file = env_file(tmp_path, f"BACKUP_KEY_FILE={kf}\n")
+    assert load(NO_FLAGS, env_file=with_file, environ={}).key_source == \
+        f"the first line of the key file {kf} (BACKUP_KEY_FILE in the env file {with_file})"
+
+
+# Values whose reading by systemd's EnvironmentFile= differs from the canonical passphrase.
+SYSTEMD = [("C:\\keys\\prod", "C:keysprod"), ("a\\ b", "a b"), ("'a' b", "ab"),
+           ('"a\\"b"', 'a"b'), ("'it''s'", "its")]
+
+
+@pytest.mark.parametrize("line,systemd", SYSTEMD)
+def test_systemd_reading_of_the_env_file_is_recognised(tmp_path: Path, line: str,
+                                                       systemd: str) -> None:
+    """A unit with EnvironmentFile= and --config of the same file: the environment holds
+    systemd's reading of the line, and the key is the line's canonical passphrase."""
+    p = env_file(tmp_path, f"BACKUP_NAME=n\nBACKUP_KEY={line}\n")
+    by_hand = load(NO_FLAGS, env_file=p, environ={})
+    service = load(NO_FLAGS, env_file=p, environ={"BACKUP_KEY": systemd})
+    assert service.backup_key == by_hand.backup_key == canonical_passphrase(line)
+    assert f"line 2 of the env file {p}" in service.key_source  # type: ignore[operator]
+    # Stores written by a service of an earlier version used systemd's reading: both runs
+    # can still try it.
+    assert systemd in [text for text, _ in service.key_legacy]
+    assert systemd in [text for text, _ in by_hand.key_legacy]
+    # Any other value in the environment overrides the env file, as always.
+    assert load(NO_FLAGS, env_file=p, environ={"BACKUP_KEY": "other"}).backup_key == "other"
+
+
+def systemd_reads(tmp_path: Path, line: str) -> str:
+    """systemd's own reading of `BACKUP_KEY=line` in an env file, from its
+    environment.d generator (the same parser as EnvironmentFile=, plus $ expansion)."""
+    (tmp_path / "environment.d").mkdir(exist_ok=True)
+    (tmp_path / "environment.d" / "k.conf").write_text(f"BACKUP_KEY={line}\n")
+    done = subprocess.run([SYSTEMD_ENV_GENERATOR], capture_output=True, text=True, check=True,
+                          env={"XDG_CONFIG_HOME": str(tmp_path), "HOME": str(tmp_path)})
+    (value,) = [v for k, _, v in (ln.partition("=") for ln in done.stdout.splitlines())
+                if k == "BACKUP_KEY"]
+    return shlex.split(value)[0] if value else ""
+
+
+SYSTEMD_ENV_GENERATOR = "/usr/lib/systemd/user-environment-generators/" \
+    "30-systemd-environment-d-generator"
+
+
+@pytest.mark.skipif(not os.access(SYSTEMD_ENV_GENERATOR, os.X_OK), reason="needs systemd")
+@pytest.mark.parametrize("line", [line for line, _ in SYSTEMD] + [
+    written for written, _ in CANONICAL if "$" not in written and "\t" not in written])
+def test_systemd_value_is_what_systemd_reads(tmp_path: Path, line: str) -> None:
+    got = config.systemd_value(line)
+    if got is None:     # systemd reads on into the next line: not a one-line value
+        assert line.count('"') % 2 == 1
+        return
+    assert got == systemd_reads(tmp_path, line)
 
 
 def test_key_file_without_newline(tmp_path: Path) -> None:
@@ -181,6 +286,9 @@ def test_repr_never_shows_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     logging.getLogger("humiofs.test").info("config %s %r", cfg, cfg)
     assert secret not in caplog.text
     assert "n" in repr(cfg)
+    # Nor the forms an earlier version read (here: with the blanks around it).
+    cfg = load({"BACKUP_NAME": "n"}, environ={"BACKUP_KEY": f" {secret} "})
+    assert cfg.key_legacy and secret not in repr(cfg) + repr(cfg.passphrase())
 
 
 def test_config_is_frozen() -> None:

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEY, make_sample, run_cli, write_env
+from conftest import KEY, ROOT, make_sample, run_cli, write_env
+from humiofs.generations import format_time
 from humiofs.scan import data_extents
 from humiofs.store import Store
 from mountutil import (Mount, backup, create_store, is_mounted, mount_line, mounted_digest,
@@ -55,6 +57,7 @@ def mnt(setup: tuple[Path, Path]) -> Iterator[Path]:
 
 
 WIDE = 5000
+UUID = "0b5a6c1e-8d3f-4c2a-9e71-2f6d8a9b0c13"  # tiny_node's
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +313,99 @@ def test_new_generation_appears(tmp_path: Path) -> None:
         assert len(gens) == 2
         assert not (m.path / ".generations" / "node1" / gens[0] / "added.txt").exists()
         assert (m.path / ".generations" / "node1" / gens[1] / "added.txt").exists()
+
+
+@pytest.mark.parametrize("how", ["rsync", "scp"])
+def test_generation_folders_copy_as_named(how: str, mnt: Path, sample_node: Path,
+                                          tmp_path: Path) -> None:
+    """rsync and scp read a name with ':' as host:path; a generation folder, named as ls -1
+    shows it, copies as named."""
+    gens = mnt / ".generations" / "node1"
+    (name,) = os.listdir(gens)
+    assert ":" not in name
+    cmd = {"rsync": ["rsync", "-aS", f"{name}/", str(tmp_path / "copy")],
+           "scp": ["scp", "-r", "-p", name, str(tmp_path / "copy")]}[how]
+    done = subprocess.run(cmd, cwd=gens, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert mounted_digest(tmp_path / "copy", extents=False) == \
+        source_digest(sample_node, extents=False)
+
+
+def test_mount_at_a_generation_folder_name(tmp_path: Path) -> None:
+    node = make_sample(tmp_path / "node", size="1M", small_files=20)
+    (tmp_path / "backup").mkdir()
+    env = write_env(tmp_path / "n.env", tmp_path / "backup", directory=node)
+    backup_cli(env)
+    (node / "added.txt").write_bytes(b"second generation\n")
+    time.sleep(max(0.0, 1.05 - time.time() % 1))  # a new second: a new folder name
+    backup_cli(env)
+    with Mount(env, tmp_path / "m") as m:
+        first, second = sorted(os.listdir(m.path / ".generations" / "node1"))
+    names = sorted(os.listdir(tmp_path / "backup" / "node1" / "generations"))
+    for at, shown in ((first, names[0]), (second, names[1]), (names[0], names[0])):
+        where = tmp_path / "at"
+        where.mkdir(exist_ok=True)
+        done = run_cli("mount", "--config", env, where, "--at", at, timeout=60)
+        assert done.returncode == 0, done.stderr
+        try:
+            assert f"node1/ shows generation {format_time(int(shown[:13]))} ({shown}) " \
+                f"(--at {at})" in done.stdout
+            assert (where / "node1" / "added.txt").exists() == (shown == names[1])
+        finally:
+            assert run_cli("umount", where).returncode == 0
+    done = run_cli("mount", "--config", env, tmp_path / "at", "--at", "2026-02-30T10:00")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert not is_mounted(tmp_path / "at")
+
+
+def readme_restore_line(mount_node: Path, target: Path) -> list[str]:
+    """The README's "bring back missing segments" command, for this mount and target."""
+    (line,) = [line for line in (ROOT / "README.md").read_text().splitlines()
+               if line.startswith("rsync ") and "bring back missing segments" in line]
+    args = shlex.split(line.split("#")[0])
+    assert args[-2:] == ["/mnt/backup/node1/", "/data/humio-data/"], args
+    return args[:-2] + [f"{mount_node}/", f"{target}/"]
+
+
+@pytest.mark.parametrize("own_globaldata", [False, True], ids=["no globaldata", "globaldata"])
+def test_readme_restore_line_copies_only_what_the_node_misses(own_globaldata: bool,
+                                                              tmp_path: Path) -> None:
+    """The README's restore line brings back missing files (also in the node's own
+    globaldata/), leaves existing ones alone, and never copies the seed file or a globaldata
+    folder the node does not have; so does restore --missing-only."""
+    extra = {"globaldata/snapshot.json": b"{}\n"} if own_globaldata else {}
+    node = tiny_node(tmp_path / "node", {"dataspace_a/datasource_b/segment_1": b"1" * 5000,
+                                         "dataspace_a/datasource_b/segment_2": b"2" * 5000,
+                                         **extra})
+    (tmp_path / "backup").mkdir()
+    env = write_env(tmp_path / "n.env", tmp_path / "backup", directory=node,
+                    BOOTSTRAP_HOST_ID="1")
+    backup_cli(env)
+    want = source_digest(node)
+    targets = []
+    for how in ("rsync", "restore"):
+        target = tmp_path / how
+        shutil.copytree(node, target, symlinks=True)
+        (target / "dataspace_a/datasource_b/segment_1").unlink()
+        if own_globaldata:
+            (target / "globaldata/snapshot.json").unlink()
+        targets.append(target)
+    with Mount(env, tmp_path / "m") as m:
+        seed = m.path / "node1" / "globaldata" / f"cluster_membership-1-{UUID}.uuid"
+        assert seed.read_text() == UUID
+        done = subprocess.run(readme_restore_line(m.path / "node1", targets[0]),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    done = run_cli("restore", "-c", env, "--to", targets[1], "--missing-only")
+    assert done.returncode == 0, done.stderr
+    for target in targets:
+        # Folder mtimes aside: restore --missing-only leaves existing folders alone.
+        got = source_digest(target)
+        assert got.keys() == want.keys(), target
+        assert {k: v for k, v in got.items() if v[0] != "d"} == \
+            {k: v for k, v in want.items() if v[0] != "d"}, target
+        assert not any(p.name.startswith("cluster_membership-") for p in target.rglob("*"))
 
 
 def test_unmount_while_reading_does_not_hang(setup: tuple[Path, Path], sample_node: Path,

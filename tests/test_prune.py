@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from humiofs import crypto
 from humiofs.check import Checker
 from humiofs.errors import StoreLocked
 from humiofs.format import Generation, Ref, RootAttrs
+from humiofs.generations import format_time
 from humiofs.prune import (DAY_MS, HOUR_MS, RECORD_DIR, TreeDiff, plan, prune, prune_lock,
                            referenced_packs)
 from humiofs.restore import Restore, RestoreOptions
@@ -85,18 +88,101 @@ def test_deleted_file_kept_for_d_after_first_seen_gone() -> None:
     assert kept(gens, now=NOW + 8 * DAY_MS) == [3]
 
 
-def test_deletion_kept_with_the_time_of_the_next_kept_generation() -> None:
+def test_deletion_time_is_the_first_generation_without_the_path() -> None:
     a, b = frozenset({"x", "y"}), frozenset({"y"})
     gens = [fake(NOW - 10 * DAY_MS, a), fake(NOW - 10 * DAY_MS + 1, b), fake(NOW, b)]
-    # x was first seen gone 10 days ago, but that generation is dropped (nothing of its own):
-    # the next kept one (now) stands in for it, so x is kept (conservatively) for now.
-    assert kept(gens) == [0, 2]
+    # x was first seen gone 10 days ago, by a generation that has nothing of its own: the
+    # newer generation kept for another reason (the latest) must not stand in for it.
+    assert kept(gens) == [2]
+    # Within D of that first generation without x, both are kept: the holder, and the one
+    # that dates the deletion (the next prune compares with it again).
+    decisions = plan([(g.name, g) for g in gens], NOW - 4 * DAY_MS, D, fake_lacks)
+    assert [d.keep for d in decisions] == [True, True, True]
+    assert (decisions[0].gone_ms, decisions[0].gone_path) == (gens[1].time_ms, b"x")
+    assert "gone at" in decisions[0].reason and "first without x" in decisions[1].reason
+
+
+def test_a_short_window_drops_the_deleted_file_once_it_has_passed() -> None:
+    """The issue's case: D of 4 s, a backup and a prune every second, one file deleted."""
+    d = 4000
+    holder = fake(NOW, frozenset({"seg", "x"}))
+    gens = [holder]
+    present = []
+    gone_at = []
+    for k in range(1, 12):
+        gens.append(fake(NOW + 1000 * k, frozenset({"x"})))
+        decisions = plan([(g.name, g) for g in gens], NOW + 1000 * k + 10, d, fake_lacks)
+        gone_at += [dec.reason for g, dec in zip(gens, decisions) if g is holder and dec.keep]
+        gens = [g for g, dec in zip(gens, decisions) if dec.keep]
+        present.append(holder in gens)
+    # Gone at NOW + 1000: kept by the prunes before NOW + 5000, dropped by the first after,
+    # and the time it went missing never moves to a newer generation.
+    assert present == [True] * 4 + [False] * 7
+    assert gone_at == [f"holds seg, gone at {format_time(NOW + 1000)}, kept until "
+                       f"{format_time(NOW + 5000)}"] * 4
+
+
+SCALES = [1_000, 4_000, 60_000, HOUR_MS, DAY_MS, 7 * DAY_MS, 90 * DAY_MS]
+
+
+@pytest.mark.parametrize("d", SCALES)
+def test_many_backups_and_prunes_keep_each_deletion_for_d_exactly(d: int) -> None:
+    """Hundreds of backups of a node whose files come and go, at intervals from much shorter to
+    much longer than D, with a prune after most of them: every deleted file is restorable at
+    each prune before D has passed since the first generation without it, is gone after the
+    first prune after that, and its reported deletion time never moves."""
+    rng = random.Random(d)
+    node = {f"f{i}" for i in range(5)}
+    fresh = iter(range(5, 10**9))
+    gens: list[Generation] = []
+    first_gone: dict[str, int] = {}           # deleted file -> time of the first gen without it
+    t = NOW
+    for _ in range(400):
+        t += max(1, int(d * rng.choice([0.001, 0.01, 0.1, 0.3, 0.5, 1.0, 2.5])
+                        * rng.random()))
+        for f in rng.sample(sorted(node), rng.choice([0, 0, 0, 1, 2])):
+            node.discard(f)
+        node |= {f"f{next(fresh)}" for _ in range(rng.choice([0, 1, 1, 2]))}
+        gen = fake(t, frozenset(node))
+        if gens:
+            for f in FAKE_PATHS[gens[-1].name] - node:
+                first_gone.setdefault(f, t)
+        gens.append(gen)
+        if rng.random() < 0.2:
+            continue                          # not every backup is followed by a prune
+        now = t + int(d * rng.choice([0.0, 0.001, 0.1, 0.5]))
+        decisions = plan([(g.name, g) for g in gens], now, d, fake_lacks)
+        kept_now = [g for g, dec in zip(gens, decisions) if dec.keep]
+        held = set().union(*(FAKE_PATHS[g.name] for g in kept_now))
+        for f, when in first_gone.items():
+            if now < when + d:
+                assert f in held, (d, f, when, now)
+            else:
+                assert f not in held, (d, f, when, now)
+        for g, dec in zip(gens, decisions):
+            if dec.gone_ms is not None:
+                path = dec.gone_path.decode()  # type: ignore[union-attr]
+                assert dec.gone_ms == first_gone[path], (d, g.name, path)
+        gens = kept_now
+        t = max(t, now)
 
 
 def test_unreadable_generation_is_kept() -> None:
     gens = [fake(NOW - 30 * DAY_MS), fake(NOW)]
     decisions = plan([(gens[0].name, None), (gens[1].name, gens[1])], NOW, D, fake_lacks)
     assert [d.keep for d in decisions] == [True, True]
+
+
+def test_an_unreadable_successor_keeps_the_holder_longer_never_shorter() -> None:
+    a, b = frozenset({"x", "y"}), frozenset({"y"})
+    holder, lost, after = fake(NOW - 9 * DAY_MS, a), fake(NOW - 8 * DAY_MS, b), \
+        fake(NOW - 2 * DAY_MS, b)
+    gens = [(holder.name, holder), (lost.name, None), (after.name, after),
+            (fake(NOW, b).name, fake(NOW, b))]
+    # x may have gone missing 8 days ago (the unreadable generation) or 2 days ago: kept.
+    decisions = plan(gens, NOW, D, fake_lacks)
+    assert [d.keep for d in decisions] == [True, True, True, True]
+    assert decisions[0].gone_ms == after.time_ms
 
 
 # -- on a real store ----------------------------------------------------------------------------
@@ -319,3 +405,90 @@ def test_cli_prune(node_and_store: tuple, tmp_path: Path) -> None:
     assert run_cli("check", "--config", env).returncode == 0
     r = run_cli("prune", "--help")
     assert "DELETE_BACKUP_AFTER_MILLIS" in r.stdout and "--grace" in r.stdout
+
+
+# -- short windows on a real store, in-process and through the CLI -----------------------------
+
+def small_node(root: Path) -> Path:
+    for rel, data in {"cluster_membership.uuid": b"0b5a6c1e-8d3f-4c2a-9e71-2f6d8a9b0c13",
+                      "dataspace_a/datasource_b/segment_1": os.urandom(3000),
+                      "dataspace_a/datasource_b/segment_2": os.urandom(3000),
+                      "global-data-snapshot.json": b"{}"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def test_short_window_on_a_real_store(tmp_path: Path) -> None:
+    """A window of 1.5 s, backups (with changes) and prunes back to back on the real clock: the
+    deleted segment is restorable at every prune within the window, its deletion time is the
+    first generation without it at every run, and the first prune after the window drops it."""
+    d = 1500
+    node = small_node(tmp_path / "node")
+    store = storetools.create_store(tmp_path / "backup" / "node1")
+    seg = node / "dataspace_a/datasource_b/segment_1"
+    holder = storetools.backup(store, node, host_id="1")[0]
+    seg.unlink()
+    first = storetools.backup(store, node, host_id="1")[0]
+    runs = 0
+    restored = False
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "the deleted segment was never dropped"
+        (node / "dataspace_a/datasource_b/segment_2").write_bytes(os.urandom(3000))
+        storetools.backup(store, node, host_id="1")
+        now = now_ms()
+        r = prune(store, d, grace_s=0, now_ms=now)
+        runs += 1
+        by_name = {dec.name: dec for dec in r.decisions}
+        if now < first.time_ms + d:
+            assert holder.name in store.list_generations(), runs
+            assert by_name[holder.name].gone_ms == first.time_ms, by_name[holder.name]
+            assert by_name[first.name].keep
+            if not restored:
+                restore_ok(store, holder, tmp_path / "r")
+                assert (tmp_path / "r" / seg.relative_to(node)).read_bytes()
+                restored = True
+        else:
+            assert holder.name not in store.list_generations(), (runs, by_name[holder.name])
+            break
+    assert runs >= 3 and restored
+    assert healthy(store)
+
+
+def test_cli_short_window_drops_the_deleted_file_on_time(tmp_path: Path) -> None:
+    """The issue's case through the CLI: DELETE_BACKUP_AFTER_MILLIS=4000, back up, delete a
+    segment, back up, then keep backing up and running `prune --grace 0`."""
+    node = small_node(tmp_path / "node")
+    (tmp_path / "backup").mkdir()
+    env = write_env(tmp_path / "n.env", tmp_path / "backup", directory=node,
+                    DELETE_BACKUP_AFTER_MILLIS="4000", BOOTSTRAP_HOST_ID="1")
+    seg = "dataspace_a/datasource_b/segment_1"
+    assert run_cli("backup", "-c", env, "--no-progress").returncode == 0
+    (node / seg).unlink()
+    assert run_cli("backup", "-c", env, "--no-progress").returncode == 0
+    holder, first = sorted(os.listdir(tmp_path / "backup" / "node1" / "generations"))
+    gone = int(first[:13])
+    deadline = time.monotonic() + 120
+    runs = 0
+    while True:
+        assert time.monotonic() < deadline, "the deleted segment was never dropped"
+        assert run_cli("backup", "-c", env, "--no-progress").returncode == 0
+        dry = run_cli("prune", "-c", env, "--dry-run")
+        r = run_cli("prune", "-c", env, "--grace", "0")
+        assert dry.returncode == 0 and r.returncode == 0, dry.stderr + r.stderr
+        runs += 1
+        listed = {line.split()[1]: line for line in dry.stdout.splitlines()[:-1]}
+        if holder in os.listdir(tmp_path / "backup" / "node1" / "generations"):
+            assert f"keep: holds {seg}, gone at {format_time(gone)}" in listed[holder], listed
+            assert now_ms() < gone + 4000 + 30_000
+        else:
+            # Dropped by the first prune that started at or after gone + 4000.
+            assert now_ms() >= gone + 4000
+            break
+    assert runs >= 2
+    assert run_cli("check", "-c", env).returncode == 0

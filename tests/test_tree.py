@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 import trio
 
+import storetools
+
 from conftest import KEY, make_sample
 from humiofs import decryptd, reader, tree
 from humiofs.crypto import CHUNK, STORED_CHUNK
 from humiofs.errors import NoSuchStore, WrongKey
 from humiofs.format import Generation
+from humiofs.generations import At, parse_at
 from humiofs.scan import data_extents
 from humiofs.store import Store
 from mountutil import (backup, create_store, entries, listdir, read_all, resolve, tamper_file_data,
@@ -66,15 +69,15 @@ def test_root_lists_stores_and_generations(model: tree.Tree,
     assert node.mode == stat.S_IFDIR | gen.root.mode and node.mtime_ns == gen.root.mtime_ns
     assert list(listdir(model, root[b".generations"].inode)) == [NODE]
     gens = listdir(model, resolve(model, b".generations/node1").inode)
-    assert [n.decode() for n in gens] == [format_time(gen.time_ms)]
+    assert [n.decode() for n in gens] == [folder_time(gen.time_ms)]
     earlier = next(iter(gens.values()))
     assert earlier.inode != node.inode
     assert listdir(model, earlier.inode).keys() == listdir(model, node.inode).keys()
 
 
-def format_time(ms: int) -> str:
-    from humiofs.generations import format_time as fmt
-    return fmt(ms)
+def folder_time(ms: int, with_ms: bool = False) -> str:
+    from humiofs.generations import folder_time as fmt
+    return fmt(ms, with_ms)
 
 
 async def test_tree_matches_source(model: tree.Tree, sample_node: Path) -> None:
@@ -177,20 +180,46 @@ async def test_seed_file(model: tree.Tree, sample_node: Path,
 
 
 @pytest.mark.allow_warnings
-def test_no_seed_without_identity_or_with_a_real_globaldata(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    (src / "globaldata").mkdir(parents=True)
-    (src / "globaldata" / "real").write_bytes(b"x")
-    (src / "cluster_membership.uuid").write_text("0b5a6c1e-8d3f-4c2a-9e71-2f6d8a9b0c13")
-    store = create_store(tmp_path / "backup" / "a")
-    backup(store, src)
+def test_no_seed_without_identity(tmp_path: Path) -> None:
     other = tmp_path / "src2"
     other.mkdir()
     (other / "file").write_bytes(b"y")
     backup(create_store(tmp_path / "backup" / "b"), other)  # no uuid: no identity
     m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
-    assert list(listdir(m, resolve(m, b"a/globaldata").inode)) == [b"real"]
     assert list(listdir(m, resolve(m, b"b").inode)) == [b"file"]
+
+
+UUID = "0b5a6c1e-8d3f-4c2a-9e71-2f6d8a9b0c13"
+SEED = f"cluster_membership-1-{UUID}.uuid".encode()
+
+
+async def test_seed_joins_the_nodes_own_globaldata(tmp_path: Path) -> None:
+    """The node's own globaldata folder shows the seed file too; if the node has a file of
+    that very name, it is shown instead (the real one wins)."""
+    src = tiny_node(tmp_path / "src", {"globaldata/a-real-file": b"x",
+                                       "globaldata/zz/nested": b"y"})
+    store = create_store(tmp_path / "backup" / "a")
+    first = backup(store, src)
+    (src / "globaldata" / SEED.decode()).write_bytes(b"the node's own\n")
+    backup(store, src)
+    m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY, at=At.from_ms(first.time_ms))
+    folder = resolve(m, b"a/globaldata")
+    listed = listdir(m, folder.inode)
+    assert list(listed) == [b"a-real-file", SEED, b"zz"]
+    assert await read_all(m, listed[SEED].inode) == UUID.encode()
+    assert listed[SEED].size == len(UUID) and listed[SEED].blocks == 8
+    assert await read_all(m, listed[b"a-real-file"].inode) == b"x"
+    assert m.lookup(folder.inode, SEED) == listed[SEED]
+    assert folder.nlink == 3
+    m.close()
+    m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
+    listed = listdir(m, resolve(m, b"a/globaldata").inode)
+    assert list(listed) == [b"a-real-file", SEED, b"zz"]
+    assert await read_all(m, listed[SEED].inode) == b"the node's own\n"
+    for gen_folder in listdir(m, resolve(m, b".generations/a").inode):
+        assert SEED in listdir(m, resolve(m, b".generations/a/" + gen_folder +
+                                          b"/globaldata").inode)
+    m.close()
 
 
 @pytest.fixture
@@ -211,17 +240,53 @@ async def test_earlier_generations(
     m = tree.Tree.from_backup_dir(backup_dir, KEY)
     assert b"added.txt" in listdir(m, resolve(m, NODE).inode)
     names = list(listdir(m, resolve(m, b".generations/node1").inode))
-    assert names == [format_time(first.time_ms).encode(), format_time(second.time_ms).encode()]
+    assert names == [folder_time(first.time_ms).encode(), folder_time(second.time_ms).encode()]
     old = b".generations/node1/" + names[0]
     assert b"added.txt" not in listdir(m, resolve(m, old).inode)
     assert await read_all(m, resolve(m, old + b"/cluster_membership.uuid").inode) != \
         await read_all(m, resolve(m, b"node1/cluster_membership.uuid").inode)
     seeds = listdir(m, resolve(m, old + b"/globaldata").inode)
     assert first.identity is not None and list(seeds) == [first.identity.seed_name]
-    pinned = tree.Tree.from_backup_dir(backup_dir, KEY, at_ms=first.time_ms + 1)
+    pinned = tree.Tree.from_backup_dir(backup_dir, KEY, at=At.from_ms(first.time_ms + 1))
     assert b"added.txt" not in listdir(pinned, resolve(pinned, NODE).inode)
     with pytest.raises(Exception, match="at or before"):
-        tree.Tree.from_backup_dir(backup_dir, KEY, at_ms=first.time_ms - 1)
+        tree.Tree.from_backup_dir(backup_dir, KEY, at=At.from_ms(first.time_ms - 1))
+
+
+def test_generation_folders_have_no_colon_sort_by_time_and_work_with_at(
+        two_generations: tuple[Path, Path, Generation, Generation]) -> None:
+    backup_dir, _, first, second = two_generations
+    m = tree.Tree.from_backup_dir(backup_dir, KEY)
+    names = list(listdir(m, resolve(m, b".generations/node1").inode))
+    assert len(names) == 2 and names == sorted(names)
+    assert all(b":" not in n for n in names)
+    for name, gen in zip(names, (first, second)):
+        pinned = tree.Tree.from_backup_dir(backup_dir, KEY, at=parse_at(name.decode()))
+        assert pinned.shown() == [("node1", gen)]
+        pinned.close()
+    m.close()
+
+
+def test_generations_within_one_second_get_folders_of_their_own(tmp_path: Path) -> None:
+    store = create_store(tmp_path / "backup" / "node1")
+    src = tiny_node(tmp_path / "src", {})
+    (a, _), (b, _) = storetools.backups_within_one_second(store, src)
+    m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
+    gens = listdir(m, resolve(m, b".generations/node1").inode)
+    assert list(gens) == [folder_time(a.time_ms, True).encode(),
+                          folder_time(b.time_ms, True).encode()]
+    assert listdir(m, gens[folder_time(a.time_ms, True).encode()].inode).keys() != \
+        listdir(m, gens[folder_time(b.time_ms, True).encode()].inode).keys()
+    for name, gen in zip(gens, (a, b)):
+        pinned = tree.Tree.from_backup_dir(tmp_path / "backup", KEY, at=parse_at(name.decode()))
+        assert pinned.shown() == [("node1", gen)]
+        pinned.close()
+    # The second, as ls and the old folder names wrote it, covers both: the later one.
+    second = tree.Tree.from_backup_dir(tmp_path / "backup", KEY,
+                                       at=parse_at(folder_time(a.time_ms)))
+    assert second.shown() == [("node1", b)]
+    second.close()
+    m.close()
 
 
 def test_statfs_counts_what_name_shows(model: tree.Tree, sample_node: Path) -> None:
@@ -246,7 +311,7 @@ def test_statfs_follows_the_shown_generation(
         monkeypatch: pytest.MonkeyPatch) -> None:
     backup_dir, _, first, second = two_generations
     latest = tree.Tree.from_backup_dir(backup_dir, KEY)
-    pinned = tree.Tree.from_backup_dir(backup_dir, KEY, at_ms=first.time_ms)
+    pinned = tree.Tree.from_backup_dir(backup_dir, KEY, at=At.from_ms(first.time_ms))
     assert latest.statfs(block=False)[0] == second.stats["data_bytes"]
     assert pinned.statfs(block=False)[0] == first.stats["data_bytes"]
     assert latest.statfs()[1] == pinned.statfs()[1] + 1  # added.txt
