@@ -90,8 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("restore", help="write a generation back to disk",
                        description="Rebuild the node tree of the latest generation (or --at "
-                       "TIME) in --to DIR: contents, holes, symlinks, modes and mtimes (owners "
-                       "too when run as root).", epilog=EPILOG, formatter_class=fmt)
+                       "TIME) in --to DIR: contents, holes, symlinks, hard links, FIFOs, modes, "
+                       "mtimes and extended attributes (ACLs and SELinux labels included); "
+                       "owners and device nodes too when run as root. An entry the target "
+                       "cannot take is named in a warning (exit 8) and the rest restored.",
+                       epilog=EPILOG, formatter_class=fmt)
     _common(p)
     p.add_argument("--to", type=Path, required=True, metavar="DIR", help="restore target")
     p.add_argument("--at", metavar="TIME", help="the latest generation at or before TIME: a "

@@ -63,13 +63,17 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a humiofs mount", description=UMOUNT_HELP,
-                       epilog=epilog, formatter_class=fmt)
+                       epilog=UMOUNT_EPILOG, formatter_class=fmt)
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.add_argument("--lazy", "-z", action="store_true",
                    help="detach now even if files are open; the mount ends when they close")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     p.set_defaults(func=cmd_umount)
+
+
+UMOUNT_EPILOG = """\
+exit codes: 0 unmounted, 2 bad usage, 6 not mounted, busy (see --lazy) or no fusermount3."""
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
