@@ -109,7 +109,11 @@ def _iso_until(m: re.Match[str]) -> int:
 def format_time(ms: int) -> str:
     """A generation time for people and messages: ISO 8601 in UTC, to the millisecond (what
     ls prints, and what --at takes back)."""
-    dt = datetime.fromtimestamp(ms // 1000, timezone.utc)
+    try:
+        dt = datetime.fromtimestamp(ms // 1000, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        # DELETE_BACKUP_AFTER_MILLIS may be any size (Long.MAX_VALUE for "forever").
+        return "never (after the year 9999)" if ms > 0 else "before the year 1"
     return f"{dt:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
 
 

@@ -72,6 +72,12 @@ def check_passphrase(passphrase: str) -> None:
     """Refuses passphrases that must never protect a store."""
     if not passphrase:
         raise ConfigError("BACKUP_KEY is empty")
+    try:
+        passphrase.encode("utf-8")
+    except UnicodeEncodeError:
+        # Bytes that are not UTF-8 reach a str only from the environment (surrogateescape).
+        raise ConfigError("BACKUP_KEY is not UTF-8 text (set it in a UTF-8 env file or key "
+                          "file, or fix the environment's value)") from None
     if passphrase in REFUSED_KEYS:
         raise ConfigError(f"BACKUP_KEY '{passphrase}' is Humio's published default; choose a secret key")
 

@@ -178,11 +178,12 @@ class Store:
                 if master is not None:
                     if how:
                         log.warning(
-                            "the store %s opens only with the key read %s, as earlier versions "
-                            "of humiofs read it; this one reads every source the same way "
-                            "(README, The key). To make the store open with the key as read "
-                            "now, run `humiofs key change` with --new-key-file holding the "
-                            "same key", path, how)
+                            "the store %s opens only with the key read %s (as humiofs 0.1 read "
+                            "it), not with the key as it is read now (README, The key). If "
+                            "this key is not the one the store's other users give (such as "
+                            "the backup service's env file), leave it so; if it is, `humiofs "
+                            "key change` with --new-key-file holding it makes the store open "
+                            "with it as read now", path, how)
                     return cls(path, store_id, master, passphrase)
         for name, problem in problems.items():
             log.warning("store %s: key file %s: %s", path, name, problem)

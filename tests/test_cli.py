@@ -694,3 +694,26 @@ def test_backup_disk_full_exits_7(made: Made, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     r = run_cli("restore", "-c", env, "--to", tmp_path / "t")
     assert r.returncode == 0 and tree_digest(tmp_path / "t") == tree_digest(node)
+
+
+def test_forever_retention_and_a_key_that_is_not_utf8_are_no_tracebacks(tmp_path: Path) -> None:
+    """DELETE_BACKUP_AFTER_MILLIS=Long.MAX_VALUE ("keep forever") made prune --dry-run and
+    backup --watch die printing a year past 9999; bytes that are not UTF-8 in BACKUP_KEY from
+    the environment died in the KDF and left a half-created store behind."""
+    node = tmp_path / "node"
+    (node / "ds").mkdir(parents=True)
+    (node / "ds" / "p").write_bytes(b"a")
+    (tmp_path / "b").mkdir()
+    env = write_env(tmp_path / "env", tmp_path / "b", directory=node,
+                    DELETE_BACKUP_AFTER_MILLIS="9223372036854775807")
+    assert run_cli("backup", "--config", env).returncode == 0
+    (node / "ds" / "p").unlink()
+    assert run_cli("backup", "--config", env).returncode == 0
+    r = run_cli("prune", "--config", env, "--dry-run")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "never" in r.stdout, r.stdout
+    bad = clean_env() | {"BACKUP_KEY": os.fsdecode(b"ab\xffcd")}
+    r = run_cli("backup", "--directory", node, "--backup-dir", tmp_path / "b", "--name", "x",
+                env=bad)
+    assert r.returncode == 2 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr
+    assert not [p for p in os.listdir(tmp_path / "b") if p != "node1"]
