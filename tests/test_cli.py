@@ -458,7 +458,7 @@ def test_a_store_made_with_an_earlier_reading_of_the_key_still_opens(
     r = run_cli("ls", "-c", env, *args, env=environ)
     assert r.returncode == 0, r.stderr
     assert "2 generation(s)" in r.stdout
-    assert "WARNING" in r.stderr and "as earlier versions of humiofs read it" in r.stderr
+    assert "WARNING" in r.stderr and "(as humiofs 0.1 read it)" in r.stderr
     assert "humiofs key change" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "my key" not in r.stderr and "keysprod" not in r.stderr and "prod" not in r.stderr
     r = run_cli("key", "change", "-c", env, *args, "--new-key-file", kf, env=environ)
