@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", type=Path, required=True, metavar="DIR", help="restore target")
     p.add_argument("--at", metavar="TIME", help="the latest generation at or before TIME: a "
                    "time as ls prints it (2026-11-24T10:00:00.123Z), a folder name under the "
-                   "mount's .generations (20261124T100000Z), ISO 8601 such as 2026-11-24T10:00 "
+                   "mount's .generations (20261124T100000.123Z), ISO 8601 such as 2026-11-24T10:00 "
                    "(local time without a zone; a time covers its whole last unit, here the "
                    "minute), @UNIXSECONDS, or a generation name (exactly that one)")
     mode = p.add_mutually_exclusive_group()

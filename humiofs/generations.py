@@ -19,7 +19,7 @@ _ISO = re.compile(r"""^(?P<y>\d{4})-?(?P<mo>\d\d)-?(?P<d>\d\d)
                       (?:[T\ ](?P<h>\d\d)(?::?(?P<mi>\d\d)(?::?(?P<s>\d\d)(?:[.,](?P<f>\d+))?)?)?)?
                       (?P<z>Z|[+-]\d\d(?::?\d\d)?)?$""", re.X | re.I)
 AT_FORMS = ("use a time as ls prints it (2026-11-24T10:00:00.123Z), a folder name under "
-            ".generations (20261124T100000Z), ISO 8601 such as 2026-11-24T10:00 (local time "
+            ".generations (20261124T100000.123Z), ISO 8601 such as 2026-11-24T10:00 (local time "
             "without a zone), @UNIXSECONDS, or a generation name")
 
 
@@ -117,10 +117,11 @@ def format_time(ms: int) -> str:
     return f"{dt:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
 
 
-def folder_time(ms: int, with_ms: bool = False) -> str:
+def folder_time(ms: int, with_ms: bool = True) -> str:
     """A generation's folder name under .generations: ISO 8601 basic format in UTC, to the
-    second (or to the millisecond, `with_ms`). No ':' in it, so rsync and scp never take it
-    for host:path; it sorts by time, and --at takes it back."""
+    millisecond (to the second without `with_ms`). No ':' in it, so rsync and scp never take
+    it for host:path; it sorts by time, --at takes it back, and it never changes: a name to
+    the second would need milliseconds as soon as another generation shared its second."""
     dt = datetime.fromtimestamp(ms // 1000, timezone.utc)
     return f"{dt:%Y%m%dT%H%M%S}" + (f".{ms % 1000:03d}Z" if with_ms else "Z")
 

@@ -15,8 +15,8 @@ Mount the backups in BACKUP_DIR read-only at MOUNTPOINT (an empty folder), decry
                                     the node's seed file: cp it to restore the node's identity
                                     (in the node's own globaldata/ if it has one)
   MOUNTPOINT/.generations/NAME/TIME/    every generation, TIME its commit time in UTC like
-                                    20261124T100000Z (20261124T100000.123Z where two share
-                                    a second); no ':' in it, so rsync and scp copy it as named
+                                    20261124T100000.123Z; no ':' in it, so rsync and scp
+                                    copy it as named
 
 Only BACKUP_DIR and the key are needed. The root lists every store in BACKUP_DIR that the key
 opens (stores it does not open are left out with a warning); --name limits it to one.

@@ -4,7 +4,7 @@ What the mount shows:
 
     /NAME/                         store NAME at its latest generation (or the one --at TIME)
     /NAME/globaldata/cluster_membership-NODEID-UUID.uuid    the node's seed file (synthetic)
-    /.generations/NAME/TIME/       every generation of NAME, TIME like 20261124T100000Z
+    /.generations/NAME/TIME/       every generation of NAME, TIME like 20261124T100000.123Z
 
 Inodes are handed out lazily and never change meaning: when a directory's listing is first read,
 its children get a contiguous range of inode numbers (base + index in the sorted listing). So an
@@ -28,7 +28,7 @@ import stat
 import threading
 import time
 from bisect import bisect_left, bisect_right
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -124,12 +124,8 @@ class _Source:
 
     def time_names(self) -> list[tuple[bytes, str]]:
         """(folder name, generation name) for every generation: the commit time in ISO 8601
-        basic format (no ':', which rsync and scp read as host:path) to the second, or to the
-        millisecond where two generations share a second. --at takes either back."""
-        times = [generation_time(n) for n in self.names]
-        seconds = Counter(t // 1000 for t in times)
-        return [(generations.folder_time(t, seconds[t // 1000] > 1).encode(), name)
-                for name, t in zip(self.names, times)]
+        basic format to the millisecond (generations.folder_time)."""
+        return [(generations.folder_time(generation_time(n)).encode(), n) for n in self.names]
 
 
 class _Top:

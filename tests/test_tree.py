@@ -75,7 +75,7 @@ def test_root_lists_stores_and_generations(model: tree.Tree,
     assert listdir(model, earlier.inode).keys() == listdir(model, node.inode).keys()
 
 
-def folder_time(ms: int, with_ms: bool = False) -> str:
+def folder_time(ms: int, with_ms: bool = True) -> str:
     from humiofs.generations import folder_time as fmt
     return fmt(ms, with_ms)
 
@@ -283,9 +283,15 @@ def test_generations_within_one_second_get_folders_of_their_own(tmp_path: Path) 
         pinned.close()
     # The second, as ls and the old folder names wrote it, covers both: the later one.
     second = tree.Tree.from_backup_dir(tmp_path / "backup", KEY,
-                                       at=parse_at(folder_time(a.time_ms)))
+                                       at=parse_at(folder_time(a.time_ms, False)))
     assert second.shown() == [("node1", b)]
     second.close()
+    m.close()
+    # A name, once shown, never changes: not when its same-second sibling is pruned either.
+    os.unlink(store.path / "generations" / a.name)
+    m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
+    assert list(listdir(m, resolve(m, b".generations/node1").inode)) == [
+        folder_time(b.time_ms).encode()]
     m.close()
 
 
