@@ -272,6 +272,10 @@ def _read_key_file(path: Path) -> tuple[str, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and "/" not in str(path):
+            # Likely the key itself given where a file name belongs: never echo it.
+            raise ConfigError("the key file does not exist (BACKUP_KEY_FILE and --key-file "
+                              "name a file holding the key, not the key itself)") from None
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"key file {path} is not UTF-8 text") from None

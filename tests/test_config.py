@@ -321,3 +321,9 @@ def test_bad_bootstrap_host_id(tmp_path: Path, bad: str) -> None:
 def test_good_bootstrap_host_id(tmp_path: Path) -> None:
     p = env_file(tmp_path, "BOOTSTRAP_HOST_ID= 7 \n")
     assert load(NO_FLAGS, env_file=p, environ={}).host_id == "7"
+
+
+def test_a_key_given_as_the_key_file_name_is_not_echoed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load({}, environ={"BACKUP_KEY_FILE": "my secret key"})
+    assert "secret" not in str(err.value) and "not the key itself" in str(err.value)
