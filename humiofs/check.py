@@ -45,6 +45,9 @@ class Problem:
 class Report:
     problems: dict[Key, Problem] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Things that are not damage but want a look (a file the store does not use); each starts
+    # with the path it is about.
+    warnings: list[str] = field(default_factory=list)
     read_data: bool = False
     generations: int = 0
     trees: int = 0
@@ -134,7 +137,11 @@ class Checker:
                 self._stray(name, "is not part of a humiofs store")
             elif expected[0] != stat.S_ISDIR(present[name].st_mode) or \
                     stat.S_ISLNK(present[name].st_mode):
-                self._stray(name, "has the wrong type")
+                if expected[1]:     # the store cannot be used without it
+                    self._problem(("layout", name), f"{name} has the wrong type (a "
+                                  f"{'folder' if expected[0] else 'file'} is expected)")
+                else:
+                    self._stray(name, "has the wrong type")
         for name, (_, required) in ROOT_LAYOUT.items():
             if required and name not in present:
                 self._problem(("layout", name), f"{name} is missing from the store")
@@ -146,7 +153,8 @@ class Checker:
             try:
                 read_record(self.store, name)
             except (ValueError, OSError) as exc:
-                self._stray(f"{RECORD_DIR}/{name}", f"is a damaged prune record ({exc})")
+                self.report.warnings.append(f"{RECORD_DIR}/{name} is a damaged prune record "
+                                            f"({exc}); the next prune removes it")
         try:
             leftovers = len(os.listdir(root / "tmp"))
         except OSError:
@@ -196,8 +204,9 @@ class Checker:
                     self.pack_sizes[bytes.fromhex(name)] = st.st_size
 
     def _stray(self, where: str, why: str) -> None:
-        self._problem(("layout", where), f"{where} {why}; no backed-up file depends on it: "
-                      "move it out of the store")
+        """A file or folder the store does not use: a warning, not damage (nothing reads it)."""
+        self.report.warnings.append(f"{where} {why}; no backed-up file depends on it: "
+                                    "move it out of the store")
 
     # -- keys and generations -------------------------------------------------------------
 

@@ -17,7 +17,8 @@ CHECK_DESCRIPTION = """\
 Verify the store BACKUP_DIR/BACKUP_NAME and report every problem with the node files and
 generations it affects.
 
-Always checked: the store layout (a file that does not belong is a problem), every key file,
+Always checked: the store layout (a file that does not belong is a warning: nothing uses it;
+a required folder that is missing is a problem), every key file,
 every generation (it must decrypt and authenticate), every folder listing reachable from any
 generation, and every pack a generation refers to: it exists, has a valid header, is long
 enough for every blob in it, and one chunk of it authenticates (so a pack replaced by another
@@ -110,6 +111,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     names = store.list_generations()
     for line in describe(report, names[-1] if names else None, all_paths=args.verbose > 0):
         print(line)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     for note in report.notes:
         print(f"note: {note}")
     read = (f"; read {human_bytes(report.bytes_read)} of data from {report.packs_read} packs"
@@ -118,7 +121,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{report.blobs} file blobs, {report.packs} packs{read}")
     took = time.monotonic() - start
     if report.healthy:
-        print(f"check {store.name}: healthy ({what}) in {took:.1f}s")
+        warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
+        print(f"check {store.name}: healthy{warned} ({what}) in {took:.1f}s")
         return errors.EXIT_OK
     print(f"check {store.name}: DAMAGED, {len(report.problems)} problem(s) ({what}) in "
           f"{took:.1f}s; see `humiofs check --help` for what to do")

@@ -161,14 +161,34 @@ def test_swapped_packs(damaged: Store) -> None:
     assert all(k[0] in ("auth", "truncated") for k in report.problems)
 
 
-def test_stray_files(damaged: Store) -> None:
+def test_stray_files_are_warnings_not_damage(damaged: Store) -> None:
     (damaged.path / "notes.txt").write_text("x")
     (damaged.path / "packs" / "00" / "README").write_text("x")
     (damaged.path / "generations" / "latest").write_text("x")
     (damaged.path / "packs" / "zz").mkdir()
     report = check(damaged)
-    found = {k[1] for k in report.problems}
+    assert report.healthy, report.problems
+    found = {w.split()[0] for w in report.warnings}
     assert found == {"notes.txt", "packs/00/README", "generations/latest", "packs/zz"}
+
+
+def test_cli_stray_file_is_a_warning_exit_0(damaged: Store, tmp_path: Path) -> None:
+    """A file the store does not use (an editor's backup, a note) is no damage: check says
+    where it is and that nothing depends on it, and exits 0."""
+    (damaged.path / "generations" / "notes.txt").write_text("x")
+    env = write_env(tmp_path / "env", damaged.path.parent)
+    r = run_cli("check", "--config", env)
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    assert "warning: generations/notes.txt is not part of a humiofs store" in r.stdout
+    assert "DAMAGED" not in r.stdout and "healthy, 1 warning(s)" in r.stdout
+
+
+def test_a_required_folder_of_the_wrong_type_is_damage(damaged: Store) -> None:
+    shutil.rmtree(damaged.path / "tmp")
+    (damaged.path / "tmp").write_text("x")
+    msg, _, _ = only_problem(check(damaged), "layout")
+    # The writer needs tmp/: the message must not say that nothing depends on it.
+    assert "tmp has the wrong type (a folder is expected)" == msg
 
 
 def test_pack_in_wrong_folder(damaged: Store) -> None:
@@ -177,7 +197,8 @@ def test_pack_in_wrong_folder(damaged: Store) -> None:
     wrong = "00" if not h.startswith("00") else "01"
     os.rename(damaged.pack_path(ref.pack), damaged.path / "packs" / wrong / h)
     report = check(damaged)
-    assert ("layout", f"packs/{wrong}/{h}") in report.problems
+    assert any(w.startswith(f"packs/{wrong}/{h} is a pack in the wrong folder")
+               for w in report.warnings)
     assert report.problems[("missing", h)].paths == {rel}
 
 
