@@ -21,7 +21,7 @@ from humiofs.config import Config
 from humiofs.errors import HumiofsError, Interrupted, StoreError
 from humiofs.format import generation_time
 from humiofs.progress import human_bytes
-from humiofs.store import Store, generation_names, is_store, list_stores
+from humiofs.store import Store, generation_names, list_stores, looks_like_store
 
 log = logging.getLogger("humiofs")
 
@@ -218,18 +218,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return errors.EXIT_OK
     for name in names:
         path = cfg.backup_dir / name
-        if not is_store(path):
+        if not looks_like_store(path):
             raise errors.NoSuchStore(f"no humiofs store at {path}")
         store: Store | None = None
         if cfg.backup_key:
             try:
                 store = Store.open(path, cfg.passphrase())
-            except errors.WrongKey:
+            except (errors.WrongKey, errors.StoreMetadataDamaged) as exc:
                 # The store the settings name must open, as for every other command; when
                 # listing all of BACKUP_DIR, the others may belong to nodes with other keys.
                 if cfg.backup_name:
                     raise
-                print(f"{name}: the key does not open this backup")
+                print(f"{name}: the key does not open this backup" if isinstance(
+                    exc, errors.WrongKey) else f"{name}: cannot be opened: {exc}")
                 continue
         gen_names = generation_names(path)
         print(f"{name}: {len(gen_names)} generation(s)")

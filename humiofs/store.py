@@ -20,7 +20,8 @@ from pathlib import Path
 
 from humiofs import crypto, format, keys
 from humiofs.crypto import CHUNK, STORED_CHUNK, ObjectCipher
-from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError, StoreLocked, WrongKey)
+from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError, StoreLocked,
+                            StoreMetadataDamaged, WrongKey)
 from humiofs.durable import fsync_dir, store_io_error, unlink_quietly, write_new
 from humiofs.format import Ref
 from humiofs.packwriter import PackWriter
@@ -40,15 +41,21 @@ def is_store(path: Path) -> bool:
     return (path / "config").is_file()
 
 
+def looks_like_store(path: Path) -> bool:
+    """True if `path` is a store, or what is left of one that lost its config."""
+    return is_store(path) or (path / "generations").is_dir() or (path / "keys").is_dir()
+
+
 def list_stores(backup_dir: Path) -> list[str]:
-    """Names of the stores in `backup_dir`, sorted."""
+    """Names of the stores in `backup_dir` (those that lost their config included: opening
+    one says so), sorted."""
     try:
         names = os.listdir(backup_dir)
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise StoreError(f"cannot list {backup_dir}: {exc.strerror}") from None
-    return sorted(n for n in names if not n.startswith(".") and is_store(backup_dir / n))
+    return sorted(n for n in names if not n.startswith(".") and looks_like_store(backup_dir / n))
 
 
 def generation_names(store_path: Path) -> list[str]:
@@ -135,36 +142,36 @@ class Store:
 
     @classmethod
     def open_or_create(cls, path: Path, key: str | keys.Passphrase) -> Store:
-        """Opens the store at `path`, creating it first if there is none (a first backup)."""
-        return cls.open(path, key) if is_store(path) else cls.create(path, key)
+        """Opens the store at `path`, creating it first if there is none (a first backup). A
+        store that lost its config is reported as such, never created anew over it."""
+        return cls.open(path, key) if looks_like_store(path) else cls.create(path, key)
 
     @classmethod
     def open(cls, path: Path, key: str | keys.Passphrase) -> Store:
         """Opens the store at `path` with the canonical passphrase, or else with a form of it
-        an earlier version read from the same source (with a warning; FORMAT.md 4.4); raises
-        WrongKey if none opens it."""
+        an earlier version read from the same source (with a warning; FORMAT.md 4.4).
+
+        Raises WrongKey if the key opens no key file of the store, and StoreMetadataDamaged
+        if it is not the key but the store's config or key files that are missing, damaged
+        or from another store (FORMAT.md 4.2): the advice for the two differs."""
         key = keys.Passphrase.of(key)
-        try:
-            raw = (path / "config").read_bytes()
-        except FileNotFoundError:
-            raise NoSuchStore(f"no humiofs store at {path}") from None
-        except OSError as exc:
-            raise StoreError(f"cannot read {path / 'config'}: {exc.strerror}") from None
-        try:
-            config = json.loads(raw)
-            if config["format"] != STORE_FORMAT:
-                raise StoreError(f"{path} is not a humiofs store")
-            if config["version"] != STORE_VERSION:
-                raise StoreError(f"{path}: unsupported store version {config['version']}")
-            store_id = bytes.fromhex(config["store_id"])
-        except (ValueError, KeyError, TypeError):
-            raise IntegrityError(f"{path / 'config'} is malformed") from None
+        store_id = _read_config(path)
         key_dir = path / "keys"
         try:
             key_names = sorted(os.listdir(key_dir))
+        except FileNotFoundError:
+            key_names = []
         except OSError as exc:
             raise StoreError(f"cannot list {key_dir}: {exc.strerror}") from None
-        problems: dict[str, str] = {}
+        if not key_names:
+            raise StoreMetadataDamaged(
+                f"the store {path} has no key file ({key_dir} is "
+                f"{'empty' if key_dir.is_dir() else 'missing'}), so no key can open it; this "
+                "is not a wrong key. The key files hold the store's master key, wrapped: copy "
+                f"{key_dir} back from a copy of the store (an rsync or snapshot of BACKUP_DIR). "
+                "Without one nobody can read this backup; keep it anyway, and start a fresh "
+                "backup under a new BACKUP_NAME")
+        problems: dict[str, IntegrityError | OSError] = {}
         forms = [(key.text, "")] + [(text, how) for text, how in key.legacy if text != key.text]
         for passphrase, how in forms:
             for name in key_names:
@@ -173,7 +180,7 @@ class Store:
                 try:
                     master = keys.unwrap((key_dir / name).read_bytes(), store_id, passphrase)
                 except (IntegrityError, OSError) as exc:
-                    problems[name] = str(exc)
+                    problems[name] = exc
                     continue
                 if master is not None:
                     if how:
@@ -184,14 +191,19 @@ class Store:
                             "now, run `humiofs key change` with --new-key-file holding the "
                             "same key", path, how)
                     return cls(path, store_id, master, passphrase)
-        for name, problem in problems.items():
-            log.warning("store %s: key file %s: %s", path, name, problem)
-        raise WrongKey(
-            f"the key does not open the store {path}. {key.check_advice()}. If the key is "
-            "lost, nobody can read this backup: start a fresh backup under a new BACKUP_NAME "
-            f"or BACKUP_DIR (or delete {path} first)")
+        if any(name not in problems for name in key_names):
+            # A key file of this very store that the key does not open: the key is wrong (a
+            # bit flipped inside the wrapped key would look the same; nothing can tell).
+            for name, problem in problems.items():
+                log.warning("store %s: key file %s: %s", path, name, problem)
+            raise WrongKey(
+                f"the key does not open the store {path}. {key.check_advice()}. If the key "
+                "is lost, nobody can read this backup: start a fresh backup under a new "
+                "BACKUP_NAME or BACKUP_DIR, and keep this store: with the right key it opens "
+                "again")
+        raise _metadata_damage(path, store_id, key_dir, problems, [t for t, _ in forms])
 
-    # -- writing ----------------------------------------------------------------------------
+    # -- writing ---    # -- writing ----------------------------------------------------------------------------
 
     def _tmp_path(self) -> Path:
         return self.path / "tmp" / f"{os.urandom(8).hex()}.tmp"
@@ -467,3 +479,89 @@ def _stored_span(ref: Ref, first: int, last: int) -> tuple[int, int]:
     start = ref.offset + first * STORED_CHUNK
     end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
     return start, end
+
+
+def _read_config(path: Path) -> bytes:
+    """The store id from `path`/config; NoSuchStore if `path` holds no store at all,
+    StoreMetadataDamaged if it holds one whose config is missing or damaged."""
+    config_path = path / "config"
+    try:
+        raw = config_path.read_bytes()
+    except FileNotFoundError:
+        if not looks_like_store(path):
+            raise NoSuchStore(f"no humiofs store at {path}") from None
+        raise StoreMetadataDamaged(
+            f"{config_path} is missing, but {path} holds a humiofs store (generations/ and "
+            f"keys/ are there); the data may be intact. {_config_fix(path)}") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {config_path}: {exc.strerror}") from None
+    try:
+        config = json.loads(raw)
+        if config["format"] != STORE_FORMAT:
+            raise StoreError(f"{path} is not a humiofs store")
+        if config["version"] != STORE_VERSION:
+            raise StoreError(f"{path}: unsupported store version {config['version']}")
+        store_id = bytes.fromhex(config["store_id"])
+        if len(store_id) != 16:
+            raise ValueError("store id of the wrong length")
+    except (ValueError, KeyError, TypeError):
+        raise StoreMetadataDamaged(f"{config_path} is damaged (not the JSON of FORMAT.md "
+                                   f"4.1); the data may be intact. {_config_fix(path)}") from None
+    return store_id
+
+
+def _config_fix(path: Path) -> str:
+    """How to put back a store's config: it holds nothing but the format, its version and the
+    store id, which every key file repeats."""
+    ids = set()
+    try:
+        for name in os.listdir(path / "keys"):
+            try:
+                ids.add(json.loads((path / "keys" / name).read_bytes())["store_id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    except OSError:
+        pass
+    advice = "Copy config back from a copy of the store"
+    if len(ids) == 1:
+        doc = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION,
+                          "store_id": ids.pop(), "created_ms": 0})
+        advice += f", or write this line into it (the store id is the key files'): {doc}"
+    return advice
+
+
+def _metadata_damage(path: Path, store_id: bytes, key_dir: Path,
+                     problems: dict[str, IntegrityError | OSError],
+                     passphrases: list[str]) -> StoreMetadataDamaged:
+    """Why no key file of the store could be tried with the key: each is damaged, or made
+    for another store id than config names (then config or keys/ is the damaged one)."""
+    foreign = {name: exc.store_id for name, exc in problems.items()
+               if isinstance(exc, keys.ForeignKeyFile)}
+    config_id = store_id.hex()
+    if foreign:
+        # The store id inside a key file is authenticated by the wrap: if the key opens a key
+        # file under its own id, that id is the store's, and config is what changed.
+        for name, own_id in foreign.items():
+            for passphrase in passphrases:
+                try:
+                    opened = keys.unwrap((key_dir / name).read_bytes(), own_id, passphrase)
+                except (IntegrityError, OSError):
+                    break
+                if opened is not None:
+                    return StoreMetadataDamaged(
+                        f"{path / 'config'} is damaged: it names the store id {config_id}, "
+                        f"but the key file keys/{name} is for store id {own_id.hex()}, and the "
+                        "key opens it, so the key is right. Set \"store_id\" in config back "
+                        f"to {own_id.hex()} (or copy config back from a copy of the store); "
+                        "the data is not affected")
+        ids = ", ".join(sorted({i.hex() for i in foreign.values()}))
+        return StoreMetadataDamaged(
+            f"no key file in {key_dir} belongs to the store {path}: config names the store id "
+            f"{config_id}, the key files {ids} (and the key opens none of them either). config "
+            "or keys/ is damaged, or was copied from another store: copy them back from a copy "
+            "of this store. Keep the store; its data may be intact")
+    first = next(iter(problems.items()))
+    return StoreMetadataDamaged(
+        f"every key file of the store {path} is damaged (keys/{first[0]}: {first[1]}), so no "
+        f"key can open it; this is not a wrong key. Copy {key_dir} back from a copy of the "
+        "store. Keep the store; its data may be intact")

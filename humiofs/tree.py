@@ -42,7 +42,7 @@ from humiofs.format import (DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs,
 from humiofs.chunkcache import CACHE_BYTES
 from humiofs.keys import Passphrase
 from humiofs.reader import Damaged, Reader, WouldBlock
-from humiofs.store import Store, is_store, list_stores
+from humiofs.store import Store, list_stores, looks_like_store
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +191,14 @@ def open_sources(backup_dir: Path, key: str | Passphrase,
     Argon2id (lanes > 1) deadlocks, and each unwrap already uses several cores.
     """
     if name is not None:
-        if not is_store(backup_dir / name):
+        if not looks_like_store(backup_dir / name):
             raise NoSuchStore(f"no humiofs store at {backup_dir / name}")
         return [Store.open(backup_dir / name, key)]
     names = list_stores(backup_dir)
     if not names:
         raise NoSuchStore(f"no humiofs backups in {backup_dir}")
     stores = []
+    damaged: list[StoreError] = []
     for n in names:
         try:
             stores.append(Store.open(backup_dir / n, key))
@@ -205,6 +206,9 @@ def open_sources(backup_dir: Path, key: str | Passphrase,
             log.warning("the key does not open the backup %s; it is left out of the mount", n)
         except StoreError as exc:
             log.warning("backup %s is left out of the mount: %s", n, exc)
+            damaged.append(exc)
+    if not stores and len(damaged) == len(names):
+        raise damaged[0]      # not a matter of the key: say what is wrong with the store
     if not stores:
         raise WrongKey(f"the key does not open any store in {backup_dir} ({', '.join(names)}). "
                        f"{Passphrase.of(key).check_advice()}. If the key is lost, nobody can "

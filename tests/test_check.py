@@ -2,6 +2,7 @@
 with the node files and generations it affects; exit codes."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -258,3 +259,68 @@ def test_help_is_self_contained() -> None:
     assert r.returncode == 0
     for word in ("--read-data-subset", "What to do after a bad check", "5 damaged"):
         assert word in r.stdout
+
+
+# -- damaged store metadata is not a wrong key --------------------------------------------------
+
+def check_cli(store: Store, tmp_path: Path, key: str = KEY) -> tuple[int, str]:
+    env = write_env(tmp_path / "env", store.path.parent, key=key)
+    r = run_cli("check", "--config", env)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_no_key_file_is_damage_not_a_wrong_key(damaged: Store, tmp_path: Path) -> None:
+    for f in (damaged.path / "keys").iterdir():
+        f.unlink()
+    rc, out = check_cli(damaged, tmp_path)
+    assert rc == EXIT_DAMAGED, out
+    assert "has no key file" in out and "this is not a wrong key" in out
+    assert "delete" not in out and "Check the key first" not in out
+
+
+def test_changed_store_id_in_config_says_how_to_repair_it(damaged: Store, tmp_path: Path) -> None:
+    config = damaged.path / "config"
+    doc = json.loads(config.read_text())
+    right = doc["store_id"]
+    doc["store_id"] = ("1" if right[0] != "1" else "2") + right[1:]   # one digit changed
+    config.write_text(json.dumps(doc))
+    rc, out = check_cli(damaged, tmp_path)
+    assert rc == EXIT_DAMAGED, out
+    assert f"{config} is damaged" in out and f"back to {right}" in out
+    assert "the key is right" in out and "delete" not in out
+    # Following the advice repairs it.
+    doc["store_id"] = right
+    config.write_text(json.dumps(doc))
+    rc, out = check_cli(damaged, tmp_path)
+    assert rc == EXIT_OK, out
+
+
+def test_damaged_only_key_file_is_damage(damaged: Store, tmp_path: Path) -> None:
+    (key_file,) = (damaged.path / "keys").iterdir()
+    key_file.write_text(key_file.read_text()[:40])
+    rc, out = check_cli(damaged, tmp_path)
+    assert rc == EXIT_DAMAGED, out
+    assert "every key file of the store" in out and "is damaged" in out and "delete" not in out
+
+
+def test_missing_config_is_damage_and_backup_does_not_start_over(damaged: Store,
+                                                                   tmp_path: Path) -> None:
+    config = damaged.path / "config"
+    text = config.read_text()
+    config.unlink()
+    rc, out = check_cli(damaged, tmp_path)
+    assert rc == EXIT_DAMAGED, out
+    assert f"{config} is missing" in out
+    assert json.loads(text)["store_id"] in out        # the line to write back is given
+    node = tmp_path / "node"
+    node.mkdir()
+    env = write_env(tmp_path / "backup.env", damaged.path.parent, directory=node)
+    r = run_cli("backup", "--config", env)
+    assert r.returncode == EXIT_DAMAGED, r.stdout + r.stderr
+    assert not config.exists() and len(damaged.list_generations()) == 2
+
+
+def test_wrong_key_never_advises_deleting_the_store(damaged: Store, tmp_path: Path) -> None:
+    rc, out = check_cli(damaged, tmp_path, key="not the key at all")
+    assert rc == EXIT_WRONG_KEY, out
+    assert "Check the key first" in out and "delete" not in out and "keep this store" in out
