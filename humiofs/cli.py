@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only write files that are absent from DIR (restore missing segments)")
     mode.add_argument("--overwrite", action="store_true",
                       help="replace files that exist in DIR")
+    p.add_argument("--keep-going", action="store_true",
+                   help="on a bad day: a file (or folder) whose stored data is damaged or "
+                   "missing is named and skipped, every other one is restored, and the exit "
+                   "code is 5 at the end (without it, the first damaged file ends the restore)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
     p.set_defaults(func=cmd_restore)
 
@@ -198,7 +202,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     gen = generations.pick(store, at)
     start = time.monotonic()
     opts = RestoreOptions(target=args.to, missing_only=args.missing_only,
-                          overwrite=args.overwrite,
+                          overwrite=args.overwrite, keep_going=args.keep_going,
                           progress=None if not args.no_progress else False)
     stats = Restore(store, opts).run(gen)
     skipped = f", {stats.skipped} left alone" if stats.skipped else ""
@@ -207,6 +211,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
           + (f", {stats.specials} FIFOs and devices" if stats.specials else "")
           + (f" ({stats.links} of the files as hard links)" if stats.links else "")
           + f"{skipped}; {human_bytes(stats.bytes)} of data in {time.monotonic() - start:.1f}s")
+    if stats.damaged:
+        shown = ", ".join(stats.damaged[:5]) + (", ..." if len(stats.damaged) > 5 else "")
+        raise errors.StoreError(
+            f"{len(stats.damaged)} damaged file(s) or folder(s) not restored ({shown}; each "
+            "is named above); everything else was restored. Look for them in an earlier "
+            "generation (restore --at, or the mount's .generations), and run `humiofs check`")
     return errors.EXIT_PARTIAL if stats.skipped else errors.EXIT_OK
 
 
