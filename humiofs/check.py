@@ -12,7 +12,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from humiofs import crypto, format, keys
+from humiofs import crypto, format, journal, keys
 from humiofs.errors import IntegrityError, StoreError
 from humiofs.format import DIR, FILE, Generation, Ref
 from humiofs.generations import format_time
@@ -366,10 +366,29 @@ class Checker:
         unused = [pid for pid in self.pack_sizes if pid not in self._pack_ok]
         for pid in unused:
             self._pack(pid)     # a malformed pack is damage even if nothing refers to it
-        if unused:
-            total = sum(self.pack_sizes[p] for p in unused)
-            self.report.notes.append(f"{len(unused)} unreferenced pack(s), "
-                                     f"{human_bytes(total)} (prune removes them)")
+        # The packs a backup run has listed in its journal are its own (FORMAT.md 8).
+        of_runs: set[bytes] = set()
+        tmp = self.store.path / "tmp"
+        try:
+            for name in os.listdir(tmp):
+                if journal.JOURNAL_NAME.match(name):
+                    of_runs.update(journal.read(tmp / name)[0])
+        except OSError:
+            pass
+        runs = [p for p in unused if p in of_runs]
+        other = [p for p in unused if p not in of_runs]
+        if runs:
+            total = sum(self.pack_sizes[p] for p in runs)
+            self.report.notes.append(
+                f"{len(runs)} pack(s), {human_bytes(total)}, of a backup that is running or "
+                "did not finish (it, or the next backup, removes them)")
+        if other:
+            total = sum(self.pack_sizes[p] for p in other)
+            self.report.notes.append(
+                f"{len(other)} unreferenced pack(s), {human_bytes(total)} (prune removes "
+                "them: it records them, and deletes them an hour later, at once with --grace "
+                "0; while a backup runs, those newer than the newest generation wait for it "
+                "to finish)")
 
 
 def describe(report: Report, latest: str | None, all_paths: bool = False,

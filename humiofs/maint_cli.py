@@ -26,7 +26,8 @@ file is found). With --read-data every chunk of every file's data is authenticat
 reads the whole store; --read-data-subset spreads that over several runs.
 
 Safe next to a running backup (also --watch) and mounts. A prune waits for check to finish.
-Packs that no generation needs are not damage: they are noted, and prune removes them.
+Packs that no generation needs are not damage: they are noted, and prune removes them (those
+a backup run that did not finish listed in its journal, the next backup removes).
 
 What to do after a bad check: the lines under each problem are the node files (paths relative
 to DIRECTORY) whose backup is lost in the generations named; everything else restores. Restore
@@ -160,7 +161,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         parts.append(f"{r.pending_packs} packs recorded earlier wait for their grace period")
     if r.young_packs:
         parts.append(f"{r.young_packs} unneeded packs are newer than the latest generation "
-                     "(a running backup's, or an interrupted one's: a later prune handles them)")
+                     "and a backup is running (they may be its own: a prune after it has "
+                     "finished handles them)")
     print("; ".join(parts))
     if r.damaged:
         raise errors.StoreError(f"the store is damaged, so no pack was deleted: "

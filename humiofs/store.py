@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from humiofs import crypto, format, keys
+from humiofs import crypto, format, journal, keys
 from humiofs.crypto import CHUNK, STORED_CHUNK, ObjectCipher
 from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError, StoreLocked,
                             StoreMetadataDamaged, WrongKey)
@@ -33,6 +33,7 @@ STORE_VERSION = 1
 MAX_TREE_BYTES = 1 << 30
 MAX_GENERATION_BYTES = 16 << 20
 _BATCH_CHUNKS = 4  # chunks per read of a whole blob (restore, check)
+LOCK_WAIT_S = 1.0  # how long a writer waits for the writer lock before it gives up
 _scratch = threading.local()
 
 
@@ -221,7 +222,10 @@ class Store:
             raise store_io_error(exc, str(final)) from None
 
     def clean_tmp(self) -> None:
-        """Removes what dead writers left in tmp/ (call only while holding the lock)."""
+        """Removes what writers that failed or died left behind: the packs of each run that
+        did not commit its generation (its journal in tmp/ lists them, FORMAT.md 8), then
+        everything in tmp/. Call only while holding the writer lock."""
+        journal.reclaim(self)
         for name in os.listdir(self.path / "tmp"):
             unlink_quietly(self.path / "tmp" / name)
 
@@ -235,14 +239,39 @@ class Store:
     def cipher(self, kind: int, oid: bytes) -> ObjectCipher:
         return ObjectCipher(self._master, kind, oid)
 
+    def writer_running(self) -> bool:
+        """True if a writer holds the writer lock now (or that cannot be told). Takes the lock
+        for an instant, so a writer starting at that moment waits for it (see `lock`)."""
+        try:
+            fd = os.open(self.path / "lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Holds the exclusive writer lock; raises StoreLocked if another process has it."""
+        """Holds the exclusive writer lock; raises StoreLocked if another process has it
+        (after up to LOCK_WAIT_S: a prune takes it for an instant to see that no writer
+        runs)."""
         lock_path = self.path / "lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                deadline = time.monotonic() + LOCK_WAIT_S
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.02)
             except BlockingIOError:
                 holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
                 raise StoreLocked(f"another humiofs writer is using {self.path}"

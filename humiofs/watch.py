@@ -158,10 +158,11 @@ class Watch:
         if self.tracker is not None and run.stats.skipped_paths:
             self.tracker.mark(run.stats.skipped_paths)
         if not changed(gen, parent):
+            run.discard()
             log.debug("pass %d: nothing changed (%.1f ms)", self.passes + 1,
                       (time.monotonic() - start) * 1000)
             return parent
-        self.store.commit_generation(gen)
+        run.commit(gen)
         self.committed += 1
         s = run.stats
         log.info("generation %s: %d new, %d changed files, %d skipped, %d bytes stored "
@@ -180,7 +181,8 @@ class Watch:
     def _prune(self) -> None:
         self._pruned_at = (self.committed, time.monotonic())
         try:
-            r = prune.prune(self.store, self.cfg.delete_after_ms, should_stop=self.stop.is_set)
+            r = prune.prune(self.store, self.cfg.delete_after_ms, should_stop=self.stop.is_set,
+                            own_writer_lock=True)
         except StoreLocked:
             log.info("prune skipped: another prune or check is running")
             return

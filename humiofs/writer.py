@@ -19,7 +19,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from humiofs import crypto, format, identity, scan, xattrs
+from humiofs import crypto, format, identity, journal, scan, xattrs
 from humiofs.errors import HumiofsError, SourceChanged, StoreError
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs, Xattrs
 from humiofs.progress import Progress
@@ -105,6 +105,10 @@ class Backup:
         self._store_ino: tuple[int, int] | None = None
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-finish")
         self._pending: list[Future[None]] = []
+        # Every pack made durable is listed here first, so that if the run fails or dies
+        # before its generation is committed, its packs are removed (discard, or the next
+        # writer's store.clean_tmp) and never stay behind taking space.
+        self._journal = journal.RunJournal(store)
         # Counts of every tree this run stored or reused, for the next run's `tree_counts`.
         self.tree_counts_seen: dict[Ref, TreeCounts] = {}
         # (st_dev, st_ino) -> the entry stored for the first name of a hard-linked file.
@@ -115,14 +119,14 @@ class Backup:
     def run(self, parent: Generation | None) -> Generation:
         """Stores the current state of the source and commits it as a new generation."""
         gen = self.build(parent)
-        self.store.commit_generation(gen)
+        self.commit(gen)
         return gen
 
     def build(self, parent: Generation | None) -> Generation:
         """Stores what changed since `parent` and returns the new generation, not committed.
 
-        Every pack it refers to is durable; the caller commits it with
-        `store.commit_generation` (or drops it, if it equals the parent).
+        Every pack it refers to is durable; the caller commits it with `commit` (or drops it
+        with `discard`, if it equals the parent). If it raises, what the run stored is gone.
         """
         src = self.opt.source
         try:
@@ -133,8 +137,27 @@ class Backup:
             raise StoreError(f"cannot read DIRECTORY {src}: {exc.strerror}", 2) from None
         try:
             return self._build(parent, root_fd)
+        except BaseException:
+            self.discard()
+            raise
         finally:
             os.close(root_fd)
+
+    def commit(self, gen: Generation) -> None:
+        """Writes `gen`, built by this run, as the store's newest generation."""
+        try:
+            self._journal.committing(gen.name)
+            self.store.commit_generation(gen)
+        except BaseException:
+            self.discard()      # keeps the packs if the generation reached the store after all
+            raise
+        self._journal.close(committed=True)
+
+    def discard(self) -> None:
+        """Removes every pack this run stored (none is referenced unless its generation was
+        committed) and its temporary files; for a run that failed or changed nothing."""
+        self._journal.close(committed=False)
+        self.store.clean_tmp()
 
     def _build(self, parent: Generation | None, root_fd: int) -> Generation:
         src = self.opt.source
@@ -200,7 +223,7 @@ class Backup:
 
     def _finish_later(self, pack: PackWriter) -> None:
         """Queues `pack` to be made durable; raises the error of any finished one that failed."""
-        self._pending.append(self._finisher.submit(pack.finish))
+        self._pending.append(self._finisher.submit(self._make_durable, pack))
         while len(self._pending) > MAX_PENDING_PACKS or (self._pending and self._pending[0].done()):
             self._pending.pop(0).result()
 
@@ -222,7 +245,18 @@ class Backup:
         while self._pending:
             self._pending.pop(0).result()
 
+    def _make_durable(self, pack: PackWriter) -> None:
+        try:
+            self._journal.add(pack.pack_id)     # listed before it can appear under packs/
+        except BaseException:
+            pack.abort()
+            raise
+        pack.finish()
+
     def _abort_packs(self) -> None:
+        # An interrupt (SIGINT/SIGTERM arrive as KeyboardInterrupt anywhere) can land between
+        # a pack's temporary file being created and its writer being recorded here; discard()
+        # then empties tmp/ (the run holds the writer lock, so all of it is this run's).
         for attr in ("_small", "_trees"):
             pack = getattr(self, attr)
             if pack is not None:
@@ -231,10 +265,6 @@ class Backup:
         for fut in self._pending:
             fut.exception()
         self._pending.clear()
-        # An interrupt (SIGINT/SIGTERM arrive as KeyboardInterrupt anywhere) can land between
-        # a pack's temporary file being created and its writer being recorded above. The run
-        # holds the writer lock, so whatever is left in tmp/ is this run's: remove it.
-        self.store.clean_tmp()
 
     # -- directories --------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -511,3 +511,97 @@ def test_interrupt_right_after_a_pack_file_is_created_leaves_tmp_empty(
         backup(store, node, host_id="1")
     assert os.listdir(store.path / "tmp") == []
     assert store.list_generations() == []
+
+
+# -- a full disk and killed runs: what a run that does not commit leaves behind ----------------
+
+@pytest.fixture
+def tmpfs_40m(tmp_path: Path) -> Iterator[Path]:
+    """A 40 MiB tmpfs as BACKUP_DIR (needs root), unmounted afterwards."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0700", "tmpfs", str(where)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr!r}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def unreferenced_note(env: Path) -> str:
+    """The check's notes about packs no generation needs ('' if none); check must pass."""
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return "".join(line for line in r.stdout.splitlines() if line.startswith("note:")
+                   and " pack(s)" in line)
+
+
+def test_freeing_the_space_a_failed_backup_needs_is_enough(tmp_path: Path,
+                                                           tmpfs_40m: Path) -> None:
+    """The issue's case: a 40 MiB disk, 24 MiB of node, a 20 MiB filler. The backup fails
+    with exit 7; once the filler is gone there is room for the backup, and it completes (the
+    failed run's packs used to stay, so every retry failed again and added more)."""
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "cluster_membership.uuid").write_text("3b0c4f2e-6a3d-4c1f-9e2a-5d8b7c6a1f00")
+    for i in range(3):
+        (node / f"segment_{i}.gz").write_bytes(os.urandom(8 * MiB))
+    filler = tmpfs_40m / "filler"
+    filler.write_bytes(bytes(20 * MiB))
+    env = write_env(tmp_path / "n.env", tmpfs_40m, directory=node, BOOTSTRAP_HOST_ID="1")
+    failed = run_cli("backup", "-c", env, "--no-progress")
+    assert failed.returncode == 7, failed.stdout + failed.stderr
+    store = tmpfs_40m / "node1"
+    left = (pack_files(store), os.listdir(store / "tmp"))
+    filler.unlink()
+    r = run_cli("backup", "-c", env, "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert left == (set(), [])
+    assert "full" in failed.stderr and "what this run stored is removed" in failed.stderr
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert tree_digest(tmp_path / "r") == tree_digest(node)
+    assert unreferenced_note(env) == ""
+
+
+def kill_mid_run(env: Path, store_path: Path, source: Path) -> None:
+    """Starts a backup of `source` and SIGKILLs it once it has stored a pack."""
+    packs = pack_files(store_path) if store_path.exists() else set()
+    proc = popen_cli("backup", "-c", env, "--directory", source, "--no-progress")
+    wait_for(lambda: store_path.exists() and pack_files(store_path) - packs != set(), proc,
+             what="a pack of the run")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert pack_files(store_path) - packs, "the run was not killed mid-way"
+
+
+def test_prune_removes_a_killed_first_runs_packs(tmp_path: Path, big_node: Path) -> None:
+    """No generation yet, so every pack is 'newer than the newest generation': prune used to
+    keep them all for good. With no writer running they are nobody's."""
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "node.env", backups, directory=big_node)
+    store_path = backups / "node1"
+    kill_mid_run(env, store_path, big_node)
+    assert os.listdir(store_path / "generations") == []
+    r = run_cli("prune", "-c", env, "--grace", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert pack_files(store_path) == set(), r.stdout
+    assert "newer than the latest generation" not in r.stdout
+
+
+def test_next_backup_removes_what_a_killed_run_stored(tmp_path: Path, big_node: Path) -> None:
+    small = make_sample(tmp_path / "small", size="1M", small_files=50, seed=14)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "node.env", backups, directory=small)
+    store_path = backups / "node1"
+    assert run_cli("backup", "-c", env).returncode == 0
+    kill_mid_run(env, store_path, big_node)
+    assert "of a backup that is running or did not finish" in unreferenced_note(env)
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 0, r.stderr
+    assert unreferenced_note(env) == ""
+    assert os.listdir(store_path / "tmp") == []
