@@ -17,8 +17,8 @@ from humiofs.errors import IntegrityError, StoreError
 from humiofs.format import DIR, FILE, Generation, Ref
 from humiofs.generations import format_time
 from humiofs.progress import human_bytes
-from humiofs.prune import PACK_NAME, RECORD_DIR, RECORD_NAME, read_record
-from humiofs.store import Store
+from humiofs.prune import RECORD_DIR, RECORD_NAME, read_record
+from humiofs.store import PACK_NAME, Store
 
 log = logging.getLogger(__name__)
 

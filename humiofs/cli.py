@@ -31,7 +31,7 @@ environment, then flags (highest). The key is never taken from the command line:
 BACKUP_KEY in the env file or environment, or use --key-file.
 exit codes: 0 ok, 1 internal error, 2 bad usage or settings, 3 wrong key, 4 store locked by
 another writer, 5 store damaged, 6 restore target or mountpoint unusable, 7 backup disk full or
-not writable, 8 finished but some files were skipped, 130 interrupted."""
+not writable, 8 finished with warnings (files skipped or read again), 130 interrupted."""
 
 
 def _common(p: argparse.ArgumentParser, need_name: bool = True) -> None:
@@ -184,13 +184,19 @@ def cmd_backup(args: argparse.Namespace) -> int:
         gen = run.run(parent)
     s = run.stats
     skipped = f", {s.skipped} skipped" if s.skipped else ""
+    healed = f", {s.healed} read again (the store had lost them)" if s.healed else ""
     # A file being written (appended to) is stored as of the size it had when it was opened.
     live = f" ({s.live} still being written, stored as they were)" if s.live else ""
     print(f"backup {store.name}: generation {generations.describe(gen)}: "
-          f"{s.new} new, {s.changed} changed{live}, {s.unchanged} unchanged files{skipped}; "
-          f"read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
+          f"{s.new} new, {s.changed} changed{live}, {s.unchanged} unchanged files{healed}"
+          f"{skipped}; read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
           f"in {time.monotonic() - start:.1f}s")
-    return errors.EXIT_PARTIAL if s.skipped else errors.EXIT_OK
+    if s.lost_packs:
+        log.warning("the store has lost %d pack(s) that earlier generations need; this "
+                    "generation does not need them (what it could read again from the node, "
+                    "it stored anew). Run `humiofs check` to see which files of earlier "
+                    "generations are lost", len(s.lost_packs))
+    return errors.EXIT_PARTIAL if s.skipped or s.healed else errors.EXIT_OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from humiofs.durable import fsync_dir
 from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked
 from humiofs.format import DIR, FILE, Generation, Ref
 from humiofs.generations import format_time
-from humiofs.store import Store
+from humiofs.store import PACK_NAME, Store, list_packs
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,6 @@ DEFAULT_GRACE_S = 3600.0
 LOCK_NAME = "prune.lock"
 RECORD_DIR = "prune"
 RECORD_NAME = re.compile(r"^(\d{13})-([0-9a-f]{16})$")
-PACK_NAME = re.compile(r"^[0-9a-f]{32}$")
 _TREE_CACHE = 4096
 
 
@@ -195,26 +194,6 @@ def referenced_packs(store: Store, roots: list[Ref],
             elif e.type == DIR and e.subtree is not None and e.subtree not in seen:
                 stack.append(e.subtree)
     return packs
-
-
-def list_packs(store: Store) -> dict[bytes, os.stat_result]:
-    """Every file under packs/ that is named like a pack, with its stat."""
-    out: dict[bytes, os.stat_result] = {}
-    root = store.path / "packs"
-    for prefix in sorted(os.listdir(root)):
-        if not re.fullmatch(r"[0-9a-f]{2}", prefix):
-            continue
-        try:
-            with os.scandir(root / prefix) as it:
-                for de in it:
-                    if PACK_NAME.match(de.name) and de.name.startswith(prefix):
-                        try:
-                            out[bytes.fromhex(de.name)] = de.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            pass
-        except NotADirectoryError:
-            continue
-    return out
 
 
 @dataclass

@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -67,6 +68,30 @@ def generation_names(store_path: Path) -> list[str]:
     except OSError as exc:
         raise StoreError(f"cannot list generations of {store_path}: {exc.strerror}") from None
     return sorted(n for n in names if format.GENERATION_NAME.match(n))
+
+
+PACK_NAME = re.compile(r"^[0-9a-f]{32}$")
+
+
+def list_packs(store: Store) -> dict[bytes, os.stat_result]:
+    """Every file under packs/ that is named like a pack and in its right folder, with its
+    stat."""
+    out: dict[bytes, os.stat_result] = {}
+    root = store.path / "packs"
+    for prefix in sorted(os.listdir(root)):
+        if not re.fullmatch(r"[0-9a-f]{2}", prefix):
+            continue
+        try:
+            with os.scandir(root / prefix) as it:
+                for de in it:
+                    if PACK_NAME.match(de.name) and de.name.startswith(prefix):
+                        try:
+                            out[bytes.fromhex(de.name)] = de.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            pass
+        except NotADirectoryError:
+            continue
+    return out
 
 
 class _PackFile:

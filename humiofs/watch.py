@@ -23,7 +23,7 @@ from humiofs.format import Generation, Ref
 from humiofs.generations import format_time, latest_readable
 from humiofs.inotify import Dirty, Tracker
 from humiofs.scan import DEFAULT_EXCLUDES, Excluder
-from humiofs.store import Store
+from humiofs.store import Store, list_packs
 from humiofs.writer import Backup, BackupOptions, TreeCounts
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Watch:
         self.stop = threading.Event()
         self.tracker: Tracker | None = None
         self.counts: dict[Ref, TreeCounts] = {}
+        self.used: set[bytes] = set()       # packs referred to since the last full walk
         self.last_full = float("-inf")
         self.passes = 0
         self.committed = 0
@@ -141,6 +142,14 @@ class Watch:
         start = time.monotonic()
         try:
             gen = run.build(parent)
+            if not full and changed(gen, parent) and self._store_lost_packs(run):
+                # Folders this pass reused without walking them may refer to those packs: a
+                # full walk reads what they held again rather than carry the refs on.
+                run.discard()
+                log.info("the store lost packs this backup's generations used; walking the "
+                         "whole data directory")
+                self.last_full = float("-inf")
+                return self._pass(parent)
         except (OSError, StoreError) as exc:
             # The store's own failures are HumiofsErrors with other codes and end the run; a
             # source that is briefly unreadable (DIRECTORY unmounted, EIO) is retried.
@@ -153,8 +162,10 @@ class Watch:
             return parent
         if full:
             self.counts = run.tree_counts_seen
+            self.used = run.packs_used
         else:
             self.counts.update(run.tree_counts_seen)
+            self.used |= run.packs_used
         if self.tracker is not None and run.stats.skipped_paths:
             self.tracker.mark(run.stats.skipped_paths)
         if not changed(gen, parent):
@@ -169,6 +180,13 @@ class Watch:
                  "(%s pass, %.2fs)", format_time(gen.time_ms), s.new, s.changed, s.skipped,
                  s.bytes_stored, "full" if full else "incremental", time.monotonic() - start)
         return gen
+
+    def _store_lost_packs(self, run: Backup) -> bool:
+        """True if a pack that a generation of this watch referred to, through a folder a
+        pass walked since the last full walk, is gone from the store (lost, or removed by a
+        prune because nothing needs it any more: a full walk costs little then)."""
+        present = list_packs(self.store)
+        return any(pid not in present for pid in self.used | run.packs_used)
 
     def _prune_due(self) -> bool:
         if self.stop.is_set() or self.passes % PRUNE_EVERY != 1:

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from humiofs import crypto, format, identity, journal, scan, xattrs
-from humiofs.errors import HumiofsError, SourceChanged, StoreError
+from humiofs.errors import HumiofsError, NoSuchObject, SourceChanged, StoreError
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs, Xattrs
 from humiofs.progress import Progress
-from humiofs.store import PackWriter, Store, new_generation_name
+from humiofs.store import PackWriter, Store, list_packs, new_generation_name
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,10 @@ MAX_PENDING_PACKS = 4
 RACY_NS = 100_000_000
 
 
-# A path relative to the source, as raw bytes (`bytes` is shadowed inside BackupStats).
+# A path relative to the source, as raw bytes, and a pack id (`bytes` is shadowed inside
+# BackupStats).
 RelPath = bytes
+PackId = bytes
 
 
 @dataclass
@@ -61,6 +63,8 @@ class BackupStats:
     bytes_stored: int = 0
     trees_stored: int = 0
     live: int = 0           # files being written: read twice, stored as they were when opened
+    healed: int = 0         # unchanged files and folders read again: their stored copy was lost
+    lost_packs: set[PackId] = field(default_factory=set)   # the missing packs they were in
     warnings: list[str] = field(default_factory=list)
     skipped_paths: list[RelPath] = field(default_factory=list)
 
@@ -113,6 +117,12 @@ class Backup:
         self.tree_counts_seen: dict[Ref, TreeCounts] = {}
         # (st_dev, st_ino) -> the entry stored for the first name of a hard-linked file.
         self._links: dict[tuple[int, int], Entry] = {}
+        # The packs in the store (id -> size), listed when a ref is first reused: a ref into a
+        # pack that is gone (or too short for it) is never carried into the new generation.
+        self._present: dict[bytes, int] | None = None
+        # Every pack the generation refers to through a folder this run walked (backup --watch
+        # keeps the union of these, for the folders it reuses without walking them).
+        self.packs_used: set[bytes] = set()
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -275,8 +285,29 @@ class Backup:
             plain = self.store.read_blob(ref, crypto.KIND_TREE)
             return plain, {e.name: e for e in format.decode_tree(plain)}
         except StoreError as exc:
+            self.stats.healed += 1
+            if isinstance(exc, NoSuchObject):
+                self.stats.lost_packs.add(ref.pack)
             self._warn(f"previous backup of {_show(rel)}/ is unreadable ({exc}); reading it anew")
             return None, {}
+
+    def _stored(self, ref: Ref) -> bool:
+        """True if the pack of `ref` is in the store and long enough to hold the blob."""
+        if self._present is None:
+            self._present = {pid: st.st_size for pid, st in list_packs(self.store).items()}
+        size = self._present.get(ref.pack)
+        return size is not None and ref.offset + ref.stored_len <= size
+
+    def _lost(self, rel: bytes, old: Entry | None) -> Entry | None:
+        """`old`, unless its data is in a pack the store lost: then None, with a warning that
+        the file is read again from the source (which stores it anew, healing the store)."""
+        if old is None or old.type != FILE or old.data is None or self._stored(old.data):
+            return old
+        self.stats.healed += 1
+        self.stats.lost_packs.add(old.data.pack)
+        self._warn(f"{_show(rel)}: its stored copy is in pack {old.data.pack.hex()}, which is "
+                   "missing from the store (or cut short); reading it again from the node")
+        return None
 
     def _counts(self) -> TreeCounts:
         s = self.stats
@@ -339,12 +370,21 @@ class Backup:
                 if same and entry is not old and entry != old:
                     same = False
         subdirs = sum(1 for e in entries if e.type == DIR)
+        used = self.packs_used
+        for e in entries:
+            if e.data is not None:
+                used.add(e.data.pack)
+            elif e.subtree is not None:
+                used.add(e.subtree.pack)
         if same and len(entries) == len(prev) and prev_ref is not None:
+            used.add(prev_ref.pack)
             return prev_ref, subdirs
         plain = self._encode(entries, rel, prev)
         if plain == prev_plain and prev_ref is not None:
+            used.add(prev_ref.pack)
             return prev_ref, subdirs
         ref = self._tree_pack().add(crypto.KIND_TREE, plain)
+        used.add(ref.pack)
         self.stats.trees_stored += 1
         self.stats.bytes_stored += ref.stored_len
         self._rotate()
@@ -468,6 +508,9 @@ class Backup:
 
     def _file_entry(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result,
                     old: Entry | None) -> Entry | None:
+        if old is not None and old.type == FILE and _unchanged(old, st):
+            # Never reuse a ref into a pack the store lost, nor fall back on it below.
+            old = self._lost(rel, old)
         if old is not None and old.type == FILE and _unchanged(old, st):
             self.stats.unchanged += 1
             entry = old
@@ -618,6 +661,13 @@ class Backup:
         stats here unless `counted` is False (the caller counts it)."""
         self.stats.skipped += 1
         self.stats.skipped_paths.append(rel)
+        if old is not None and old.type == FILE and old.data is not None \
+                and not self._stored(old.data):
+            self.stats.lost_packs.add(old.data.pack)
+            self._warn(f"{_show(rel)}: {why}; its previous copy is in pack "
+                       f"{old.data.pack.hex()}, which is missing from the store: not in this "
+                       "generation")
+            return None
         if old is None:
             self._warn(f"{_show(rel)}: {why}; not in this generation")
             return None

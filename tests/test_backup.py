@@ -605,3 +605,36 @@ def test_next_backup_removes_what_a_killed_run_stored(tmp_path: Path, big_node: 
     assert r.returncode == 0, r.stderr
     assert unreferenced_note(env) == ""
     assert os.listdir(store_path / "tmp") == []
+
+
+# -- a store that lost a pack -----------------------------------------------------------------
+
+def test_backup_over_a_lost_pack_reads_the_file_again(tmp_path: Path) -> None:
+    """A backup used to carry the refs of unchanged files into the new generation even when
+    their pack was gone, so the loss spread to every new generation, with exit 0. Now it reads
+    those files again (the new generation is whole), names them, and exits 8."""
+    node = make_sample(tmp_path / "node", size="2M", small_files=30, seed=15)
+    (node / "big.bin").write_bytes(os.urandom(2 * MiB))
+    wait_not_racy(node)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "node.env", backups, directory=node)
+    assert run_cli("backup", "-c", env).returncode == 0
+    store = Store.open(backups / "node1", KEY)
+    first = store.load_generation(store.list_generations()[-1])
+    lost = files(store, first)["big.bin"].data
+    assert lost is not None
+    os.unlink(store.pack_path(lost.pack))
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 8, r.stdout + r.stderr
+    assert f"big.bin: its stored copy is in pack {lost.pack.hex()}, which is missing" in r.stderr
+    assert "1 read again" in r.stdout and "humiofs check" in r.stderr
+    latest = store.load_generation(store.list_generations()[-1])
+    assert files(store, latest)["big.bin"].data.pack != lost.pack  # type: ignore[union-attr]
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert tree_digest(tmp_path / "r") == source_digest(node)
+    # check still reports the loss, in the first generation only.
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5 and "missing" in r.stdout and "including the latest" not in r.stdout
+    store.close()

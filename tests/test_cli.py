@@ -592,7 +592,7 @@ def test_epilog_documents_exit_codes() -> None:
         0: "ok", 1: "internal error", 2: "bad usage or settings", 3: "wrong key",
         4: "store locked by another writer", 5: "store damaged",
         6: "restore target or mountpoint unusable", 7: "backup disk full or not writable",
-        8: "finished but some files were skipped", 130: "interrupted"}
+        8: "finished with warnings (files skipped or read again)", 130: "interrupted"}
     assert (errors.ConfigError.exit_code, errors.WrongKey.exit_code,
             errors.StoreLocked.exit_code, errors.StoreError.exit_code,
             errors.IntegrityError.exit_code, errors.NoSuchObject.exit_code,
