@@ -119,7 +119,7 @@ def serve(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int | No
             raise TargetError(f"cannot mount at {mountpoint}: {exc}") from None
         _raise_readahead(mountpoint)
         try:
-            trio.run(_main, ready_fd)
+            trio.run(_main, ready_fd, model)
         finally:
             pyfuse3.close(unmount=True)
     finally:
@@ -127,9 +127,9 @@ def serve(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int | No
     log.info("unmounted %s", mountpoint)
 
 
-async def _main(ready_fd: int | None) -> None:
+async def _main(ready_fd: int | None, model: tree.Tree) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_on_signal)
+        await nursery.start(_stop_on_signal, model)
         if ready_fd is not None:
             os.write(ready_fd, READY)
             os.close(ready_fd)
@@ -137,11 +137,16 @@ async def _main(ready_fd: int | None) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def _stop_on_signal(model: tree.Tree,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
+            # pyfuse3.main() returns once every request in flight is answered; a read waiting
+            # for the decryption worker would keep it (and so the unmount) waiting for as long
+            # as the worker does not answer. Killed, its jobs go to threads.
+            model.reader.kill_worker()
             pyfuse3.terminate()
             return
 
