@@ -522,9 +522,16 @@ def test_missing_only_removes_what_a_killed_restore_left(tmp_path: Path) -> None
                              "--to", str(target), "--no-progress"], env=clean_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
+
+    def writing_huge() -> bool:
+        """The 96 MiB file is being written under its temporary name."""
+        try:
+            return any(p.name.startswith(".humiofs-restore-") and p.stat().st_size > MiB
+                       for p in target.iterdir())
+        except FileNotFoundError:
+            return False
     try:
-        while not (target.is_dir() and any(n.startswith(".humiofs-restore-")
-                                           for n in os.listdir(target))):
+        while not writing_huge():
             assert proc.poll() is None, "restore ended before it could be killed"
             assert time.monotonic() < deadline, "no temporary file appeared"
             time.sleep(0.001)
