@@ -205,7 +205,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     at = generations.parse_at(args.at) if args.at is not None else None
     store = open_store(cfg)
-    gen = generations.pick(store, at)
+    picked = generations.pick(store, at)
+    gen = picked.generation
     start = time.monotonic()
     opts = RestoreOptions(target=args.to, missing_only=args.missing_only,
                           overwrite=args.overwrite, keep_going=args.keep_going,
@@ -223,7 +224,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
             f"{len(stats.damaged)} damaged file(s) or folder(s) not restored ({shown}; each "
             "is named above); everything else was restored. Look for them in an earlier "
             "generation (restore --at, or the mount's .generations), and run `humiofs check`")
-    return errors.EXIT_PARTIAL if stats.skipped else errors.EXIT_OK
+    if picked.damaged:
+        log.warning("restored %s: the newer generation(s) %s are damaged (see above); run "
+                    "`humiofs check`", generations.describe(gen),
+                    ", ".join(name for name, _ in picked.damaged))
+    return errors.EXIT_PARTIAL if stats.skipped or picked.damaged else errors.EXIT_OK
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -250,20 +255,29 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 continue
         gen_names = generation_names(path)
         print(f"{name}: {len(gen_names)} generation(s)")
+        lines = []
+        latest = None
         for gname in gen_names:
             when = generations.format_time(generation_time(gname))
             if store is None:
-                print(f"  {when}  {gname}")
+                lines.append(f"  {when}  {gname}")
                 continue
             try:
                 g = store.load_generation(gname)
             except StoreError as exc:
-                print(f"  {when}  {gname}  DAMAGED: {exc}")
+                lines.append(f"  {when}  {gname}  DAMAGED: {exc}")
                 continue
             st = g.stats
             ident = f"  node {g.identity.node_id}" if g.identity else ""
-            print(f"  {when}  {gname}  {st.get('files', 0)} files  "
-                  f"{human_bytes(st.get('bytes', 0))}{ident}")
+            latest = len(lines)
+            lines.append(f"  {when}  {gname}  {st.get('files', 0)} files  "
+                         f"{human_bytes(st.get('bytes', 0))}{ident}")
+        if latest is not None:
+            # What restore, the mount's NAME/ and the next backup take as the latest: the
+            # newest generation that reads back.
+            lines[latest] += "  (latest)"
+        for line in lines:
+            print(line)
     return errors.EXIT_OK
 
 

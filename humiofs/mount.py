@@ -151,25 +151,31 @@ async def _stop_on_signal(model: tree.Tree,
             return
 
 
+def open_log(log_file: Path | None) -> logging.Handler | None:
+    """The handler for --log FILE, added to the root logger at once: what the mount finds
+    while it opens the stores (a damaged generation, a store left out) is logged there too,
+    not only on the terminal."""
+    if log_file is None:
+        return None
+    try:
+        handler = logging.FileHandler(os.path.abspath(log_file))
+    except OSError as exc:
+        raise ConfigError(f"cannot open log file {log_file}: {exc.strerror}") from None
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s humiofs[%(process)d]: %(levelname)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
 def run(model: tree.Tree, mountpoint: Path, foreground: bool = False,
-        allow_other: bool = False, log_file: Path | None = None) -> int:
+        allow_other: bool = False, log_handler: logging.Handler | None = None) -> int:
     """Mounts `model` at `mountpoint` (already checked); in the background unless `foreground`.
-    Returns the exit code."""
-    handler = None
-    if log_file is not None:
-        try:
-            handler = logging.FileHandler(os.path.abspath(log_file))
-        except OSError as exc:
-            raise ConfigError(f"cannot open log file {log_file}: {exc.strerror}") from None
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s humiofs[%(process)d]: %(levelname)s: %(message)s"))
+    `log_handler` is open_log's. Returns the exit code."""
     opts = options(allow_other)
     if foreground:
-        if handler is not None:
-            logging.getLogger().addHandler(handler)
         serve(model, mountpoint, opts)
         return 0
-    return _background(model, mountpoint, opts, handler)
+    return _background(model, mountpoint, opts, log_handler)
 
 
 def _background(model: tree.Tree, mountpoint: Path, opts: set[str],

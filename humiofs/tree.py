@@ -94,20 +94,30 @@ class _Source:
         self.bad: set[str] = set()
         self.current: Generation | None = None
         self.checked = -1e9
+        self.told: tuple[str, str] | None = None    # (shown, newest damaged) last logged
 
     def stale(self) -> bool:
         return time.monotonic() - self.checked > REFRESH_S
 
     def refresh(self) -> None:
-        """Lists the generations again and picks the one NAME/ shows (blocking I/O)."""
+        """Lists the generations again and picks the one NAME/ shows (blocking I/O): the
+        latest that reads back, as restore and ls take it (generations.pick)."""
         names = self.store.list_generations()
         current = None
+        skipped = []
         for name in reversed(names):
             if self.at is not None and not self.at.admits(name):
                 continue
             current = self.generation(name)
             if current is not None:
                 break
+            skipped.append(name)
+        if skipped and current is not None and (current.name, skipped[0]) != self.told:
+            self.told = (current.name, skipped[0])
+            log.warning("backup %s: %s/ shows %s, the latest intact generation; the newer "
+                        "%s damaged (run humiofs check)", self.store.name, self.store.name,
+                        generations.describe(current),
+                        ", ".join(skipped) + (" is" if len(skipped) == 1 else " are"))
         self.names, self.current, self.checked = names, current, time.monotonic()
 
     def generation(self, name: str) -> Generation | None:

@@ -642,3 +642,38 @@ def test_sigterm_does_not_wait_for_a_stopped_worker(big_backup: tuple[Path, Path
     finally:
         if worker and not pid_gone(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+# -- a damaged newest generation: one answer to "which is the latest" ---------------------------
+
+@pytest.mark.allow_warnings
+def test_ls_restore_and_mount_agree_on_the_latest_when_the_newest_is_damaged(
+        tmp_path: Path) -> None:
+    src = tiny_node(tmp_path / "src", {"a.txt": b"one\n"})
+    store = create_store(tmp_path / "backup" / "node1")
+    older = backup(store, src)
+    (src / "a.txt").write_bytes(b"two\n")
+    newest = backup(store, src)
+    store.close()
+    gen_file = tmp_path / "backup" / "node1" / "generations" / newest.name
+    data = bytearray(gen_file.read_bytes())
+    data[-5] ^= 0x40
+    gen_file.write_bytes(bytes(data))
+    env = write_env(tmp_path / "n.env", tmp_path / "backup")
+
+    r = run_cli("ls", "-c", env)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[1]: line for line in r.stdout.splitlines()[1:]}
+    assert "DAMAGED" in lines[newest.name] and lines[older.name].endswith("(latest)")
+
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "r")
+    assert r.returncode == 8, r.stdout + r.stderr
+    assert (tmp_path / "r" / "a.txt").read_bytes() == b"one\n"
+    assert older.name in r.stdout and newest.name in r.stderr
+
+    log = tmp_path / "mount.log"
+    with Mount(env, tmp_path / "m", "--log", str(log)) as m:
+        assert (m.path / "node1" / "a.txt").read_bytes() == b"one\n"
+    text = log.read_text()
+    assert f"shows {format_time(older.time_ms)} ({older.name}), the latest intact" in text
+    assert newest.name in text and "damaged" in text
