@@ -55,6 +55,7 @@ class Report:
     packs: int = 0
     packs_read: int = 0
     bytes_read: int = 0
+    newest: str | None = None       # the newest generation that authenticates
 
     @property
     def healthy(self) -> bool:
@@ -102,6 +103,10 @@ class Checker:
         self._bad_data: set[Ref] = set()
 
     # -- problems -------------------------------------------------------------------------
+
+    def rolled_back(self, message: str) -> None:
+        """Reports that generations this host committed or saw are gone (localstate)."""
+        self._problem(("rollback", ""), message)
 
     def _problem(self, key: Key, message: str) -> Key:
         if key not in self.report.problems:
@@ -239,6 +244,7 @@ class Checker:
                                     "generations do not depend on it")
                 self.report.problems[key].generations.add(name)
         self.report.generations = len(gens)
+        self.report.newest = gens[-1].name if gens else None
         return gens
 
     # -- trees and refs -------------------------------------------------------------------

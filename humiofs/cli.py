@@ -20,6 +20,7 @@ from humiofs import errors, generations, scan
 from humiofs.config import Config
 from humiofs.errors import HumiofsError, Interrupted, StoreError
 from humiofs.format import generation_time
+from humiofs.localstate import LocalState
 from humiofs.progress import human_bytes
 from humiofs.store import Store, generation_names, list_stores, looks_like_store
 
@@ -177,11 +178,17 @@ def cmd_backup(args: argparse.Namespace) -> int:
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
                          host_id=cfg.host_id, progress=None if not args.no_progress else False)
     start = time.monotonic()
+    state = LocalState.of(cfg.state_dir)
     with store.lock():
         store.clean_tmp()
         parent = generations.latest_readable(store)
+        rollback = state.observe(store, parent.name if parent else None) if state else None
+        if rollback:
+            log.warning("%s", rollback)
         run = Backup(store, opts)
         gen = run.run(parent)
+        if state:
+            state.observe(store, gen.name)
     s = run.stats
     skipped = f", {s.skipped} skipped" if s.skipped else ""
     healed = f", {s.healed} read again (the store had lost them)" if s.healed else ""
@@ -196,7 +203,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                     "generation does not need them (what it could read again from the node, "
                     "it stored anew). Run `humiofs check` to see which files of earlier "
                     "generations are lost", len(s.lost_packs))
-    return errors.EXIT_PARTIAL if s.skipped or s.healed else errors.EXIT_OK
+    return errors.EXIT_PARTIAL if s.skipped or s.healed or rollback else errors.EXIT_OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -207,6 +214,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     store = open_store(cfg)
     picked = generations.pick(store, at)
     gen = picked.generation
+    state = LocalState.of(cfg.state_dir)
+    # With --at the newest generation is not looked for, so a rollback is not either.
+    rollback = state.observe(store, gen.name) if state and at is None else None
+    if rollback:
+        log.warning("%s", rollback)
     start = time.monotonic()
     opts = RestoreOptions(target=args.to, missing_only=args.missing_only,
                           overwrite=args.overwrite, keep_going=args.keep_going,
@@ -228,7 +240,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         log.warning("restored %s: the newer generation(s) %s are damaged (see above); run "
                     "`humiofs check`", generations.describe(gen),
                     ", ".join(name for name, _ in picked.damaged))
-    return errors.EXIT_PARTIAL if stats.skipped or picked.damaged else errors.EXIT_OK
+    return (errors.EXIT_PARTIAL if stats.skipped or picked.damaged or rollback
+            else errors.EXIT_OK)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from humiofs import errors
 from humiofs.format import generation_time
 from humiofs.generations import format_time
+from humiofs.localstate import LocalState
 from humiofs.progress import human_bytes
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         with prune_lock(store, wait=not args.no_wait):
-            report = Checker(store, store.passphrase or cfg.need_key(), args.read_data,
-                             subset).run()
+            checker = Checker(store, store.passphrase or cfg.need_key(), args.read_data, subset)
+            report = checker.run()
     finally:
         store.close()
+    state = LocalState.of(cfg.state_dir)
+    rollback = state.observe(store, report.newest) if state else None
+    if rollback:
+        checker.rolled_back(rollback)
     names = store.list_generations()
     for line in describe(report, names[-1] if names else None, all_paths=args.verbose > 0):
         print(line)

@@ -75,6 +75,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
 def cmd_mount(args: argparse.Namespace) -> int:
     from humiofs import generations, mount, tree
     from humiofs.cli import load_config
+    from humiofs.localstate import LocalState
 
     if args.debug:
         logging.getLogger().setLevel(logging.DEBUG)
@@ -85,7 +86,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     log_handler = mount.open_log(args.log)
     # Only --name limits the mount: BACKUP_NAME in a node's env file names the store that
     # node writes, while an operator mounting wants to see every backup the key opens.
-    model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at)
+    model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at,
+                                      state=LocalState.of(cfg.state_dir))
     if at is not None:
         for name, gen in model.shown():
             if gen is not None:

@@ -41,6 +41,7 @@ from humiofs.format import (DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs,
                             generation_time)
 from humiofs.chunkcache import CACHE_BYTES
 from humiofs.keys import Passphrase
+from humiofs.localstate import LocalState
 from humiofs.reader import Damaged, Reader, WouldBlock
 from humiofs.store import Store, list_stores, looks_like_store
 
@@ -85,16 +86,19 @@ def _blocks(nbytes: int) -> int:
 class _Source:
     """One opened store and the generations the mount shows of it."""
 
-    def __init__(self, store: Store, at: generations.At | None) -> None:
+    def __init__(self, store: Store, at: generations.At | None,
+                 state: LocalState | None = None) -> None:
         self.store = store
         self.name = store.name.encode()
         self.at = at
+        self.state = state          # rollback detection, when NAME/ shows the latest
         self.names: list[str] = []
         self.gens: dict[str, Generation] = {}
         self.bad: set[str] = set()
         self.current: Generation | None = None
         self.checked = -1e9
         self.told: tuple[str, str] | None = None    # (shown, newest damaged) last logged
+        self.rollback_told: str | None = None
 
     def stale(self) -> bool:
         return time.monotonic() - self.checked > REFRESH_S
@@ -118,6 +122,11 @@ class _Source:
                         "%s damaged (run humiofs check)", self.store.name, self.store.name,
                         generations.describe(current),
                         ", ".join(skipped) + (" is" if len(skipped) == 1 else " are"))
+        if self.state is not None and self.at is None:
+            rollback = self.state.observe(self.store, current.name if current else None, names)
+            if rollback and rollback != self.rollback_told:
+                log.warning("backup %s: %s", self.store.name, rollback)
+            self.rollback_told = rollback
         self.names, self.current, self.checked = names, current, time.monotonic()
 
     def generation(self, name: str) -> Generation | None:
@@ -230,13 +239,14 @@ class Tree:
     """The read-only model of the mount: every method is safe to call from any thread."""
 
     def __init__(self, stores: list[Store], at: generations.At | None = None,
-                 cache_bytes: int = CACHE_BYTES, listing_budget: int = LISTING_BUDGET) -> None:
+                 cache_bytes: int = CACHE_BYTES, listing_budget: int = LISTING_BUDGET,
+                 state: LocalState | None = None) -> None:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.reader = Reader(cache_bytes)
         self.cache = self.reader.cache
         self.listing_budget = listing_budget
         self._lock = threading.RLock()
-        self._sources = sorted((_Source(s, at) for s in stores), key=attrgetter("name"))
+        self._sources = sorted((_Source(s, at, state) for s in stores), key=attrgetter("name"))
         self._top: dict[int, _Top] = {ROOT_INODE: _Top(ROOT_INODE, ROOT_INODE, None),
                                       2: _Top(2, ROOT_INODE, None)}
         self._gens_of: dict[bytes, int] = {}
@@ -257,9 +267,11 @@ class Tree:
 
     @classmethod
     def from_backup_dir(cls, backup_dir: Path, key: str | Passphrase, name: str | None = None,
-             at: generations.At | None = None) -> Tree:
-        """Opens the stores and reads which generation each shows (see open_sources)."""
-        tree = cls(open_sources(backup_dir, key, name), at)
+                        at: generations.At | None = None,
+                        state: LocalState | None = None) -> Tree:
+        """Opens the stores and reads which generation each shows (see open_sources); with
+        `state`, warns when a store was rolled back (localstate)."""
+        tree = cls(open_sources(backup_dir, key, name), at, state=state)
         for src in tree._sources:
             src.refresh()
         if at is not None and at.name is not None and \

@@ -22,6 +22,7 @@ from humiofs.errors import ConfigError, StoreError, StoreLocked
 from humiofs.format import Generation, Ref
 from humiofs.generations import format_time, latest_readable
 from humiofs.inotify import Dirty, Tracker
+from humiofs.localstate import LocalState
 from humiofs.scan import DEFAULT_EXCLUDES, Excluder
 from humiofs.store import Store, list_packs
 from humiofs.writer import Backup, BackupOptions, TreeCounts
@@ -65,6 +66,7 @@ class Watch:
         self.tracker: Tracker | None = None
         self.counts: dict[Ref, TreeCounts] = {}
         self.used: set[bytes] = set()       # packs referred to since the last full walk
+        self.state = LocalState.of(cfg.state_dir)
         self.last_full = float("-inf")
         self.passes = 0
         self.committed = 0
@@ -90,6 +92,10 @@ class Watch:
             with self.store.lock():
                 self.store.clean_tmp()
                 parent = latest_readable(self.store)
+                if self.state is not None:
+                    rollback = self.state.observe(self.store, parent.name if parent else None)
+                    if rollback:
+                        log.warning("%s", rollback)
                 self.tracker = self._start_tracker()
                 print(f"backup {self.store.name}: watching {self.source}, a pass every "
                       f"{self.interval:g}s", flush=True)
@@ -174,6 +180,8 @@ class Watch:
                       (time.monotonic() - start) * 1000)
             return parent
         run.commit(gen)
+        if self.state is not None:
+            self.state.observe(self.store, gen.name)
         self.committed += 1
         s = run.stats
         log.info("generation %s: %d new, %d changed files, %d skipped, %d bytes stored "
