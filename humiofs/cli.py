@@ -192,18 +192,20 @@ def cmd_backup(args: argparse.Namespace) -> int:
     s = run.stats
     skipped = f", {s.skipped} skipped" if s.skipped else ""
     healed = f", {s.healed} read again (the store had lost them)" if s.healed else ""
+    vanished = f", {s.vanished} vanished while read" if s.vanished else ""
     # A file being written (appended to) is stored as of the size it had when it was opened.
     live = f" ({s.live} still being written, stored as they were)" if s.live else ""
     print(f"backup {store.name}: generation {generations.describe(gen)}: "
           f"{s.new} new, {s.changed} changed{live}, {s.unchanged} unchanged files{healed}"
-          f"{skipped}; read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
+          f"{vanished}{skipped}; read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
           f"in {time.monotonic() - start:.1f}s")
     if s.lost_packs:
         log.warning("the store has lost %d pack(s) that earlier generations need; this "
                     "generation does not need them (what it could read again from the node, "
                     "it stored anew). Run `humiofs check` to see which files of earlier "
                     "generations are lost", len(s.lost_packs))
-    return errors.EXIT_PARTIAL if s.skipped or s.healed or rollback else errors.EXIT_OK
+    return (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or rollback
+            else errors.EXIT_OK)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

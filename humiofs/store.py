@@ -4,6 +4,7 @@ the write-once file primitives are durable.py's.
 """
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import json
@@ -46,6 +47,37 @@ def is_store(path: Path) -> bool:
 def looks_like_store(path: Path) -> bool:
     """True if `path` is a store, or what is left of one that lost its config."""
     return is_store(path) or (path / "generations").is_dir() or (path / "keys").is_dir()
+
+
+_DEAD_CREATION_S = 10.0     # younger, a creation folder may not be locked by its creator yet
+
+
+def remove_dead_creations(path: Path) -> None:
+    """Removes the `.NAME.creating-*` folders that creations of the store `path` left when
+    they were killed: those no process holds locked (Store.create holds its own until the
+    rename), and that have not changed for a while."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.creating-[0-9a-f]{{8}}$")
+    try:
+        names = [n for n in os.listdir(path.parent) if pattern.match(n)]
+    except OSError:
+        return
+    for name in names:
+        folder = path.parent / name
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < _DEAD_CREATION_S:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue            # its creator is still at work
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by a store creation that was interrupted", folder)
+        finally:
+            os.close(fd)
 
 
 def list_stores(backup_dir: Path) -> list[str]:
@@ -143,8 +175,13 @@ class Store:
         staging = parent / f".{path.name}.creating-{os.urandom(4).hex()}"
         store_id = os.urandom(16)
         master = keys.new_master_key()
+        held = -1
         try:
             os.mkdir(staging, 0o700)
+            # Locked until it is renamed: a folder of this name that can be locked was left by
+            # a creation that died (remove_dead_creations).
+            held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(held, fcntl.LOCK_EX)
             for sub in ("keys", "packs", "generations", "tmp"):
                 os.mkdir(staging / sub, 0o700)
             for i in range(256):
@@ -162,6 +199,9 @@ class Store:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and is_store(path):
                 return cls.open(path, key)
             raise store_io_error(exc, f"the new store {path}") from None
+        finally:
+            if held >= 0:
+                os.close(held)
         fsync_dir(parent)
         log.info("created store %s", path)
         return cls(path, store_id, master, passphrase)
@@ -169,7 +209,9 @@ class Store:
     @classmethod
     def open_or_create(cls, path: Path, key: str | keys.Passphrase) -> Store:
         """Opens the store at `path`, creating it first if there is none (a first backup). A
-        store that lost its config is reported as such, never created anew over it."""
+        store that lost its config is reported as such, never created anew over it. What a
+        killed creation of this store left in BACKUP_DIR is removed first."""
+        remove_dead_creations(path)
         return cls.open(path, key) if looks_like_store(path) else cls.create(path, key)
 
     @classmethod
@@ -283,7 +325,8 @@ class Store:
     def lock(self) -> Iterator[None]:
         """Holds the exclusive writer lock; raises StoreLocked if another process has it
         (after up to LOCK_WAIT_S: a prune takes it for an instant to see that no writer
-        runs)."""
+        runs). The lock file says who holds it: process id and start time, and the host name
+        encrypted, which only a reader with the key (another writer) can read (FORMAT.md 8)."""
         lock_path = self.path / "lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -298,17 +341,39 @@ class Store:
                             raise
                         time.sleep(0.02)
             except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                holder = self._lock_holder(os.pread(fd, 4096, 0))
                 raise StoreLocked(f"another humiofs writer is using {self.path}"
                                   + (f" ({holder})" if holder else "")) from None
             except OSError as exc:
                 raise StoreError(f"cannot lock {lock_path}: {exc.strerror}") from None
-            info = f"host {socket.gethostname()} pid {os.getpid()} since {time.ctime()}"
+            oid = crypto.new_object_id()
+            sealed = self.cipher(crypto.KIND_LOCK_HOST, oid).seal(socket.gethostname().encode())
+            info = {"version": 1, "pid": os.getpid(), "since_ms": int(time.time() * 1000),
+                    "host": base64.b64encode(oid + sealed).decode()}
             os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode(), 0)
+            os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
             yield
         finally:
             os.close(fd)
+
+    def _lock_holder(self, raw: bytes) -> str:
+        """Who holds the writer lock, for the message of a writer that finds it held."""
+        try:
+            info = json.loads(raw)
+            pid, since = int(info["pid"]), int(info["since_ms"])
+            blob = base64.b64decode(info["host"], validate=True)
+            oid, sealed = blob[:crypto.OBJECT_ID_LEN], blob[crypto.OBJECT_ID_LEN:]
+            plain_len = _plain_len_of(len(sealed))
+            if plain_len is None or plain_len > 1024:
+                raise ValueError("bad host")
+            host = self.cipher(crypto.KIND_LOCK_HOST, oid).open(sealed, plain_len).decode(
+                "utf-8", "replace")
+        except (ValueError, KeyError, TypeError, IntegrityError):
+            # Written by an earlier version (plaintext), or not by humiofs at all.
+            return raw.decode("utf-8", "replace").strip()[:200]
+        where = "this host" if host == socket.gethostname() else f"host {host}"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since / 1000))
+        return f"pid {pid} on {where}, since {started}"
 
     def change_key(self, new_key: str | keys.Passphrase,
                    kdf: keys.KdfParams | None = None) -> None:

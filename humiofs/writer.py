@@ -64,6 +64,7 @@ class BackupStats:
     trees_stored: int = 0
     live: int = 0           # files being written: read twice, stored as they were when opened
     healed: int = 0         # unchanged files and folders read again: their stored copy was lost
+    vanished: int = 0       # entries deleted or renamed on the node while the run read them
     lost_packs: set[PackId] = field(default_factory=set)   # the missing packs they were in
     warnings: list[str] = field(default_factory=list)
     skipped_paths: list[RelPath] = field(default_factory=list)
@@ -416,7 +417,7 @@ class Backup:
         try:
             st = de.stat(follow_symlinks=False)
         except FileNotFoundError:
-            return None
+            return self._vanished(rel)
         if len(name) > format.NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, f"its name is longer than {format.NAME_MAX} bytes")
         mode = st.st_mode
@@ -425,7 +426,7 @@ class Backup:
         if stat.S_ISDIR(mode):
             return self._subdir(dfd, name, rel, st, old)
         if stat.S_ISLNK(mode):
-            return self._symlink(dfd, name, st, old)
+            return self._symlink(dfd, name, rel, st, old)
         if stat.S_ISSOCK(mode):
             self.stats.skipped += 1
             self._warn(f"{_show(rel)}: a socket cannot be backed up (the program that listens on "
@@ -450,24 +451,24 @@ class Backup:
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
         except FileNotFoundError:
-            return None
+            return self._vanished(rel)
         try:
             st = os.fstat(fd)
             attrs = self._xattrs(old, st, fd)
             sub, subdirs = self._dir(fd, rel, prev)
         except FileNotFoundError:
-            return None
+            return self._vanished(rel)
         finally:
             os.close(fd)
         self.stats.dirs += 1
         return _entry(name, st, DIR, subtree=sub, nlink=2 + subdirs, xattrs=attrs)
 
-    def _symlink(self, dfd: int, name: bytes, st: os.stat_result,
+    def _symlink(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result,
                  old: Entry | None) -> Entry | None:
         try:
             target = os.readlink(name, dir_fd=dfd)
         except FileNotFoundError:
-            return None
+            return self._vanished(rel)
         self.stats.symlinks += 1
         return _entry(name, st, SYMLINK, target=target,
                       xattrs=self._xattrs(old, st, xattrs.at(dfd, name)))
@@ -529,7 +530,7 @@ class Backup:
                 last_error = str(exc)
                 continue
             except FileNotFoundError:
-                return None
+                return self._vanished(rel)
             if old is None or old.type != FILE:
                 self.stats.new += 1
             else:
@@ -676,6 +677,17 @@ class Backup:
         if kept is not None and kept.type == FILE and counted:
             self._count_file(kept)
         return kept
+
+    def _vanished(self, rel: bytes) -> Entry | None:
+        """An entry deleted or renamed on the node between the listing of its folder and its
+        read: not in this generation, with a warning (under its new name, if it was renamed,
+        it may be missing from this generation too: the next run stores it)."""
+        self.stats.vanished += 1
+        self.stats.skipped_paths.append(rel)
+        self._warn(f"{_show(rel)}: vanished while the backup read it (deleted or renamed on "
+                   "the node); not in this generation. The next run stores it if it is still "
+                   "there")
+        return None
 
     def _warn(self, message: str) -> None:
         self.stats.warnings.append(message)
