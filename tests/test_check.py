@@ -324,3 +324,34 @@ def test_wrong_key_never_advises_deleting_the_store(damaged: Store, tmp_path: Pa
     rc, out = check_cli(damaged, tmp_path, key="not the key at all")
     assert rc == EXIT_WRONG_KEY, out
     assert "Check the key first" in out and "delete" not in out and "keep this store" in out
+
+
+def test_moving_a_damaged_pack_aside_lets_the_next_backup_heal(tmp_path: Path) -> None:
+    """What check --help says to do about a pack that fails authentication: move it out of
+    the store and run a backup, which then reads its files again."""
+    node = make_sample(tmp_path / "node", size="2M", small_files=20, seed=7)
+    (tmp_path / "backups").mkdir()
+    env = write_env(tmp_path / "node.env", tmp_path / "backups", directory=node)
+    assert run_cli("backup", "-c", env).returncode == 0
+    store = Store.open(tmp_path / "backups" / "node1", KEY)
+    rel, ref = big_file(store)
+    store.close()
+    flip(store.pack_path(ref.pack), ref.offset + ref.stored_len - 3)
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5 and "fails authentication" in r.stdout and rel in r.stdout
+    os.rename(store.pack_path(ref.pack), tmp_path / "quarantined-pack")
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 8 and rel in r.stderr, r.stdout + r.stderr
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5 and "is missing" in r.stdout
+    assert "including the latest" not in r.stdout, r.stdout
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "r" / rel).read_bytes() == (node / rel).read_bytes()
+
+
+def test_help_describes_every_finding() -> None:
+    r = run_cli("check", "--help")
+    for finding in ("is missing, or is truncated", "fails authentication", "cannot be read",
+                    "was rolled back", "key file keys/", "warning:", "note:", "--keep-going"):
+        assert finding in r.stdout, finding
