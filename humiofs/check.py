@@ -12,13 +12,13 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from humiofs import crypto, format, keys
+from humiofs import crypto, format, journal, keys
 from humiofs.errors import IntegrityError, StoreError
 from humiofs.format import DIR, FILE, Generation, Ref
 from humiofs.generations import format_time
 from humiofs.progress import human_bytes
-from humiofs.prune import PACK_NAME, RECORD_DIR, RECORD_NAME, read_record
-from humiofs.store import Store
+from humiofs.prune import RECORD_DIR, RECORD_NAME, read_record
+from humiofs.store import PACK_NAME, Store
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class Problem:
 class Report:
     problems: dict[Key, Problem] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Things that are not damage but want a look (a file the store does not use); each starts
+    # with the path it is about.
+    warnings: list[str] = field(default_factory=list)
     read_data: bool = False
     generations: int = 0
     trees: int = 0
@@ -52,6 +55,7 @@ class Report:
     packs: int = 0
     packs_read: int = 0
     bytes_read: int = 0
+    newest: str | None = None       # the newest generation that authenticates
 
     @property
     def healthy(self) -> bool:
@@ -100,6 +104,10 @@ class Checker:
 
     # -- problems -------------------------------------------------------------------------
 
+    def rolled_back(self, message: str) -> None:
+        """Reports that generations this host committed or saw are gone (localstate)."""
+        self._problem(("rollback", ""), message)
+
     def _problem(self, key: Key, message: str) -> Key:
         if key not in self.report.problems:
             self.report.problems[key] = Problem(message)
@@ -134,7 +142,11 @@ class Checker:
                 self._stray(name, "is not part of a humiofs store")
             elif expected[0] != stat.S_ISDIR(present[name].st_mode) or \
                     stat.S_ISLNK(present[name].st_mode):
-                self._stray(name, "has the wrong type")
+                if expected[1]:     # the store cannot be used without it
+                    self._problem(("layout", name), f"{name} has the wrong type (a "
+                                  f"{'folder' if expected[0] else 'file'} is expected)")
+                else:
+                    self._stray(name, "has the wrong type")
         for name, (_, required) in ROOT_LAYOUT.items():
             if required and name not in present:
                 self._problem(("layout", name), f"{name} is missing from the store")
@@ -146,7 +158,8 @@ class Checker:
             try:
                 read_record(self.store, name)
             except (ValueError, OSError) as exc:
-                self._stray(f"{RECORD_DIR}/{name}", f"is a damaged prune record ({exc})")
+                self.report.warnings.append(f"{RECORD_DIR}/{name} is a damaged prune record "
+                                            f"({exc}); the next prune removes it")
         try:
             leftovers = len(os.listdir(root / "tmp"))
         except OSError:
@@ -196,8 +209,9 @@ class Checker:
                     self.pack_sizes[bytes.fromhex(name)] = st.st_size
 
     def _stray(self, where: str, why: str) -> None:
-        self._problem(("layout", where), f"{where} {why}; no backed-up file depends on it: "
-                      "move it out of the store")
+        """A file or folder the store does not use: a warning, not damage (nothing reads it)."""
+        self.report.warnings.append(f"{where} {why}; no backed-up file depends on it: "
+                                    "move it out of the store")
 
     # -- keys and generations -------------------------------------------------------------
 
@@ -230,6 +244,7 @@ class Checker:
                                     "generations do not depend on it")
                 self.report.problems[key].generations.add(name)
         self.report.generations = len(gens)
+        self.report.newest = gens[-1].name if gens else None
         return gens
 
     # -- trees and refs -------------------------------------------------------------------
@@ -357,10 +372,29 @@ class Checker:
         unused = [pid for pid in self.pack_sizes if pid not in self._pack_ok]
         for pid in unused:
             self._pack(pid)     # a malformed pack is damage even if nothing refers to it
-        if unused:
-            total = sum(self.pack_sizes[p] for p in unused)
-            self.report.notes.append(f"{len(unused)} unreferenced pack(s), "
-                                     f"{human_bytes(total)} (prune removes them)")
+        # The packs a backup run has listed in its journal are its own (FORMAT.md 8).
+        of_runs: set[bytes] = set()
+        tmp = self.store.path / "tmp"
+        try:
+            for name in os.listdir(tmp):
+                if journal.JOURNAL_NAME.match(name):
+                    of_runs.update(journal.read(tmp / name)[0])
+        except OSError:
+            pass
+        runs = [p for p in unused if p in of_runs]
+        other = [p for p in unused if p not in of_runs]
+        if runs:
+            total = sum(self.pack_sizes[p] for p in runs)
+            self.report.notes.append(
+                f"{len(runs)} pack(s), {human_bytes(total)}, of a backup that is running or "
+                "did not finish (it, or the next backup, removes them)")
+        if other:
+            total = sum(self.pack_sizes[p] for p in other)
+            self.report.notes.append(
+                f"{len(other)} unreferenced pack(s), {human_bytes(total)} (prune removes "
+                "them: it records them, and deletes them an hour later, at once with --grace "
+                "0; while a backup runs, those newer than the newest generation wait for it "
+                "to finish)")
 
 
 def describe(report: Report, latest: str | None, all_paths: bool = False,

@@ -20,8 +20,9 @@ from humiofs import errors, generations, scan
 from humiofs.config import Config
 from humiofs.errors import HumiofsError, Interrupted, StoreError
 from humiofs.format import generation_time
+from humiofs.localstate import LocalState
 from humiofs.progress import human_bytes
-from humiofs.store import Store, generation_names, is_store, list_stores
+from humiofs.store import Store, generation_names, list_stores, looks_like_store
 
 log = logging.getLogger("humiofs")
 
@@ -31,7 +32,7 @@ environment, then flags (highest). The key is never taken from the command line:
 BACKUP_KEY in the env file or environment, or use --key-file.
 exit codes: 0 ok, 1 internal error, 2 bad usage or settings, 3 wrong key, 4 store locked by
 another writer, 5 store damaged, 6 restore target or mountpoint unusable, 7 backup disk full or
-not writable, 8 finished but some files were skipped, 130 interrupted."""
+not writable, 8 finished with warnings (files skipped or read again), 130 interrupted."""
 
 
 def _common(p: argparse.ArgumentParser, need_name: bool = True) -> None:
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only write files that are absent from DIR (restore missing segments)")
     mode.add_argument("--overwrite", action="store_true",
                       help="replace files that exist in DIR")
+    p.add_argument("--keep-going", action="store_true",
+                   help="on a bad day: a file (or folder) whose stored data is damaged or "
+                   "missing is named and skipped, every other one is restored, and the exit "
+                   "code is 5 at the end (without it, the first damaged file ends the restore)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
     p.set_defaults(func=cmd_restore)
 
@@ -176,20 +181,34 @@ def cmd_backup(args: argparse.Namespace) -> int:
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
                          host_id=cfg.host_id, progress=None if not args.no_progress else False)
     start = time.monotonic()
+    state = LocalState.of(cfg.state_dir)
     with store.lock():
         store.clean_tmp()
         parent = generations.latest_readable(store)
+        rollback = state.observe(store, parent.name if parent else None) if state else None
+        if rollback:
+            log.warning("%s", rollback)
         run = Backup(store, opts)
         gen = run.run(parent)
+        if state:
+            state.observe(store, gen.name)
     s = run.stats
     skipped = f", {s.skipped} skipped" if s.skipped else ""
+    healed = f", {s.healed} read again (the store had lost them)" if s.healed else ""
+    vanished = f", {s.vanished} vanished while read" if s.vanished else ""
     # A file being written (appended to) is stored as of the size it had when it was opened.
     live = f" ({s.live} still being written, stored as they were)" if s.live else ""
     print(f"backup {store.name}: generation {generations.describe(gen)}: "
-          f"{s.new} new, {s.changed} changed{live}, {s.unchanged} unchanged files{skipped}; "
-          f"read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
+          f"{s.new} new, {s.changed} changed{live}, {s.unchanged} unchanged files{healed}"
+          f"{vanished}{skipped}; read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
           f"in {time.monotonic() - start:.1f}s")
-    return errors.EXIT_PARTIAL if s.skipped else errors.EXIT_OK
+    if s.lost_packs:
+        log.warning("the store has lost %d pack(s) that earlier generations need; this "
+                    "generation does not need them (what it could read again from the node, "
+                    "it stored anew). Run `humiofs check` to see which files of earlier "
+                    "generations are lost", len(s.lost_packs))
+    return (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or rollback
+            else errors.EXIT_OK)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -198,10 +217,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     at = generations.parse_at(args.at) if args.at is not None else None
     store = open_store(cfg)
-    gen = generations.pick(store, at)
+    picked = generations.pick(store, at)
+    gen = picked.generation
+    state = LocalState.of(cfg.state_dir)
+    # With --at the newest generation is not looked for, so a rollback is not either.
+    rollback = state.observe(store, gen.name) if state and at is None else None
+    if rollback:
+        log.warning("%s", rollback)
     start = time.monotonic()
     opts = RestoreOptions(target=args.to, missing_only=args.missing_only,
-                          overwrite=args.overwrite,
+                          overwrite=args.overwrite, keep_going=args.keep_going,
                           progress=None if not args.no_progress else False)
     stats = Restore(store, opts).run(gen)
     skipped = f", {stats.skipped} left alone" if stats.skipped else ""
@@ -212,7 +237,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
           + (f", {stats.specials} FIFOs and devices" if stats.specials else "")
           + (f" ({stats.links} of the files as hard links)" if stats.links else "")
           + f"{skipped}; {human_bytes(stats.bytes)} of data in {time.monotonic() - start:.1f}s")
-    return errors.EXIT_PARTIAL if stats.skipped or stats.xattrs_refused else errors.EXIT_OK
+    if stats.damaged:
+        shown = ", ".join(stats.damaged[:5]) + (", ..." if len(stats.damaged) > 5 else "")
+        raise errors.StoreError(
+            f"{len(stats.damaged)} damaged file(s) or folder(s) not restored ({shown}; each "
+            "is named above); everything else was restored. Look for them in an earlier "
+            "generation (restore --at, or the mount's .generations), and run `humiofs check`")
+    if picked.damaged:
+        log.warning("restored %s: the newer generation(s) %s are damaged (see above); run "
+                    "`humiofs check`", generations.describe(gen),
+                    ", ".join(name for name, _ in picked.damaged))
+    return (errors.EXIT_PARTIAL if stats.skipped or stats.xattrs_refused or picked.damaged or rollback
+            else errors.EXIT_OK)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -223,35 +259,45 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return errors.EXIT_OK
     for name in names:
         path = cfg.backup_dir / name
-        if not is_store(path):
+        if not looks_like_store(path):
             raise errors.NoSuchStore(f"no humiofs store at {path}")
         store: Store | None = None
         if cfg.backup_key:
             try:
                 store = Store.open(path, cfg.passphrase())
-            except errors.WrongKey:
+            except (errors.WrongKey, errors.StoreMetadataDamaged) as exc:
                 # The store the settings name must open, as for every other command; when
                 # listing all of BACKUP_DIR, the others may belong to nodes with other keys.
                 if cfg.backup_name:
                     raise
-                print(f"{name}: the key does not open this backup")
+                print(f"{name}: the key does not open this backup" if isinstance(
+                    exc, errors.WrongKey) else f"{name}: cannot be opened: {exc}")
                 continue
         gen_names = generation_names(path)
         print(f"{name}: {len(gen_names)} generation(s)")
+        lines = []
+        latest = None
         for gname in gen_names:
             when = generations.format_time(generation_time(gname))
             if store is None:
-                print(f"  {when}  {gname}")
+                lines.append(f"  {when}  {gname}")
                 continue
             try:
                 g = store.load_generation(gname)
             except StoreError as exc:
-                print(f"  {when}  {gname}  DAMAGED: {exc}")
+                lines.append(f"  {when}  {gname}  DAMAGED: {exc}")
                 continue
             st = g.stats
             ident = f"  node {g.identity.node_id}" if g.identity else ""
-            print(f"  {when}  {gname}  {st.get('files', 0)} files  "
-                  f"{human_bytes(st.get('bytes', 0))}{ident}")
+            latest = len(lines)
+            lines.append(f"  {when}  {gname}  {st.get('files', 0)} files  "
+                         f"{human_bytes(st.get('bytes', 0))}{ident}")
+        if latest is not None:
+            # What restore, the mount's NAME/ and the next backup take as the latest: the
+            # newest generation that reads back.
+            lines[latest] += "  (latest)"
+        for line in lines:
+            print(line)
     return errors.EXIT_OK
 
 

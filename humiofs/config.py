@@ -19,7 +19,7 @@ DEFAULT_BACKUP_DIR = "/backup"
 DEFAULT_DELETE_AFTER_MS = 604_800_000
 SETTINGS = ("DIRECTORY", "BACKUP_NAME", "BACKUP_KEY", "BACKUP_KEY_FILE", "BACKUP_DIR",
             "DELETE_BACKUP_AFTER_MILLIS", "BOOTSTRAP_HOST_ID", "BACKUP_EXCLUDE",
-            "BACKUP_INTERVAL_SECONDS")
+            "BACKUP_INTERVAL_SECONDS", "BACKUP_STATE_DIR")
 _KEY_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$")
 _HOST_ID = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,99}")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -39,6 +39,10 @@ class Config:
     host_id: str | None = None
     excludes: tuple[str, ...] = ()
     interval_s: float = 60.0
+    # Where this host keeps its record of each store's newest generation (rollback
+    # detection, FORMAT.md 9.1); outside every store. `load` always sets it; None (a Config
+    # made in code) keeps no record.
+    state_dir: Path | None = None
 
     def need_directory(self) -> Path:
         """The data directory to back up, which must exist (checked before any store is
@@ -207,7 +211,19 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
         host_id=_host_id(merged.get("BOOTSTRAP_HOST_ID") or None),
         excludes=excludes,
         interval_s=float(_int_setting(merged, "BACKUP_INTERVAL_SECONDS", 60)),
+        state_dir=Path(merged.get("BACKUP_STATE_DIR") or default_state_dir(environ)),
     )
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """BACKUP_STATE_DIR's default: /var/lib/humiofs for root, else $XDG_STATE_HOME/humiofs
+    (~/.local/state/humiofs)."""
+    environ = os.environ if environ is None else environ
+    if os.geteuid() == 0:
+        return Path("/var/lib/humiofs")
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                         "state")
+    return Path(base) / "humiofs"
 
 
 Legacy = tuple[tuple[str, str], ...]

@@ -23,6 +23,7 @@ OBJECT_ID_LEN = 16
 KIND_DATA = 1
 KIND_TREE = 2
 KIND_GENERATION = 3
+KIND_LOCK_HOST = 4      # the host name of the writer holding the lock (FORMAT.md 8)
 
 _AAD_PREFIX = b"HFS1"
 _OBJECT_INFO = b"humiofs object v1"

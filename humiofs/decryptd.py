@@ -48,6 +48,7 @@ class Worker:
         self.sock, self.pid = sock, pid
         self._index = {id(s): i for i, s in enumerate(stores)}
         self.alive = True
+        self.killed = False     # ended by kill(), not by itself
 
     @classmethod
     def start(cls, stores: list[Store], shared: mmap.mmap,
@@ -106,22 +107,42 @@ class Worker:
             out.append((job, None if status == OK else
                         msg[_RESULT.size:].decode("utf-8", "replace")))
 
-    def stop(self) -> None:
-        """Closes the socket, which ends the child, and reaps it (killed if it hangs)."""
+    def state(self) -> str:
+        """The child's scheduler state from /proc (R, S, D, T, Z, ...; '' if it is gone)."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return ""
+        # pid (comm) state ...: comm may hold anything, so look after its last ')'.
+        return stat[stat.rfind(b")") + 2:][:1].decode("ascii", "replace")
+
+    def kill(self) -> None:
+        """Ends the child at once (SIGKILL works on a stopped or hung one too); from then on
+        it never writes into the shared memory again. Jobs not answered yet are lost."""
         self.alive = False
+        self.killed = True
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def reaped(self) -> bool:
+        """True once the child has exited and been reaped (never blocks)."""
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        return pid != 0
+
+    def stop(self) -> None:
+        """Ends the child and reaps it, without depending on it: it is killed, and waited for
+        at most _STOP_S (a child stuck in the kernel on a hung disk is left to init)."""
+        self.kill()
         self.sock.close()
         deadline = time.monotonic() + _STOP_S
-        while True:
-            try:
-                pid, _ = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid or time.monotonic() > deadline:
-                break
+        while not self.reaped() and time.monotonic() < deadline:
             time.sleep(0.005)
-        if not pid:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
 
 
 def _serve(sock: socket.socket, shared: memoryview, stores: list[Store]) -> None:

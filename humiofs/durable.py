@@ -30,8 +30,9 @@ def write_all(fd: int, data: bytes | memoryview, what: str) -> None:
 
 def store_io_error(exc: OSError, what: str) -> StoreIOError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreIOError(f"backup disk is full while writing {what}; nothing stored so far "
-                            "was changed. Free space (or run prune) and run again")
+        return StoreIOError(f"backup disk is full while writing {what}; nothing stored before "
+                            "was changed, and what this run stored is removed. Free space "
+                            "(the disk's other files, or prune) and run again")
     return StoreIOError(f"cannot write {what}: {exc.strerror}")
 
 

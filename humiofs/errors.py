@@ -53,6 +53,11 @@ class StoreError(HumiofsError):
     exit_code = EXIT_DAMAGED
 
 
+class StoreMetadataDamaged(StoreError):
+    """The store's config or key files are missing, damaged or from another store, so no key
+    can open it as it is. Not a wrong key: the data may well be intact."""
+
+
 class NoSuchObject(StoreError):
     """A store file that a ref points to does not exist."""
 

@@ -133,26 +133,54 @@ def describe(gen: Generation) -> str:
 
 def latest_readable(store: Store) -> Generation | None:
     """The newest generation that reads back, skipping damaged ones with a warning; the
-    parent of a new backup."""
-    for name in reversed(store.list_generations()):
-        try:
-            return store.load_generation(name)
-        except StoreError as exc:
-            log.warning("ignoring damaged generation %s: %s", name, exc)
-    return None
+    parent of a new backup, and what restore and the mount call the latest (see `pick`)."""
+    try:
+        return pick(store).generation
+    except StoreError as exc:
+        if exc.exit_code != 2:      # 2: no generation at all
+            log.warning("%s; backing up everything anew", exc)
+        return None
 
 
-def pick(store: Store, at: At | None = None) -> Generation:
-    """The latest generation, or the one `at` chooses; StoreError with exit 2 if no generation
-    matches."""
+@dataclass(frozen=True)
+class Picked:
+    """The generation chosen, and the newer ones (in range) left out because they are
+    damaged: (name, what is wrong with it)."""
+
+    generation: Generation
+    damaged: tuple[tuple[str, str], ...] = ()
+
+
+def pick(store: Store, at: At | None = None) -> Picked:
+    """The latest generation, or the latest one `at` chooses, that reads back: a damaged
+    newer one is left out with a warning, so restore, the mount, ls and backup agree on what
+    the latest generation is (FORMAT.md 7.2). A generation asked for by name is that one,
+    damaged or not. StoreError with exit 2 if no generation matches, 5 if none of those that
+    match can be read."""
     names = store.list_generations()
-    chosen: str | None = names[-1] if names else None
-    if at is not None:
-        if at.name is not None and at.name not in names:
+    if at is not None and at.name is not None:
+        if at.name not in names:
             raise StoreError(f"store {store.path} has no generation {at.name}", 2)
-        chosen = at.pick(names)
-    if chosen is None:
+        return Picked(store.load_generation(at.name))
+    candidates = [n for n in names if at is None or at.admits(n)]
+    if not candidates:
         when = (f" at or before {format_time(at.until_ms)} (--at {at.text})"
                 if at is not None else "")
         raise StoreError(f"store {store.path} has no generation{when}", 2)
-    return store.load_generation(chosen)
+    damaged: list[tuple[str, str]] = []
+    for name in reversed(candidates):
+        try:
+            gen = store.load_generation(name)
+        except StoreError as exc:
+            damaged.append((name, str(exc)))
+            continue
+        for bad, why in damaged:
+            log.warning("generation %s (%s) of %s is damaged, so it is left out: %s", bad,
+                        format_time(generation_time(bad)), store.name, why)
+        if damaged:
+            log.warning("the latest intact generation of %s is %s", store.name, describe(gen))
+        return Picked(gen, tuple(damaged))
+    newest, why = damaged[0]
+    raise StoreError(f"no generation of store {store.path}"
+                     + (f" at or before --at {at.text}" if at is not None else "")
+                     + f" can be read; the newest, {newest}: {why}")

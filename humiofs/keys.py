@@ -118,17 +118,30 @@ def wrap(master: bytes, store_id: bytes, passphrase: str,
     return json.dumps(doc, indent=1).encode() + b"\n"
 
 
+class ForeignKeyFile(IntegrityError):
+    """A well-formed key file made for another store id than the one it was opened for."""
+
+    def __init__(self, message: str, store_id: bytes) -> None:
+        super().__init__(message)
+        self.store_id = store_id
+
+
 def unwrap(keyfile: bytes, store_id: bytes, passphrase: str) -> bytes | None:
     """The master key if `passphrase` opens this key file, None if it does not.
 
-    Raises IntegrityError if the key file is malformed or belongs to another store.
+    Raises ForeignKeyFile if the key file names another store id (checked before the KDF
+    runs), IntegrityError if it is malformed.
     """
     try:
         doc = json.loads(keyfile)
         if doc["version"] != KEYFILE_VERSION:
             raise IntegrityError(f"key file has unsupported version {doc['version']}")
-        if bytes.fromhex(doc["store_id"]) != store_id:
-            raise IntegrityError("key file belongs to another store")
+        own_id = bytes.fromhex(doc["store_id"])
+        if len(own_id) != 16:
+            raise IntegrityError("key file has a malformed store id")
+        if own_id != store_id:
+            raise ForeignKeyFile(f"key file belongs to another store (store id "
+                                 f"{own_id.hex()})", own_id)
         kdf = doc["kdf"]
         if kdf["name"] != "argon2id":
             raise IntegrityError(f"key file names unknown KDF {kdf['name']!r}")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from humiofs import errors
 from humiofs.format import generation_time
 from humiofs.generations import format_time
+from humiofs.localstate import LocalState
 from humiofs.progress import human_bytes
 
 log = logging.getLogger(__name__)
@@ -17,25 +18,52 @@ CHECK_DESCRIPTION = """\
 Verify the store BACKUP_DIR/BACKUP_NAME and report every problem with the node files and
 generations it affects.
 
-Always checked: the store layout (a file that does not belong is a problem), every key file,
-every generation (it must decrypt and authenticate), every folder listing reachable from any
-generation, and every pack a generation refers to: it exists, has a valid header, is long
-enough for every blob in it, and one chunk of it authenticates (so a pack replaced by another
-file is found). With --read-data every chunk of every file's data is authenticated too, which
-reads the whole store; --read-data-subset spreads that over several runs.
+Always checked: the store layout, every key file, every generation (it must decrypt and
+authenticate), every folder listing reachable from any generation, and every pack a
+generation refers to: it exists, has a valid header, is long enough for every blob in it, and
+one chunk of it authenticates (so a pack replaced by another file is found). With --read-data
+every chunk of every file's data is authenticated too, which reads the whole store;
+--read-data-subset spreads that over several runs. Safe next to a running backup (also
+--watch) and mounts; a prune waits for check to finish.
 
-Safe next to a running backup (also --watch) and mounts. A prune waits for check to finish.
-Packs that no generation needs are not damage: they are noted, and prune removes them.
+What to do after a bad check. Under each 'problem:' line are the node files (paths relative
+to DIRECTORY) whose backup is lost in the generations named ('including the latest' if the
+newest is hit); everything else restores. First copy what you need from generations that are
+not affected: restore --at TIME --keep-going, or the mount's .generations/. Then, by finding:
 
-What to do after a bad check: the lines under each problem are the node files (paths relative
-to DIRECTORY) whose backup is lost in the generations named; everything else restores. Restore
-or copy what you need from generations that are not affected. Then start a fresh backup under
-a new BACKUP_NAME (or move the damaged store away): a backup into the damaged store would keep
-referring to the damaged data of files that have not changed."""
+  pack ... is missing, or is truncated
+      The next backup reads the files of that pack that are still on the node again (it
+      exits 8 and names them): new generations are whole. Earlier generations keep missing
+      them; prune drops those in time.
+  pack ... fails authentication, is not a readable humiofs pack, or a reference into it is
+  inconsistent
+      The pack's bytes were changed in place, and a backup would keep referring to it for
+      files that have not changed. Move that pack file out of the store (keep it), then run
+      a backup: it is then 'missing', and the backup reads those files again.
+  generation ... cannot be read
+      That state of the node is lost; no other generation depends on it. Restore, the mount
+      and the next backup take the newest generation that reads.
+  the store ... was rolled back
+      Generations this host committed or saw were deleted, or the store was replaced by an
+      older copy. If nobody did that on purpose, find out who can write the backup drive.
+      The next backup's generation ends the finding.
+  key file keys/... is damaged, or does not open with this key
+      Another key file opens the store; `humiofs key change` with the same key rewrites them.
+  NAME is missing from the store, or has the wrong type
+      Recreate the folder (mkdir -m 700), or put back the file from a copy of the store.
+
+Not problems (exit 0): 'warning:' lines name files the store does not use (a note, a pack in
+the wrong packs/xx/, a damaged prune record): move them out of the store. 'note:' lines name
+packs no generation needs and leftovers in tmp/: prune, or the next backup, removes them.
+
+If the store cannot be opened at all, check says why instead: a wrong key (exit 3), or a
+missing or damaged config or key file (exit 5; the message says how to put it back). A
+store is never to be deleted for either: keep it."""
 
 CHECK_EXIT = """\
-check exit codes: 0 healthy, 5 damaged (problems listed), 3 wrong key, 2 no such store or bad
-settings, 4 a prune holds the store (only with --no-wait)."""
+check exit codes: 0 healthy (warnings and notes are not damage), 5 damaged (problems listed;
+also a rolled-back store, or a config or key file that is missing or damaged), 3 wrong key,
+2 no such store or bad settings, 4 a prune holds the store (only with --no-wait)."""
 
 PRUNE_DESCRIPTION = """\
 Drop the generations that retention no longer keeps, then the packs that no kept generation
@@ -103,13 +131,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         with prune_lock(store, wait=not args.no_wait):
-            report = Checker(store, store.passphrase or cfg.need_key(), args.read_data,
-                             subset).run()
+            checker = Checker(store, store.passphrase or cfg.need_key(), args.read_data, subset)
+            report = checker.run()
     finally:
         store.close()
+    state = LocalState.of(cfg.state_dir)
+    rollback = state.observe(store, report.newest) if state else None
+    if rollback:
+        checker.rolled_back(rollback)
     names = store.list_generations()
     for line in describe(report, names[-1] if names else None, all_paths=args.verbose > 0):
         print(line)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     for note in report.notes:
         print(f"note: {note}")
     read = (f"; read {human_bytes(report.bytes_read)} of data from {report.packs_read} packs"
@@ -118,7 +152,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{report.blobs} file blobs, {report.packs} packs{read}")
     took = time.monotonic() - start
     if report.healthy:
-        print(f"check {store.name}: healthy ({what}) in {took:.1f}s")
+        warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
+        print(f"check {store.name}: healthy{warned} ({what}) in {took:.1f}s")
         return errors.EXIT_OK
     print(f"check {store.name}: DAMAGED, {len(report.problems)} problem(s) ({what}) in "
           f"{took:.1f}s; see `humiofs check --help` for what to do")
@@ -156,7 +191,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         parts.append(f"{r.pending_packs} packs recorded earlier wait for their grace period")
     if r.young_packs:
         parts.append(f"{r.young_packs} unneeded packs are newer than the latest generation "
-                     "(a running backup's, or an interrupted one's: a later prune handles them)")
+                     "and a backup is running (they may be its own: a prune after it has "
+                     "finished handles them)")
     print("; ".join(parts))
     if r.damaged:
         raise errors.StoreError(f"the store is damaged, so no pack was deleted: "

@@ -119,7 +119,7 @@ def serve(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int | No
             raise TargetError(f"cannot mount at {mountpoint}: {exc}") from None
         _raise_readahead(mountpoint)
         try:
-            trio.run(_main, ready_fd)
+            trio.run(_main, ready_fd, model)
         finally:
             pyfuse3.close(unmount=True)
     finally:
@@ -127,9 +127,9 @@ def serve(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int | No
     log.info("unmounted %s", mountpoint)
 
 
-async def _main(ready_fd: int | None) -> None:
+async def _main(ready_fd: int | None, model: tree.Tree) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_on_signal)
+        await nursery.start(_stop_on_signal, model)
         if ready_fd is not None:
             os.write(ready_fd, READY)
             os.close(ready_fd)
@@ -137,34 +137,45 @@ async def _main(ready_fd: int | None) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def _stop_on_signal(model: tree.Tree,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
+            # pyfuse3.main() returns once every request in flight is answered; a read waiting
+            # for the decryption worker would keep it (and so the unmount) waiting for as long
+            # as the worker does not answer. Killed, its jobs go to threads.
+            model.reader.kill_worker()
             pyfuse3.terminate()
             return
 
 
+def open_log(log_file: Path | None) -> logging.Handler | None:
+    """The handler for --log FILE, added to the root logger at once: what the mount finds
+    while it opens the stores (a damaged generation, a store left out) is logged there too,
+    not only on the terminal."""
+    if log_file is None:
+        return None
+    try:
+        handler = logging.FileHandler(os.path.abspath(log_file))
+    except OSError as exc:
+        raise ConfigError(f"cannot open log file {log_file}: {exc.strerror}") from None
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s humiofs[%(process)d]: %(levelname)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
 def run(model: tree.Tree, mountpoint: Path, foreground: bool = False,
-        allow_other: bool = False, log_file: Path | None = None) -> int:
+        allow_other: bool = False, log_handler: logging.Handler | None = None) -> int:
     """Mounts `model` at `mountpoint` (already checked); in the background unless `foreground`.
-    Returns the exit code."""
-    handler = None
-    if log_file is not None:
-        try:
-            handler = logging.FileHandler(os.path.abspath(log_file))
-        except OSError as exc:
-            raise ConfigError(f"cannot open log file {log_file}: {exc.strerror}") from None
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s humiofs[%(process)d]: %(levelname)s: %(message)s"))
+    `log_handler` is open_log's. Returns the exit code."""
     opts = options(allow_other)
     if foreground:
-        if handler is not None:
-            logging.getLogger().addHandler(handler)
         serve(model, mountpoint, opts)
         return 0
-    return _background(model, mountpoint, opts, handler)
+    return _background(model, mountpoint, opts, log_handler)
 
 
 def _background(model: tree.Tree, mountpoint: Path, opts: set[str],

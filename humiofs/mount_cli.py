@@ -79,6 +79,7 @@ exit codes: 0 unmounted, 2 bad usage, 6 not mounted, busy (see --lazy) or no fus
 def cmd_mount(args: argparse.Namespace) -> int:
     from humiofs import generations, mount, tree
     from humiofs.cli import load_config
+    from humiofs.localstate import LocalState
 
     if args.debug:
         logging.getLogger().setLevel(logging.DEBUG)
@@ -86,16 +87,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     key = cfg.passphrase()
     at = generations.parse_at(args.at) if args.at else None
     mountpoint = mount.check_mountpoint(args.mountpoint)
+    log_handler = mount.open_log(args.log)
     # Only --name limits the mount: BACKUP_NAME in a node's env file names the store that
     # node writes, while an operator mounting wants to see every backup the key opens.
-    model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at)
+    model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at,
+                                      state=LocalState.of(cfg.state_dir))
     if at is not None:
         for name, gen in model.shown():
             if gen is not None:
                 print(f"humiofs: {name}/ shows generation {generations.describe(gen)} "
                       f"(--at {at.text})", flush=True)
     return mount.run(model, mountpoint, foreground=args.foreground,
-                     allow_other=args.allow_other, log_file=args.log)
+                     allow_other=args.allow_other, log_handler=log_handler)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

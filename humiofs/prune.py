@@ -17,7 +17,7 @@ from humiofs.durable import fsync_dir
 from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked
 from humiofs.format import DIR, FILE, Generation, Ref
 from humiofs.generations import format_time
-from humiofs.store import Store
+from humiofs.store import PACK_NAME, Store, list_packs
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,6 @@ DEFAULT_GRACE_S = 3600.0
 LOCK_NAME = "prune.lock"
 RECORD_DIR = "prune"
 RECORD_NAME = re.compile(r"^(\d{13})-([0-9a-f]{16})$")
-PACK_NAME = re.compile(r"^[0-9a-f]{32}$")
 _TREE_CACHE = 4096
 
 
@@ -197,26 +196,6 @@ def referenced_packs(store: Store, roots: list[Ref],
     return packs
 
 
-def list_packs(store: Store) -> dict[bytes, os.stat_result]:
-    """Every file under packs/ that is named like a pack, with its stat."""
-    out: dict[bytes, os.stat_result] = {}
-    root = store.path / "packs"
-    for prefix in sorted(os.listdir(root)):
-        if not re.fullmatch(r"[0-9a-f]{2}", prefix):
-            continue
-        try:
-            with os.scandir(root / prefix) as it:
-                for de in it:
-                    if PACK_NAME.match(de.name) and de.name.startswith(prefix):
-                        try:
-                            out[bytes.fromhex(de.name)] = de.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            pass
-        except NotADirectoryError:
-            continue
-    return out
-
-
 @dataclass
 class Record:
     """A prune record: packs found unneeded at `time_ms`, to be deleted after the grace."""
@@ -263,23 +242,26 @@ class PruneResult:
 
 def prune(store: Store, delete_after_ms: int, grace_s: float = DEFAULT_GRACE_S,
           dry_run: bool = False, now_ms: int | None = None,
-          should_stop: Callable[[], bool] = lambda: False) -> PruneResult:
+          should_stop: Callable[[], bool] = lambda: False,
+          own_writer_lock: bool = False) -> PruneResult:
     """Drops the generations retention no longer keeps, then the packs nothing needs.
 
     Packs go in two phases: a run records the unneeded ones, and a run at least `grace_s`
-    later deletes those still unneeded (at once if `grace_s` is 0). Raises StoreLocked if
-    another prune or check holds the prune lock.
+    later deletes those still unneeded (at once if `grace_s` is 0). `own_writer_lock`: the
+    caller holds the writer lock and runs no backup meanwhile (backup --watch between
+    passes). Raises StoreLocked if another prune or check holds the prune lock.
     """
     with prune_lock(store):
         return _Prune(store, delete_after_ms, grace_s, dry_run,
                       now_ms if now_ms is not None else int(time.time() * 1000),
-                      should_stop).run()
+                      should_stop, own_writer_lock).run()
 
 
 class _Prune:
     def __init__(self, store: Store, delete_after_ms: int, grace_s: float, dry_run: bool,
-                 now_ms: int, should_stop: Callable[[], bool]) -> None:
+                 now_ms: int, should_stop: Callable[[], bool], own_writer_lock: bool) -> None:
         self.store = store
+        self.own_writer_lock = own_writer_lock
         self.delete_after_ms = delete_after_ms
         self.grace_ms = int(grace_s * 1000)
         self.dry_run = dry_run
@@ -317,8 +299,12 @@ class _Prune:
         if self.should_stop():
             r.stopped = True
             return r
-        # The generations are the roots: what they need is computed from a fresh listing, and
-        # only packs older than the newest generation file listed may be recorded (section 10).
+        # The packs are listed first, then whether a writer runs, then the generations, which
+        # are the roots: a pack that no generation listed after a moment without a writer
+        # needs is nobody's (section 10.2). While a writer runs, only packs older than the
+        # newest generation file may be taken: newer ones may be the running writer's.
+        packs = list_packs(self.store)
+        no_writer = self.own_writer_lock or not self.store.writer_running()
         dropped = set(r.dropped)
         remaining = [n for n in (names if self.dry_run else self.store.list_generations())
                      if n not in dropped]
@@ -346,7 +332,7 @@ class _Prune:
         if needed is None:
             r.stopped = True
             return r
-        self._packs(needed, cutoff)
+        self._packs(packs, needed, None if no_writer else cutoff)
         return r
 
     def _drop_generations(self, names: list[str]) -> None:
@@ -363,9 +349,12 @@ class _Prune:
             log.info("removed generation %s", name)
         fsync_dir(gdir)
 
-    def _packs(self, needed: set[bytes], cutoff_ns: int) -> None:
+    def _packs(self, packs: dict[bytes, os.stat_result], needed: set[bytes],
+               cutoff_ns: int | None) -> None:
+        """Deletes recorded packs whose grace is over, and records (or with grace 0 deletes)
+        the other unneeded ones: all of them if no writer runs (`cutoff_ns` None), else those
+        older than `cutoff_ns`."""
         r = self.result
-        packs = list_packs(self.store)
         records = self._records()
         pending: set[bytes] = set()
         for rec in records:
@@ -385,7 +374,7 @@ class _Prune:
         unneeded = {pid: st for pid, st in packs.items() if pid not in needed}
         r.pending_packs = len(pending & unneeded.keys())
         condemn = {pid: st for pid, st in unneeded.items()
-                   if pid not in pending and st.st_mtime_ns < cutoff_ns}
+                   if pid not in pending and (cutoff_ns is None or st.st_mtime_ns < cutoff_ns)}
         r.young_packs = len(unneeded) - r.pending_packs - len(condemn)
         if not condemn:
             return

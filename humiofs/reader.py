@@ -10,6 +10,11 @@ Where a missing run of chunks is decrypted:
 A sequential reader gets the next PREFETCH_CHUNKS decrypted ahead of it by the worker, so its
 reads are answered from memory while the worker runs on the other core.
 
+The worker is never waited for without a deadline: if it answers no job for JOB_DEADLINE_S
+(stopped, or stuck; longer while it waits for the disk), it is killed and its jobs, and all
+later ones, are decrypted in threads. Killing it first matters: a worker that woke up later
+would write into cache slots that may hold other chunks by then.
+
 Reads run on the trio thread; open() and release() may run on any thread.
 """
 from __future__ import annotations
@@ -36,6 +41,12 @@ PREFETCH_JOB = 16             # chunks per read-ahead job (1 MiB)
 # A miss of up to this many chunks whose ciphertext is in the page cache is decrypted on the
 # loop: 256 KiB take ~60 us, less than a round trip to the worker.
 NOWAIT_CHUNKS = 4
+# A worker that answers no job for this long while some wait is given up (a decryption job
+# takes milliseconds); one waiting for the disk (state D) gets up to DISK_WAIT_S, since
+# threads would wait for the same disk.
+JOB_DEADLINE_S = 3.0
+DISK_WAIT_S = 60.0
+_REAP_S = 2.0
 
 
 class WouldBlock(Exception):
@@ -88,6 +99,10 @@ class Reader:
         self._jobs: dict[int, tuple[Load, _File, int, int]] = {}
         self._next_job = 1
         self._collecting = False
+        # When the worker last answered, or was given a job while it had none (trio clock),
+        # and the wait for its next answer, whose deadline a new job may set.
+        self._progress_at = 0.0
+        self._waiting: trio.CancelScope | None = None
 
     def start_worker(self, stores: list[Store], close_fds: tuple[int, ...] = ()) -> None:
         """Forks the decryption worker (see decryptd.Worker.start for when to call it)."""
@@ -97,6 +112,12 @@ class Reader:
         if self.worker is not None:
             self.worker.stop()
         self.cache.close()
+
+    def kill_worker(self) -> None:
+        """Ends the worker at once (on the trio thread; at shutdown): its jobs move to threads,
+        so no read waits for a worker that may never answer."""
+        if self.worker is not None:
+            self.worker.kill()
 
     def open(self, inode: int, path: str, store: Store, entry: Entry,
              inline: bytes | None) -> int:
@@ -248,6 +269,11 @@ class Reader:
         if ((not inline or ref.plain_len > NOWAIT_CHUNKS * CHUNK)
                 and w is not None and w.serves(f.store)
                 and w.submit(job, f.store, ref, first, last, load.start * CHUNK)):
+            if not self._jobs:
+                # The worker had nothing to do: its deadline runs from now.
+                self._progress_at = trio.current_time()
+                if self._waiting is not None:
+                    self._waiting.deadline = self._progress_at + JOB_DEADLINE_S
             self._jobs[job] = (load, f, first, last)
             if not self._collecting:
                 self._collecting = True
@@ -257,24 +283,58 @@ class Reader:
         return load
 
     async def _collect(self, worker: Worker) -> None:
-        """Finishes the worker's jobs as its results come in; if it dies, its unanswered jobs
-        move to threads."""
+        """Finishes the worker's jobs as its results come in. If it dies, or answers nothing
+        for too long (JOB_DEADLINE_S), it is killed and its unanswered jobs move to threads."""
+        limit = JOB_DEADLINE_S
         try:
             while worker.alive:
-                await trio.lowlevel.wait_readable(worker.sock)
+                with trio.CancelScope() as waiting:
+                    if self._jobs:
+                        waiting.deadline = self._progress_at + limit
+                    self._waiting = waiting
+                    await trio.lowlevel.wait_readable(worker.sock)
+                self._waiting = None
+                if waiting.cancelled_caught:
+                    if not self._jobs:
+                        continue
+                    waited = trio.current_time() - self._progress_at
+                    if worker.state() == "D" and waited < DISK_WAIT_S:
+                        limit = DISK_WAIT_S     # reading the disk: threads would wait too
+                        continue
+                    if waited < limit:
+                        continue
+                    log.warning("the decryption worker (pid %d) has answered no job for %.1f s "
+                                "(state %s); stopping it, and decrypting in threads from now "
+                                "on", worker.pid, waited, worker.state() or "gone")
+                    await self._abandon(worker)
+                    break
+                limit = JOB_DEADLINE_S
+                self._progress_at = trio.current_time()
                 for job, error in worker.results() or ():
                     entry = self._jobs.pop(job, None)
                     if entry is None:  # never sent by us: the worker cannot be trusted
                         log.error("the decryption worker answered an unknown job %d", job)
-                        worker.alive = False
+                        await self._abandon(worker)
                         break
                     self.cache.finish(entry[0], error)
-            log.warning("the decryption worker has exited; decrypting in threads from now on")
+            else:
+                if not worker.killed:
+                    log.warning("the decryption worker has exited; decrypting in threads from "
+                                "now on")
             jobs, self._jobs = self._jobs, {}
             for load, f, first, last in jobs.values():
                 trio.lowlevel.spawn_system_task(self._in_thread, load, f, first, last)
         finally:
+            self._waiting = None
             self._collecting = False
+
+    async def _abandon(self, worker: Worker) -> None:
+        """Kills the worker and waits (briefly) until it is gone, so that it can no longer
+        write into slots its jobs owned once threads redo those jobs."""
+        worker.kill()
+        deadline = trio.current_time() + _REAP_S
+        while not worker.reaped() and trio.current_time() < deadline:
+            await trio.sleep(0.01)
 
     async def _in_thread(self, load: Load, f: _File, first: int, last: int) -> None:
         ref = f.ref

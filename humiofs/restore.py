@@ -11,6 +11,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ class RestoreOptions:
     missing_only: bool = False
     overwrite: bool = False
     progress: bool | None = None
+    # Damaged store data skips that file (or folder) with an error naming it, instead of
+    # ending the restore; the caller reports the damaged paths and exits 5 at the end.
+    keep_going: bool = False
 
 
 @dataclass
@@ -43,6 +47,7 @@ class RestoreStats:
     xattrs_refused: int = 0  # extended attribute names the target refused (each warned once)
     bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)   # with keep_going: paths not restored
 
 
 class Restore:
@@ -74,7 +79,8 @@ class Restore:
                 raise TargetError(f"restore target {target} is not empty; use --missing-only "
                                   "to add what is missing or --overwrite to replace files")
             with scan.deep_walk():
-                self._tree(root_fd, b"", gen.root.tree)
+                self._tree(root_fd, b"", gen.root.tree, fresh=not (self.opt.missing_only or
+                                                                   self.opt.overwrite))
             if not self.opt.missing_only:
                 self._set_attrs(root_fd, b".", gen.root.mode, gen.root.uid, gen.root.gid,
                                 gen.root.mtime_ns, gen.root.xattrs)
@@ -88,12 +94,18 @@ class Restore:
             self._report_xattr_failures()
         return self.stats
 
-    def _tree(self, dfd: int, rel: bytes, ref: Ref) -> None:
+    def _tree(self, dfd: int, rel: bytes, ref: Ref, fresh: bool) -> None:
+        """Restores the tree at `ref` into the folder `dfd`; `fresh` if this restore has just
+        made that folder (else what a killed restore left in it is removed first)."""
         try:
             entries = self.store.read_tree(ref)
         except StoreError as exc:
             where = f"folder {show(rel)}" if rel else "the top folder"
-            raise IntegrityError(f"cannot restore {where}: {exc}") from None
+            self._damaged(f"{show(rel)}/ (the whole folder)" if rel else "./ (everything)",
+                          f"cannot restore {where}: {exc}")
+            return
+        if not fresh:
+            self._remove_leftovers(dfd, rel, {e.name for e in entries})
         for e in entries:
             check_name(e.name)
             path = rel + b"/" + e.name if rel else e.name
@@ -120,6 +132,30 @@ class Restore:
         except FileNotFoundError:
             return None
 
+    def _damaged(self, shown: str, message: str) -> None:
+        """Store data behind `shown` is damaged: the end of the restore, or with keep_going
+        an error naming it, and on to the next file."""
+        if not self.opt.keep_going:
+            raise IntegrityError(f"{message} (restore --keep-going restores everything else)")
+        self.stats.damaged.append(shown)
+        log.error("%s; not restored", message)
+
+    def _remove_leftovers(self, dfd: int, rel: bytes, names: set[bytes]) -> None:
+        """Removes the temporary files a killed restore left in this folder (names no
+        generation entry has, in the form _temp_name makes); never a folder."""
+        with os.scandir(dfd) as it:
+            stale = [os.fsencode(de.name) for de in it
+                     if _TEMP_NAME.match(de.name) and not de.is_dir(follow_symlinks=False)]
+        for name in stale:
+            if name in names:
+                continue
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except FileNotFoundError:
+                continue
+            log.info("removed %s, left by an interrupted restore",
+                     show(rel + b"/" + name if rel else name))
+
     def _skip(self, path: bytes, why: str) -> None:
         self.stats.skipped += 1
         msg = f"{show(path)}: {why}"
@@ -144,7 +180,7 @@ class Restore:
                       dir_fd=dfd)
         try:
             assert e.subtree is not None
-            self._tree(sub, path, e.subtree)
+            self._tree(sub, path, e.subtree, fresh=created)
             # --missing-only leaves folders that were already there as they are.
             if created or not self.opt.missing_only:
                 self._set_attrs(sub, path, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
@@ -218,8 +254,12 @@ class Restore:
         try:
             try:
                 self._write_data(fd, e)
-            except (IntegrityError, StoreError) as exc:
-                raise IntegrityError(f"cannot restore {show(path)}: {exc}") from None
+            except StoreError as exc:
+                os.close(fd)
+                fd = -1
+                os.unlink(tmp, dir_fd=dfd)
+                self._damaged(show(path), f"cannot restore {show(path)}: {exc}")
+                return
             os.ftruncate(fd, e.size)
             self._set_attrs(fd, path, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
             os.close(fd)
@@ -337,6 +377,9 @@ class Restore:
             self.stats.warnings.append(msg)
             log.warning("%s", msg)
         self._xattr_failures.clear()
+
+
+_TEMP_NAME = re.compile(r"^\.humiofs-restore-[0-9a-f]{12}$")
 
 
 def _temp_name() -> bytes:

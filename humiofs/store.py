@@ -4,11 +4,13 @@ the write-once file primitives are durable.py's.
 """
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -18,9 +20,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from humiofs import crypto, format, keys
+from humiofs import crypto, format, journal, keys
 from humiofs.crypto import CHUNK, STORED_CHUNK, ObjectCipher
-from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError, StoreLocked, WrongKey)
+from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError, StoreLocked,
+                            StoreMetadataDamaged, WrongKey)
 from humiofs.durable import fsync_dir, store_io_error, unlink_quietly, write_new
 from humiofs.format import Ref
 from humiofs.packwriter import PackWriter
@@ -32,6 +35,7 @@ STORE_VERSION = 1
 MAX_TREE_BYTES = 1 << 30
 MAX_GENERATION_BYTES = 16 << 20
 _BATCH_CHUNKS = 4  # chunks per read of a whole blob (restore, check)
+LOCK_WAIT_S = 1.0  # how long a writer waits for the writer lock before it gives up
 _scratch = threading.local()
 
 
@@ -40,15 +44,52 @@ def is_store(path: Path) -> bool:
     return (path / "config").is_file()
 
 
+def looks_like_store(path: Path) -> bool:
+    """True if `path` is a store, or what is left of one that lost its config."""
+    return is_store(path) or (path / "generations").is_dir() or (path / "keys").is_dir()
+
+
+_DEAD_CREATION_S = 10.0     # younger, a creation folder may not be locked by its creator yet
+
+
+def remove_dead_creations(path: Path) -> None:
+    """Removes the `.NAME.creating-*` folders that creations of the store `path` left when
+    they were killed: those no process holds locked (Store.create holds its own until the
+    rename), and that have not changed for a while."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.creating-[0-9a-f]{{8}}$")
+    try:
+        names = [n for n in os.listdir(path.parent) if pattern.match(n)]
+    except OSError:
+        return
+    for name in names:
+        folder = path.parent / name
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < _DEAD_CREATION_S:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue            # its creator is still at work
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by a store creation that was interrupted", folder)
+        finally:
+            os.close(fd)
+
+
 def list_stores(backup_dir: Path) -> list[str]:
-    """Names of the stores in `backup_dir`, sorted."""
+    """Names of the stores in `backup_dir` (those that lost their config included: opening
+    one says so), sorted."""
     try:
         names = os.listdir(backup_dir)
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise StoreError(f"cannot list {backup_dir}: {exc.strerror}") from None
-    return sorted(n for n in names if not n.startswith(".") and is_store(backup_dir / n))
+    return sorted(n for n in names if not n.startswith(".") and looks_like_store(backup_dir / n))
 
 
 def generation_names(store_path: Path) -> list[str]:
@@ -59,6 +100,30 @@ def generation_names(store_path: Path) -> list[str]:
     except OSError as exc:
         raise StoreError(f"cannot list generations of {store_path}: {exc.strerror}") from None
     return sorted(n for n in names if format.GENERATION_NAME.match(n))
+
+
+PACK_NAME = re.compile(r"^[0-9a-f]{32}$")
+
+
+def list_packs(store: Store) -> dict[bytes, os.stat_result]:
+    """Every file under packs/ that is named like a pack and in its right folder, with its
+    stat."""
+    out: dict[bytes, os.stat_result] = {}
+    root = store.path / "packs"
+    for prefix in sorted(os.listdir(root)):
+        if not re.fullmatch(r"[0-9a-f]{2}", prefix):
+            continue
+        try:
+            with os.scandir(root / prefix) as it:
+                for de in it:
+                    if PACK_NAME.match(de.name) and de.name.startswith(prefix):
+                        try:
+                            out[bytes.fromhex(de.name)] = de.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            pass
+        except NotADirectoryError:
+            continue
+    return out
 
 
 class _PackFile:
@@ -110,8 +175,13 @@ class Store:
         staging = parent / f".{path.name}.creating-{os.urandom(4).hex()}"
         store_id = os.urandom(16)
         master = keys.new_master_key()
+        held = -1
         try:
             os.mkdir(staging, 0o700)
+            # Locked until it is renamed: a folder of this name that can be locked was left by
+            # a creation that died (remove_dead_creations).
+            held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(held, fcntl.LOCK_EX)
             for sub in ("keys", "packs", "generations", "tmp"):
                 os.mkdir(staging / sub, 0o700)
             for i in range(256):
@@ -129,42 +199,47 @@ class Store:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and is_store(path):
                 return cls.open(path, key)
             raise store_io_error(exc, f"the new store {path}") from None
+        finally:
+            if held >= 0:
+                os.close(held)
         fsync_dir(parent)
         log.info("created store %s", path)
         return cls(path, store_id, master, passphrase)
 
     @classmethod
     def open_or_create(cls, path: Path, key: str | keys.Passphrase) -> Store:
-        """Opens the store at `path`, creating it first if there is none (a first backup)."""
-        return cls.open(path, key) if is_store(path) else cls.create(path, key)
+        """Opens the store at `path`, creating it first if there is none (a first backup). A
+        store that lost its config is reported as such, never created anew over it. What a
+        killed creation of this store left in BACKUP_DIR is removed first."""
+        remove_dead_creations(path)
+        return cls.open(path, key) if looks_like_store(path) else cls.create(path, key)
 
     @classmethod
     def open(cls, path: Path, key: str | keys.Passphrase) -> Store:
         """Opens the store at `path` with the canonical passphrase, or else with a form of it
-        an earlier version read from the same source (with a warning; FORMAT.md 4.4); raises
-        WrongKey if none opens it."""
+        an earlier version read from the same source (with a warning; FORMAT.md 4.4).
+
+        Raises WrongKey if the key opens no key file of the store, and StoreMetadataDamaged
+        if it is not the key but the store's config or key files that are missing, damaged
+        or from another store (FORMAT.md 4.2): the advice for the two differs."""
         key = keys.Passphrase.of(key)
-        try:
-            raw = (path / "config").read_bytes()
-        except FileNotFoundError:
-            raise NoSuchStore(f"no humiofs store at {path}") from None
-        except OSError as exc:
-            raise StoreError(f"cannot read {path / 'config'}: {exc.strerror}") from None
-        try:
-            config = json.loads(raw)
-            if config["format"] != STORE_FORMAT:
-                raise StoreError(f"{path} is not a humiofs store")
-            if config["version"] != STORE_VERSION:
-                raise StoreError(f"{path}: unsupported store version {config['version']}")
-            store_id = bytes.fromhex(config["store_id"])
-        except (ValueError, KeyError, TypeError):
-            raise IntegrityError(f"{path / 'config'} is malformed") from None
+        store_id = _read_config(path)
         key_dir = path / "keys"
         try:
             key_names = sorted(os.listdir(key_dir))
+        except FileNotFoundError:
+            key_names = []
         except OSError as exc:
             raise StoreError(f"cannot list {key_dir}: {exc.strerror}") from None
-        problems: dict[str, str] = {}
+        if not key_names:
+            raise StoreMetadataDamaged(
+                f"the store {path} has no key file ({key_dir} is "
+                f"{'empty' if key_dir.is_dir() else 'missing'}), so no key can open it; this "
+                "is not a wrong key. The key files hold the store's master key, wrapped: copy "
+                f"{key_dir} back from a copy of the store (an rsync or snapshot of BACKUP_DIR). "
+                "Without one nobody can read this backup; keep it anyway, and start a fresh "
+                "backup under a new BACKUP_NAME")
+        problems: dict[str, IntegrityError | OSError] = {}
         forms = [(key.text, "")] + [(text, how) for text, how in key.legacy if text != key.text]
         for passphrase, how in forms:
             for name in key_names:
@@ -173,7 +248,7 @@ class Store:
                 try:
                     master = keys.unwrap((key_dir / name).read_bytes(), store_id, passphrase)
                 except (IntegrityError, OSError) as exc:
-                    problems[name] = str(exc)
+                    problems[name] = exc
                     continue
                 if master is not None:
                     if how:
@@ -185,14 +260,19 @@ class Store:
                             "key change` with --new-key-file holding it makes the store open "
                             "with it as read now", path, how)
                     return cls(path, store_id, master, passphrase)
-        for name, problem in problems.items():
-            log.warning("store %s: key file %s: %s", path, name, problem)
-        raise WrongKey(
-            f"the key does not open the store {path}. {key.check_advice()}. If the key is "
-            "lost, nobody can read this backup: start a fresh backup under a new BACKUP_NAME "
-            f"or BACKUP_DIR (or delete {path} first)")
+        if any(name not in problems for name in key_names):
+            # A key file of this very store that the key does not open: the key is wrong (a
+            # bit flipped inside the wrapped key would look the same; nothing can tell).
+            for name, problem in problems.items():
+                log.warning("store %s: key file %s: %s", path, name, problem)
+            raise WrongKey(
+                f"the key does not open the store {path}. {key.check_advice()}. If the key "
+                "is lost, nobody can read this backup: start a fresh backup under a new "
+                "BACKUP_NAME or BACKUP_DIR, and keep this store: with the right key it opens "
+                "again")
+        raise _metadata_damage(path, store_id, key_dir, problems, [t for t, _ in forms])
 
-    # -- writing ----------------------------------------------------------------------------
+    # -- writing ---    # -- writing ----------------------------------------------------------------------------
 
     def _tmp_path(self) -> Path:
         return self.path / "tmp" / f"{os.urandom(8).hex()}.tmp"
@@ -210,7 +290,10 @@ class Store:
             raise store_io_error(exc, str(final)) from None
 
     def clean_tmp(self) -> None:
-        """Removes what dead writers left in tmp/ (call only while holding the lock)."""
+        """Removes what writers that failed or died left behind: the packs of each run that
+        did not commit its generation (its journal in tmp/ lists them, FORMAT.md 8), then
+        everything in tmp/. Call only while holding the writer lock."""
+        journal.reclaim(self)
         for name in os.listdir(self.path / "tmp"):
             unlink_quietly(self.path / "tmp" / name)
 
@@ -224,26 +307,74 @@ class Store:
     def cipher(self, kind: int, oid: bytes) -> ObjectCipher:
         return ObjectCipher(self._master, kind, oid)
 
+    def writer_running(self) -> bool:
+        """True if a writer holds the writer lock now (or that cannot be told). Takes the lock
+        for an instant, so a writer starting at that moment waits for it (see `lock`)."""
+        try:
+            fd = os.open(self.path / "lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Holds the exclusive writer lock; raises StoreLocked if another process has it."""
+        """Holds the exclusive writer lock; raises StoreLocked if another process has it
+        (after up to LOCK_WAIT_S: a prune takes it for an instant to see that no writer
+        runs). The lock file says who holds it: process id and start time, and the host name
+        encrypted, which only a reader with the key (another writer) can read (FORMAT.md 8)."""
         lock_path = self.path / "lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                deadline = time.monotonic() + LOCK_WAIT_S
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.02)
             except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                holder = self._lock_holder(os.pread(fd, 4096, 0))
                 raise StoreLocked(f"another humiofs writer is using {self.path}"
                                   + (f" ({holder})" if holder else "")) from None
             except OSError as exc:
                 raise StoreError(f"cannot lock {lock_path}: {exc.strerror}") from None
-            info = f"host {socket.gethostname()} pid {os.getpid()} since {time.ctime()}"
+            oid = crypto.new_object_id()
+            sealed = self.cipher(crypto.KIND_LOCK_HOST, oid).seal(socket.gethostname().encode())
+            info = {"version": 1, "pid": os.getpid(), "since_ms": int(time.time() * 1000),
+                    "host": base64.b64encode(oid + sealed).decode()}
             os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode(), 0)
+            os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
             yield
         finally:
             os.close(fd)
+
+    def _lock_holder(self, raw: bytes) -> str:
+        """Who holds the writer lock, for the message of a writer that finds it held."""
+        try:
+            info = json.loads(raw)
+            pid, since = int(info["pid"]), int(info["since_ms"])
+            blob = base64.b64decode(info["host"], validate=True)
+            oid, sealed = blob[:crypto.OBJECT_ID_LEN], blob[crypto.OBJECT_ID_LEN:]
+            plain_len = _plain_len_of(len(sealed))
+            if plain_len is None or plain_len > 1024:
+                raise ValueError("bad host")
+            host = self.cipher(crypto.KIND_LOCK_HOST, oid).open(sealed, plain_len).decode(
+                "utf-8", "replace")
+        except (ValueError, KeyError, TypeError, IntegrityError):
+            # Written by an earlier version (plaintext), or not by humiofs at all.
+            return raw.decode("utf-8", "replace").strip()[:200]
+        where = "this host" if host == socket.gethostname() else f"host {host}"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since / 1000))
+        return f"pid {pid} on {where}, since {started}"
 
     def change_key(self, new_key: str | keys.Passphrase,
                    kdf: keys.KdfParams | None = None) -> None:
@@ -468,3 +599,89 @@ def _stored_span(ref: Ref, first: int, last: int) -> tuple[int, int]:
     start = ref.offset + first * STORED_CHUNK
     end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
     return start, end
+
+
+def _read_config(path: Path) -> bytes:
+    """The store id from `path`/config; NoSuchStore if `path` holds no store at all,
+    StoreMetadataDamaged if it holds one whose config is missing or damaged."""
+    config_path = path / "config"
+    try:
+        raw = config_path.read_bytes()
+    except FileNotFoundError:
+        if not looks_like_store(path):
+            raise NoSuchStore(f"no humiofs store at {path}") from None
+        raise StoreMetadataDamaged(
+            f"{config_path} is missing, but {path} holds a humiofs store (generations/ and "
+            f"keys/ are there); the data may be intact. {_config_fix(path)}") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {config_path}: {exc.strerror}") from None
+    try:
+        config = json.loads(raw)
+        if config["format"] != STORE_FORMAT:
+            raise StoreError(f"{path} is not a humiofs store")
+        if config["version"] != STORE_VERSION:
+            raise StoreError(f"{path}: unsupported store version {config['version']}")
+        store_id = bytes.fromhex(config["store_id"])
+        if len(store_id) != 16:
+            raise ValueError("store id of the wrong length")
+    except (ValueError, KeyError, TypeError):
+        raise StoreMetadataDamaged(f"{config_path} is damaged (not the JSON of FORMAT.md "
+                                   f"4.1); the data may be intact. {_config_fix(path)}") from None
+    return store_id
+
+
+def _config_fix(path: Path) -> str:
+    """How to put back a store's config: it holds nothing but the format, its version and the
+    store id, which every key file repeats."""
+    ids = set()
+    try:
+        for name in os.listdir(path / "keys"):
+            try:
+                ids.add(json.loads((path / "keys" / name).read_bytes())["store_id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    except OSError:
+        pass
+    advice = "Copy config back from a copy of the store"
+    if len(ids) == 1:
+        doc = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION,
+                          "store_id": ids.pop(), "created_ms": 0})
+        advice += f", or write this line into it (the store id is the key files'): {doc}"
+    return advice
+
+
+def _metadata_damage(path: Path, store_id: bytes, key_dir: Path,
+                     problems: dict[str, IntegrityError | OSError],
+                     passphrases: list[str]) -> StoreMetadataDamaged:
+    """Why no key file of the store could be tried with the key: each is damaged, or made
+    for another store id than config names (then config or keys/ is the damaged one)."""
+    foreign = {name: exc.store_id for name, exc in problems.items()
+               if isinstance(exc, keys.ForeignKeyFile)}
+    config_id = store_id.hex()
+    if foreign:
+        # The store id inside a key file is authenticated by the wrap: if the key opens a key
+        # file under its own id, that id is the store's, and config is what changed.
+        for name, own_id in foreign.items():
+            for passphrase in passphrases:
+                try:
+                    opened = keys.unwrap((key_dir / name).read_bytes(), own_id, passphrase)
+                except (IntegrityError, OSError):
+                    break
+                if opened is not None:
+                    return StoreMetadataDamaged(
+                        f"{path / 'config'} is damaged: it names the store id {config_id}, "
+                        f"but the key file keys/{name} is for store id {own_id.hex()}, and the "
+                        "key opens it, so the key is right. Set \"store_id\" in config back "
+                        f"to {own_id.hex()} (or copy config back from a copy of the store); "
+                        "the data is not affected")
+        ids = ", ".join(sorted({i.hex() for i in foreign.values()}))
+        return StoreMetadataDamaged(
+            f"no key file in {key_dir} belongs to the store {path}: config names the store id "
+            f"{config_id}, the key files {ids} (and the key opens none of them either). config "
+            "or keys/ is damaged, or was copied from another store: copy them back from a copy "
+            "of this store. Keep the store; its data may be intact")
+    first = next(iter(problems.items()))
+    return StoreMetadataDamaged(
+        f"every key file of the store {path} is damaged (keys/{first[0]}: {first[1]}), so no "
+        f"key can open it; this is not a wrong key. Copy {key_dir} back from a copy of the "
+        "store. Keep the store; its data may be intact")

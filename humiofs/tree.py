@@ -41,8 +41,9 @@ from humiofs.format import (DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs,
                             generation_time)
 from humiofs.chunkcache import CACHE_BYTES
 from humiofs.keys import Passphrase
+from humiofs.localstate import LocalState
 from humiofs.reader import Damaged, Reader, WouldBlock
-from humiofs.store import Store, is_store, list_stores
+from humiofs.store import Store, list_stores, looks_like_store
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +86,47 @@ def _blocks(nbytes: int) -> int:
 class _Source:
     """One opened store and the generations the mount shows of it."""
 
-    def __init__(self, store: Store, at: generations.At | None) -> None:
+    def __init__(self, store: Store, at: generations.At | None,
+                 state: LocalState | None = None) -> None:
         self.store = store
         self.name = store.name.encode()
         self.at = at
+        self.state = state          # rollback detection, when NAME/ shows the latest
         self.names: list[str] = []
         self.gens: dict[str, Generation] = {}
         self.bad: set[str] = set()
         self.current: Generation | None = None
         self.checked = -1e9
+        self.told: tuple[str, str] | None = None    # (shown, newest damaged) last logged
+        self.rollback_told: str | None = None
 
     def stale(self) -> bool:
         return time.monotonic() - self.checked > REFRESH_S
 
     def refresh(self) -> None:
-        """Lists the generations again and picks the one NAME/ shows (blocking I/O)."""
+        """Lists the generations again and picks the one NAME/ shows (blocking I/O): the
+        latest that reads back, as restore and ls take it (generations.pick)."""
         names = self.store.list_generations()
         current = None
+        skipped = []
         for name in reversed(names):
             if self.at is not None and not self.at.admits(name):
                 continue
             current = self.generation(name)
             if current is not None:
                 break
+            skipped.append(name)
+        if skipped and current is not None and (current.name, skipped[0]) != self.told:
+            self.told = (current.name, skipped[0])
+            log.warning("backup %s: %s/ shows %s, the latest intact generation; the newer "
+                        "%s damaged (run humiofs check)", self.store.name, self.store.name,
+                        generations.describe(current),
+                        ", ".join(skipped) + (" is" if len(skipped) == 1 else " are"))
+        if self.state is not None and self.at is None:
+            rollback = self.state.observe(self.store, current.name if current else None, names)
+            if rollback and rollback != self.rollback_told:
+                log.warning("backup %s: %s", self.store.name, rollback)
+            self.rollback_told = rollback
         self.names, self.current, self.checked = names, current, time.monotonic()
 
     def generation(self, name: str) -> Generation | None:
@@ -187,13 +206,14 @@ def open_sources(backup_dir: Path, key: str | Passphrase,
     Argon2id (lanes > 1) deadlocks, and each unwrap already uses several cores.
     """
     if name is not None:
-        if not is_store(backup_dir / name):
+        if not looks_like_store(backup_dir / name):
             raise NoSuchStore(f"no humiofs store at {backup_dir / name}")
         return [Store.open(backup_dir / name, key)]
     names = list_stores(backup_dir)
     if not names:
         raise NoSuchStore(f"no humiofs backups in {backup_dir}")
     stores = []
+    damaged: list[StoreError] = []
     for n in names:
         try:
             stores.append(Store.open(backup_dir / n, key))
@@ -201,6 +221,9 @@ def open_sources(backup_dir: Path, key: str | Passphrase,
             log.warning("the key does not open the backup %s; it is left out of the mount", n)
         except StoreError as exc:
             log.warning("backup %s is left out of the mount: %s", n, exc)
+            damaged.append(exc)
+    if not stores and len(damaged) == len(names):
+        raise damaged[0]      # not a matter of the key: say what is wrong with the store
     if not stores:
         raise WrongKey(f"the key does not open any store in {backup_dir} ({', '.join(names)}). "
                        f"{Passphrase.of(key).check_advice()}. If the key is lost, nobody can "
@@ -212,13 +235,14 @@ class Tree:
     """The read-only model of the mount: every method is safe to call from any thread."""
 
     def __init__(self, stores: list[Store], at: generations.At | None = None,
-                 cache_bytes: int = CACHE_BYTES, listing_budget: int = LISTING_BUDGET) -> None:
+                 cache_bytes: int = CACHE_BYTES, listing_budget: int = LISTING_BUDGET,
+                 state: LocalState | None = None) -> None:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.reader = Reader(cache_bytes)
         self.cache = self.reader.cache
         self.listing_budget = listing_budget
         self._lock = threading.RLock()
-        self._sources = sorted((_Source(s, at) for s in stores), key=attrgetter("name"))
+        self._sources = sorted((_Source(s, at, state) for s in stores), key=attrgetter("name"))
         self._top: dict[int, _Top] = {ROOT_INODE: _Top(ROOT_INODE, ROOT_INODE, None),
                                       2: _Top(2, ROOT_INODE, None)}
         self._gens_of: dict[bytes, int] = {}
@@ -239,9 +263,11 @@ class Tree:
 
     @classmethod
     def from_backup_dir(cls, backup_dir: Path, key: str | Passphrase, name: str | None = None,
-             at: generations.At | None = None) -> Tree:
-        """Opens the stores and reads which generation each shows (see open_sources)."""
-        tree = cls(open_sources(backup_dir, key, name), at)
+                        at: generations.At | None = None,
+                        state: LocalState | None = None) -> Tree:
+        """Opens the stores and reads which generation each shows (see open_sources); with
+        `state`, warns when a store was rolled back (localstate)."""
+        tree = cls(open_sources(backup_dir, key, name), at, state=state)
         for src in tree._sources:
             src.refresh()
         if at is not None and at.name is not None and \

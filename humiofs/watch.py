@@ -22,8 +22,9 @@ from humiofs.errors import ConfigError, StoreError, StoreLocked
 from humiofs.format import Generation, Ref
 from humiofs.generations import format_time, latest_readable
 from humiofs.inotify import Dirty, Tracker
+from humiofs.localstate import LocalState
 from humiofs.scan import DEFAULT_EXCLUDES, Excluder
-from humiofs.store import Store
+from humiofs.store import Store, list_packs
 from humiofs.writer import Backup, BackupOptions, TreeCounts
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class Watch:
         self.stop = threading.Event()
         self.tracker: Tracker | None = None
         self.counts: dict[Ref, TreeCounts] = {}
+        self.used: set[bytes] = set()       # packs referred to since the last full walk
+        self.state = LocalState.of(cfg.state_dir)
         self.last_full = float("-inf")
         self.passes = 0
         self.committed = 0
@@ -89,6 +92,10 @@ class Watch:
             with self.store.lock():
                 self.store.clean_tmp()
                 parent = latest_readable(self.store)
+                if self.state is not None:
+                    rollback = self.state.observe(self.store, parent.name if parent else None)
+                    if rollback:
+                        log.warning("%s", rollback)
                 self.tracker = self._start_tracker()
                 print(f"backup {self.store.name}: watching {self.source}, a pass every "
                       f"{self.interval:g}s", flush=True)
@@ -141,6 +148,14 @@ class Watch:
         start = time.monotonic()
         try:
             gen = run.build(parent)
+            if not full and changed(gen, parent) and self._store_lost_packs(run):
+                # Folders this pass reused without walking them may refer to those packs: a
+                # full walk reads what they held again rather than carry the refs on.
+                run.discard()
+                log.info("the store lost packs this backup's generations used; walking the "
+                         "whole data directory")
+                self.last_full = float("-inf")
+                return self._pass(parent)
         except (OSError, StoreError) as exc:
             # The store's own failures are HumiofsErrors with other codes and end the run; a
             # source that is briefly unreadable (DIRECTORY unmounted, EIO) is retried.
@@ -153,8 +168,10 @@ class Watch:
             return parent
         if full:
             self.counts = run.tree_counts_seen
+            self.used = run.packs_used
         else:
             self.counts.update(run.tree_counts_seen)
+            self.used |= run.packs_used
         if self.tracker is not None:
             if run.stats.skipped_paths:
                 self.tracker.mark(run.stats.skipped_paths)
@@ -162,16 +179,26 @@ class Watch:
             # folder only: the folders of every such file are listed on every pass.
             self.tracker.mark(run.linked_files)
         if not changed(gen, parent):
+            run.discard()
             log.debug("pass %d: nothing changed (%.1f ms)", self.passes + 1,
                       (time.monotonic() - start) * 1000)
             return parent
-        self.store.commit_generation(gen)
+        run.commit(gen)
+        if self.state is not None:
+            self.state.observe(self.store, gen.name)
         self.committed += 1
         s = run.stats
         log.info("generation %s: %d new, %d changed files, %d skipped, %d bytes stored "
                  "(%s pass, %.2fs)", format_time(gen.time_ms), s.new, s.changed, s.skipped,
                  s.bytes_stored, "full" if full else "incremental", time.monotonic() - start)
         return gen
+
+    def _store_lost_packs(self, run: Backup) -> bool:
+        """True if a pack that a generation of this watch referred to, through a folder a
+        pass walked since the last full walk, is gone from the store (lost, or removed by a
+        prune because nothing needs it any more: a full walk costs little then)."""
+        present = list_packs(self.store)
+        return any(pid not in present for pid in self.used | run.packs_used)
 
     def _prune_due(self) -> bool:
         if self.stop.is_set() or self.passes % PRUNE_EVERY != 1:
@@ -184,7 +211,8 @@ class Watch:
     def _prune(self) -> None:
         self._pruned_at = (self.committed, time.monotonic())
         try:
-            r = prune.prune(self.store, self.cfg.delete_after_ms, should_stop=self.stop.is_set)
+            r = prune.prune(self.store, self.cfg.delete_after_ms, should_stop=self.stop.is_set,
+                            own_writer_lock=True)
         except StoreLocked:
             log.info("prune skipped: another prune or check is running")
             return

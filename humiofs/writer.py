@@ -19,11 +19,12 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from humiofs import crypto, format, identity, scan, xattrs
-from humiofs.errors import HumiofsError, SourceChanged, StoreError, os_reason, show
+from humiofs import crypto, format, identity, journal, scan, xattrs
+from humiofs.errors import (HumiofsError, NoSuchObject, SourceChanged, StoreError, os_reason,
+                            show)
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs, Xattrs
 from humiofs.progress import Progress
-from humiofs.store import PackWriter, Store, new_generation_name
+from humiofs.store import PackWriter, Store, list_packs, new_generation_name
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,10 @@ MAX_PENDING_PACKS = 4
 RACY_NS = 100_000_000
 
 
-# A path relative to the source, as raw bytes (`bytes` is shadowed inside BackupStats).
+# A path relative to the source, as raw bytes, and a pack id (`bytes` is shadowed inside
+# BackupStats).
 RelPath = bytes
+PackId = bytes
 
 
 @dataclass
@@ -61,6 +64,9 @@ class BackupStats:
     bytes_stored: int = 0
     trees_stored: int = 0
     live: int = 0           # files being written: read twice, stored as they were when opened
+    healed: int = 0         # unchanged files and folders read again: their stored copy was lost
+    vanished: int = 0       # entries deleted or renamed on the node while the run read them
+    lost_packs: set[PackId] = field(default_factory=set)   # the missing packs they were in
     warnings: list[str] = field(default_factory=list)
     skipped_paths: list[RelPath] = field(default_factory=list)
 
@@ -105,26 +111,36 @@ class Backup:
         self._store_ino: tuple[int, int] | None = None
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-finish")
         self._pending: list[Future[None]] = []
+        # Every pack made durable is listed here first, so that if the run fails or dies
+        # before its generation is committed, its packs are removed (discard, or the next
+        # writer's store.clean_tmp) and never stay behind taking space.
+        self._journal = journal.RunJournal(store)
         # Counts of every tree this run stored or reused, for the next run's `tree_counts`.
         self.tree_counts_seen: dict[Ref, TreeCounts] = {}
         # (st_dev, st_ino) -> the entry stored for the first name of a hard-linked file.
         self._links: dict[tuple[int, int], Entry] = {}
         # Paths of the files with more than one name that this run saw (for watch.py).
         self.linked_files: list[bytes] = []
+        # The packs in the store (id -> size), listed when a ref is first reused: a ref into a
+        # pack that is gone (or too short for it) is never carried into the new generation.
+        self._present: dict[bytes, int] | None = None
+        # Every pack the generation refers to through a folder this run walked (backup --watch
+        # keeps the union of these, for the folders it reuses without walking them).
+        self.packs_used: set[bytes] = set()
 
     # -- the run -----------------------------------------------------------------------------
 
     def run(self, parent: Generation | None) -> Generation:
         """Stores the current state of the source and commits it as a new generation."""
         gen = self.build(parent)
-        self.store.commit_generation(gen)
+        self.commit(gen)
         return gen
 
     def build(self, parent: Generation | None) -> Generation:
         """Stores what changed since `parent` and returns the new generation, not committed.
 
-        Every pack it refers to is durable; the caller commits it with
-        `store.commit_generation` (or drops it, if it equals the parent).
+        Every pack it refers to is durable; the caller commits it with `commit` (or drops it
+        with `discard`, if it equals the parent). If it raises, what the run stored is gone.
         """
         src = self.opt.source
         try:
@@ -135,8 +151,27 @@ class Backup:
             raise StoreError(f"cannot read DIRECTORY {src}: {exc.strerror}", 2) from None
         try:
             return self._build(parent, root_fd)
+        except BaseException:
+            self.discard()
+            raise
         finally:
             os.close(root_fd)
+
+    def commit(self, gen: Generation) -> None:
+        """Writes `gen`, built by this run, as the store's newest generation."""
+        try:
+            self._journal.committing(gen.name)
+            self.store.commit_generation(gen)
+        except BaseException:
+            self.discard()      # keeps the packs if the generation reached the store after all
+            raise
+        self._journal.close(committed=True)
+
+    def discard(self) -> None:
+        """Removes every pack this run stored (none is referenced unless its generation was
+        committed) and its temporary files; for a run that failed or changed nothing."""
+        self._journal.close(committed=False)
+        self.store.clean_tmp()
 
     def _build(self, parent: Generation | None, root_fd: int) -> Generation:
         src = self.opt.source
@@ -200,7 +235,7 @@ class Backup:
 
     def _finish_later(self, pack: PackWriter) -> None:
         """Queues `pack` to be made durable; raises the error of any finished one that failed."""
-        self._pending.append(self._finisher.submit(pack.finish))
+        self._pending.append(self._finisher.submit(self._make_durable, pack))
         while len(self._pending) > MAX_PENDING_PACKS or (self._pending and self._pending[0].done()):
             self._pending.pop(0).result()
 
@@ -222,7 +257,18 @@ class Backup:
         while self._pending:
             self._pending.pop(0).result()
 
+    def _make_durable(self, pack: PackWriter) -> None:
+        try:
+            self._journal.add(pack.pack_id)     # listed before it can appear under packs/
+        except BaseException:
+            pack.abort()
+            raise
+        pack.finish()
+
     def _abort_packs(self) -> None:
+        # An interrupt (SIGINT/SIGTERM arrive as KeyboardInterrupt anywhere) can land between
+        # a pack's temporary file being created and its writer being recorded here; discard()
+        # then empties tmp/ (the run holds the writer lock, so all of it is this run's).
         for attr in ("_small", "_trees"):
             pack = getattr(self, attr)
             if pack is not None:
@@ -231,10 +277,6 @@ class Backup:
         for fut in self._pending:
             fut.exception()
         self._pending.clear()
-        # An interrupt (SIGINT/SIGTERM arrive as KeyboardInterrupt anywhere) can land between
-        # a pack's temporary file being created and its writer being recorded above. The run
-        # holds the writer lock, so whatever is left in tmp/ is this run's: remove it.
-        self.store.clean_tmp()
 
     # -- directories --------------------------------------------------------------------------
 
@@ -245,8 +287,29 @@ class Backup:
             plain = self.store.read_blob(ref, crypto.KIND_TREE)
             return plain, {e.name: e for e in format.decode_tree(plain)}
         except StoreError as exc:
+            self.stats.healed += 1
+            if isinstance(exc, NoSuchObject):
+                self.stats.lost_packs.add(ref.pack)
             self._warn(f"previous backup of {_show(rel)}/ is unreadable ({exc}); reading it anew")
             return None, {}
+
+    def _stored(self, ref: Ref) -> bool:
+        """True if the pack of `ref` is in the store and long enough to hold the blob."""
+        if self._present is None:
+            self._present = {pid: st.st_size for pid, st in list_packs(self.store).items()}
+        size = self._present.get(ref.pack)
+        return size is not None and ref.offset + ref.stored_len <= size
+
+    def _lost(self, rel: bytes, old: Entry | None) -> Entry | None:
+        """`old`, unless its data is in a pack the store lost: then None, with a warning that
+        the file is read again from the source (which stores it anew, healing the store)."""
+        if old is None or old.type != FILE or old.data is None or self._stored(old.data):
+            return old
+        self.stats.healed += 1
+        self.stats.lost_packs.add(old.data.pack)
+        self._warn(f"{_show(rel)}: its stored copy is in pack {old.data.pack.hex()}, which is "
+                   "missing from the store (or cut short); reading it again from the node")
+        return None
 
     def _counts(self) -> TreeCounts:
         s = self.stats
@@ -309,12 +372,21 @@ class Backup:
                 if same and entry is not old and entry != old:
                     same = False
         subdirs = sum(1 for e in entries if e.type == DIR)
+        used = self.packs_used
+        for e in entries:
+            if e.data is not None:
+                used.add(e.data.pack)
+            elif e.subtree is not None:
+                used.add(e.subtree.pack)
         if same and len(entries) == len(prev) and prev_ref is not None:
+            used.add(prev_ref.pack)
             return prev_ref, subdirs
         plain = self._encode(entries, rel, prev)
         if plain == prev_plain and prev_ref is not None:
+            used.add(prev_ref.pack)
             return prev_ref, subdirs
         ref = self._tree_pack().add(crypto.KIND_TREE, plain)
+        used.add(ref.pack)
         self.stats.trees_stored += 1
         self.stats.bytes_stored += ref.stored_len
         self._rotate()
@@ -346,7 +418,7 @@ class Backup:
         try:
             st = de.stat(follow_symlinks=False)
         except FileNotFoundError:
-            return None
+            return self._vanished(rel)
         if len(name) > format.NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, f"its name is longer than {format.NAME_MAX} bytes")
         mode = st.st_mode
@@ -380,13 +452,13 @@ class Backup:
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
         except FileNotFoundError:
-            return None
+            return self._vanished(rel)
         try:
             st = os.fstat(fd)
             attrs = self._xattrs(old, st, fd, rel)
             sub, subdirs = self._dir(fd, rel, prev)
         except FileNotFoundError:
-            return None
+            return self._vanished(rel)
         finally:
             os.close(fd)
         self.stats.dirs += 1
@@ -397,7 +469,7 @@ class Backup:
         try:
             target = os.readlink(name, dir_fd=dfd)
         except FileNotFoundError:
-            return None
+            return self._vanished(rel)
         self.stats.symlinks += 1
         return _entry(name, st, SYMLINK, target=target,
                       xattrs=self._xattrs(old, st, xattrs.at(dfd, name), rel))
@@ -458,6 +530,9 @@ class Backup:
     def _file_entry(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result,
                     old: Entry | None) -> Entry | None:
         if old is not None and old.type == FILE and _unchanged(old, st):
+            # Never reuse a ref into a pack the store lost, nor fall back on it below.
+            old = self._lost(rel, old)
+        if old is not None and old.type == FILE and _unchanged(old, st):
             self.stats.unchanged += 1
             entry = old
             if (old.mode, old.uid, old.gid) != (st.st_mode & 0o7777, st.st_uid, st.st_gid):
@@ -475,7 +550,7 @@ class Backup:
                 last_error = str(exc)
                 continue
             except FileNotFoundError:
-                return None
+                return self._vanished(rel)
             if old is None or old.type != FILE:
                 self.stats.new += 1
             else:
@@ -615,6 +690,13 @@ class Backup:
         stats here unless `counted` is False (the caller counts it)."""
         self.stats.skipped += 1
         self.stats.skipped_paths.append(rel)
+        if old is not None and old.type == FILE and old.data is not None \
+                and not self._stored(old.data):
+            self.stats.lost_packs.add(old.data.pack)
+            self._warn(f"{_show(rel)}: {why}; its previous copy is in pack "
+                       f"{old.data.pack.hex()}, which is missing from the store: not in this "
+                       "generation")
+            return None
         if old is None:
             self._warn(f"{_show(rel)}: {why}; not in this generation")
             return None
@@ -623,6 +705,17 @@ class Backup:
         if kept is not None and kept.type == FILE and counted:
             self._count_file(kept)
         return kept
+
+    def _vanished(self, rel: bytes) -> Entry | None:
+        """An entry deleted or renamed on the node between the listing of its folder and its
+        read: not in this generation, with a warning (under its new name, if it was renamed,
+        it may be missing from this generation too: the next run stores it)."""
+        self.stats.vanished += 1
+        self.stats.skipped_paths.append(rel)
+        self._warn(f"{_show(rel)}: vanished while the backup read it (deleted or renamed on "
+                   "the node); not in this generation. The next run stores it if it is still "
+                   "there")
+        return None
 
     def _warn(self, message: str) -> None:
         self.stats.warnings.append(message)

@@ -32,6 +32,28 @@ def _no_unexpected_warnings(request: pytest.FixtureRequest,
         pytest.fail("unexpected log output: " + "; ".join(r.getMessage() for r in bad))
 
 
+# BACKUP_STATE_DIR for humiofs subprocesses (clean_env): never the host's own, and one per test,
+# so that copies of one store in different tests (they share a store id) share no record of
+# its newest generation. Module-scoped fixtures use the session's.
+_state_dir: Path | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    global _state_dir
+    _state_dir = tmp_path_factory.mktemp("state-session")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _test_state_dir(_session_state_dir: None, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[Path]:
+    global _state_dir
+    outer, _state_dir = _state_dir, tmp_path_factory.mktemp("state")
+    yield _state_dir
+    _state_dir = outer
+
+
 def make_sample(dest: Path, size: str = "8M", small_files: int = 300, seed: int = 1,
                 node_id: int = 1) -> Path:
     """Builds a sample node with scripts/make-sample-node."""
@@ -63,9 +85,13 @@ def write_env(path: Path, backup_dir: Path, name: str | None = "node1",
 
 
 def clean_env() -> dict[str, str]:
-    """The environment for a humiofs subprocess, without any BACKUP_* settings of the caller."""
+    """The environment for a humiofs subprocess, without any BACKUP_* settings of the caller,
+    and with BACKUP_STATE_DIR in the test's own folder."""
     from humiofs.config import SETTINGS
-    return {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    assert _state_dir is not None
+    env["BACKUP_STATE_DIR"] = str(_state_dir)
+    return env
 
 
 def run_cli(*args: str | Path, env: dict[str, str] | None = None,

@@ -2,6 +2,7 @@
 with the node files and generations it affects; exit codes."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -161,14 +162,34 @@ def test_swapped_packs(damaged: Store) -> None:
     assert all(k[0] in ("auth", "truncated") for k in report.problems)
 
 
-def test_stray_files(damaged: Store) -> None:
+def test_stray_files_are_warnings_not_damage(damaged: Store) -> None:
     (damaged.path / "notes.txt").write_text("x")
     (damaged.path / "packs" / "00" / "README").write_text("x")
     (damaged.path / "generations" / "latest").write_text("x")
     (damaged.path / "packs" / "zz").mkdir()
     report = check(damaged)
-    found = {k[1] for k in report.problems}
+    assert report.healthy, report.problems
+    found = {w.split()[0] for w in report.warnings}
     assert found == {"notes.txt", "packs/00/README", "generations/latest", "packs/zz"}
+
+
+def test_cli_stray_file_is_a_warning_exit_0(damaged: Store, tmp_path: Path) -> None:
+    """A file the store does not use (an editor's backup, a note) is no damage: check says
+    where it is and that nothing depends on it, and exits 0."""
+    (damaged.path / "generations" / "notes.txt").write_text("x")
+    env = write_env(tmp_path / "env", damaged.path.parent)
+    r = run_cli("check", "--config", env)
+    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+    assert "warning: generations/notes.txt is not part of a humiofs store" in r.stdout
+    assert "DAMAGED" not in r.stdout and "healthy, 1 warning(s)" in r.stdout
+
+
+def test_a_required_folder_of_the_wrong_type_is_damage(damaged: Store) -> None:
+    shutil.rmtree(damaged.path / "tmp")
+    (damaged.path / "tmp").write_text("x")
+    msg, _, _ = only_problem(check(damaged), "layout")
+    # The writer needs tmp/: the message must not say that nothing depends on it.
+    assert "tmp has the wrong type (a folder is expected)" == msg
 
 
 def test_pack_in_wrong_folder(damaged: Store) -> None:
@@ -177,7 +198,8 @@ def test_pack_in_wrong_folder(damaged: Store) -> None:
     wrong = "00" if not h.startswith("00") else "01"
     os.rename(damaged.pack_path(ref.pack), damaged.path / "packs" / wrong / h)
     report = check(damaged)
-    assert ("layout", f"packs/{wrong}/{h}") in report.problems
+    assert any(w.startswith(f"packs/{wrong}/{h} is a pack in the wrong folder")
+               for w in report.warnings)
     assert report.problems[("missing", h)].paths == {rel}
 
 
@@ -237,3 +259,99 @@ def test_help_is_self_contained() -> None:
     assert r.returncode == 0
     for word in ("--read-data-subset", "What to do after a bad check", "5 damaged"):
         assert word in r.stdout
+
+
+# -- damaged store metadata is not a wrong key --------------------------------------------------
+
+def check_cli(store: Store, tmp_path: Path, key: str = KEY) -> tuple[int, str]:
+    env = write_env(tmp_path / "env", store.path.parent, key=key)
+    r = run_cli("check", "--config", env)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_no_key_file_is_damage_not_a_wrong_key(damaged: Store, tmp_path: Path) -> None:
+    for f in (damaged.path / "keys").iterdir():
+        f.unlink()
+    rc, out = check_cli(damaged, tmp_path)
+    assert rc == EXIT_DAMAGED, out
+    assert "has no key file" in out and "this is not a wrong key" in out
+    assert "delete" not in out and "Check the key first" not in out
+
+
+def test_changed_store_id_in_config_says_how_to_repair_it(damaged: Store, tmp_path: Path) -> None:
+    config = damaged.path / "config"
+    doc = json.loads(config.read_text())
+    right = doc["store_id"]
+    doc["store_id"] = ("1" if right[0] != "1" else "2") + right[1:]   # one digit changed
+    config.write_text(json.dumps(doc))
+    rc, out = check_cli(damaged, tmp_path)
+    assert rc == EXIT_DAMAGED, out
+    assert f"{config} is damaged" in out and f"back to {right}" in out
+    assert "the key is right" in out and "delete" not in out
+    # Following the advice repairs it.
+    doc["store_id"] = right
+    config.write_text(json.dumps(doc))
+    rc, out = check_cli(damaged, tmp_path)
+    assert rc == EXIT_OK, out
+
+
+def test_damaged_only_key_file_is_damage(damaged: Store, tmp_path: Path) -> None:
+    (key_file,) = (damaged.path / "keys").iterdir()
+    key_file.write_text(key_file.read_text()[:40])
+    rc, out = check_cli(damaged, tmp_path)
+    assert rc == EXIT_DAMAGED, out
+    assert "every key file of the store" in out and "is damaged" in out and "delete" not in out
+
+
+def test_missing_config_is_damage_and_backup_does_not_start_over(damaged: Store,
+                                                                   tmp_path: Path) -> None:
+    config = damaged.path / "config"
+    text = config.read_text()
+    config.unlink()
+    rc, out = check_cli(damaged, tmp_path)
+    assert rc == EXIT_DAMAGED, out
+    assert f"{config} is missing" in out
+    assert json.loads(text)["store_id"] in out        # the line to write back is given
+    node = tmp_path / "node"
+    node.mkdir()
+    env = write_env(tmp_path / "backup.env", damaged.path.parent, directory=node)
+    r = run_cli("backup", "--config", env)
+    assert r.returncode == EXIT_DAMAGED, r.stdout + r.stderr
+    assert not config.exists() and len(damaged.list_generations()) == 2
+
+
+def test_wrong_key_never_advises_deleting_the_store(damaged: Store, tmp_path: Path) -> None:
+    rc, out = check_cli(damaged, tmp_path, key="not the key at all")
+    assert rc == EXIT_WRONG_KEY, out
+    assert "Check the key first" in out and "delete" not in out and "keep this store" in out
+
+
+def test_moving_a_damaged_pack_aside_lets_the_next_backup_heal(tmp_path: Path) -> None:
+    """What check --help says to do about a pack that fails authentication: move it out of
+    the store and run a backup, which then reads its files again."""
+    node = make_sample(tmp_path / "node", size="2M", small_files=20, seed=7)
+    (tmp_path / "backups").mkdir()
+    env = write_env(tmp_path / "node.env", tmp_path / "backups", directory=node)
+    assert run_cli("backup", "-c", env).returncode == 0
+    store = Store.open(tmp_path / "backups" / "node1", KEY)
+    rel, ref = big_file(store)
+    store.close()
+    flip(store.pack_path(ref.pack), ref.offset + ref.stored_len - 3)
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5 and "fails authentication" in r.stdout and rel in r.stdout
+    os.rename(store.pack_path(ref.pack), tmp_path / "quarantined-pack")
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 8 and rel in r.stderr, r.stdout + r.stderr
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5 and "is missing" in r.stdout
+    assert "including the latest" not in r.stdout, r.stdout
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "r" / rel).read_bytes() == (node / rel).read_bytes()
+
+
+def test_help_describes_every_finding() -> None:
+    r = run_cli("check", "--help")
+    for finding in ("is missing, or is truncated", "fails authentication", "cannot be read",
+                    "was rolled back", "key file keys/", "warning:", "note:", "--keep-going"):
+        assert finding in r.stdout, finding

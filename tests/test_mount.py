@@ -541,3 +541,139 @@ def test_df_shows_the_backup_size_and_nothing_free(mnt: Path, setup: tuple[Path,
     vfs = os.statvfs(mnt)
     assert vfs.f_frsize * vfs.f_blocks == size * 4096
     assert vfs.f_bfree == vfs.f_bavail == vfs.f_ffree == vfs.f_favail == 0
+
+
+# -- a stalled decryption worker ----------------------------------------------------------------
+
+def worker_pid(server: int) -> int:
+    """The pid of the mount's decryption worker: the server's only child."""
+    with open(f"/proc/{server}/task/{server}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    assert len(children) == 1, children
+    return children[0]
+
+
+@pytest.fixture(scope="module")
+def big_backup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """A backup of a node with one 8 MiB file: (env file, the file, its sha256)."""
+    root = tmp_path_factory.mktemp("stall")
+    data = os.urandom(8 << 20)
+    src = tiny_node(root / "src", {"segment.gz": data})
+    backup(create_store(root / "backup" / "node1"), src)
+    return (write_env(root / "m.env", root / "backup", name=None), src / "segment.gz",
+            hashlib.sha256(data).hexdigest())
+
+
+def hash_through(path: Path, server: subprocess.Popen[bytes],
+                 timeout: float = 30.0) -> str:
+    """sha256sum of a file on the mount, in a subprocess. If it does not finish in time, the
+    server is killed first: a reader waiting for a request the server has taken cannot die
+    before the connection ends."""
+    reader = subprocess.Popen(["sha256sum", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = reader.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        reader.kill()
+        reader.wait()
+        raise AssertionError(f"reading {path} through the mount hung") from None
+    assert reader.returncode == 0
+    return out.split()[0]
+
+
+@pytest.mark.allow_warnings
+def test_a_stopped_worker_does_not_hang_reads(big_backup: tuple[Path, Path, str],
+                                              tmp_path: Path) -> None:
+    env, _, want = big_backup
+    worker = 0
+    try:
+        with Mount(env, tmp_path / "m", "--log", str(tmp_path / "mount.log")) as m:
+            assert m.proc is not None
+            worker = worker_pid(m.proc.pid)
+            os.kill(worker, signal.SIGSTOP)
+            assert hash_through(m.path / "node1" / "segment.gz", m.proc) == want
+            wait_for(lambda: pid_gone(worker), "the stalled worker to be killed")
+            # Later reads, in threads, are right too.
+            assert hash_through(m.path / "node1" / "segment.gz", m.proc) == want
+        log_text = (tmp_path / "mount.log").read_text()
+        assert "has answered no job" in log_text and "decrypting in threads" in log_text
+    finally:
+        if worker and not pid_gone(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_sigterm_does_not_wait_for_a_stopped_worker(big_backup: tuple[Path, Path, str],
+                                                    tmp_path: Path) -> None:
+    """SIGTERM while a read waits for a stopped worker unmounts at once: it does not wait for
+    the worker, nor for the deadline after which reads give up on it (3 s)."""
+    env, _, want = big_backup
+    worker = 0
+    try:
+        with Mount(env, tmp_path / "m") as m:
+            assert m.proc is not None
+            worker = worker_pid(m.proc.pid)
+            os.kill(worker, signal.SIGSTOP)
+            reader = subprocess.Popen(["sha256sum", str(m.path / "node1" / "segment.gz")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                def waiting_in_fuse() -> bool:
+                    """The reader sleeps in the kernel (for the mount's answer)."""
+                    with open(f"/proc/{reader.pid}/wchan") as f:
+                        wchan = f.read()
+                    with open(f"/proc/{reader.pid}/stat") as f:
+                        state = f.read().rsplit(")", 1)[1].split()[0]
+                    return state in ("S", "D") and wchan not in ("", "0")
+                wait_for(waiting_in_fuse, "the read to wait for the mount")
+                stop = time.monotonic()
+                m.proc.send_signal(signal.SIGTERM)
+                try:
+                    m.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    m.proc.kill()       # else the reader could never end (see hash_through)
+                    raise AssertionError("the server did not exit on SIGTERM") from None
+                took = time.monotonic() - stop
+            finally:
+                reader.kill()
+                reader.wait()
+            assert m.proc.returncode == 0, m.stderr()
+            assert took < 2.0, took
+            assert not is_mounted(m.path)
+            wait_for(lambda: pid_gone(worker), "the worker to end with the server")
+    finally:
+        if worker and not pid_gone(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+# -- a damaged newest generation: one answer to "which is the latest" ---------------------------
+
+@pytest.mark.allow_warnings
+def test_ls_restore_and_mount_agree_on_the_latest_when_the_newest_is_damaged(
+        tmp_path: Path) -> None:
+    src = tiny_node(tmp_path / "src", {"a.txt": b"one\n"})
+    store = create_store(tmp_path / "backup" / "node1")
+    older = backup(store, src)
+    (src / "a.txt").write_bytes(b"two\n")
+    newest = backup(store, src)
+    store.close()
+    gen_file = tmp_path / "backup" / "node1" / "generations" / newest.name
+    data = bytearray(gen_file.read_bytes())
+    data[-5] ^= 0x40
+    gen_file.write_bytes(bytes(data))
+    env = write_env(tmp_path / "n.env", tmp_path / "backup")
+
+    r = run_cli("ls", "-c", env)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[1]: line for line in r.stdout.splitlines()[1:]}
+    assert "DAMAGED" in lines[newest.name] and lines[older.name].endswith("(latest)")
+
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "r")
+    assert r.returncode == 8, r.stdout + r.stderr
+    assert (tmp_path / "r" / "a.txt").read_bytes() == b"one\n"
+    assert older.name in r.stdout and newest.name in r.stderr
+
+    log = tmp_path / "mount.log"
+    with Mount(env, tmp_path / "m", "--log", str(log)) as m:
+        assert (m.path / "node1" / "a.txt").read_bytes() == b"one\n"
+    text = log.read_text()
+    assert f"shows {format_time(older.time_ms)} ({older.name}), the latest intact" in text
+    assert newest.name in text and "damaged" in text

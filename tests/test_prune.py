@@ -274,23 +274,41 @@ def test_dry_run_changes_nothing(node_and_store: tuple) -> None:
     assert sorted(str(p) for p in store.path.rglob("*") if p.name != "prune.lock") == files
 
 
-def test_packs_newer_than_the_newest_generation_are_left_alone(node_and_store: tuple) -> None:
+def test_packs_newer_than_the_newest_generation_are_left_alone_while_a_writer_runs(
+        node_and_store: tuple) -> None:
     node, store, gen1, gen2, seg = node_and_store
-    # A running (or killed) writer's pack: written after the newest generation.
+    # A running writer's pack: written after the newest generation.
     pack = store.new_pack()
     pack.add(crypto.KIND_DATA, b"in flight")
     pack.finish()
     future = os.stat(store.path / "generations" / gen2.name).st_mtime_ns + 10**9
     os.utime(store.pack_path(pack.pack_id), ns=(future, future))
-    r = prune(store, D, grace_s=0)
+    with store.lock():
+        r = prune(store, D, grace_s=0)
     assert r.young_packs == 1 and r.deleted_packs == 0
     assert store.pack_path(pack.pack_id).exists()
     # Once a newer generation exists, it is an ordinary leftover.
     (node / "new").write_text("x")
     gen3 = backup(store, node)
     os.utime(store.path / "generations" / gen3.name, ns=(future + 1, future + 1))
-    r = prune(store, D, grace_s=0)
+    with store.lock():
+        r = prune(store, D, grace_s=0)
     assert r.deleted_packs >= 1 and not store.pack_path(pack.pack_id).exists()
+
+
+def test_with_no_writer_running_a_dead_runs_packs_go_at_once(node_and_store: tuple) -> None:
+    """A pack newer than every generation is nobody's once no writer runs: prune records it
+    (or deletes it with grace 0) without waiting for a newer generation to exist."""
+    node, store, gen1, gen2, seg = node_and_store
+    pack = store.new_pack()
+    pack.add(crypto.KIND_DATA, b"left by a run that was killed")
+    pack.finish()
+    future = os.stat(store.path / "generations" / gen2.name).st_mtime_ns + 10**9
+    os.utime(store.pack_path(pack.pack_id), ns=(future, future))
+    r = prune(store, D, grace_s=0)
+    assert r.young_packs == 0 and r.deleted_packs == 1
+    assert not store.pack_path(pack.pack_id).exists()
+    assert healthy(store)
 
 
 def test_a_reader_of_a_dropped_generation_keeps_reading(node_and_store: tuple,

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import KEY, make_sample, run_cli, tree_digest, write_env
+from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, write_env
 from humiofs import crypto
 from humiofs.errors import IntegrityError, TargetError
 from humiofs.format import DIR, FILE, Entry, Generation, Ref, RootAttrs
@@ -402,6 +405,16 @@ def test_flipped_byte_in_sub_tree(copy: tuple[Path, Path], pristine: Pristine,
     no_wrong_data(tmp_path / "t", pristine.node)
 
 
+def restores_the_older_one(env: Path, target: Path, pristine: Pristine) -> str:
+    """A restore whose newest generation is damaged restores the one before (what the mount
+    and ls call the latest, too), names the damaged one, and exits 8; returns its stderr."""
+    r = run_cli("restore", "-c", env, "--to", target)
+    assert r.returncode == 8, (r.returncode, r.stdout, r.stderr)
+    assert pristine.gens[0] in r.stdout and pristine.gens[-1] in r.stderr, r.stdout + r.stderr
+    assert tree_digest(target) == source_digest(pristine.node)
+    return r.stderr
+
+
 @pytest.mark.parametrize("where", ["header", "oid", "middle", "last"])
 def test_flipped_byte_in_generation(copy: tuple[Path, Path], pristine: Pristine,
                                     tmp_path: Path, where: str) -> None:
@@ -411,8 +424,11 @@ def test_flipped_byte_in_generation(copy: tuple[Path, Path], pristine: Pristine,
     offset = {"header": 6, "oid": 10, "middle": p.stat().st_size // 2,
               "last": p.stat().st_size - 1}[where]
     flip(p, offset)
-    restore_fails(env, tmp_path / "t", name)
-    assert not (tmp_path / "t").exists() or list((tmp_path / "t").iterdir()) == []
+    restores_the_older_one(env, tmp_path / "t", pristine)
+    # Asked for by name, the damaged one is an error.
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "t2", "--at", name)
+    assert r.returncode == 5 and name in r.stderr
+    assert not (tmp_path / "t2").exists() or list((tmp_path / "t2").iterdir()) == []
 
 
 def test_swapped_generations(copy: tuple[Path, Path], pristine: Pristine,
@@ -434,4 +450,109 @@ def test_truncated_generation(copy: tuple[Path, Path], pristine: Pristine,
     store_path, env = copy
     p = store_path / "generations" / pristine.gens[-1]
     os.truncate(p, p.stat().st_size - 16)
-    restore_fails(env, tmp_path / "t", p.name)
+    restores_the_older_one(env, tmp_path / "t", pristine)
+
+
+# -- a bad day: restore --keep-going -----------------------------------------------------------
+
+def keep_going(env: Path, target: Path, *extra: str) -> str:
+    """Runs `restore --keep-going`, which must end with exit 5; returns its stderr."""
+    r = run_cli("restore", "-c", env, "--to", target, "--keep-going", *extra)
+    assert r.returncode == 5, (r.returncode, r.stdout, r.stderr)
+    assert "everything else was restored" in r.stderr, r.stderr
+    return r.stderr
+
+
+def test_keep_going_restores_every_good_file(copy: tuple[Path, Path], pristine: Pristine,
+                                             tmp_path: Path) -> None:
+    store_path, env = copy
+    big = pristine.big
+    flip(pack_path(store_path, big.pack), big.offset + 2 * MiB + 77)
+    target = tmp_path / "t"
+    err = keep_going(env, target)
+    assert "cannot restore big.bin" in err and "1 damaged file(s)" in err
+    want = source_digest(pristine.node)
+    del want["big.bin"]
+    assert tree_digest(target) == want
+    # Without --keep-going the first damaged file ends it, and the message says what to use.
+    assert "restore --keep-going" in restore_fails(env, tmp_path / "t2", "big.bin")
+
+
+def test_missing_only_keep_going_brings_back_what_comes_after(copy: tuple[Path, Path],
+                                                              pristine: Pristine,
+                                                              tmp_path: Path) -> None:
+    """--missing-only used to stop at the first damaged file, so every missing file after it
+    (in the order restore walks) stayed missing."""
+    store_path, env = copy
+    target = tmp_path / "t"
+    assert run_cli("restore", "-c", env, "--to", target).returncode == 0
+    later = sorted(p for p in target.rglob("*") if p.is_file() and str(p.relative_to(target))
+                   > "big.bin")[-5:]
+    for p in [target / "big.bin", *later]:
+        p.unlink()
+    big = pristine.big
+    flip(pack_path(store_path, big.pack), big.offset + 100)
+    r = run_cli("restore", "-c", env, "--to", target, "--missing-only")
+    assert r.returncode == 5 and not any(p.exists() for p in later)
+    keep_going(env, target, "--missing-only")
+    assert all(p.exists() for p in later) and not (target / "big.bin").exists()
+    want = file_entries(source_digest(pristine.node))
+    del want["big.bin"]
+    assert file_entries(tree_digest(target)) == want
+
+
+def test_keep_going_names_a_damaged_folder(copy: tuple[Path, Path], pristine: Pristine,
+                                           tmp_path: Path) -> None:
+    store_path, env = copy
+    store = Store.open(store_path, KEY)
+    gen = store.load_generation(pristine.gens[-1])
+    rel, e = next((r, e) for r, e in walk(store, gen.root.tree)
+                  if e.type == DIR and r.count("/") == 1)
+    store.close()
+    assert e.subtree is not None
+    flip(pack_path(store_path, e.subtree.pack), e.subtree.offset + e.subtree.stored_len - 1)
+    target = tmp_path / "t"
+    err = keep_going(env, target)
+    assert f"{rel}/ (the whole folder)" in err
+    want = {k: v for k, v in source_digest(pristine.node).items()
+            if k != rel and not k.startswith(rel + "/")}
+    got = tree_digest(target)
+    assert got.pop(rel)[0] == "d" and got == want
+
+
+def test_missing_only_removes_what_a_killed_restore_left(tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "a-small").write_bytes(b"small")
+    (node / "cluster_membership.uuid").write_text("0b5a6c1e-8d3f-4c2a-9e71-2f6d8a9b0c13")
+    (node / "huge.bin").write_bytes(os.urandom(96 * MiB))
+    store = create_store(tmp_path / "backups" / "node1")
+    backup(store, node, host_id="1")
+    store.close()
+    env = write_env(tmp_path / "node.env", tmp_path / "backups")
+    target = tmp_path / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "humiofs", "restore", "-c", str(env),
+                             "--to", str(target), "--no-progress"], env=clean_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+
+    def writing_huge() -> bool:
+        """The 96 MiB file is being written under its temporary name."""
+        try:
+            return any(p.name.startswith(".humiofs-restore-") and p.stat().st_size > MiB
+                       for p in target.iterdir())
+        except FileNotFoundError:
+            return False
+    try:
+        while not writing_huge():
+            assert proc.poll() is None, "restore ended before it could be killed"
+            assert time.monotonic() < deadline, "no temporary file appeared"
+            time.sleep(0.001)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(n.startswith(".humiofs-restore-") for n in os.listdir(target))
+    r = run_cli("restore", "-c", env, "--to", target, "--missing-only")
+    assert r.returncode == 0, r.stderr
+    assert tree_digest(target) == source_digest(node)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from storetools import FAST_KDF, wait_not_racy
+from storetools import FAST_KDF, files, wait_not_racy
 
 from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, write_env
 from humiofs.config import Config
@@ -371,3 +371,31 @@ def test_full_disk_stops_and_corrupts_nothing(watch: Callable[..., WatchProc], n
     (node / "segment_huge.gz").unlink()
     assert restored_digest(store, gen, tmp_path / "r") == node_digest(node)
     store.close()
+
+
+@pytest.mark.allow_warnings
+def test_a_lost_pack_is_not_carried_into_the_next_generation(
+        watch: Callable[..., WatchProc], node: Path, tmp_path: Path) -> None:
+    """A pass reuses the folders inotify saw no change in without reading their listings; if
+    the store lost a pack one of them refers to, the next generation must not refer to it."""
+    w = watch()
+    first = w.wait_in_store(node, tmp_path / "r")
+    ds = sorted(node.glob("dataspace_*/datasource_*"))
+    victim = ds[0] / "segment_lost.gz"
+    victim.write_bytes(os.urandom(2 << 20))           # in a pack of its own
+    with_victim = w.wait_in_store(node, tmp_path / "r")
+    assert with_victim.name != first.name
+    lost = files(w.store, with_victim)[str(victim.relative_to(node))].data
+    assert lost is not None
+    os.unlink(w.store.pack_path(lost.pack))
+    w.store.close()         # its open packs would still read the lost one
+    (ds[1] / "segment_other.gz").write_bytes(os.urandom(100_000))   # another folder changes
+    wait_for(lambda: w.generations()[-1] > with_victim.name, "the next generation", proc=w.proc)
+    latest = w.latest()
+    assert latest is not None
+    assert restored_digest(w.store, latest, tmp_path / "r") == node_digest(node)
+    assert w.stop() == EXIT_OK
+    assert "segment_lost.gz: its stored copy is in pack" in w.stderr()
+    r = run_cli("check", "--config", write_env(tmp_path / "env-check", tmp_path / "backup"))
+    assert r.returncode == 5 and "segment_lost.gz" in r.stdout, r.stdout
+    assert "including the latest" not in r.stdout, r.stdout
