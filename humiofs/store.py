@@ -1,10 +1,10 @@
 """The store directory (docs/FORMAT.md sections 2, 6 and 8): creating and opening it, reading
-blobs back, generations, key change and the writer lock. Writing packs is packwriter.py's;
-the write-once file primitives are durable.py's.
+blobs back, generations and key change. Writing packs is packwriter.py's, the write-once file
+primitives are durable.py's, the writer lock writerlock.py's, config and telling damaged key
+files from a wrong key storemeta.py's, and a failed run's packs journal.py's.
 """
 from __future__ import annotations
 
-import base64
 import errno
 import fcntl
 import json
@@ -12,41 +12,28 @@ import logging
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-from humiofs import crypto, format, journal, keys
+from humiofs import crypto, format, journal, keys, storemeta, writerlock
 from humiofs.crypto import CHUNK, STORED_CHUNK, ObjectCipher
-from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError, StoreLocked,
+from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError,
                             StoreMetadataDamaged, WrongKey)
 from humiofs.durable import fsync_dir, store_io_error, unlink_quietly, write_new
 from humiofs.format import Ref
 from humiofs.packwriter import PackWriter
+from humiofs.storemeta import STORE_FORMAT, STORE_VERSION, is_store, looks_like_store
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = "humiofs-store"
-STORE_VERSION = 1
 MAX_TREE_BYTES = 1 << 30
 MAX_GENERATION_BYTES = 16 << 20
 _BATCH_CHUNKS = 4  # chunks per read of a whole blob (restore, check)
-LOCK_WAIT_S = 1.0  # how long a writer waits for the writer lock before it gives up
 _scratch = threading.local()
-
-
-def is_store(path: Path) -> bool:
-    """True if `path` looks like a humiofs store (it has a config file)."""
-    return (path / "config").is_file()
-
-
-def looks_like_store(path: Path) -> bool:
-    """True if `path` is a store, or what is left of one that lost its config."""
-    return is_store(path) or (path / "generations").is_dir() or (path / "keys").is_dir()
 
 
 _DEAD_CREATION_S = 10.0     # younger, a creation folder may not be locked by its creator yet
@@ -223,7 +210,7 @@ class Store:
         if it is not the key but the store's config or key files that are missing, damaged
         or from another store (FORMAT.md 4.2): the advice for the two differs."""
         key = keys.Passphrase.of(key)
-        store_id = _read_config(path)
+        store_id = storemeta.read_config(path)
         key_dir = path / "keys"
         try:
             key_names = sorted(os.listdir(key_dir))
@@ -270,7 +257,7 @@ class Store:
                 "is lost, nobody can read this backup: start a fresh backup under a new "
                 "BACKUP_NAME or BACKUP_DIR, and keep this store: with the right key it opens "
                 "again")
-        raise _metadata_damage(path, store_id, key_dir, problems, [t for t, _ in forms])
+        raise storemeta.damage(path, store_id, key_dir, problems, [t for t, _ in forms])
 
     # -- writing ---    # -- writing ----------------------------------------------------------------------------
 
@@ -308,73 +295,12 @@ class Store:
         return ObjectCipher(self._master, kind, oid)
 
     def writer_running(self) -> bool:
-        """True if a writer holds the writer lock now (or that cannot be told). Takes the lock
-        for an instant, so a writer starting at that moment waits for it (see `lock`)."""
-        try:
-            fd = os.open(self.path / "lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except OSError:
-            return True
-        finally:
-            os.close(fd)
+        """True if a writer holds the writer lock now (see writerlock.running)."""
+        return writerlock.running(self)
 
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Holds the exclusive writer lock; raises StoreLocked if another process has it
-        (after up to LOCK_WAIT_S: a prune takes it for an instant to see that no writer
-        runs). The lock file says who holds it: process id and start time, and the host name
-        encrypted, which only a reader with the key (another writer) can read (FORMAT.md 8)."""
-        lock_path = self.path / "lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                deadline = time.monotonic() + LOCK_WAIT_S
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.02)
-            except BlockingIOError:
-                holder = self._lock_holder(os.pread(fd, 4096, 0))
-                raise StoreLocked(f"another humiofs writer is using {self.path}"
-                                  + (f" ({holder})" if holder else "")) from None
-            except OSError as exc:
-                raise StoreError(f"cannot lock {lock_path}: {exc.strerror}") from None
-            oid = crypto.new_object_id()
-            sealed = self.cipher(crypto.KIND_LOCK_HOST, oid).seal(socket.gethostname().encode())
-            info = {"version": 1, "pid": os.getpid(), "since_ms": int(time.time() * 1000),
-                    "host": base64.b64encode(oid + sealed).decode()}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
-            yield
-        finally:
-            os.close(fd)
-
-    def _lock_holder(self, raw: bytes) -> str:
-        """Who holds the writer lock, for the message of a writer that finds it held."""
-        try:
-            info = json.loads(raw)
-            pid, since = int(info["pid"]), int(info["since_ms"])
-            blob = base64.b64decode(info["host"], validate=True)
-            oid, sealed = blob[:crypto.OBJECT_ID_LEN], blob[crypto.OBJECT_ID_LEN:]
-            plain_len = _plain_len_of(len(sealed))
-            if plain_len is None or plain_len > 1024:
-                raise ValueError("bad host")
-            host = self.cipher(crypto.KIND_LOCK_HOST, oid).open(sealed, plain_len).decode(
-                "utf-8", "replace")
-        except (ValueError, KeyError, TypeError, IntegrityError):
-            # Written by an earlier version (plaintext), or not by humiofs at all.
-            return raw.decode("utf-8", "replace").strip()[:200]
-        where = "this host" if host == socket.gethostname() else f"host {host}"
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since / 1000))
-        return f"pid {pid} on {where}, since {started}"
+    def lock(self) -> AbstractContextManager[None]:
+        """Holds the exclusive writer lock for a writer's run (see writerlock.hold)."""
+        return writerlock.hold(self)
 
     def change_key(self, new_key: str | keys.Passphrase,
                    kdf: keys.KdfParams | None = None) -> None:
@@ -599,89 +525,3 @@ def _stored_span(ref: Ref, first: int, last: int) -> tuple[int, int]:
     start = ref.offset + first * STORED_CHUNK
     end = min(ref.offset + (last + 1) * STORED_CHUNK, ref.offset + ref.stored_len)
     return start, end
-
-
-def _read_config(path: Path) -> bytes:
-    """The store id from `path`/config; NoSuchStore if `path` holds no store at all,
-    StoreMetadataDamaged if it holds one whose config is missing or damaged."""
-    config_path = path / "config"
-    try:
-        raw = config_path.read_bytes()
-    except FileNotFoundError:
-        if not looks_like_store(path):
-            raise NoSuchStore(f"no humiofs store at {path}") from None
-        raise StoreMetadataDamaged(
-            f"{config_path} is missing, but {path} holds a humiofs store (generations/ and "
-            f"keys/ are there); the data may be intact. {_config_fix(path)}") from None
-    except OSError as exc:
-        raise StoreError(f"cannot read {config_path}: {exc.strerror}") from None
-    try:
-        config = json.loads(raw)
-        if config["format"] != STORE_FORMAT:
-            raise StoreError(f"{path} is not a humiofs store")
-        if config["version"] != STORE_VERSION:
-            raise StoreError(f"{path}: unsupported store version {config['version']}")
-        store_id = bytes.fromhex(config["store_id"])
-        if len(store_id) != 16:
-            raise ValueError("store id of the wrong length")
-    except (ValueError, KeyError, TypeError):
-        raise StoreMetadataDamaged(f"{config_path} is damaged (not the JSON of FORMAT.md "
-                                   f"4.1); the data may be intact. {_config_fix(path)}") from None
-    return store_id
-
-
-def _config_fix(path: Path) -> str:
-    """How to put back a store's config: it holds nothing but the format, its version and the
-    store id, which every key file repeats."""
-    ids = set()
-    try:
-        for name in os.listdir(path / "keys"):
-            try:
-                ids.add(json.loads((path / "keys" / name).read_bytes())["store_id"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-    except OSError:
-        pass
-    advice = "Copy config back from a copy of the store"
-    if len(ids) == 1:
-        doc = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION,
-                          "store_id": ids.pop(), "created_ms": 0})
-        advice += f", or write this line into it (the store id is the key files'): {doc}"
-    return advice
-
-
-def _metadata_damage(path: Path, store_id: bytes, key_dir: Path,
-                     problems: dict[str, IntegrityError | OSError],
-                     passphrases: list[str]) -> StoreMetadataDamaged:
-    """Why no key file of the store could be tried with the key: each is damaged, or made
-    for another store id than config names (then config or keys/ is the damaged one)."""
-    foreign = {name: exc.store_id for name, exc in problems.items()
-               if isinstance(exc, keys.ForeignKeyFile)}
-    config_id = store_id.hex()
-    if foreign:
-        # The store id inside a key file is authenticated by the wrap: if the key opens a key
-        # file under its own id, that id is the store's, and config is what changed.
-        for name, own_id in foreign.items():
-            for passphrase in passphrases:
-                try:
-                    opened = keys.unwrap((key_dir / name).read_bytes(), own_id, passphrase)
-                except (IntegrityError, OSError):
-                    break
-                if opened is not None:
-                    return StoreMetadataDamaged(
-                        f"{path / 'config'} is damaged: it names the store id {config_id}, "
-                        f"but the key file keys/{name} is for store id {own_id.hex()}, and the "
-                        "key opens it, so the key is right. Set \"store_id\" in config back "
-                        f"to {own_id.hex()} (or copy config back from a copy of the store); "
-                        "the data is not affected")
-        ids = ", ".join(sorted({i.hex() for i in foreign.values()}))
-        return StoreMetadataDamaged(
-            f"no key file in {key_dir} belongs to the store {path}: config names the store id "
-            f"{config_id}, the key files {ids} (and the key opens none of them either). config "
-            "or keys/ is damaged, or was copied from another store: copy them back from a copy "
-            "of this store. Keep the store; its data may be intact")
-    first = next(iter(problems.items()))
-    return StoreMetadataDamaged(
-        f"every key file of the store {path} is damaged (keys/{first[0]}: {first[1]}), so no "
-        f"key can open it; this is not a wrong key. Copy {key_dir} back from a copy of the "
-        "store. Keep the store; its data may be intact")

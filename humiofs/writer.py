@@ -152,7 +152,7 @@ class Backup:
         try:
             return self._build(parent, root_fd)
         except BaseException:
-            self.discard()
+            self._discard_after_failure()
             raise
         finally:
             os.close(root_fd)
@@ -163,7 +163,8 @@ class Backup:
             self._journal.committing(gen.name)
             self.store.commit_generation(gen)
         except BaseException:
-            self.discard()      # keeps the packs if the generation reached the store after all
+            # Keeps the packs if the generation reached the store after all.
+            self._discard_after_failure()
             raise
         self._journal.close(committed=True)
 
@@ -172,6 +173,13 @@ class Backup:
         committed) and its temporary files; for a run that failed or changed nothing."""
         self._journal.close(committed=False)
         self.store.clean_tmp()
+
+    def _discard_after_failure(self) -> None:
+        """discard(), for a run that is failing: the run's own error is the one to report."""
+        try:
+            self.discard()
+        except Exception as exc:
+            log.warning("could not remove what this run stored (%s); the next backup does", exc)
 
     def _build(self, parent: Generation | None, root_fd: int) -> Generation:
         src = self.opt.source

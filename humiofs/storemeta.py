@@ -1,0 +1,111 @@
+"""A store's plaintext metadata (docs/FORMAT.md 4.1, 4.2): reading `config`, and telling a
+wrong key apart from a `config` or key files that are missing, damaged or from another store,
+whose remedies differ.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from humiofs import keys
+from humiofs.errors import IntegrityError, NoSuchStore, StoreError, StoreMetadataDamaged
+
+STORE_FORMAT = "humiofs-store"
+STORE_VERSION = 1
+
+
+def is_store(path: Path) -> bool:
+    """True if `path` looks like a humiofs store (it has a config file)."""
+    return (path / "config").is_file()
+
+
+def looks_like_store(path: Path) -> bool:
+    """True if `path` is a store, or what is left of one that lost its config."""
+    return is_store(path) or (path / "generations").is_dir() or (path / "keys").is_dir()
+
+
+def read_config(path: Path) -> bytes:
+    """The store id from `path`/config; NoSuchStore if `path` holds no store at all,
+    StoreMetadataDamaged if it holds one whose config is missing or damaged."""
+    config_path = path / "config"
+    try:
+        raw = config_path.read_bytes()
+    except FileNotFoundError:
+        if not looks_like_store(path):
+            raise NoSuchStore(f"no humiofs store at {path}") from None
+        raise StoreMetadataDamaged(
+            f"{config_path} is missing, but {path} holds a humiofs store (generations/ and "
+            f"keys/ are there); the data may be intact. {config_fix(path)}") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {config_path}: {exc.strerror}") from None
+    try:
+        config = json.loads(raw)
+        if config["format"] != STORE_FORMAT:
+            raise StoreError(f"{path} is not a humiofs store")
+        if config["version"] != STORE_VERSION:
+            raise StoreError(f"{path}: unsupported store version {config['version']}")
+        store_id = bytes.fromhex(config["store_id"])
+        if len(store_id) != 16:
+            raise ValueError("store id of the wrong length")
+    except (ValueError, KeyError, TypeError):
+        raise StoreMetadataDamaged(f"{config_path} is damaged (not the JSON of FORMAT.md "
+                                   f"4.1); the data may be intact. {config_fix(path)}") from None
+    return store_id
+
+
+def config_fix(path: Path) -> str:
+    """How to put back a store's config: it holds nothing but the format, its version and the
+    store id, which every key file repeats."""
+    ids = set()
+    try:
+        for name in os.listdir(path / "keys"):
+            try:
+                ids.add(json.loads((path / "keys" / name).read_bytes())["store_id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    except OSError:
+        pass
+    advice = "Copy config back from a copy of the store"
+    if len(ids) == 1:
+        doc = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION,
+                          "store_id": ids.pop(), "created_ms": 0})
+        advice += f", or write this line into it (the store id is the key files'): {doc}"
+    return advice
+
+
+def damage(path: Path, store_id: bytes, key_dir: Path,
+                     problems: dict[str, IntegrityError | OSError],
+                     passphrases: list[str]) -> StoreMetadataDamaged:
+    """Why no key file of the store could be tried with the key: each is damaged, or made
+    for another store id than config names (then config or keys/ is the damaged one)."""
+    foreign = {name: exc.store_id for name, exc in problems.items()
+               if isinstance(exc, keys.ForeignKeyFile)}
+    config_id = store_id.hex()
+    if foreign:
+        # The store id inside a key file is authenticated by the wrap: if the key opens a key
+        # file under its own id, that id is the store's, and config is what changed.
+        for name, own_id in foreign.items():
+            for passphrase in passphrases:
+                try:
+                    opened = keys.unwrap((key_dir / name).read_bytes(), own_id, passphrase)
+                except (IntegrityError, OSError):
+                    break
+                if opened is not None:
+                    return StoreMetadataDamaged(
+                        f"{path / 'config'} is damaged: it names the store id {config_id}, "
+                        f"but the key file keys/{name} is for store id {own_id.hex()}, and the "
+                        "key opens it, so the key is right. Set \"store_id\" in config back "
+                        f"to {own_id.hex()} (or copy config back from a copy of the store); "
+                        "the data is not affected")
+        ids = ", ".join(sorted({i.hex() for i in foreign.values()}))
+        return StoreMetadataDamaged(
+            f"no key file in {key_dir} belongs to the store {path}: config names the store id "
+            f"{config_id}, the key files {ids} (and the key opens none of them either). config "
+            "or keys/ is damaged, or was copied from another store: copy them back from a copy "
+            "of this store. Keep the store; its data may be intact")
+    first = next(iter(problems.items()))
+    return StoreMetadataDamaged(
+        f"every key file of the store {path} is damaged (keys/{first[0]}: {first[1]}), so no "
+        f"key can open it; this is not a wrong key. Copy {key_dir} back from a copy of the "
+        "store. Keep the store; its data may be intact")

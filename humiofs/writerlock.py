@@ -1,0 +1,94 @@
+"""The writer lock (docs/FORMAT.md 8): an flock on NAME/lock held for a writer's whole run,
+taken for an instant by prune to learn that no writer runs, and the lock file's account of who
+holds it, with the host name sealed under the store's key.
+"""
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from humiofs import crypto
+from humiofs.errors import IntegrityError, StoreError, StoreLocked
+
+if TYPE_CHECKING:
+    from humiofs.store import Store
+
+WAIT_S = 1.0    # how long a writer waits for the writer lock before it gives up
+
+
+def running(store: Store) -> bool:
+    """True if a writer holds the writer lock now (or that cannot be told). Takes the lock for
+    an instant, so a writer starting at that moment waits for it (see `hold`)."""
+    try:
+        fd = os.open(store.path / "lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def hold(store: Store) -> Iterator[None]:
+    """Holds the exclusive writer lock; raises StoreLocked if another process has it (after
+    up to WAIT_S: a prune takes it for an instant). The lock file says who holds it: process
+    id and start time, and the host name sealed, which only a reader with the key (another
+    writer) can read."""
+    lock_path = store.path / "lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        except BlockingIOError:
+            holder = _holder(store, os.pread(fd, 4096, 0))
+            raise StoreLocked(f"another humiofs writer is using {store.path}"
+                              + (f" ({holder})" if holder else "")) from None
+        except OSError as exc:
+            raise StoreError(f"cannot lock {lock_path}: {exc.strerror}") from None
+        oid = crypto.new_object_id()
+        sealed = store.cipher(crypto.KIND_LOCK_HOST, oid).seal(socket.gethostname().encode())
+        info = {"version": 1, "pid": os.getpid(), "since_ms": int(time.time() * 1000),
+                "host": base64.b64encode(oid + sealed).decode()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _holder(store: Store, raw: bytes) -> str:
+    """Who holds the writer lock, for the message of a writer that finds it held."""
+    try:
+        info = json.loads(raw)
+        pid, since = int(info["pid"]), int(info["since_ms"])
+        blob = base64.b64decode(info["host"], validate=True)
+        oid, sealed = blob[:crypto.OBJECT_ID_LEN], blob[crypto.OBJECT_ID_LEN:]
+        if not 0 < len(sealed) <= 1024 + crypto.TAG:
+            raise ValueError("bad host")
+        host = store.cipher(crypto.KIND_LOCK_HOST, oid).open(
+            sealed, len(sealed) - crypto.TAG).decode("utf-8", "replace")
+    except (ValueError, KeyError, TypeError, IntegrityError):
+        # Written by an earlier version (plaintext), or not by humiofs at all.
+        return raw.decode("utf-8", "replace").strip()[:200]
+    where = "this host" if host == socket.gethostname() else f"host {host}"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since / 1000))
+    return f"pid {pid} on {where}, since {started}"
