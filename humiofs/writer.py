@@ -537,10 +537,9 @@ class Backup:
 
     def _file_entry(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result,
                     old: Entry | None) -> Entry | None:
-        if old is not None and old.type == FILE and _unchanged(old, st):
-            # Never reuse a ref into a pack the store lost, nor fall back on it below.
-            old = self._lost(rel, old)
-        if old is not None and old.type == FILE and _unchanged(old, st):
+        # Never reuse a ref into a pack the store lost, nor fall back on it below.
+        if old is not None and old.type == FILE and _unchanged(old, st) and \
+                (old := self._lost(rel, old)) is not None:
             self.stats.unchanged += 1
             entry = old
             if (old.mode, old.uid, old.gid) != (st.st_mode & 0o7777, st.st_uid, st.st_gid):
@@ -594,7 +593,8 @@ class Backup:
             ref: Ref | None = None
             if data_len == 0:
                 after = self._after_read(fd, st, racy, old)
-                if after is not None and scan.data_extents(fd, st.st_size) != extents:
+                if after is not None and not _reads_again_as(fd, st.st_size, extents,
+                                                             _blake2b(b"")):
                     raise SourceChanged("it was rewritten while it was read")
             elif data_len < SMALL_FILE:
                 data = b"".join(bytes(v) for v in scan.iter_extent_data(fd, extents))
