@@ -22,7 +22,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from humiofs import fs, tree
+from humiofs import fs, sdnotify, tree
 from humiofs.errors import ConfigError, HumiofsError, TargetError
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,9 @@ async def _main(ready_fd: int | None, model: tree.Tree) -> None:
         if ready_fd is not None:
             os.write(ready_fd, READY)
             os.close(ready_fd)
+        else:
+            # --foreground, as a Type=notify unit runs it: mounted now, so tell systemd.
+            sdnotify.ready("mounted")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

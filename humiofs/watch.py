@@ -16,7 +16,7 @@ import threading
 import time
 from types import FrameType
 
-from humiofs import errors, prune
+from humiofs import errors, prune, sdnotify
 from humiofs.config import Config
 from humiofs.errors import ConfigError, StoreError, StoreLocked
 from humiofs.format import Generation, Ref
@@ -103,6 +103,10 @@ class Watch:
                     deadline = time.monotonic() + self.interval
                     parent = self._pass(parent)
                     self.passes += 1
+                    if self.passes == 1:
+                        # A Type=notify unit is started once the first pass has committed.
+                        sdnotify.ready("first pass done" + (
+                            f", latest {format_time(parent.time_ms)}" if parent else ""))
                     if self._prune_due():
                         self._prune()
                     self._sleep(deadline)
