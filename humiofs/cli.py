@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import signal
 import sys
@@ -64,11 +65,20 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("humiofs")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="humiofs", description="Encrypted backups of a Humio/LogScale node's data "
         "directory, restorable with plain file copies from a read-only FUSE mount.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"humiofs {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     fmt = argparse.RawDescriptionHelpFormatter
@@ -321,14 +331,78 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.setLevel(level)
 
 
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in _commands(parser):
+        # mount(8) by way of mount.fuse3: `humiofs CONFIG MOUNTPOINT -o OPTIONS`.
+        from humiofs.mount_cli import helper_argv
+        try:
+            argv = helper_argv(argv)
+        except HumiofsError as exc:
+            print(f"humiofs: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     args = parser.parse_args(argv)
-    _setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
+    quiet = getattr(args, "quiet", False)
+    # -q: nothing at all on success. A run that ends otherwise shows what it held back (its
+    # warnings and summary), in order; a --watch never ends in success, so it only logs errors.
+    held = _Held() if quiet and not getattr(args, "watch", False) else None
+    _setup_logging(getattr(args, "verbose", 0), quiet and held is None)
+    code = errors.EXIT_INTERNAL
+    try:
+        code = _run(args)
+    finally:
+        if held is not None:
+            held.release(show=code != errors.EXIT_OK)
+    return code
+
+
+class _Held:
+    """Holds back everything written to stdout and stderr (and so the log) until release."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[bool, str]] = []
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout = _Part(self.parts, False)   # type: ignore[assignment]
+        sys.stderr = _Part(self.parts, True)    # type: ignore[assignment]
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
+
+    def release(self, show: bool) -> None:
+        sys.stdout, sys.stderr = self.saved
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
+        if show:
+            for is_err, text in self.parts:
+                (sys.stderr if is_err else sys.stdout).write(text)
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+
+class _Part(io.StringIO):
+    def __init__(self, parts: list[tuple[bool, str]], is_err: bool) -> None:
+        super().__init__()
+        self.parts, self.is_err = parts, is_err
+
+    def write(self, text: str) -> int:
+        self.parts.append((self.is_err, text))
+        return len(text)
+
+
+def _run(args: argparse.Namespace) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

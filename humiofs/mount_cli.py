@@ -106,3 +106,39 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
     mount.unmount(args.mountpoint, lazy=args.lazy)
     return 0
+
+
+# Mount options mount(8) and mount.fuse3 pass on that say nothing to humiofs: the mount is
+# read-only, nodev and nosuid whatever they say, and the rest are fstab's own business.
+_IGNORED_OPTIONS = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime",
+                    "noatime", "relatime", "strictatime", "nodiratime", "diratime", "async",
+                    "sync", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail",
+                    "_netdev", "default_permissions"}
+
+
+def helper_argv(argv: list[str]) -> list[str]:
+    """The `humiofs mount` command line for mount(8)'s helper form, which mount.fuse3 uses for
+    an fstab line `CONFIG MOUNTPOINT fuse.humiofs OPTIONS` (or `PATH/humiofs#CONFIG ... fuse`):
+    `humiofs CONFIG MOUNTPOINT [-o OPTIONS]`. Options humiofs takes: allow_other, name=NAME,
+    at=TIME, log=FILE; mount's generic ones (ro, noauto, nofail, x-*, ...) are ignored; rw and
+    anything else is a ConfigError. The mount goes to the background as mount(8) expects."""
+    from humiofs.errors import ConfigError
+
+    if len(argv) not in (2, 4) or (len(argv) == 4 and argv[2] != "-o"):
+        raise ConfigError("as a mount helper humiofs takes CONFIG MOUNTPOINT [-o OPTIONS] "
+                          "(see humiofs mount --help)")
+    out = ["mount", "--config", argv[0], "--quiet"]
+    for opt in (argv[3].split(",") if len(argv) == 4 else []):
+        name, _, value = opt.partition("=")
+        if not opt or opt in _IGNORED_OPTIONS or name.startswith("x-") or name == "comment":
+            continue
+        if opt == "rw":
+            raise ConfigError("a humiofs mount is read-only: use ro, not rw, in its fstab line")
+        if opt == "allow_other":
+            out.append("--allow-other")
+        elif name in ("name", "at", "log") and value:
+            out += [f"--{name}", value]
+        else:
+            raise ConfigError(f"unknown mount option {opt!r} (humiofs takes allow_other, "
+                              "name=NAME, at=TIME and log=FILE)")
+    return out + ["--", argv[1]]

@@ -115,3 +115,158 @@ def _env(tmp_path: Path) -> dict[str, str]:
     env = clean_env()
     env["BACKUP_KEY"] = KEY
     return env
+
+
+# -- scripts/install and the units ------------------------------------------------------------
+
+INSTALLED = [Path("/usr/local/bin/humiofs"), Path("/etc/humiofs/node.env"),
+             *(Path("/etc/systemd/system") / u for u in UNITS),
+             *(Path("/etc/systemd/system") / f"{u}.d" for u in UNITS)]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """scripts/install run for real (the README's command), with an env file of this test's
+    own; whatever was at those paths before is put back afterwards. Other worktrees run this
+    too: a lock keeps them apart."""
+    tmp = tmp_path_factory.mktemp("install")
+    saved = tmp / "saved"
+    lock = os.open("/run/lock/humiofs-install-test.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    had_etc = Path("/etc/humiofs").exists()
+    try:
+        for path in INSTALLED:
+            if path.exists() or path.is_symlink():
+                dest = saved / path.relative_to("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(path, dest)
+        node = tiny_node(tmp / "node", {"segments/a": b"hello"})
+        (tmp / "backup").mkdir()
+        key = tmp / "backup.key"
+        key.write_text(KEY + "\n")
+        Path("/etc/humiofs").mkdir(mode=0o700, exist_ok=True)
+        Path("/etc/humiofs/node.env").write_text(
+            f"DIRECTORY={node}\nBACKUP_DIR={tmp / 'backup'}\nBACKUP_NAME=node1\n"
+            f"BACKUP_KEY_FILE={key}\nBACKUP_STATE_DIR={tmp / 'state'}\n")
+        for _ in range(2):      # idempotent
+            subprocess.run([ROOT / "scripts" / "install"], check=True, cwd="/",
+                           stdout=subprocess.DEVNULL)
+        yield tmp
+    finally:
+        for path in INSTALLED:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            if (saved / path.relative_to("/")).exists():
+                shutil.move(saved / path.relative_to("/"), path)
+        if not had_etc:
+            shutil.rmtree("/etc/humiofs", ignore_errors=True)
+        os.close(lock)
+
+
+def test_install_puts_the_program_and_units_in_place(installed: Path) -> None:
+    assert os.path.realpath("/usr/local/bin/humiofs") == str(ROOT / ".venv" / "bin" / "humiofs")
+    out = subprocess.run(["humiofs", "--version"], capture_output=True, text=True,
+                         env={"PATH": "/usr/local/bin:/usr/bin:/bin"})
+    assert re.fullmatch(r"humiofs \d+\.\d+\.\d+\n", out.stdout)
+    for unit in UNITS:
+        assert (Path("/etc/systemd/system") / unit).read_text() == \
+            (ROOT / "contrib" / "systemd" / unit).read_text()
+    backup_dropin = Path("/etc/systemd/system/humiofs-backup.service.d/50-env-file.conf")
+    text = backup_dropin.read_text()
+    assert f"RequiresMountsFor={installed / 'backup'} {installed / 'node'}\n" in text
+    assert f"ReadWritePaths=-{installed / 'backup'} -{installed / 'state'}\n" in text
+    assert f"LoadCredential=backup.key:{installed / 'backup.key'}\n" in text
+    assert "Environment=BACKUP_KEY_FILE=%d/backup.key\n" in text
+
+
+def test_units_pass_systemd_analyze_verify(installed: Path) -> None:
+    proc = subprocess.run(["systemd-analyze", "verify", *UNITS], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_units_pass_verify_only_when_they_are_right(installed: Path, tmp_path: Path) -> None:
+    """The verify above can fail: a unit with a bad line does."""
+    bad = tmp_path / "humiofs-bad.service"
+    bad.write_text((ROOT / "contrib" / "systemd" / UNITS[0]).read_text()
+                   .replace("Type=notify", "Type=notyfy"))
+    proc = subprocess.run(["systemd-analyze", "verify", bad], capture_output=True, text=True)
+    assert "notyfy" in proc.stderr
+
+
+@pytest.mark.parametrize("unit,most", [("humiofs-backup.service", 2.5),
+                                        ("humiofs-mount.service", 5.0)])
+def test_units_are_sandboxed(installed: Path, unit: str, most: float) -> None:
+    """systemd-analyze security: 9.0 and 9.6 ("UNSAFE") before; the mount cannot have a mount
+    namespace of its own (its FUSE mount would be invisible), which caps its score."""
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager",
+                           f"/etc/systemd/system/{unit}"], capture_output=True, text=True)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    assert float(m.group(1)) <= most
+
+
+# -- fstab and mount(8) -------------------------------------------------------------------------
+
+def _mount_with_fstab(line: str, mnt: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
+    fstab = tmp / "fstab"
+    fstab.write_text(line + "\n")
+    return subprocess.run(["mount", "-T", str(fstab), str(mnt)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def _fstab_store(tmp: Path) -> Path:
+    """A store and an env file that names it and its key file; returns the env file."""
+    store = create_store(tmp / "backup" / "node1")
+    backup(store, tiny_node(tmp / "node", {"segments/a": b"hello"}))
+    (tmp / "key").write_text(KEY + "\n")
+    env = tmp / "node.env"
+    env.write_text(f"BACKUP_DIR={tmp / 'backup'}\nBACKUP_KEY_FILE={tmp / 'key'}\n"
+                   f"BACKUP_STATE_DIR={tmp / 'state'}\n")
+    return env
+
+
+def _mounted_then_unmounted(mnt: Path) -> None:
+    try:
+        assert (mnt / "node1" / "segments" / "a").read_bytes() == b"hello"
+        with open("/proc/self/mounts") as f:
+            assert any(line.split()[1:3] == [str(mnt), "fuse.humiofs"] and
+                       line.split()[3].startswith("ro,") for line in f)
+    finally:
+        proc = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not is_mounted(mnt)
+
+
+def test_fstab_line_with_type_fuse_humiofs(installed: Path, tmp_path: Path) -> None:
+    env = _fstab_store(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = _mount_with_fstab(f"{env} {mnt} fuse.humiofs ro,noauto 0 0", mnt, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _mounted_then_unmounted(mnt)
+    assert proc.stdout == proc.stderr == ""
+
+
+def test_fstab_line_in_program_hash_source_form(tmp_path: Path) -> None:
+    env = _fstab_store(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = _mount_with_fstab(f"{ROOT / '.venv' / 'bin' / 'humiofs'}#{env} {mnt} fuse "
+                             "ro,noauto,nofail,allow_other,name=node1 0 0", mnt, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _mounted_then_unmounted(mnt)
+
+
+@pytest.mark.parametrize("options,says", [("rw", "read-only"),
+                                          ("ro,cache=yes", "unknown mount option 'cache=yes'")])
+def test_fstab_options_humiofs_cannot_take(tmp_path: Path, options: str, says: str) -> None:
+    env = _fstab_store(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = _mount_with_fstab(f"{ROOT / '.venv' / 'bin' / 'humiofs'}#{env} {mnt} fuse "
+                             f"{options} 0 0", mnt, tmp_path)
+    assert proc.returncode != 0 and says in proc.stderr
+    assert "Traceback" not in proc.stderr and not is_mounted(mnt)
