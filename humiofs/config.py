@@ -6,6 +6,8 @@ and every source yields the same canonical passphrase (docs/FORMAT.md 4.4).
 """
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +22,7 @@ DEFAULT_DELETE_AFTER_MS = 604_800_000
 SETTINGS = ("DIRECTORY", "BACKUP_NAME", "BACKUP_KEY", "BACKUP_KEY_FILE", "BACKUP_DIR",
             "DELETE_BACKUP_AFTER_MILLIS", "BOOTSTRAP_HOST_ID", "BACKUP_EXCLUDE",
             "BACKUP_INTERVAL_SECONDS", "BACKUP_STATE_DIR")
+log = logging.getLogger(__name__)
 _KEY_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$")
 _HOST_ID = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,99}")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -80,21 +83,36 @@ def parse_env_file(text: str, source: str, environ: Mapping[str, str],
                    raw: dict[str, tuple[int, str | None]] | None = None) -> dict[str, str]:
     """Parses KEY=VALUE lines the way `docker --env-file` does, plus optional quotes.
 
-    Blank lines and lines starting with # are ignored; `KEY` alone takes the value from the
+    Blank lines, lines starting with # or ; and a UTF-8 BOM are ignored; a line that is not
+    KEY=VALUE is an error only if it names a humiofs setting (other programs share the file),
+    and a name close to a setting is warned about (a misspelling). `KEY` alone takes the value from the
     environment as it is; a value loses the blanks around it, then one pair of matching single
     or double quotes around what is left (canonical_passphrase). If `raw` is given, it gets
     (line number, everything after the '=') of each KEY=VALUE line: what systemd's
     EnvironmentFile= reads (None for an `export KEY=VALUE` line, which systemd does not take).
     """
     values: dict[str, str] = {}
-    for number, whole in enumerate(text.splitlines(), 1):
+    for number, whole in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
         line = whole.strip()
-        if not line or line.startswith("#"):
+        if not line or line.startswith(("#", ";")):
             continue
         m = _KEY_LINE.match(line)
         if not m:
-            raise ConfigError(f"{source}:{number}: expected KEY=VALUE")
+            # The file is the node's own env file too: a line of another program's that
+            # humiofs cannot read is that program's business, a line of one of ours is not.
+            word = re.split(r"[\s=]", line.removeprefix("export").strip(), maxsplit=1)[0]
+            if word in SETTINGS or _closest(word):
+                raise ConfigError(f"{source}:{number}: expected {word}=VALUE (no blanks "
+                                  "around the '=')")
+            log.debug("%s:%d: not a KEY=VALUE line; not a humiofs setting, ignored",
+                      source, number)
+            continue
         key, value = m.group(1), m.group(2)
+        if key not in SETTINGS:
+            near = _closest(key)
+            if near:
+                log.warning("%s:%d: %s is not a humiofs setting and is ignored; did you mean "
+                            "%s?", source, number, key, near)
         if value is None:
             if key in environ:
                 values[key] = environ[key]
@@ -105,6 +123,16 @@ def parse_env_file(text: str, source: str, environ: Mapping[str, str],
         if raw is not None:
             raw[key] = (number, None if line.startswith("export") else whole.split("=", 1)[1])
     return values
+
+
+def _closest(name: str) -> str | None:
+    """The humiofs setting `name` is a likely misspelling of, if any. Settings of other
+    programs in a Humio env file (HUMIO_JVM_ARGS, BOOTSTRAP_HOST_UUID_COOKIE, ...) are not
+    close enough to count."""
+    if name in SETTINGS:
+        return None
+    near = difflib.get_close_matches(name.upper(), SETTINGS, n=1, cutoff=0.85)
+    return near[0] if near else None
 
 
 def systemd_value(value: str) -> str | None:
@@ -170,6 +198,8 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
     if env_file is not None:
         try:
             text = env_file.read_text(encoding="utf-8")
+        except IsADirectoryError:
+            raise ConfigError(f"env file {env_file} is a folder, not a file") from None
         except OSError as exc:
             raise ConfigError(f"cannot read env file {env_file}: {exc.strerror}") from None
         except UnicodeDecodeError:

@@ -51,7 +51,9 @@ def test_key_without_value_takes_environment() -> None:
     assert values == {"BACKUP_KEY": "from env"}
 
 
-@pytest.mark.parametrize("line", ["not a setting", "KEY VALUE", "1KEY=x", "-x=1", "A B=c"])
+@pytest.mark.parametrize("line", ["BACKUP_DIR /mnt/disk", "BACKUP_DIR = /mnt/disk",
+                                  "export BACKUP_KEY secret-words-here", "BACKUP_NAME:n",
+                                  "BACKUP_DRI /mnt/disk"])
 def test_bad_line_names_file_and_line(tmp_path: Path, line: str) -> None:
     p = env_file(tmp_path, f"# header\nBACKUP_NAME=n\n{line}\n")
     with pytest.raises(ConfigError, match=rf"{p}:3:"):
@@ -327,3 +329,74 @@ def test_a_key_given_as_the_key_file_name_is_not_echoed(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         config.load({}, environ={"BACKUP_KEY_FILE": "my secret key"})
     assert "secret" not in str(err.value) and "not the key itself" in str(err.value)
+
+
+@pytest.mark.parametrize("line", ["not a setting", "KEY VALUE", "1KEY=x", "-x=1", "A B=c",
+                                  "humio.config.value = 3", "JAVA_OPTS -Xmx4g"])
+def test_other_programs_lines_are_ignored_quietly(tmp_path: Path, line: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    p = env_file(tmp_path, f"BACKUP_NAME=n\n{line}\nBACKUP_DIR=/b\n")
+    cfg = load(NO_FLAGS, env_file=p, environ={})
+    assert (cfg.backup_name, cfg.backup_dir) == ("n", Path("/b"))
+
+
+@pytest.mark.allow_warnings
+@pytest.mark.parametrize("wrong,right", [("BACKUP_DRI", "BACKUP_DIR"),
+                                         ("DELETE_BACKUP_AFTER_MILIS", "DELETE_BACKUP_AFTER_MILLIS"),
+                                         ("BACKUP_NMAE", "BACKUP_NAME"),
+                                         ("backup_key_file", "BACKUP_KEY_FILE"),
+                                         ("BACKUP_INTERVAL_SECOND", "BACKUP_INTERVAL_SECONDS")])
+def test_misspelt_setting_is_a_warning_with_the_closest_name(
+        tmp_path: Path, wrong: str, right: str, caplog: pytest.LogCaptureFixture) -> None:
+    p = env_file(tmp_path, f"BACKUP_NAME=n\n{wrong}=/somewhere\n")
+    load(NO_FLAGS, env_file=p, environ={})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{p}:2: {wrong} is not a humiofs setting and is ignored; did you "
+                        f"mean {right}?"]
+
+
+# A Humio node's env file as operators have it (settings from Humio's and LogScale's
+# documentation, a Windows editor's BOM and CRLF line ends, ';' and '#' comments), with
+# humiofs's settings added.
+HUMIO_ENV = (
+    "\ufeff; Humio node 1, managed by ops\r\n"
+    "# ---- Humio ----\r\n"
+    "HUMIO_JVM_ARGS=-Xss2m -Xms8g -Xmx8g -server -XX:MaxDirectMemorySize=16g -XX:+UseParallelGC\r\n"
+    "HUMIO_PORT=8080\r\nELASTIC_PORT=9200\r\nHUMIO_SOCKET_BIND=0.0.0.0\r\n"
+    "HUMIO_HTTP_BIND=0.0.0.0\r\nBOOTSTRAP_HOST_ID=1\r\n"
+    "BOOTSTRAP_HOST_UUID_COOKIE=a5b3f8e1\r\n"
+    "KAFKA_SERVERS=kafka1:9092,kafka2:9092,kafka3:9092\r\n"
+    "ZOOKEEPER_URL=zk1:2181,zk2:2181,zk3:2181\r\nKAFKA_MANAGED_BY_HUMIO=true\r\n"
+    "HUMIO_KAFKA_TOPIC_PREFIX=humio1_\r\nPUBLIC_URL=https://humio.example.com\r\n"
+    "EXTERNAL_URL=http://10.0.0.11:8080\r\nAUTHENTICATION_METHOD=single-user\r\n"
+    "SINGLE_USER_PASSWORD=change-me\r\nLOCAL_STORAGE_PERCENTAGE=80\r\n"
+    "LOCAL_STORAGE_MIN_AGE_DAYS=7\r\nS3_STORAGE_BUCKET=humio-bucket\r\n"
+    "S3_STORAGE_REGION=eu-west-1\r\nS3_STORAGE_ENCRYPTION_KEY=some-long-secret\r\n"
+    "CACHE_STORAGE_DIRECTORY=/cache/humio\r\nCACHE_STORAGE_PERCENTAGE=90\r\n"
+    "INGEST_QUEUE_REPLICATION_FACTOR=2\r\nDEFAULT_PARTITION_COUNT=24\r\n"
+    "MAX_INGEST_REQUEST_SIZE=33554432\r\nHUMIO_LOG4J_CONFIGURATION=log4j2-json-stdout.xml\r\n"
+    "export JAVA_HOME=/usr/lib/jvm/java-17\r\n"
+    "-Dhumio.debug=false\r\n"
+    "# ---- humiofs ----\r\n"
+    "DIRECTORY=/data/humio-data\r\nBACKUP_DIR=/mnt/backupdisk\r\nBACKUP_NAME=node1\r\n"
+    "DELETE_BACKUP_AFTER_MILLIS=86400000\r\n")
+
+
+def test_a_real_humio_env_file(tmp_path: Path) -> None:
+    p = tmp_path / "humio.env"
+    p.write_bytes(HUMIO_ENV.encode())
+    cfg = load(NO_FLAGS, env_file=p, environ={})
+    assert (cfg.directory, cfg.backup_dir, cfg.backup_name, cfg.delete_after_ms,
+            cfg.host_id) == (Path("/data/humio-data"), Path("/mnt/backupdisk"), "node1",
+                             86400000, "1")
+
+
+@pytest.mark.allow_warnings
+def test_a_real_humio_env_file_with_a_typo(tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    p = tmp_path / "humio.env"
+    p.write_bytes(HUMIO_ENV.replace("BACKUP_DIR=", "BACKUP_DRI=").encode())
+    cfg = load(NO_FLAGS, env_file=p, environ={})
+    assert cfg.backup_dir == Path("/backup")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"{p}:33: BACKUP_DRI is not a humiofs setting and is ignored; did you mean BACKUP_DIR?"]
