@@ -374,8 +374,8 @@ class _Held:
     def __init__(self) -> None:
         self.parts: list[tuple[bool, str]] = []
         self.saved = sys.stdout, sys.stderr
-        sys.stdout = _Part(self.parts, False)   # type: ignore[assignment]
-        sys.stderr = _Part(self.parts, True)    # type: ignore[assignment]
+        sys.stdout = _Part(self.parts, False)
+        sys.stderr = _Part(self.parts, True)
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler):
                 handler.setStream(sys.stderr)
@@ -418,5 +418,13 @@ def _run(args: argparse.Namespace) -> int:
         return exc2.exit_code
     except BrokenPipeError:
         return errors.EXIT_OK
+    except OSError as exc:
+        # Every OS error a user can cause is mapped where it happens; one that is not is a
+        # bug, but still one line (the traceback with -v).
+        log.debug("unexpected OS error", exc_info=True)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"humiofs: error: {exc.strerror or exc}{where} (not expected here: please "
+              "report it, with the output of -vv)", file=sys.stderr)
+        return errors.EXIT_INTERNAL
     finally:
         signal.signal(signal.SIGTERM, old_term)

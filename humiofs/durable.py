@@ -33,6 +33,10 @@ def store_io_error(exc: OSError, what: str) -> StoreIOError:
         return StoreIOError(f"backup disk is full while writing {what}; nothing stored before "
                             "was changed, and what this run stored is removed. Free space "
                             "(the disk's other files, or prune) and run again")
+    if exc.errno == errno.EROFS:
+        return StoreIOError(f"the backup disk is read-only (cannot write {what}); mount it "
+                            "read-write to back up, prune or change the key. check, ls, "
+                            "restore and mount work on a read-only store")
     return StoreIOError(f"cannot write {what}: {exc.strerror}")
 
 

@@ -130,7 +130,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     store = cli.open_store(cfg)
     start = time.monotonic()
     try:
-        with prune_lock(store, wait=not args.no_wait):
+        with prune_lock(store, wait=not args.no_wait, reading=True):
             checker = Checker(store, store.passphrase or cfg.need_key(), args.read_data, subset)
             report = checker.run()
     finally:

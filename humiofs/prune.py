@@ -3,6 +3,7 @@ file that no kept generation needs, crash-safely and next to a running writer an
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from humiofs.durable import fsync_dir
+from humiofs.durable import fsync_dir, store_io_error
 from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked
 from humiofs.format import DIR, FILE, Generation, Ref
 from humiofs.generations import format_time
@@ -31,17 +32,28 @@ _TREE_CACHE = 4096
 
 
 @contextmanager
-def prune_lock(store: Store, wait: bool = False) -> Iterator[None]:
+def prune_lock(store: Store, wait: bool = False, reading: bool = False) -> Iterator[None]:
     """Holds NAME/prune.lock, which keeps prunes (and checks) from overlapping; raises
     StoreLocked if another holds it, unless `wait`.
 
     The file is never written. It is not the writer lock: prune runs next to a writer.
+    `reading` (check): on a store this process cannot write (a read-only disk), a missing
+    lock file cannot be made and is not needed: no prune has run there through this path.
     """
     path = store.path / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise StoreIOError(f"cannot open {path}: {exc.strerror}") from None
+        if not (reading and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
+            raise store_io_error(exc, str(path)) from None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            log.debug("%s is missing and cannot be made: checking without it", path)
+            yield
+            return
+        except OSError as exc2:
+            raise StoreIOError(f"cannot open {path}: {exc2.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from humiofs import crypto
+from humiofs.durable import store_io_error
 from humiofs.errors import IntegrityError, StoreError, StoreLocked
 
 if TYPE_CHECKING:
@@ -46,7 +47,12 @@ def hold(store: Store) -> Iterator[None]:
     id and start time, and the host name sealed, which only a reader with the key (another
     writer) can read."""
     lock_path = store.path / "lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        # The first write of every writer: a read-only backup disk (EROFS) or one this user
+        # may not write (EACCES) ends here, with one line and exit 7.
+        raise store_io_error(exc, str(lock_path)) from None
     try:
         try:
             deadline = time.monotonic() + WAIT_S

@@ -1,0 +1,131 @@
+"""What the OS can refuse, as a user meets it: one line, a documented exit code, no traceback.
+A store on a read-only filesystem (a read-only bind mount) refuses writers with exit 7 and
+still checks, lists and restores."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY, clean_env, run_cli
+from mountutil import backup, create_store, tiny_node
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = clean_env()
+    env["BACKUP_KEY"] = KEY
+    return run_cli(*args, env=env)
+
+
+def _one_line(proc: subprocess.CompletedProcess[str], code: int, says: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("humiofs: error: ") and says in lines[0], \
+        proc.stderr
+
+
+@pytest.fixture(scope="module")
+def ro_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """BACKUP_DIR holding store node1, seen through a read-only bind mount (returned)."""
+    tmp = tmp_path_factory.mktemp("ro")
+    store = create_store(tmp / "backup" / "node1")
+    backup(store, tiny_node(tmp / "node", {"segments/a": b"hello"}))
+    ro = tmp / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(tmp / "backup"), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+@pytest.mark.parametrize("command", [["backup"], ["prune"],
+                                     ["key", "change", "--new-key-file", "NEW"]])
+def test_writers_on_a_read_only_store_exit_7(ro_store: Path, command: list[str]) -> None:
+    node = ro_store.parent / "node"
+    (ro_store.parent / "new.key").write_text("another key of some length\n")
+    command = [str(ro_store.parent / "new.key") if a == "NEW" else a for a in command]
+    proc = _cli(*command, "--backup-dir", ro_store, "--name", "node1",
+                *(["--directory", node] if command == ["backup"] else []))
+    _one_line(proc, 7, "the backup disk is read-only")
+
+
+def test_a_new_store_on_a_read_only_disk_exits_7(ro_store: Path) -> None:
+    proc = _cli("backup", "--backup-dir", ro_store, "--name", "other",
+                "--directory", ro_store.parent / "node")
+    _one_line(proc, 7, "the backup disk is read-only")
+
+
+def test_check_ls_restore_work_on_a_read_only_store(ro_store: Path, tmp_path: Path) -> None:
+    # No prune.lock in the store (it has never been checked or pruned): check may not make it.
+    assert not (ro_store / "node1" / "prune.lock").exists()
+    proc = _cli("check", "--read-data", "--backup-dir", ro_store, "--name", "node1")
+    assert proc.returncode == 0 and "healthy" in proc.stdout, proc.stderr
+    assert _cli("ls", "--backup-dir", ro_store).returncode == 0
+    proc = _cli("restore", "--backup-dir", ro_store, "--name", "node1", "--to", tmp_path / "r")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "r" / "segments" / "a").read_bytes() == b"hello"
+
+
+def test_check_on_a_read_only_store_with_a_prune_lock(tmp_path: Path) -> None:
+    store = create_store(tmp_path / "backup" / "node1")
+    backup(store, tiny_node(tmp_path / "node", {"a": b"x"}))
+    (tmp_path / "backup" / "node1" / "prune.lock").touch(mode=0o600)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path / "backup"), str(ro)],
+                   check=True)
+    try:
+        proc = _cli("check", "--backup-dir", ro, "--name", "node1")
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store, a node, a file, a folder and a symlink loop to point settings at."""
+    tmp_path = tmp_path_factory.mktemp("paths")
+    store = create_store(tmp_path / "backup" / "node1")
+    backup(store, tiny_node(tmp_path / "node", {"a": b"x"}))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    return tmp_path
+
+
+CASES = [
+    # (arguments, exit code, words in the line); paths are relative to the test folder
+    (["backup", "--backup-dir", "file"], 2, "BACKUP_DIR"),
+    (["backup", "--backup-dir", "loop1"], 2, "BACKUP_DIR"),
+    (["backup", "--directory", "file"], 2, "DIRECTORY"),
+    (["backup", "--directory", "loop1"], 2, "DIRECTORY"),
+    (["backup", "--config", "folder"], 2, "env file"),
+    (["backup", "--config", "loop1"], 2, "Too many levels of symbolic links"),
+    (["backup", "--config", "file/x"], 2, "Not a directory"),
+    (["backup", "--key-file", "folder"], 2, "key file"),
+    (["backup", "--key-file", "loop1"], 2, "Too many levels of symbolic links"),
+    (["restore", "--to", "file"], 6, "not a folder"),
+    (["restore", "--to", "loop1"], 6, "restore target"),
+    (["restore", "--to", "file/x"], 6, "Not a directory"),
+    (["mount", "--log", "folder", "mnt"], 2, "log file"),
+]
+
+
+@pytest.mark.parametrize("args,code,says", CASES)
+def test_bad_paths_give_one_line(paths: Path, args: list[str], code: int, says: str) -> None:
+    base = ["--backup-dir", paths / "backup"] + (
+        ["--name", "node1"] if args[0] != "mount" else [])
+    if args[0] == "backup" and "--directory" not in args:
+        base += ["--directory", paths / "node"]
+    (paths / "mnt").mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "humiofs", args[0], *map(str, base),
+                           *args[1:]], env={**clean_env(), "BACKUP_KEY": KEY},
+                          capture_output=True, text=True, timeout=120, cwd=paths)
+    _one_line(proc, code, says)
