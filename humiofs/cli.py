@@ -17,7 +17,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from humiofs import config as configmod
-from humiofs import errors, generations, scan
+from humiofs import errors, generations, scan, summary
 from humiofs.config import Config
 from humiofs.errors import HumiofsError, Interrupted, StoreError
 from humiofs.format import generation_time
@@ -46,7 +46,14 @@ def _common(p: argparse.ArgumentParser, need_name: bool = True) -> None:
     if need_name:
         g.add_argument("--name", metavar="NAME", help="overrides BACKUP_NAME")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing at all if the command succeeds (exit 0); otherwise "
+                   "what it would have printed")
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="the summary as one JSON object on "
+                   "stdout (one per pass with --watch); the schema is in docs/JSON.md")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip matching entries; /PATTERN is anchored at DIRECTORY, PATTERN "
                    "matches a name at any depth (added to BACKUP_EXCLUDE and /jvm-tmp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    _json(p)
     p.add_argument("--watch", action="store_true",
                    help="keep running: back up every BACKUP_INTERVAL_SECONDS (default 60)")
     p.add_argument("--interval", type=float, metavar="SECONDS",
@@ -123,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "missing is named and skipped, every other one is restored, and the exit "
                    "code is 5 at the end (without it, the first damaged file ends the restore)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    _json(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("ls", help="list the backups in BACKUP_DIR and their generations",
@@ -130,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "generations. Without a key only names and times are shown.",
                        epilog=EPILOG, formatter_class=fmt)
     _common(p)
+    _json(p)
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("key", help="key management", description="Key management.")
@@ -185,7 +195,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.watch:
         watch = importlib.import_module("humiofs.watch")
         interval = args.interval if args.interval is not None else cfg.interval_s
-        return watch.run(cfg, interval, tuple(args.exclude), not args.no_progress)
+        return watch.run(cfg, interval, tuple(args.exclude), not args.no_progress,
+                         json_out=args.json)
     store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
     opts = BackupOptions(source=source, backup_name=store.name,
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
@@ -203,12 +214,20 @@ def cmd_backup(args: argparse.Namespace) -> int:
         if state:
             state.observe(store, gen.name)
     s = run.stats
+    code = (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or rollback
+            else errors.EXIT_OK)
+    if args.json:
+        summary.emit("backup", store=store.name, generation=summary.generation(gen),
+                     files=summary.backup_files(s), bytes_read=s.bytes_read,
+                     bytes_stored=s.bytes_stored, lost_packs=len(s.lost_packs),
+                     rolled_back=bool(rollback),
+                     seconds=round(time.monotonic() - start, 3), exit=code)
     skipped = f", {s.skipped} skipped" if s.skipped else ""
     healed = f", {s.healed} read again (the store had lost them)" if s.healed else ""
     vanished = f", {s.vanished} vanished while read" if s.vanished else ""
     # A file being written (appended to) is stored as of the size it had when it was opened.
     live = f" ({s.live} still being written, stored as they were)" if s.live else ""
-    print(f"backup {store.name}: generation {generations.describe(gen)}: "
+    _human(args, f"backup {store.name}: generation {generations.describe(gen)}: "
           f"{s.new} new, {s.changed} changed{live}, {s.unchanged} unchanged files{healed}"
           f"{vanished}{skipped}; read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
           f"in {time.monotonic() - start:.1f}s")
@@ -217,8 +236,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
                     "generation does not need them (what it could read again from the node, "
                     "it stored anew). Run `humiofs check` to see which files of earlier "
                     "generations are lost", len(s.lost_packs))
-    return (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or rollback
-            else errors.EXIT_OK)
+    return code
+
+
+def _human(args: argparse.Namespace, line: str) -> None:
+    """A summary line for people: not with --json, which prints the object instead."""
+    if not getattr(args, "json", False):
+        print(line)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -239,10 +263,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite, keep_going=args.keep_going,
                           progress=None if not args.no_progress else False)
     stats = Restore(store, opts).run(gen)
+    code = (errors.EXIT_DAMAGED if stats.damaged else errors.EXIT_PARTIAL
+            if stats.skipped or stats.xattrs_refused or picked.damaged or rollback
+            else errors.EXIT_OK)
+    if args.json:
+        summary.emit("restore", store=store.name, generation=summary.generation(gen),
+                     target=str(args.to), files=stats.files, dirs=stats.dirs,
+                     symlinks=stats.symlinks, specials=stats.specials, links=stats.links,
+                     skipped=stats.skipped, xattrs_refused=stats.xattrs_refused,
+                     bytes=stats.bytes, damaged=stats.damaged,
+                     newer_damaged=[name for name, _ in picked.damaged],
+                     rolled_back=bool(rollback),
+                     seconds=round(time.monotonic() - start, 3), exit=code)
     skipped = f", {stats.skipped} left alone" if stats.skipped else ""
     if stats.xattrs_refused:
         skipped += f", {stats.xattrs_refused} kinds of extended attribute refused by the target"
-    print(f"restore {store.name}: generation {generations.describe(gen)} -> "
+    _human(args, f"restore {store.name}: generation {generations.describe(gen)} -> "
           f"{args.to}: {stats.files} files, {stats.dirs} folders, {stats.symlinks} symlinks"
           + (f", {stats.specials} FIFOs and devices" if stats.specials else "")
           + (f" ({stats.links} of the files as hard links)" if stats.links else "")
@@ -257,15 +293,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
         log.warning("restored %s: the newer generation(s) %s are damaged (see above); run "
                     "`humiofs check`", generations.describe(gen),
                     ", ".join(name for name, _ in picked.damaged))
-    return (errors.EXIT_PARTIAL if stats.skipped or stats.xattrs_refused or picked.damaged or rollback
-            else errors.EXIT_OK)
+    return code
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     names = [cfg.backup_name] if cfg.backup_name else list_stores(cfg.backup_dir)
     if not names:
-        print(f"no backups in {cfg.backup_dir}")
+        _human(args, f"no backups in {cfg.backup_dir}")
         return errors.EXIT_OK
     for name in names:
         path = cfg.backup_dir / name
@@ -280,35 +315,50 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 # listing all of BACKUP_DIR, the others may belong to nodes with other keys.
                 if cfg.backup_name:
                     raise
-                print(f"{name}: the key does not open this backup" if isinstance(
-                    exc, errors.WrongKey) else f"{name}: cannot be opened: {exc}")
+                why = ("the key does not open this backup" if isinstance(exc, errors.WrongKey)
+                       else f"cannot be opened: {exc}")
+                if args.json:
+                    summary.emit("ls", store=name, opened=False, error=why, generations=[])
+                else:
+                    print(f"{name}: {why}")
                 continue
-        gen_names = generation_names(path)
-        print(f"{name}: {len(gen_names)} generation(s)")
-        lines = []
-        latest = None
-        for gname in gen_names:
-            when = generations.format_time(generation_time(gname))
-            if store is None:
-                lines.append(f"  {when}  {gname}")
-                continue
-            try:
-                g = store.load_generation(gname)
-            except StoreError as exc:
-                lines.append(f"  {when}  {gname}  DAMAGED: {exc}")
-                continue
-            st = g.stats
-            ident = f"  node {g.identity.node_id}" if g.identity else ""
-            latest = len(lines)
-            lines.append(f"  {when}  {gname}  {st.get('files', 0)} files  "
-                         f"{human_bytes(st.get('bytes', 0))}{ident}")
-        if latest is not None:
-            # What restore, the mount's NAME/ and the next backup take as the latest: the
-            # newest generation that reads back.
-            lines[latest] += "  (latest)"
-        for line in lines:
-            print(line)
+        rows = [_ls_row(store, gname) for gname in generation_names(path)]
+        # What restore, the mount's NAME/ and the next backup take as the latest: the newest
+        # generation that reads back.
+        readable = [row for row in rows if row["files"] is not None]
+        if readable:
+            readable[-1]["latest"] = True
+        if args.json:
+            summary.emit("ls", store=name, opened=store is not None, error=None,
+                         generations=rows)
+            continue
+        print(f"{name}: {len(rows)} generation(s)")
+        for row in rows:
+            line = f"  {row['time']}  {row['name']}"
+            if row["damaged"]:
+                line += f"  DAMAGED: {row['damaged']}"
+            elif row["files"] is not None:
+                line += f"  {row['files']} files  {human_bytes(row['bytes'])}"
+                line += f"  node {row['node']}" if row["node"] is not None else ""
+            print(line + ("  (latest)" if row["latest"] else ""))
     return errors.EXIT_OK
+
+
+def _ls_row(store: Store | None, gname: str) -> dict[str, Any]:
+    """One generation for ls: name, time, and with a key files, bytes, node or damaged."""
+    row: dict[str, Any] = {"name": gname, "time": generations.format_time(generation_time(gname)),
+                           "files": None, "bytes": None, "node": None, "damaged": None,
+                           "latest": False}
+    if store is None:
+        return row
+    try:
+        g = store.load_generation(gname)
+    except StoreError as exc:
+        row["damaged"] = str(exc)
+        return row
+    row.update(files=g.stats.get("files", 0), bytes=g.stats.get("bytes", 0),
+               node=g.identity.node_id if g.identity else None)
+    return row
 
 
 def cmd_key_change(args: argparse.Namespace) -> int:

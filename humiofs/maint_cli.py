@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from humiofs import errors
+from humiofs import errors, summary
 from humiofs.format import generation_time
 from humiofs.generations import format_time
 from humiofs.localstate import LocalState
@@ -100,6 +100,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
                       "P percent")
     p.add_argument("--no-wait", action="store_true",
                    help="fail at once (exit 4) instead of waiting while a prune runs")
+    _json(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("prune", help="remove what retention no longer needs",
@@ -111,7 +112,13 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
                    help="delete unneeded packs only this long after a prune recorded them "
                    "(default 3600); 0 deletes them at once, which can break a running mount "
                    "of a dropped generation, but frees space on a full disk")
+    _json(p)
     p.set_defaults(func=cmd_prune)
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="the summary as one JSON object on "
+                   "stdout; the schema is in docs/JSON.md")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -140,6 +147,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     if rollback:
         checker.rolled_back(rollback)
     names = store.list_generations()
+    took = time.monotonic() - start
+    if args.json:
+        summary.emit(
+            "check", store=store.name, healthy=report.healthy,
+            problems=[{"message": p.message, "paths": sorted(p.paths),
+                       "generations": sorted(p.generations)} for p in report.problems.values()],
+            warnings=report.warnings, notes=report.notes, generations=report.generations,
+            trees=report.trees, blobs=report.blobs, packs=report.packs,
+            read_data=report.read_data, packs_read=report.packs_read,
+            bytes_read=report.bytes_read, seconds=round(took, 3),
+            exit=errors.EXIT_OK if report.healthy else errors.EXIT_DAMAGED)
+        return errors.EXIT_OK if report.healthy else errors.EXIT_DAMAGED
     for line in describe(report, names[-1] if names else None, all_paths=args.verbose > 0):
         print(line)
     for warning in report.warnings:
@@ -150,7 +169,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             if report.read_data else "")
     what = (f"{report.generations} generations, {report.trees} folder listings, "
             f"{report.blobs} file blobs, {report.packs} packs{read}")
-    took = time.monotonic() - start
     if report.healthy:
         warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
         print(f"check {store.name}: healthy{warned} ({what}) in {took:.1f}s")
@@ -172,6 +190,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         r = prune(store, cfg.delete_after_ms, grace_s=args.grace, dry_run=args.dry_run)
     finally:
         store.close()
+    if args.json:
+        summary.emit(
+            "prune", store=store.name, dry_run=args.dry_run,
+            generations=[{"name": d.name, "time": format_time(generation_time(d.name)),
+                          "keep": d.keep, "reason": d.reason} for d in r.decisions],
+            kept=sum(1 for d in r.decisions if d.keep), dropped=r.dropped,
+            deleted_packs=r.deleted_packs, deleted_bytes=r.deleted_bytes,
+            condemned_packs=r.condemned_packs, condemned_bytes=r.condemned_bytes,
+            pending_packs=r.pending_packs, young_packs=r.young_packs, damaged=r.damaged,
+            exit=errors.EXIT_DAMAGED if r.damaged else errors.EXIT_OK)
+        if r.damaged:
+            raise errors.StoreError(f"the store is damaged, so no pack was deleted: "
+                                    f"{r.damaged[0]}; run `humiofs check`")
+        return errors.EXIT_OK
     would = "would " if args.dry_run else ""
     if args.dry_run or args.verbose:
         for d in r.decisions:

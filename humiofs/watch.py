@@ -16,7 +16,7 @@ import threading
 import time
 from types import FrameType
 
-from humiofs import errors, prune, sdnotify
+from humiofs import errors, prune, sdnotify, summary
 from humiofs.config import Config
 from humiofs.errors import ConfigError, StoreError, StoreLocked
 from humiofs.format import Generation, Ref
@@ -35,15 +35,17 @@ PRUNE_IDLE_S = 3600.0     # or this long has passed (generations age, recorded p
 _COALESCE_S = 0.1         # while sleeping, read inotify events at most this often
 
 
-def run(cfg: Config, interval: float, extra_excludes: tuple[str, ...], progress: bool) -> int:
+def run(cfg: Config, interval: float, extra_excludes: tuple[str, ...], progress: bool,
+        json_out: bool = False) -> int:
     """Backs up `cfg.directory` every `interval` seconds until SIGTERM or SIGINT; returns the
-    exit code (0 after a clean stop). Fatal errors are raised as HumiofsError."""
+    exit code (0 after a clean stop). Fatal errors are raised as HumiofsError. `json_out`:
+    one summary object per pass on stdout (docs/JSON.md) instead of the lines for people."""
     if not interval > 0:
         raise ConfigError("the backup interval must be more than 0 seconds")
     cfg.need_directory()
     store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
     try:
-        return Watch(store, cfg, interval, extra_excludes, progress).run()
+        return Watch(store, cfg, interval, extra_excludes, progress, json_out).run()
     finally:
         store.close()
 
@@ -55,8 +57,10 @@ def changed(gen: Generation, parent: Generation | None) -> bool:
 
 class Watch:
     def __init__(self, store: Store, cfg: Config, interval: float,
-                 extra_excludes: tuple[str, ...], progress: bool) -> None:
+                 extra_excludes: tuple[str, ...], progress: bool, json_out: bool = False) -> None:
         self.store = store
+        self.json_out = json_out
+        self.last_pass: dict[str, object] = {}     # what the latest pass did, for --json
         self.cfg = cfg
         self.source = cfg.need_directory()
         self.interval = interval
@@ -97,12 +101,19 @@ class Watch:
                     if rollback:
                         log.warning("%s", rollback)
                 self.tracker = self._start_tracker()
-                print(f"backup {self.store.name}: watching {self.source}, a pass every "
-                      f"{self.interval:g}s", flush=True)
+                if not self.json_out:
+                    print(f"backup {self.store.name}: watching {self.source}, a pass every "
+                          f"{self.interval:g}s", flush=True)
                 while not self.stop.is_set():
                     deadline = time.monotonic() + self.interval
+                    started = time.monotonic()
+                    self.last_pass = {}
                     parent = self._pass(parent)
                     self.passes += 1
+                    if self.json_out:
+                        summary.emit("backup", store=self.store.name, watch_pass=self.passes,
+                                     **self.last_pass,
+                                     seconds=round(time.monotonic() - started, 3))
                     if self.passes == 1:
                         # A Type=notify unit is started once the first pass has committed.
                         sdnotify.ready("first pass done" + (
@@ -118,6 +129,8 @@ class Watch:
             os.close(self._wake_r)
             os.close(self._wake_w)
         latest = f"; latest {format_time(parent.time_ms)}" if parent else ""
+        if self.json_out:
+            return errors.EXIT_OK
         print(f"backup {self.store.name}: stopped after {self.passes} passes, "
               f"{self.committed} generations committed{latest}", flush=True)
         return errors.EXIT_OK
@@ -168,6 +181,8 @@ class Watch:
             if first and parent is None:
                 raise
             log.warning("backup pass failed: %s; trying again in %gs", exc, self.interval)
+            self.last_pass = {"committed": False, "generation": summary.generation(parent),
+                              "error": str(exc)}
             self.last_full = float("-inf")
             return parent
         if full:
@@ -182,12 +197,17 @@ class Watch:
             # A write through one name of a hard-linked file raises an event in that name's
             # folder only: the folders of every such file are listed on every pass.
             self.tracker.mark(run.linked_files)
+        self.last_pass = {"committed": False, "generation": summary.generation(parent),
+                          "full_walk": full, "files": summary.backup_files(run.stats),
+                          "bytes_read": run.stats.bytes_read, "bytes_stored": 0, "error": None}
         if not changed(gen, parent):
             run.discard()
             log.debug("pass %d: nothing changed (%.1f ms)", self.passes + 1,
                       (time.monotonic() - start) * 1000)
             return parent
         run.commit(gen)
+        self.last_pass.update(committed=True, generation=summary.generation(gen),
+                              bytes_stored=run.stats.bytes_stored)
         if self.state is not None:
             self.state.observe(self.store, gen.name)
         self.committed += 1
