@@ -143,3 +143,55 @@ def test_quiet_shows_warnings_of_a_run_that_exits_8(setup: Path, tmp_path: Path)
                     "--directory", node)
     assert proc.returncode == 8, proc.stderr
     assert "WARNING" in proc.stderr and "sock" in proc.stderr and "backup q8" in proc.stdout
+
+
+def _draw_on_a_terminal(columns: int, term: str | None) -> str:
+    """What a Progress writes to a real terminal (a pty) `columns` wide, over a run."""
+    import fcntl
+    import struct
+    import termios
+    from humiofs.progress import Progress
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    old = os.environ.get("TERM")
+    if term is None:
+        os.environ.pop("TERM", None)
+    else:
+        os.environ["TERM"] = term
+    try:
+        with open(slave, "w", closefd=True) as stream:
+            p = Progress(total_bytes=10**10, stream=stream)
+            assert p.enabled
+            p.start -= 30
+            for i in range(1, 6):
+                p._last_draw = 0.0     # draw every update
+                p.update(files=12345, nbytes=10**9 * i)
+            p.close()
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        if old is None:
+            os.environ.pop("TERM", None)
+        else:
+            os.environ["TERM"] = old
+    return out.decode()
+
+
+@pytest.mark.parametrize("columns", [50, 80, 30])
+@pytest.mark.parametrize("term", ["xterm", "dumb", None])
+def test_progress_fits_the_terminal(columns: int, term: str | None) -> None:
+    out = _draw_on_a_terminal(columns, term)
+    assert "\n" not in out
+    segments = out.split("\r")
+    assert len(segments) > 5 and all(len(s.replace("\x1b[K", "")) < columns for s in segments)
+    assert ("\x1b" in out) == (term == "xterm")
+    assert "12345 files" in out or columns < 30
