@@ -230,7 +230,8 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
     directory = merged.get("DIRECTORY") or None
     excludes = tuple(p.strip() for p in merged.get("BACKUP_EXCLUDE", "").split(",") if p.strip())
     return Config(
-        backup_dir=Path(merged.get("BACKUP_DIR") or DEFAULT_BACKUP_DIR),
+        # Absolute: a mount in the background leaves the working folder for /.
+        backup_dir=Path(os.path.abspath(merged.get("BACKUP_DIR") or DEFAULT_BACKUP_DIR)),
         directory=Path(directory) if directory else None,
         backup_name=name,
         backup_key=key,
@@ -241,7 +242,8 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
         host_id=_host_id(merged.get("BOOTSTRAP_HOST_ID") or None),
         excludes=excludes,
         interval_s=float(_int_setting(merged, "BACKUP_INTERVAL_SECONDS", 60)),
-        state_dir=Path(merged.get("BACKUP_STATE_DIR") or default_state_dir(environ)),
+        state_dir=Path(os.path.abspath(merged.get("BACKUP_STATE_DIR")
+                                       or default_state_dir(environ))),
     )
 
 

@@ -129,3 +129,20 @@ def test_bad_paths_give_one_line(paths: Path, args: list[str], code: int, says: 
                            *args[1:]], env={**clean_env(), "BACKUP_KEY": KEY},
                           capture_output=True, text=True, timeout=120, cwd=paths)
     _one_line(proc, code, says)
+
+
+def test_mount_of_a_read_only_store_given_as_a_relative_path(ro_store: Path) -> None:
+    """The mount goes to the background, which leaves the working folder: a relative
+    BACKUP_DIR must still name the same folder."""
+    from humiofs.mount import is_mounted, unmount
+    mnt = ro_store.parent / "mnt"
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "humiofs", "mount", "--backup-dir", "ro",
+                           "mnt"], env={**clean_env(), "BACKUP_KEY": KEY}, cwd=ro_store.parent,
+                          capture_output=True, text=True, timeout=120)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert (mnt / "node1" / "segments" / "a").read_bytes() == b"hello"
+    finally:
+        if is_mounted(mnt):
+            unmount(mnt)
