@@ -3,15 +3,18 @@ A store on a read-only filesystem (a read-only bind mount) refuses writers with 
 still checks, lists and restores."""
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import KEY, clean_env, run_cli
-from mountutil import backup, create_store, tiny_node
+from mountutil import DEADLINE_S, backup, create_store, tiny_node
 
 
 def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -146,3 +149,9 @@ def test_mount_of_a_read_only_store_given_as_a_relative_path(ro_store: Path) -> 
     finally:
         if is_mounted(mnt):
             unmount(mnt)
+        # The server exits just after the unmount; the fixture's umount of the read-only
+        # bind needs its open packs closed.
+        m = re.search(r"\(pid (\d+)\)", proc.stdout)
+        deadline = time.monotonic() + DEADLINE_S
+        while m and os.path.exists(f"/proc/{m.group(1)}") and time.monotonic() < deadline:
+            time.sleep(0.02)
