@@ -4,6 +4,7 @@ whose remedies differ.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -37,7 +38,13 @@ def read_config(path: Path) -> bytes:
         raise StoreMetadataDamaged(
             f"{config_path} is missing, but {path} holds a humiofs store (generations/ and "
             f"keys/ are there); the data may be intact. {config_fix(path)}") from None
+    except (NotADirectoryError, IsADirectoryError) as exc:
+        if not looks_like_store(path):     # BACKUP_DIR or the store is a file, not a folder
+            raise NoSuchStore(f"no humiofs store at {path}: {exc.strerror}") from None
+        raise StoreError(f"cannot read {config_path}: {exc.strerror}") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NoSuchStore(f"no humiofs store at {path}: {exc.strerror}") from None
         raise StoreError(f"cannot read {config_path}: {exc.strerror}") from None
     try:
         config = json.loads(raw)

@@ -660,7 +660,7 @@ def usage_cases(made: Made, tmp: Path) -> dict[str, list[str | Path]]:
                                   "no store", "bad env line", "missing env file",
                                   "bad delete after"])
 def test_usage_errors_exit_2(made: Made, tmp_path: Path, case: str) -> None:
-    (tmp_path / "bad.env").write_text("BACKUP_DIR=/x\nthis is not a setting\n")
+    (tmp_path / "bad.env").write_text("BACKUP_DIR=/x\nBACKUP_NAME node1\n")
     before = store_files(made.backups)
     r = run_cli(*usage_cases(made, tmp_path)[case])
     assert r.returncode == 2, (r.stdout, r.stderr)

@@ -270,3 +270,21 @@ def test_fstab_options_humiofs_cannot_take(tmp_path: Path, options: str, says: s
                              f"{options} 0 0", mnt, tmp_path)
     assert proc.returncode != 0 and says in proc.stderr
     assert "Traceback" not in proc.stderr and not is_mounted(mnt)
+
+
+def test_dropins_read_the_env_file_as_humiofs_does(tmp_path: Path) -> None:
+    from humiofs.units import dropins
+    env = tmp_path / "node.env"
+    env.write_bytes("\ufeff; comment\nHUMIO_JVM_ARGS=-Xmx4g\nBACKUP_DIR='/mnt/backup%disk'\n"
+                    "BACKUP_KEY_FILE=\"/etc/humiofs/backup.key\"\n".encode())
+    units = dropins(env)
+    assert "RequiresMountsFor=/mnt/backup%%disk\n" in units["humiofs-mount.service"]
+    assert "ReadWritePaths=-/mnt/backup%%disk\n" in units["humiofs-backup.service"]
+    assert "LoadCredential=backup.key:/etc/humiofs/backup.key\n" in units["humiofs-mount.service"]
+    env.write_text("BACKUP_DIR=/mnt/backup disk\n")
+    from humiofs.errors import ConfigError
+    with pytest.raises(ConfigError, match="blanks"):
+        dropins(env)
+    env.write_text("BACKUP_DIR=backup\n")
+    with pytest.raises(ConfigError, match="absolute"):
+        dropins(env)
