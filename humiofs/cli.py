@@ -406,8 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False)
     # -q: nothing at all on success. A run that ends otherwise shows what it held back (its
-    # warnings and summary), in order; a --watch never ends in success, so it only logs errors.
-    held = _Held() if quiet and not getattr(args, "watch", False) else None
+    # warnings and summary), in order. What runs until stopped (backup --watch, a mount in
+    # the foreground) only logs errors, as they happen.
+    endless = getattr(args, "watch", False) or getattr(args, "foreground", False)
+    held = _Held() if quiet and not endless else None
     _setup_logging(getattr(args, "verbose", 0), quiet and held is None)
     code = errors.EXIT_INTERNAL
     try:
