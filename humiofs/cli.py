@@ -381,6 +381,17 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.setLevel(level)
 
 
+def _helper_form(argv: list[str], commands: set[str]) -> bool:
+    """True for mount.fuse3's call `humiofs CONFIG MOUNTPOINT [-o OPTIONS]`; a mistyped
+    command (`humiofs bakup ...`) is left to argparse, which names the commands."""
+    import difflib
+    if len(argv) not in (2, 4) or (len(argv) == 4 and argv[2] != "-o"):
+        return False
+    first = argv[0]
+    return not (first.startswith("-") or first in commands
+                or difflib.get_close_matches(first, commands, n=1, cutoff=0.6))
+
+
 def _commands(parser: argparse.ArgumentParser) -> set[str]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -395,7 +406,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in _commands(parser):
+    if _helper_form(argv, _commands(parser)):
         # mount(8) by way of mount.fuse3: `humiofs CONFIG MOUNTPOINT -o OPTIONS`.
         from humiofs.mount_cli import helper_argv
         try:

@@ -296,3 +296,19 @@ def test_dropins_read_the_env_file_as_humiofs_does(tmp_path: Path) -> None:
     env.write_text("BACKUP_DIR=backup\n")
     with pytest.raises(ConfigError, match="absolute"):
         dropins(env)
+
+
+def test_helper_form_maps_mount_options() -> None:
+    from humiofs.mount_cli import helper_argv
+    assert helper_argv(["/etc/humiofs/node.env", "/mnt/b", "-o",
+                        "ro,dev,suid,noauto,nofail,_netdev,x-systemd.automount,allow_other,"
+                        "name=node1,at=2026-11-24T10:00,log=/var/log/humiofs.log"]) == [
+        "mount", "--config", "/etc/humiofs/node.env", "--quiet", "--allow-other",
+        "--name", "node1", "--at", "2026-11-24T10:00", "--log", "/var/log/humiofs.log",
+        "--", "/mnt/b"]
+
+
+def test_a_mistyped_command_is_not_taken_for_the_helper_form() -> None:
+    from conftest import run_cli
+    proc = run_cli("bakup", "x")
+    assert proc.returncode == 2 and "invalid choice: 'bakup'" in proc.stderr
