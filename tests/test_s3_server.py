@@ -16,6 +16,9 @@ from obstore.exceptions import AlreadyExistsError
 from conftest import ROOT
 from s3util import S3Server, parse_settings, processes_using, server_command
 
+# All of them start servers, the last two of their own.
+pytestmark = pytest.mark.s3
+
 
 def test_objects_round_trip(s3_server: S3Server, s3_bucket: str) -> None:
     store = s3_server.store(s3_bucket)
