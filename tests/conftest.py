@@ -7,8 +7,12 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from s3util import S3Server
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_SAMPLE = ROOT / "scripts" / "make-sample-node"
@@ -17,6 +21,16 @@ KEY = "correct horse battery staple"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_warnings: the test expects WARNING/ERROR logs")
+    config.addinivalue_line("markers", "s3: needs the local S3 server, scripts/s3-server "
+                            "(set automatically by the s3_server fixture)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `-m "not s3"` leaves out every test that would start the S3 server.
+    for item in items:
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +66,29 @@ def _test_state_dir(_session_state_dir: None, tmp_path_factory: pytest.TempPathF
     outer, _state_dir = _state_dir, tmp_path_factory.mktemp("state")
     yield _state_dir
     _state_dir = outer
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """The local S3 server (tests/s3util.py), started on first use in a session and stopped at
+    its end; a server that was already running is used and left running. A server that cannot
+    start fails every test that needs it, with the script's output: never a skip."""
+    from s3util import S3ServerError, start_server, stop_server
+    try:
+        server = start_server()
+    except S3ServerError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    if server.started_here:
+        stop_server()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
+    """A new, empty bucket on the S3 server, removed with its objects after the test."""
+    name = s3_server.new_bucket()
+    yield name
+    s3_server.remove_bucket(name)
 
 
 def make_sample(dest: Path, size: str = "8M", small_files: int = 300, seed: int = 1,
