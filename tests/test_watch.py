@@ -397,5 +397,10 @@ def test_a_lost_pack_is_not_carried_into_the_next_generation(
     assert w.stop() == EXIT_OK
     assert "segment_lost.gz: its stored copy is in pack" in w.stderr()
     r = run_cli("check", "--config", write_env(tmp_path / "env-check", tmp_path / "backup"))
-    assert r.returncode == 5 and "segment_lost.gz" in r.stdout, r.stdout
-    assert "including the latest" not in r.stdout, r.stdout
+    if with_victim.name in w.generations():
+        assert r.returncode == 5 and "segment_lost.gz" in r.stdout, r.stdout
+        assert "including the latest" not in r.stdout, r.stdout
+    else:
+        # The watch's own prune (every PRUNE_EVERY passes) dropped the damaged generation:
+        # the latest holds all it held, so retention may. Nothing refers to the lost pack now.
+        assert r.returncode == EXIT_OK, r.stdout
