@@ -49,6 +49,7 @@ _DEVICE = struct.Struct(">II")
 _EXTENT = struct.Struct(">QQ")
 _TREE_HEAD = struct.Struct(">2sBI")
 GENERATION_NAME = re.compile(r"^(\d{13})-([0-9a-f]{16})$")
+LAST_GENERATION_MS = 10**13     # a generation name holds its time in 13 digits
 
 
 def header(file_type: bytes, version: int) -> bytes:
@@ -188,6 +189,8 @@ def encode_tree(entries: list[Entry]) -> bytes:
             raise ValueError(f"{e.name!r}: a value is out of range ({exc})") from None
         out.append(encode_xattrs(e.xattrs) if e.xattrs else b"\0\0")
         if e.type == FILE:
+            if len(e.extents) > _MAX_EXTENTS:
+                raise ValueError(f"{e.name!r}: more than {_MAX_EXTENTS} extents")
             if e.data is None:
                 out.append(b"\0")
             else:

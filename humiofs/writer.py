@@ -75,9 +75,9 @@ class BackupStats:
                 "specials": self.specials, "bytes": self.bytes, "data_bytes": self.data_bytes}
 
 
-# Counts of what a tree holds, all levels below it: files, dirs, symlinks, bytes, data bytes.
-# A tree's encoding is deterministic, so a tree ref always has the same counts.
-TreeCounts = tuple[int, int, int, int, int]
+# Counts of what a tree holds, all levels below it: files, dirs, symlinks, specials, bytes,
+# data bytes. A tree's encoding is deterministic, so a tree ref always has the same counts.
+TreeCounts = tuple[int, int, int, int, int, int]
 
 
 @dataclass
@@ -216,6 +216,11 @@ class Backup:
         now_ms = int(time.time() * 1000)
         if parent is not None and now_ms <= parent.time_ms:
             now_ms = parent.time_ms + 1
+        if now_ms >= format.LAST_GENERATION_MS:
+            # Its name would need a 14th digit, and no reader would see it (FORMAT.md 2).
+            raise StoreError(f"the time to commit this generation, {now_ms} ms after 1970, is "
+                             "past 2286-11-20, the last a generation name can hold; check "
+                             "the system clock", 2)
         # The identity comes from files in the source's own folder: unchanged if it was reused.
         ident = (parent.identity if parent is not None and root_ref == prev_root
                  and self.opt.clean is not None and self.opt.clean(b"")
@@ -321,7 +326,7 @@ class Backup:
 
     def _counts(self) -> TreeCounts:
         s = self.stats
-        return (s.files, s.dirs, s.symlinks, s.bytes, s.data_bytes)
+        return (s.files, s.dirs, s.symlinks, s.specials, s.bytes, s.data_bytes)
 
     def _reuse(self, rel: bytes, prev_ref: Ref | None) -> Ref | None:
         """`prev_ref`, counted into the stats, if the caller says `rel` is clean; else None."""
@@ -334,10 +339,11 @@ class Backup:
         s.files += counts[0]
         s.dirs += counts[1]
         s.symlinks += counts[2]
-        s.bytes += counts[3]
-        s.data_bytes += counts[4]
+        s.specials += counts[3]
+        s.bytes += counts[4]
+        s.data_bytes += counts[5]
         s.unchanged += counts[0]
-        self._progress.update(counts[0], counts[4])
+        self._progress.update(counts[0], counts[5])
         self.tree_counts_seen[prev_ref] = counts
         return prev_ref
 
@@ -346,10 +352,9 @@ class Backup:
         unchanged; returns its tree's ref and the number of subfolders it holds."""
         before = self._counts()
         ref, subdirs = self._walk_dir(dfd, rel, prev_ref)
-        after = self._counts()
-        self.tree_counts_seen[ref] = (after[0] - before[0], after[1] - before[1],
-                                      after[2] - before[2], after[3] - before[3],
-                                      after[4] - before[4])
+        a, b = self._counts(), before
+        self.tree_counts_seen[ref] = (a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3],
+                                      a[4] - b[4], a[5] - b[5])
         return ref, subdirs
 
     def _walk_dir(self, dfd: int, rel: bytes, prev_ref: Ref | None) -> tuple[Ref, int]:
@@ -781,9 +786,11 @@ def _unchanged(old: Entry, st: os.stat_result) -> bool:
 
 
 def _entry(name: bytes, st: os.stat_result, etype: int, **kw: Any) -> Entry:
+    # A symlink's size is its stored target's length (FORMAT.md 7.1), not st_size, which is
+    # another link's if it was replaced between the lstat and the readlink.
+    size = st.st_size if etype == FILE else len(kw["target"]) if etype == SYMLINK else 0
     return Entry(name, etype, st.st_mode & 0o7777, st.st_uid, st.st_gid,
-                 st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-                 st.st_size if etype in (FILE, SYMLINK) else 0, **kw)
+                 st.st_mtime_ns, st.st_ctime_ns, st.st_ino, size, **kw)
 
 
 def _estimate_bytes(parent: Generation | None, src: Path) -> int:
