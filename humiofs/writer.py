@@ -38,6 +38,11 @@ MAX_PENDING_PACKS = 4
 # within the same timestamp tick (a jiffy, at most 10 ms) without its ctime moving; its ctime
 # is stored as 0 so that the next run reads it again (git's "racy clean" problem).
 RACY_NS = 100_000_000
+# A file found empty, whose previous copy was not, and emptied less than this long ago is
+# most likely being written anew (`cp` over it truncates first). Under load `cp` can pause
+# longer than RACY_NS between the truncation and its first write, so the writer waits until
+# the emptying is this old before it believes it (FORMAT.md 7.3).
+EMPTIED_SETTLE_NS = 1_000_000_000
 
 
 # A path relative to the source, as raw bytes, and a pack id (`bytes` is shadowed inside
@@ -592,6 +597,11 @@ class Backup:
                 again = os.fstat(fd)
                 racy = scan.Signature.of(again) != scan.Signature.of(st)
                 st = again
+            if (st.st_size == 0 and old is not None and old.type == FILE and old.size > 0
+                    and st.st_ctime_ns >= time.time_ns() - EMPTIED_SETTLE_NS):
+                time.sleep(max(0, st.st_ctime_ns + EMPTIED_SETTLE_NS - time.time_ns()) / 1e9)
+                if scan.Signature.of(os.fstat(fd)) != scan.Signature.of(st):
+                    raise SourceChanged("it was being written anew from the start")
             attrs = self._xattrs(old, st, fd, rel)
             extents = scan.data_extents(fd, st.st_size)
             data_len = sum(length for _, length in extents)

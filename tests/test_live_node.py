@@ -608,6 +608,30 @@ def test_file_copied_over_again_and_again_is_never_stored_truncated(tmp_path: Pa
         assert data and any(data == whole[:len(data)] for whole in src), r.stdout + r.stderr
 
 
+def test_cp_pausing_between_truncate_and_write_is_not_stored_empty(tmp_path: Path) -> None:
+    """A busy `cp` can pause longer than the 100 ms racy window between emptying the file and
+    writing it (seen under load). The writer believes a file it found freshly emptied, whose
+    previous copy was not empty, only once the emptying is 1 s old (FORMAT.md 7.3)."""
+    node = tmp_path / "node"
+    node.mkdir()
+    old, new = os.urandom(200_000), os.urandom(300_000)
+    (node / "f").write_bytes(old)
+    store = create_store(tmp_path / "backup" / "node1")
+    backup(store, node, settle=True)
+    # The input: a writer that truncates, then writes 300 ms later.
+    with open(node / "f", "wb"):
+        pass
+    writer = threading.Timer(0.3, lambda: (node / "f").write_bytes(new))
+    writer.start()
+    try:
+        gen, _ = backup(store, node)
+    finally:
+        writer.join()
+    stored = tmp_path / "r"
+    restore(store, gen, stored)
+    assert (stored / "f").read_bytes() in (old, new)
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="mounts a tmpfs")
 def test_xattrs_the_kernel_will_not_list_leave_the_data_stored(tmp_path: Path) -> None:
     """5,000 xattrs are more than listxattr can return (E2BIG): the file is stored without
