@@ -327,22 +327,39 @@ def test_statfs_follows_the_shown_generation(
     assert latest.statfs()[0] == second.stats["data_bytes"]
 
 
-async def test_new_generation_gets_new_inodes(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    src = tiny_node(tmp_path / "src", {"a": b"one"})
+async def test_new_generation_keeps_unchanged_files_inodes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unchanged file keeps its number in a new generation, a changed one gets a new one
+    (and what the kernel knows by the old number stays valid), folders get new ones."""
+    src = tiny_node(tmp_path / "src", {"a": b"one", "c": b"three", "d/e": b"four"})
     store = create_store(tmp_path / "backup" / "node1")
     backup(store, src)
     m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
-    before = resolve(m, b"node1/a")
+    before = {rel: resolve(m, b"/".join([NODE, rel]).rstrip(b"/"))
+              for rel in (b"a", b"c", b"d", b"d/e", b"")}
     (src / "b").write_bytes(b"two")
+    (src / "c").write_bytes(b"THREE")
     backup(store, src)
     assert b"b" not in listdir(m, resolve(m, NODE).inode)  # not re-read within REFRESH_S
     monkeypatch.setattr(tree, "REFRESH_S", 0.0)
     assert {b"a", b"b"} <= set(listdir(m, resolve(m, NODE).inode))
-    assert resolve(m, b"node1/a").inode != before.inode
-    assert await read_all(m, before.inode) == b"one"  # what the kernel still knows stays valid
-    assert m.getattr(before.inode) == before
+    assert resolve(m, b"node1/a") == before[b"a"]
+    assert resolve(m, b"node1/d/e") == before[b"d/e"]
+    assert resolve(m, b"node1/c").inode != before[b"c"].inode
+    assert resolve(m, b"node1/d").inode != before[b"d"].inode
+    assert resolve(m, b"node1").inode != before[b""].inode
+    assert await read_all(m, before[b"c"].inode) == b"three"  # the kernel's old number
+    assert m.getattr(before[b"c"].inode) == before[b"c"]
     assert len(listdir(m, resolve(m, b".generations/node1").inode)) == 2
+    # A new mount numbers them alike; .generations/NAME/TIME/ has numbers of its own.
+    again = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
+    assert resolve(again, b"node1/a") == before[b"a"]
+    assert resolve(again, b"node1/c") == resolve(m, b"node1/c")
+    old = b".generations/node1/" + sorted(listdir(m, resolve(m, b".generations/node1").inode))[0]
+    assert resolve(m, old + b"/a").inode != before[b"a"].inode
+    assert await read_all(m, resolve(m, old + b"/c").inode) == b"three"
+    m.close()
+    again.close()
 
 
 @pytest.mark.allow_warnings
@@ -456,7 +473,30 @@ def test_stores_the_key_does_not_open(backed_up: tuple[Path, Store, Generation],
     only = tree.Tree.from_backup_dir(backup_dir, KEY, name="node1")
     assert list(listdir(only, tree.ROOT_INODE)) == [b".generations", NODE]
     with pytest.raises(NoSuchStore):
-        tree.Tree.from_backup_dir(tmp_path / "empty", KEY)
+        tree.Tree.from_backup_dir(tmp_path / "empty", KEY, name="node1")
+
+
+@pytest.mark.allow_warnings
+async def test_starts_without_stores_and_shows_new_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A missing or empty BACKUP_DIR mounts (empty); a store created later appears, and one the
+    key does not open stays out, told once."""
+    backup_dir = tmp_path / "backup"
+    m = tree.Tree.from_backup_dir(backup_dir, KEY)
+    assert "no backups in" in caplog.text
+    assert list(listdir(m, tree.ROOT_INODE)) == [b".generations"]
+    monkeypatch.setattr(tree, "REFRESH_S", 0.0)
+    store = create_store(backup_dir / "node1")
+    create_store(backup_dir / "other", key="another key entirely")
+    assert list(listdir(m, tree.ROOT_INODE)) == [b".generations"]   # no generation yet
+    assert list(listdir(m, resolve(m, b".generations").inode)) == [NODE]
+    backup(store, tiny_node(tmp_path / "src", {"a": b"one"}))
+    assert list(listdir(m, tree.ROOT_INODE)) == [b".generations", NODE]
+    assert await read_all(m, resolve(m, b"node1/a").inode) == b"one"
+    assert len(listdir(m, resolve(m, b".generations/node1").inode)) == 1
+    listdir(m, tree.ROOT_INODE)
+    assert caplog.text.count("does not open the backup other") == 1
+    m.close()
 
 
 
