@@ -31,17 +31,18 @@ import stat
 import threading
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable
 from operator import attrgetter
 from pathlib import Path
-from typing import NamedTuple
 
-from humiofs import format, generations, inodes
+from humiofs import generations, inodes
+from humiofs.attrs import BLOCK as _BLOCK
+from humiofs.attrs import Attr, Listing, entry_attr
 from humiofs.chunkcache import CACHE_BYTES
 from humiofs.errors import StoreError
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs
 from humiofs.keys import Passphrase
 from humiofs.localstate import LocalState
+from humiofs.prefetch import Prefetcher
 from humiofs.reader import Damaged, Reader, WouldBlock
 from humiofs.sources import NewStores, Source, open_sources
 from humiofs.store import Store
@@ -56,50 +57,11 @@ GENERATIONS = b".generations"
 GLOBALDATA = b"globaldata"
 REFRESH_S = 1.0               # how often the lists of stores and generations are read again
 LISTING_BUDGET = 64_000       # tree entries kept decoded (about 40 MB)
-_BLOCK = 4096
 _NAME = attrgetter("name")
-_SPECIAL_MODES = {format.FIFO: stat.S_IFIFO, format.CHR: stat.S_IFCHR, format.BLK: stat.S_IFBLK}
 
 
 class NotFound(Exception):
     """No such name or inode."""
-
-
-class Attr(NamedTuple):
-    """The attributes of one inode. `volatile` inodes (the top-level folders, whose listings
-    follow new backups) may change; every other inode is immutable."""
-
-    inode: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    blocks: int
-    mtime_ns: int
-    volatile: bool = False
-    rdev: int = 0
-
-
-def _blocks(nbytes: int) -> int:
-    """512-byte blocks of `nbytes` of data allocated in 4 KiB blocks, as `du` counts them."""
-    return -(-nbytes // _BLOCK) * (_BLOCK // 512)
-
-
-def _entry_attr(inode: int, e: Entry) -> Attr:
-    t = e.type
-    if t == FILE:
-        return Attr(inode, stat.S_IFREG | e.mode, e.nlink, e.uid, e.gid, e.size,
-                    _blocks(sum([n for _, n in e.extents])), e.mtime_ns)
-    if t == DIR:
-        # Trees do not keep a folder's size; one 4 KiB block is what ext4 and xfs show.
-        # nlink is 2 + subfolders, or 1 ("not counted") from a version 1 tree.
-        return Attr(inode, stat.S_IFDIR | e.mode, e.nlink, e.uid, e.gid, _BLOCK, 8, e.mtime_ns)
-    if t == SYMLINK:
-        return Attr(inode, stat.S_IFLNK | e.mode, 1, e.uid, e.gid, len(e.target), 0,
-                    e.mtime_ns)
-    return Attr(inode, _SPECIAL_MODES[t] | e.mode, e.nlink, e.uid, e.gid, 0, 0, e.mtime_ns,
-                rdev=os.makedev(*e.rdev))
 
 
 class _Top:
@@ -133,40 +95,14 @@ class _Loaded:
     """A tree folder's decoded listing: its entries in name order, their inode numbers, and
     where each number is in the listing."""
 
-    __slots__ = ("entries", "names", "inodes", "where")
+    __slots__ = ("entries", "names", "inodes", "where", "subfolders")
 
     def __init__(self, entries: list[Entry], numbers: list[int]) -> None:
         self.entries = entries
         self.names = [e.name for e in entries]
         self.inodes = numbers
         self.where = {n: i for i, n in enumerate(numbers)}
-
-
-class Listing:
-    """An opened folder as readdir(3) shows it, fixed from opendir to releasedir: `.` and `..`
-    first, then its children in name order. Item i is the same entry for the listing's life,
-    so an index is a stable position to resume or seek to. `names` and `inodes` hold the
-    children alone (item i is child i - 2); `attr(i)` builds the attributes of item i."""
-
-    __slots__ = ("_dots", "names", "inodes", "_attr", "volatile")
-
-    def __init__(self, dots: tuple[Attr, Attr], names: list[bytes], numbers: list[int],
-                 attr: Callable[[int], Attr], volatile: bool) -> None:
-        self._dots = dots
-        self.names, self.inodes = names, numbers
-        self._attr = attr
-        self.volatile = volatile
-
-    def __len__(self) -> int:
-        return 2 + len(self.names)
-
-    def attr(self, index: int) -> Attr:
-        return self._dots[index] if index < 2 else self._attr(index - 2)
-
-    def item(self, index: int) -> tuple[bytes, Attr]:
-        if index < 2:
-            return (b".", b"..")[index], self._dots[index]
-        return self.names[index - 2], self._attr(index - 2)
+        self.subfolders = [n for n, e in zip(numbers, entries) if e.type == DIR]
 
 
 class Tree:
@@ -196,6 +132,7 @@ class Tree:
         self._links: dict[int, tuple[_Dir, int, tuple[bytes, object]]] = {}
         self._listings: OrderedDict[int, _Loaded] = OrderedDict()
         self._listed = 0
+        self.prefetcher = Prefetcher(self._prefetch, listing_budget // 4)
 
     def _add_source(self, src: Source) -> None:
         with self._lock:
@@ -248,6 +185,7 @@ class Tree:
         self.reader.start_worker([src.store for src in self._sources], close_fds)
 
     def close(self) -> None:
+        self.prefetcher.close()
         self.reader.close()
         for src in self._sources:
             src.store.close()
@@ -396,9 +334,18 @@ class Tree:
             loaded = self._listings[d.inode] = _Loaded(entries, self._numbers(d, entries))
             self._listed += len(entries)
             while self._listed > self.listing_budget and len(self._listings) > 1:
-                _, old = self._listings.popitem(last=False)
+                gone, old = self._listings.popitem(last=False)
                 self._listed -= len(old.entries)
+                self.prefetcher.dropped(gone)
         return loaded
+
+    def _prefetch(self, inode: int) -> int:
+        """Loads a folder's listing ahead of its opendir (prefetch.py); the entries decoded."""
+        with self._lock:
+            d = self._dirs.get(inode)
+            if d is None or inode in self._listings:
+                return 0
+        return len(self._listing(d, True).entries)
 
     def _entry(self, inode: int, block: bool) -> tuple[_Dir, Entry]:
         """The folder holding a tree inode, and its entry there; NotFound if the model never
@@ -469,7 +416,7 @@ class Tree:
             subdirs = sum(1 for e in self._listing(d, block).entries if e.type == DIR)
             return Attr(inode, stat.S_IFDIR | r.mode, 2 + subdirs, r.uid, r.gid, _BLOCK, 8,
                         r.mtime_ns)
-        return _entry_attr(inode, self._entry(inode, block)[1])
+        return entry_attr(inode, self._entry(inode, block)[1])
 
     def xattrs(self, inode: int, block: bool = True) -> Xattrs:
         """The stored extended attributes of `inode` (FORMAT.md 7.1), sorted by name."""
@@ -543,7 +490,7 @@ class Tree:
         i = bisect_left(loaded.names, name)
         if i == len(loaded.names) or loaded.names[i] != name:
             raise NotFound()
-        return _entry_attr(loaded.inodes[i], loaded.entries[i])
+        return entry_attr(loaded.inodes[i], loaded.entries[i])
 
     def opendir(self, inode: int, block: bool = True) -> Listing:
         """A folder's listing as it is now: `.`, `..` (the root's `..` is the root itself, as
@@ -555,9 +502,10 @@ class Tree:
             return Listing(self._dots(inode, block), [name for name, _ in items], numbers,
                            lambda i: self.getattr(numbers[i]), volatile=True)
         loaded = self._listing(self._dir(inode), block)
+        self.prefetcher.opened(inode, loaded.subfolders)
         entries, numbers = loaded.entries, loaded.inodes
         return Listing(self._dots(inode, block), loaded.names, numbers,
-                       lambda i: _entry_attr(numbers[i], entries[i]), volatile=False)
+                       lambda i: entry_attr(numbers[i], entries[i]), volatile=False)
 
     def _dots(self, inode: int, block: bool) -> tuple[Attr, Attr]:
         """The attributes of `.` and `..` in the folder `inode`."""
