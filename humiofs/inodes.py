@@ -73,17 +73,19 @@ def key_of(inode: int) -> int:
     return (inode >> SLOT_BITS) & KEY_MASK
 
 
-def fingerprint(e: Entry) -> int:
-    """64 bits that change with anything stat shows of `e`, its name, or where its data is.
+def fingerprint(e: Entry, with_name: bool = True) -> int:
+    """64 bits that change with anything stat shows of `e`, its name (`with_name`), or where
+    its data is.
 
     Python's hash of a tuple of ints: the same in every process on a 64-bit platform (only str
     and bytes hashes are salted, so the bytes go in as CRC-32s), and at 0.3 us an entry, cheap
     enough for the first walk of a large node. A Python release that changed the tuple hash
     (the last one to was 3.8) would renumber the files once."""
     d = e.data
-    return hash((crc32(e.name), e.type, e.mode, e.uid, e.gid, e.nlink, e.size, e.mtime_ns,
-                 e.rdev, e.extents, 0 if d is None else crc32(d.oid), 0 if d is None else d.offset,
-                 crc32(e.target), crc32(repr(e.xattrs).encode()) if e.xattrs else 0))
+    return hash((crc32(e.name) if with_name else -1, e.type, e.mode, e.uid, e.gid, e.nlink,
+                 e.size, e.mtime_ns, e.rdev, e.extents, 0 if d is None else crc32(d.oid),
+                 0 if d is None else d.offset, crc32(e.target),
+                 crc32(repr(e.xattrs).encode()) if e.xattrs else 0))
 
 
 def file_slots(entries: list[Entry]) -> list[int]:
@@ -103,4 +105,4 @@ def file_slots(entries: list[Entry]) -> list[int]:
 def link_inode(view: bytes, e: Entry) -> int:
     """The one number all names of a hard-linked inode share (e.link_key() is not None)."""
     return TAG_LINK | (_h(b"l", view, e.ino.to_bytes(8, "little", signed=True),
-                          fingerprint(e).to_bytes(8, "little", signed=True)) & LOW_MASK)
+                          fingerprint(e, False).to_bytes(8, "little", signed=True)) & LOW_MASK)
