@@ -18,7 +18,7 @@ import trio
 import storetools
 
 from conftest import KEY, make_sample
-from humiofs import decryptd, reader, tree
+from humiofs import decryptd, prefetch, reader, tree
 from humiofs.crypto import CHUNK, STORED_CHUNK
 from humiofs.errors import NoSuchStore, WrongKey
 from humiofs.format import Generation
@@ -26,7 +26,7 @@ from humiofs.generations import At, parse_at
 from humiofs.scan import data_extents
 from humiofs.store import Store
 from mountutil import (backup, create_store, entries, listdir, read_all, resolve, tamper_file_data,
-                       tiny_node)
+                       tiny_node, wait_for)
 
 NODE = b"node1"
 
@@ -645,3 +645,27 @@ async def test_worker_reports_damage_and_goes_on(backed_up: tuple[Path, Store, G
             assert await read_all(m, b.inode) == (sample_node / rel).read_bytes()
     finally:
         m.close()
+
+
+def test_prefetch_loads_subfolders_ahead_and_stays_bounded() -> None:
+    """The subfolders of the folder opened last are loaded in the background, while fewer
+    than `limit` loaded entries wait unopened."""
+    loaded: list[int] = []
+
+    def load(inode: int) -> int:
+        loaded.append(inode)
+        return 5
+
+    p = prefetch.Prefetcher(load, limit=12)
+    try:
+        p.opened(1, list(range(10, 20)))
+        wait_for(lambda: len(loaded) == 3, "three folders loaded ahead")
+        p.opened(4, [])                 # a folder that was not prefetched: nothing changes
+        assert loaded == [10, 11, 12]
+        p.opened(10, [])                # one prefetched folder opened: room for one more
+        wait_for(lambda: len(loaded) == 4, "a fourth folder")
+        p.opened(11, [30, 31])          # a new folder's subfolders come first
+        wait_for(lambda: loaded[-1] == 30, "the new folder's subfolders")
+        assert len(loaded) == 5         # 12, 13 and 30 wait: 15 entries, at the limit
+    finally:
+        p.close()
