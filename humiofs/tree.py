@@ -132,6 +132,7 @@ class Tree:
         self._links: dict[int, tuple[_Dir, int, tuple[bytes, object]]] = {}
         self._listings: OrderedDict[int, _Loaded] = OrderedDict()
         self._listed = 0
+        self._loading: dict[int, threading.Event] = {}    # listings being read, by folder
         self.prefetcher = Prefetcher(self._prefetch, listing_budget // 4)
 
     def _add_source(self, src: Source) -> None:
@@ -307,6 +308,25 @@ class Tree:
                 return loaded
         if not block:
             raise WouldBlock()
+        with self._lock:
+            busy = self._loading.get(d.inode)
+            if busy is None:
+                mine = self._loading[d.inode] = threading.Event()
+        if busy is not None:
+            # Another thread (the prefetcher, say) is reading it: wait rather than read twice.
+            busy.wait()
+            with self._lock:
+                loaded = self._listings.get(d.inode)
+            return loaded if loaded is not None else self._load(d)
+        try:
+            return self._load(d)
+        finally:
+            with self._lock:
+                del self._loading[d.inode]
+            mine.set()
+
+    def _load(self, d: _Dir) -> _Loaded:
+        """Reads and decodes a tree folder's listing into the cache (blocking)."""
         if d.ref is None:
             entries = []
         else:
