@@ -39,9 +39,10 @@ from humiofs.attrs import BLOCK as _BLOCK
 from humiofs.attrs import Attr, Listing, entry_attr
 from humiofs.chunkcache import CACHE_BYTES
 from humiofs.errors import StoreError
-from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs
+from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Xattrs
 from humiofs.keys import Passphrase
 from humiofs.localstate import LocalState
+from humiofs.numbering import GLOBALDATA, Folder, Numbering
 from humiofs.prefetch import Prefetcher
 from humiofs.reader import Damaged, Reader, WouldBlock
 from humiofs.sources import NewStores, Source, open_sources
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 GENERATIONS = b".generations"
-GLOBALDATA = b"globaldata"
 REFRESH_S = 1.0               # how often the lists of stores and generations are read again
 LISTING_BUDGET = 64_000       # tree entries kept decoded (about 40 MB)
 _NAME = attrgetter("name")
@@ -71,24 +71,6 @@ class _Top:
 
     def __init__(self, inode: int, parent: int, source: Source | None) -> None:
         self.inode, self.parent, self.source = inode, parent, source
-
-
-class _Dir:
-    """A folder of a node tree (or a node root, or the synthetic globaldata folder).
-    `index`: its position in its parent's listing (-1 for a node root). `key`: its path key,
-    which the numbers of its files start with (inodes.py). `seeded`: the node root's globaldata
-    folder, where the seed file is shown (the folder is synthetic if `ref` is None, else the
-    node's own)."""
-
-    __slots__ = ("inode", "parent", "index", "path", "rel", "source", "gen", "ref", "view",
-                 "key", "is_root", "seeded")
-
-    def __init__(self, inode: int, parent: int, index: int, path: str, rel: bytes,
-                 source: Source, gen: Generation, ref: Ref | None, view: bytes, key: int,
-                 is_root: bool = False, seeded: bool = False) -> None:
-        self.inode, self.parent, self.index, self.path, self.rel = inode, parent, index, path, rel
-        self.source, self.gen, self.ref, self.view, self.key = source, gen, ref, view, key
-        self.is_root, self.seeded = is_root, seeded
 
 
 class _Loaded:
@@ -124,12 +106,8 @@ class Tree:
         self._next = 3
         for store in stores:
             self._add_source(Source(store, at, state))
-        self._dirs: dict[int, _Dir] = {}
-        self._keys: dict[int, list[_Dir]] = {}        # path key -> its folders, newest last
-        self._key_of: dict[tuple[bytes, bytes], int] = {}   # (view, path) -> its path key
-        self._key_path: dict[int, tuple[bytes, bytes]] = {}
-        # A hard link's number -> (a folder, the index there, what tells the inode from others).
-        self._links: dict[int, tuple[_Dir, int, tuple[bytes, object]]] = {}
+        self._numbering = Numbering()
+        self._dirs = self._numbering.dirs
         self._listings: OrderedDict[int, _Loaded] = OrderedDict()
         self._listed = 0
         self._loading: dict[int, threading.Event] = {}    # listings being read, by folder
@@ -214,68 +192,13 @@ class Tree:
 
     # -- inodes -------------------------------------------------------------------------------
 
-    def _path_key(self, view: bytes, rel: bytes) -> int:
-        """The path key of the folder path `rel` in `view`; a key taken by another path goes
-        to the next free one (inodes.py, collisions). Call with the lock held."""
-        key = self._key_of.get((view, rel))
-        if key is None:
-            key = inodes.dir_key(view, rel)
-            while self._key_path.setdefault(key, (view, rel)) != (view, rel):
-                key = (key + 1) & inodes.KEY_MASK
-            self._key_of[(view, rel)] = key
-        return key
-
-    def _new_dir(self, number: int, parent: int, index: int, path: str, rel: bytes,
-                 src: Source, gen: Generation, ref: Ref | None, view: bytes, is_root: bool,
-                 seeded: bool) -> _Dir:
-        """Registers a folder under `number`, or the next free number if that one stands for
-        another folder; a folder registered before is returned as it is. Lock held."""
-        while True:
-            d = self._dirs.get(number)
-            if d is None:
-                break
-            if d.view == view and d.rel == rel and d.gen.name == gen.name and \
-                    d.seeded == seeded:
-                return d
-            number = inodes.TAG_DIR | ((number + 1) & inodes.LOW_MASK)
-        key = self._path_key(view, rel)
-        d = self._dirs[number] = _Dir(number, parent, index, path, rel, src, gen, ref, view,
-                                      key, is_root, seeded)
-        self._keys.setdefault(key, []).append(d)
-        return d
-
     def _root_of(self, src: Source, gen: Generation, pinned: bool, parent: int,
                  path: str) -> int:
         """The inode of a node root: NAME/ (pinned=False) or .generations/NAME/TIME/."""
         view = src.view + gen.name.encode() if pinned else src.view
         with self._lock:
-            return self._new_dir(inodes.dir_inode(view, b"", gen.name.encode()), parent, -1,
+            return self._numbering.new_folder(inodes.dir_inode(view, b"", gen.name.encode()), parent, -1,
                                  path, b"", src, gen, gen.root.tree, view, True, False).inode
-
-    def _numbers(self, d: _Dir, entries: list[Entry]) -> list[int]:
-        """The inode numbers of a folder's children (inodes.py); registers its subfolders and
-        hard links. Lock held."""
-        slots = inodes.file_slots(entries)
-        gen_name = d.gen.name.encode()
-        numbers = []
-        file_inode = inodes.file_inode
-        for i, e in enumerate(entries):
-            if e.type == DIR:
-                rel = e.name if not d.rel else d.rel + b"/" + e.name
-                seeded = d.is_root and e.name == GLOBALDATA
-                sub = self._new_dir(inodes.dir_inode(d.view, rel, gen_name),
-                                    d.inode, i, f"{d.path}/{os.fsdecode(e.name)}", rel,
-                                    d.source, d.gen, e.subtree, d.view, False, seeded)
-                numbers.append(sub.inode)
-            elif e.nlink > 1 and e.link_key() is not None:
-                number = inodes.link_inode(d.view, e)
-                same = (d.view, e.link_key())
-                while self._links.setdefault(number, (d, i, same))[2] != same:
-                    number = inodes.TAG_LINK | ((number + 1) & inodes.LOW_MASK)
-                numbers.append(number)
-            else:
-                numbers.append(file_inode(d.key, slots[i]))
-        return numbers
 
     def _top_items(self, top: _Top, block: bool) -> list[tuple[bytes, int]]:
         if top.inode == ROOT_INODE:
@@ -299,7 +222,7 @@ class Tree:
                 items.append((folder, self._root_of(src, gen, True, top.inode, path)))
         return items
 
-    def _listing(self, d: _Dir, block: bool) -> _Loaded:
+    def _listing(self, d: Folder, block: bool) -> _Loaded:
         """The children of a tree folder; reads and decodes its tree if it is not cached."""
         with self._lock:
             loaded = self._listings.get(d.inode)
@@ -325,7 +248,7 @@ class Tree:
                 del self._loading[d.inode]
             mine.set()
 
-    def _load(self, d: _Dir) -> _Loaded:
+    def _load(self, d: Folder) -> _Loaded:
         """Reads and decodes a tree folder's listing into the cache (blocking)."""
         if d.ref is None:
             entries = []
@@ -351,7 +274,7 @@ class Tree:
             loaded = self._listings.get(d.inode)
             if loaded is not None:      # another thread was first
                 return loaded
-            loaded = self._listings[d.inode] = _Loaded(entries, self._numbers(d, entries))
+            loaded = self._listings[d.inode] = _Loaded(entries, self._numbering.children(d, entries))
             self._listed += len(entries)
             while self._listed > self.listing_budget and len(self._listings) > 1:
                 gone, old = self._listings.popitem(last=False)
@@ -367,13 +290,13 @@ class Tree:
                 return 0
         return len(self._listing(d, True).entries)
 
-    def _entry(self, inode: int, block: bool) -> tuple[_Dir, Entry]:
+    def _entry(self, inode: int, block: bool) -> tuple[Folder, Entry]:
         """The folder holding a tree inode, and its entry there; NotFound if the model never
         handed the number out."""
         tag = inode & inodes.TAG_MASK
         if tag == inodes.TAG_FILE:
             with self._lock:
-                folders = list(self._keys.get(inodes.key_of(inode), ()))
+                folders = list(self._numbering.keys.get(inodes.key_of(inode), ()))
             # Newest first: a file unchanged in several generations is in all of them, alike.
             for d in reversed(folders):
                 loaded = self._listing(d, block)
@@ -390,13 +313,13 @@ class Tree:
             return parent, self._listing(parent, block).entries[sub.index]
         if tag == inodes.TAG_LINK:
             with self._lock:
-                link = self._links.get(inode)
+                link = self._numbering.links.get(inode)
             if link is None:
                 raise NotFound()
             return link[0], self._listing(link[0], block).entries[link[1]]
         raise NotFound()
 
-    def _dir(self, inode: int) -> _Dir:
+    def _dir(self, inode: int) -> Folder:
         """The tree folder with this number; NotFound or NotADirectoryError if there is none."""
         with self._lock:
             d = self._dirs.get(inode)
@@ -573,5 +496,5 @@ def _seed(gen: Generation) -> Entry:
                  len(uuid), extents=((0, len(uuid)),))
 
 
-def _is_seed(d: _Dir, e: Entry) -> bool:
+def _is_seed(d: Folder, e: Entry) -> bool:
     return d.seeded and e.type == FILE and e.data is None and bool(e.extents)
