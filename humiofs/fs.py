@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# A generation never changes, and a new one gets new inodes (see tree.py), so the kernel may
-# keep names, attributes and file pages of every inode for as long as it likes. Only the
+# An inode number never stands for two different things (inodes.py: a file's number follows
+# its attributes and data, a folder's its generation), so the kernel may keep names,
+# attributes and file pages of every inode for as long as it likes. Only the
 # top-level folders follow new backups (NAME/ moves to the newest generation): their entries
 # and attributes expire quickly, so a new generation shows up within about a second.
 STABLE_TIMEOUT = 86400.0
