@@ -18,7 +18,7 @@ import trio
 import storetools
 
 from conftest import KEY, make_sample
-from humiofs import decryptd, prefetch, reader, tree
+from humiofs import decryptd, inodes, prefetch, reader, tree
 from humiofs.crypto import CHUNK, STORED_CHUNK
 from humiofs.errors import NoSuchStore, WrongKey
 from humiofs.format import Generation
@@ -669,3 +669,32 @@ def test_prefetch_loads_subfolders_ahead_and_stays_bounded() -> None:
         assert len(loaded) == 5         # 12, 13 and 30 wait: 15 entries, at the limit
     finally:
         p.close()
+
+
+async def test_colliding_hashes_still_give_every_entry_its_own_number(
+        backed_up: tuple[Path, Store, Generation], sample_node: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every file fingerprint and every folder path key made equal, numbers move on to
+    the next free one: no two entries share a number, and each still leads to its own file."""
+    monkeypatch.setattr(inodes, "fingerprint", lambda e, with_name=True: 12345)
+    monkeypatch.setattr(inodes, "dir_key", lambda view, path: 7)
+    m = tree.Tree.from_backup_dir(backed_up[0], KEY)
+    try:
+        numbers: dict[int, bytes] = {}
+        todo = [(b"", resolve(m, NODE).inode)]
+        while todo:
+            prefix, inode = todo.pop()
+            for name, a in listdir(m, inode).items():
+                rel = prefix + name
+                assert a.inode not in numbers, (rel, numbers.get(a.inode))
+                numbers[a.inode] = rel
+                if stat.S_ISDIR(a.mode):
+                    todo.append((rel + b"/", a.inode))
+        assert len(numbers) > 300
+        for inode, rel in numbers.items():
+            path = sample_node / os.fsdecode(rel)
+            if rel.startswith(b"globaldata") or path.is_symlink() or not path.is_file():
+                continue
+            assert await read_all(m, inode) == path.read_bytes(), rel
+    finally:
+        m.close()
