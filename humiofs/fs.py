@@ -23,13 +23,17 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# A generation never changes, and a new one gets new inodes (see tree.py), so the kernel may
-# keep names, attributes and file pages of every inode for as long as it likes. Only the
+# An inode number never stands for two different things (inodes.py: a file's number follows
+# its attributes and data, a folder's its generation), so the kernel may keep names,
+# attributes and file pages of every inode for as long as it likes. Only the
 # top-level folders follow new backups (NAME/ moves to the newest generation): their entries
 # and attributes expire quickly, so a new generation shows up within about a second.
 STABLE_TIMEOUT = 86400.0
 VOLATILE_TIMEOUT = 1.0
 STORE_THREADS = 4
+# Replies for inodes already answered once, kept so that a walk of a folder it has seen costs
+# no more than a dictionary look-up an entry (about 210 bytes each; cleared when full).
+ATTR_CACHE = 65_536
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -67,6 +71,8 @@ class Operations(pyfuse3.Operations):
         self._limiter = trio.CapacityLimiter(threads)
         self._dirs: dict[int, tree.Listing] = {}
         self._next_dh = 1
+        # An inode's reply never changes (only the top-level folders', never kept here).
+        self._replies: dict[int, pyfuse3.EntryAttributes] = {}
 
     async def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
         """Runs a model call: from memory on the loop when it can, else in a worker thread;
@@ -98,23 +104,47 @@ class Operations(pyfuse3.Operations):
         e.st_atime_ns = e.st_ctime_ns = e.st_mtime_ns = attr.mtime_ns
         return e
 
+    def _remember(self, inode: int, reply: pyfuse3.EntryAttributes) -> None:
+        if len(self._replies) >= ATTR_CACHE:
+            self._replies.clear()
+        self._replies[inode] = reply
+
+    async def _stable_reply(self, what: str, inode: int) -> pyfuse3.EntryAttributes:
+        """The reply for an inode below the top-level folders."""
+        reply = self._replies.get(inode)
+        if reply is None:
+            reply = self._entry(await self._call(what, self.tree.getattr, inode), False)
+            self._remember(inode, reply)
+        return reply
+
     # -- metadata -----------------------------------------------------------------------------
 
     async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        volatile = self.tree.volatile(parent_inode)
+        if self.tree.volatile(parent_inode):
+            if name == b".":
+                attr = await self._call("lookup", self.tree.getattr, parent_inode)
+            elif name == b"..":
+                up = await self._call("lookup", self.tree.parent, parent_inode)
+                attr = await self._call("lookup", self.tree.getattr, up)
+            else:
+                attr = await self._call("lookup", self.tree.lookup, parent_inode, bytes(name))
+            return self._entry(attr, True)
         if name == b".":
-            attr = await self._call("lookup", self.tree.getattr, parent_inode)
+            inode = parent_inode
         elif name == b"..":
-            up = await self._call("lookup", self.tree.parent, parent_inode)
-            attr = await self._call("lookup", self.tree.getattr, up)
+            inode = await self._call("lookup", self.tree.parent, parent_inode)
+            if self.tree.volatile(inode):
+                return self._entry(await self._call("lookup", self.tree.getattr, inode), False)
         else:
-            attr = await self._call("lookup", self.tree.lookup, parent_inode, bytes(name))
-        return self._entry(attr, volatile)
+            inode = await self._call("lookup", self.tree.lookup_inode, parent_inode, bytes(name))
+        return await self._stable_reply("lookup", inode)
 
     async def getattr(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._call("getattr", self.tree.getattr, inode), False)
+        if self.tree.volatile(inode):
+            return self._entry(await self._call("getattr", self.tree.getattr, inode), False)
+        return await self._stable_reply("getattr", inode)
 
     async def readlink(self, inode: pyfuse3.InodeT,
                        ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
@@ -167,13 +197,24 @@ class Operations(pyfuse3.Operations):
         listing = self._dirs.get(fh)
         if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        volatile = listing.volatile
+        names, numbers, replies = listing.names, listing.inodes, self._replies
+        reply_to = pyfuse3.readdir_reply
         try:
             # An entry's cookie is the index of the entry after it, so a listing larger than the
             # kernel's buffer resumes exactly there, and telldir/seekdir land where they should.
+            reply: pyfuse3.EntryAttributes | None
             for i in range(start_id, len(listing)):
-                name, attr = listing.item(i)
-                if not pyfuse3.readdir_reply(token, name,
-                                             self._entry(attr, listing.volatile), i + 1):
+                if i < 2:
+                    name, reply = (b".", b"..")[i], self._entry(listing.attr(i), volatile)
+                else:
+                    name = names[i - 2]
+                    reply = None if volatile else replies.get(numbers[i - 2])
+                    if reply is None:
+                        reply = self._entry(listing.attr(i), volatile)
+                        if not volatile:
+                            self._remember(numbers[i - 2], reply)
+                if not reply_to(token, name, reply, i + 1):
                     break
         except StoreError as exc:
             log.error("readdir: %s", exc)

@@ -21,7 +21,9 @@ Mount the backups in BACKUP_DIR read-only at MOUNTPOINT (an empty folder), decry
 Only BACKUP_DIR and the key are needed. The root lists every store in BACKUP_DIR that the key
 opens (stores it does not open are left out with a warning); --name limits it to one.
 BACKUP_NAME in the env file does not limit the mount. NAME/ follows new backups within about a
-second. By default the mount serves in the background and the command returns once it is
+second, and stores created after the mount started appear in it (it starts on an empty or
+missing BACKUP_DIR). An unchanged file keeps its inode number across remounts and backups, so
+restic and borg pointed at MOUNTPOINT/NAME read only what changed. By default the mount serves in the background and the command returns once it is
 mounted; unmount with `humiofs umount MOUNTPOINT`.
 
 Copies that keep holes (sparse files stay sparse): rsync -aS, tar -S, cp --sparse=always, and

@@ -6,13 +6,16 @@ What the mount shows:
     /NAME/globaldata/cluster_membership-NODEID-UUID.uuid    the node's seed file (synthetic)
     /.generations/NAME/TIME/       every generation of NAME, TIME like 20261124T100000.123Z
 
-Inodes are handed out lazily and never change meaning: when a directory's listing is first read,
-its children get a contiguous range of inode numbers (base + index in the sorted listing). So an
-inode is resolved by a bisect over the ranges plus the parent's listing, which is kept in a
-bounded LRU and read again from the store if it was dropped. Memory grows with the number of
-directories visited, not with the number of files, and every inode the kernel was ever given
-stays resolvable, so forget() needs no bookkeeping. A new generation gets new inodes: `NAME`
-then simply points at another inode, and nothing the kernel caches about an inode can go stale.
+Inode numbers derive from what they show (inodes.py): an unchanged file keeps its number across
+remounts and generations, a changed one gets a new number, and a folder a new one in every
+generation. So a number never stands for two different things and nothing the kernel caches
+about an inode can go stale. When a folder's listing is read, the numbers of its children are
+computed with it; a folder is registered then (memory grows with the folders listed, not with
+the files), and a file's number leads back to its folder's path key and from there to the
+listing, which is kept in a bounded LRU and read again from the store if it was dropped. Every
+inode the kernel was ever given stays resolvable, so forget() needs no bookkeeping. NAME/ simply
+points at another folder when a new generation appears, and so does the root when a new store
+appears in BACKUP_DIR.
 
 Calls that may need store I/O take `block`: with block=False they raise WouldBlock instead of
 reading the store, so the FUSE adapter can answer from memory on the event loop and run only
@@ -26,125 +29,39 @@ import logging
 import os
 import stat
 import threading
-import time
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
 
-from humiofs import generations
-from humiofs.errors import NoSuchStore, StoreError, WrongKey
-from humiofs import format
-from humiofs.format import (DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs,
-                            generation_time)
+from humiofs import generations, inodes
+from humiofs.attrs import BLOCK as _BLOCK
+from humiofs.attrs import Attr, Listing, entry_attr
 from humiofs.chunkcache import CACHE_BYTES
+from humiofs.errors import StoreError
+from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Xattrs
 from humiofs.keys import Passphrase
 from humiofs.localstate import LocalState
+from humiofs.numbering import GLOBALDATA, Folder, Numbering
+from humiofs.prefetch import Prefetcher
 from humiofs.reader import Damaged, Reader, WouldBlock
-from humiofs.store import Store, list_stores, looks_like_store
+from humiofs.sources import NewStores, Source, open_sources
+from humiofs.store import Store
+
+__all__ = ["Attr", "Damaged", "Listing", "NotFound", "ROOT_INODE", "Tree", "WouldBlock",
+           "open_sources"]
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 GENERATIONS = b".generations"
-GLOBALDATA = b"globaldata"
-REFRESH_S = 1.0               # how often the list of generations is read again
+REFRESH_S = 1.0               # how often the lists of stores and generations are read again
 LISTING_BUDGET = 64_000       # tree entries kept decoded (about 40 MB)
-_BLOCK = 4096
 _NAME = attrgetter("name")
-_SPECIAL_MODES = {format.FIFO: stat.S_IFIFO, format.CHR: stat.S_IFCHR, format.BLK: stat.S_IFBLK}
 
 
 class NotFound(Exception):
     """No such name or inode."""
-
-
-@dataclass(frozen=True, slots=True)
-class Attr:
-    """The attributes of one inode. `volatile` inodes (the top-level folders, whose listings
-    follow new backups) may change; every other inode is immutable."""
-
-    inode: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    blocks: int
-    mtime_ns: int
-    volatile: bool = False
-    rdev: int = 0
-
-
-def _blocks(nbytes: int) -> int:
-    """512-byte blocks of `nbytes` of data allocated in 4 KiB blocks, as `du` counts them."""
-    return -(-nbytes // _BLOCK) * (_BLOCK // 512)
-
-
-class _Source:
-    """One opened store and the generations the mount shows of it."""
-
-    def __init__(self, store: Store, at: generations.At | None,
-                 state: LocalState | None = None) -> None:
-        self.store = store
-        self.name = store.name.encode()
-        self.at = at
-        self.state = state          # rollback detection, when NAME/ shows the latest
-        self.names: list[str] = []
-        self.gens: dict[str, Generation] = {}
-        self.bad: set[str] = set()
-        self.current: Generation | None = None
-        self.checked = -1e9
-        self.told: tuple[str, str] | None = None    # (shown, newest damaged) last logged
-        self.rollback_told: str | None = None
-
-    def stale(self) -> bool:
-        return time.monotonic() - self.checked > REFRESH_S
-
-    def refresh(self) -> None:
-        """Lists the generations again and picks the one NAME/ shows (blocking I/O): the
-        latest that reads back, as restore and ls take it (generations.pick)."""
-        names = self.store.list_generations()
-        current = None
-        skipped = []
-        for name in reversed(names):
-            if self.at is not None and not self.at.admits(name):
-                continue
-            current = self.generation(name)
-            if current is not None:
-                break
-            skipped.append(name)
-        if skipped and current is not None and (current.name, skipped[0]) != self.told:
-            self.told = (current.name, skipped[0])
-            log.warning("backup %s: %s/ shows %s, the latest intact generation; the newer "
-                        "%s damaged (run humiofs check)", self.store.name, self.store.name,
-                        generations.describe(current),
-                        ", ".join(skipped) + (" is" if len(skipped) == 1 else " are"))
-        if self.state is not None and self.at is None:
-            rollback = self.state.observe(self.store, current.name if current else None, names)
-            if rollback and rollback != self.rollback_told:
-                log.warning("backup %s: %s", self.store.name, rollback)
-            self.rollback_told = rollback
-        self.names, self.current, self.checked = names, current, time.monotonic()
-
-    def generation(self, name: str) -> Generation | None:
-        """The generation `name`, loaded once; None (with one warning) if it is damaged."""
-        gen = self.gens.get(name)
-        if gen is None and name not in self.bad:
-            try:
-                gen = self.gens[name] = self.store.load_generation(name)
-            except StoreError as exc:
-                self.bad.add(name)
-                log.warning("backup %s: leaving out damaged generation %s: %s",
-                            self.store.name, name, exc)
-        return gen
-
-    def time_names(self) -> list[tuple[bytes, str]]:
-        """(folder name, generation name) for every generation: the commit time in ISO 8601
-        basic format to the millisecond (generations.folder_time)."""
-        return [(generations.folder_time(generation_time(n)).encode(), n) for n in self.names]
 
 
 class _Top:
@@ -152,83 +69,22 @@ class _Top:
 
     __slots__ = ("inode", "parent", "source")
 
-    def __init__(self, inode: int, parent: int, source: _Source | None) -> None:
+    def __init__(self, inode: int, parent: int, source: Source | None) -> None:
         self.inode, self.parent, self.source = inode, parent, source
 
 
-class _Dir:
-    """A folder of a node tree (or a node root, or the synthetic globaldata folder) whose
-    children get the inode range base .. base+count-1 once its listing is first read.
-    `seeded`: the node root's globaldata folder, where the seed file is shown (the folder is
-    synthetic if `ref` is None, else the node's own)."""
+class _Loaded:
+    """A tree folder's decoded listing: its entries in name order, their inode numbers, and
+    where each number is in the listing."""
 
-    __slots__ = ("inode", "parent", "path", "source", "gen", "ref", "view", "is_root", "seeded",
-                 "base", "count")
+    __slots__ = ("entries", "names", "inodes", "where", "subfolders")
 
-    def __init__(self, inode: int, parent: int, path: str, source: _Source, gen: Generation,
-                 ref: Ref | None, view: int, is_root: bool = False, seeded: bool = False) -> None:
-        self.inode, self.parent, self.path = inode, parent, path
-        self.source, self.gen, self.ref, self.is_root = source, gen, ref, is_root
-        self.seeded = seeded
-        self.view = view            # the inode of the node root this folder is under
-        self.base = self.count = 0
-
-
-class Listing:
-    """An opened folder as readdir(3) shows it, fixed from opendir to releasedir: `.` and `..`
-    first, then its children in name order. Item i is the same entry for the listing's life,
-    so an index is a stable position to resume or seek to."""
-
-    def __init__(self, dots: tuple[Attr, Attr], items: list[tuple[bytes, int]],
-                 attr: Callable[[int, int], Attr], volatile: bool) -> None:
-        self._dots = ((b".", dots[0]), (b"..", dots[1]))
-        self._items = items
-        self._attr = attr
-        self.volatile = volatile
-
-    def __len__(self) -> int:
-        return len(self._dots) + len(self._items)
-
-    def item(self, index: int) -> tuple[bytes, Attr]:
-        if index < len(self._dots):
-            return self._dots[index]
-        index -= len(self._dots)
-        name, inode = self._items[index]
-        return name, self._attr(index, inode)
-
-
-def open_sources(backup_dir: Path, key: str | Passphrase,
-                 name: str | None = None) -> list[Store]:
-    """Opens every store in `backup_dir` that `key` opens (or only `name`).
-
-    A store the key does not open is left out with a warning; if it opens none, WrongKey.
-    The Argon2id unwraps run one after another: run concurrently in threads, the `cryptography`
-    Argon2id (lanes > 1) deadlocks, and each unwrap already uses several cores.
-    """
-    if name is not None:
-        if not looks_like_store(backup_dir / name):
-            raise NoSuchStore(f"no humiofs store at {backup_dir / name}")
-        return [Store.open(backup_dir / name, key)]
-    names = list_stores(backup_dir)
-    if not names:
-        raise NoSuchStore(f"no humiofs backups in {backup_dir}")
-    stores = []
-    damaged: list[StoreError] = []
-    for n in names:
-        try:
-            stores.append(Store.open(backup_dir / n, key))
-        except WrongKey:
-            log.warning("the key does not open the backup %s; it is left out of the mount", n)
-        except StoreError as exc:
-            log.warning("backup %s is left out of the mount: %s", n, exc)
-            damaged.append(exc)
-    if not stores and len(damaged) == len(names):
-        raise damaged[0]      # not a matter of the key: say what is wrong with the store
-    if not stores:
-        raise WrongKey(f"the key does not open any store in {backup_dir} ({', '.join(names)}). "
-                       f"{Passphrase.of(key).check_advice()}. If the key is lost, nobody can "
-                       "read these backups")
-    return stores
+    def __init__(self, entries: list[Entry], numbers: list[int]) -> None:
+        self.entries = entries
+        self.names = [e.name for e in entries]
+        self.inodes = numbers
+        self.where = {n: i for i, n in enumerate(numbers)}
+        self.subfolders = [n for n, e in zip(numbers, entries) if e.type == DIR]
 
 
 class Tree:
@@ -236,38 +92,49 @@ class Tree:
 
     def __init__(self, stores: list[Store], at: generations.At | None = None,
                  cache_bytes: int = CACHE_BYTES, listing_budget: int = LISTING_BUDGET,
-                 state: LocalState | None = None) -> None:
+                 state: LocalState | None = None, new_stores: NewStores | None = None) -> None:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.reader = Reader(cache_bytes)
         self.cache = self.reader.cache
         self.listing_budget = listing_budget
         self._lock = threading.RLock()
-        self._sources = sorted((_Source(s, at, state) for s in stores), key=attrgetter("name"))
+        self._at, self._state, self._new_stores = at, state, new_stores
+        self._sources: list[Source] = []
         self._top: dict[int, _Top] = {ROOT_INODE: _Top(ROOT_INODE, ROOT_INODE, None),
                                       2: _Top(2, ROOT_INODE, None)}
         self._gens_of: dict[bytes, int] = {}
         self._next = 3
-        for src in self._sources:
+        for store in stores:
+            self._add_source(Source(store, at, state))
+        self._numbering = Numbering()
+        self._dirs = self._numbering.dirs
+        self._listings: OrderedDict[int, _Loaded] = OrderedDict()
+        self._listed = 0
+        self._loading: dict[int, threading.Event] = {}    # listings being read, by folder
+        self.prefetcher = Prefetcher(self._prefetch, listing_budget // 4)
+
+    def _add_source(self, src: Source) -> None:
+        with self._lock:
+            self._sources = sorted([*self._sources, src], key=attrgetter("name"))
             self._top[self._next] = _Top(self._next, 2, src)
             self._gens_of[src.name] = self._next
             self._next += 1
-        self._dirs: dict[int, _Dir] = {}
-        self._roots: dict[tuple[bytes, str, bool], int] = {}
-        self._bases: list[int] = []
-        self._ranges: list[_Dir] = []
-        self._listings: OrderedDict[int, list[Entry]] = OrderedDict()
-        self._listed = 0
-        # Hard links: (view, Entry.link_key()) -> the one inode all names of it get: the
-        # inode of the first name handed out. Grows with the hard-linked names visited.
-        self._link_inodes: dict[tuple[int, object], int] = {}
 
     @classmethod
     def from_backup_dir(cls, backup_dir: Path, key: str | Passphrase, name: str | None = None,
                         at: generations.At | None = None,
                         state: LocalState | None = None) -> Tree:
         """Opens the stores and reads which generation each shows (see open_sources); with
-        `state`, warns when a store was rolled back (localstate)."""
-        tree = cls(open_sources(backup_dir, key, name), at, state=state)
+        `state`, warns when a store was rolled back (localstate). Without `name` and `at`, a
+        BACKUP_DIR with no stores yet (or none at all yet) is fine: stores created later
+        appear in the mount (within REFRESH_S of a listing of its root)."""
+        watch = name is None and at is None
+        stores = open_sources(backup_dir, key, name, allow_none=watch)
+        new_stores = NewStores(backup_dir, Passphrase.of(key), stores) if watch else None
+        tree = cls(stores, at, state=state, new_stores=new_stores)
+        if not stores:
+            log.warning("no backups in %s yet; each appears in the mount once it is created",
+                        backup_dir)
         for src in tree._sources:
             src.refresh()
         if at is not None and at.name is not None and \
@@ -292,47 +159,58 @@ class Tree:
         return [(src.store.name, src.current) for src in self._sources]
 
     def start_worker(self, close_fds: tuple[int, ...] = ()) -> None:
-        """Forks the decryption worker over the open stores (see reader.Reader.start_worker)."""
+        """Forks the decryption worker over the open stores (see reader.Reader.start_worker).
+        Stores that appear later are read in threads."""
         self.reader.start_worker([src.store for src in self._sources], close_fds)
 
     def close(self) -> None:
+        self.prefetcher.close()
         self.reader.close()
         for src in self._sources:
             src.store.close()
 
-    # -- inodes -------------------------------------------------------------------------------
+    # -- stores and generations ---------------------------------------------------------------
 
-    def _fresh(self, src: _Source, block: bool) -> _Source:
-        if src.stale():
+    def _fresh(self, src: Source, block: bool) -> Source:
+        if src.stale(REFRESH_S):
             if not block:
                 raise WouldBlock()
             src.refresh()
         return src
 
-    def _root_of(self, src: _Source, gen: Generation, pinned: bool, parent: int,
+    def _fresh_stores(self, block: bool) -> list[Source]:
+        """The sources, with any store created in BACKUP_DIR since the last look added."""
+        watch = self._new_stores
+        if watch is not None and watch.stale(REFRESH_S):
+            if not block:
+                raise WouldBlock()
+            for store in watch.poll():
+                src = Source(store, self._at, self._state)
+                src.refresh()
+                self._add_source(src)
+        return self._sources
+
+    # -- inodes -------------------------------------------------------------------------------
+
+    def _root_of(self, src: Source, gen: Generation, pinned: bool, parent: int,
                  path: str) -> int:
         """The inode of a node root: NAME/ (pinned=False) or .generations/NAME/TIME/."""
-        key = (src.name, gen.name, pinned)
+        view = src.view + gen.name.encode() if pinned else src.view
         with self._lock:
-            inode = self._roots.get(key)
-            if inode is None:
-                inode = self._roots[key] = self._next
-                self._next += 1
-                self._dirs[inode] = _Dir(inode, parent, path, src, gen, gen.root.tree, inode,
-                                         True)
-            return inode
+            return self._numbering.new_folder(inodes.dir_inode(view, b"", gen.name.encode()), parent, -1,
+                                 path, b"", src, gen, gen.root.tree, view, True, False).inode
 
     def _top_items(self, top: _Top, block: bool) -> list[tuple[bytes, int]]:
         if top.inode == ROOT_INODE:
             items = [(GENERATIONS, 2)]
-            for src in self._sources:
+            for src in self._fresh_stores(block):
                 gen = self._fresh(src, block).current
                 if gen is not None:
                     items.append((src.name, self._root_of(src, gen, False, ROOT_INODE,
                                                           src.name.decode())))
             return items
         if top.source is None:
-            return [(src.name, self._gens_of[src.name]) for src in self._sources]
+            return [(src.name, self._gens_of[src.name]) for src in self._fresh_stores(block)]
         src = self._fresh(top.source, block)
         items = []
         for folder, gen_name in src.time_names():
@@ -344,15 +222,34 @@ class Tree:
                 items.append((folder, self._root_of(src, gen, True, top.inode, path)))
         return items
 
-    def _listing(self, d: _Dir, block: bool) -> list[Entry]:
+    def _listing(self, d: Folder, block: bool) -> _Loaded:
         """The children of a tree folder; reads and decodes its tree if it is not cached."""
         with self._lock:
-            entries = self._listings.get(d.inode)
-            if entries is not None:
+            loaded = self._listings.get(d.inode)
+            if loaded is not None:
                 self._listings.move_to_end(d.inode)
-                return entries
+                return loaded
         if not block:
             raise WouldBlock()
+        with self._lock:
+            busy = self._loading.get(d.inode)
+            if busy is None:
+                mine = self._loading[d.inode] = threading.Event()
+        if busy is not None:
+            # Another thread (the prefetcher, say) is reading it: wait rather than read twice.
+            busy.wait()
+            with self._lock:
+                loaded = self._listings.get(d.inode)
+            return loaded if loaded is not None else self._load(d)
+        try:
+            return self._load(d)
+        finally:
+            with self._lock:
+                del self._loading[d.inode]
+            mine.set()
+
+    def _load(self, d: Folder) -> _Loaded:
+        """Reads and decodes a tree folder's listing into the cache (blocking)."""
         if d.ref is None:
             entries = []
         else:
@@ -374,49 +271,63 @@ class Tree:
             if i == len(entries) or entries[i].name != seed.name:
                 entries.insert(i, seed)
         with self._lock:
-            if d.base == 0:
-                d.base, d.count = self._next, len(entries)
-                self._next += len(entries)
-                self._bases.append(d.base)
-                self._ranges.append(d)
-            elif d.count != len(entries):
-                raise Damaged(f"cannot list {d.path}: its tree changed in the store")
-            if d.inode not in self._listings:
-                self._listings[d.inode] = entries
-                self._listed += len(entries)
+            loaded = self._listings.get(d.inode)
+            if loaded is not None:      # another thread was first
+                return loaded
+            loaded = self._listings[d.inode] = _Loaded(entries, self._numbering.children(d, entries))
+            self._listed += len(entries)
             while self._listed > self.listing_budget and len(self._listings) > 1:
-                _, old = self._listings.popitem(last=False)
-                self._listed -= len(old)
-        return entries
+                gone, old = self._listings.popitem(last=False)
+                self._listed -= len(old.entries)
+                self.prefetcher.dropped(gone)
+        return loaded
 
-    def _entry(self, inode: int, block: bool) -> tuple[_Dir, Entry]:
-        """The folder holding a tree inode, and its entry there."""
+    def _prefetch(self, inode: int) -> int:
+        """Loads a folder's listing ahead of its opendir (prefetch.py); the entries decoded."""
         with self._lock:
-            i = bisect_right(self._bases, inode) - 1
-            if i < 0:
-                raise NotFound()
-            d = self._ranges[i]
-        if inode >= d.base + d.count:
-            raise NotFound()
-        return d, self._listing(d, block)[inode - d.base]
+            d = self._dirs.get(inode)
+            if d is None or inode in self._listings:
+                return 0
+        return len(self._listing(d, True).entries)
 
-    def _dir(self, inode: int, block: bool) -> _Dir:
-        """The tree folder with this inode, registered on first use."""
+    def _entry(self, inode: int, block: bool) -> tuple[Folder, Entry]:
+        """The folder holding a tree inode, and its entry there; NotFound if the model never
+        handed the number out."""
+        tag = inode & inodes.TAG_MASK
+        if tag == inodes.TAG_FILE:
+            with self._lock:
+                folders = list(self._numbering.keys.get(inodes.key_of(inode), ()))
+            # Newest first: a file unchanged in several generations is in all of them, alike.
+            for d in reversed(folders):
+                loaded = self._listing(d, block)
+                i = loaded.where.get(inode)
+                if i is not None:
+                    return d, loaded.entries[i]
+            raise NotFound()
+        if tag == inodes.TAG_DIR:
+            with self._lock:
+                sub = self._dirs.get(inode)
+                parent = self._dirs.get(sub.parent) if sub is not None else None
+            if sub is None or parent is None:
+                raise NotFound()
+            return parent, self._listing(parent, block).entries[sub.index]
+        if tag == inodes.TAG_LINK:
+            with self._lock:
+                link = self._numbering.links.get(inode)
+            if link is None:
+                raise NotFound()
+            return link[0], self._listing(link[0], block).entries[link[1]]
+        raise NotFound()
+
+    def _dir(self, inode: int) -> Folder:
+        """The tree folder with this number; NotFound or NotADirectoryError if there is none."""
         with self._lock:
             d = self._dirs.get(inode)
         if d is not None:
             return d
-        parent, e = self._entry(inode, block)
-        if e.type != DIR:
+        if inode & inodes.TAG_MASK in (inodes.TAG_FILE, inodes.TAG_LINK):
             raise NotADirectoryError(errno.ENOTDIR, "not a folder")
-        with self._lock:
-            d = self._dirs.get(inode)
-            if d is None:
-                d = self._dirs[inode] = _Dir(inode, parent.inode,
-                                             f"{parent.path}/{os.fsdecode(e.name)}",
-                                             parent.source, parent.gen, e.subtree, parent.view,
-                                             seeded=parent.is_root and e.name == GLOBALDATA)
-            return d
+        raise NotFound()
 
     # -- attributes ---------------------------------------------------------------------------
 
@@ -434,30 +345,6 @@ class Tree:
         return Attr(inode, stat.S_IFDIR | 0o555, nlink, self.uid, self.gid, _BLOCK, 8,
                     mtime * 1_000_000, volatile=True)
 
-    def _entry_attr(self, inode: int, e: Entry) -> Attr:
-        if e.type == FILE:
-            return Attr(inode, stat.S_IFREG | e.mode, e.nlink, e.uid, e.gid, e.size,
-                        _blocks(e.data_bytes), e.mtime_ns)
-        if e.type == DIR:
-            # Trees do not keep a folder's size; one 4 KiB block is what ext4 and xfs show.
-            # nlink is 2 + subfolders, or 1 ("not counted") from a version 1 tree.
-            return Attr(inode, stat.S_IFDIR | e.mode, e.nlink, e.uid, e.gid, _BLOCK, 8,
-                        e.mtime_ns)
-        if e.type == SYMLINK:
-            return Attr(inode, stat.S_IFLNK | e.mode, 1, e.uid, e.gid, len(e.target), 0,
-                        e.mtime_ns)
-        return Attr(inode, _SPECIAL_MODES[e.type] | e.mode, e.nlink, e.uid, e.gid, 0, 0,
-                    e.mtime_ns, rdev=os.makedev(*e.rdev))
-
-    def _child_inode(self, d: _Dir, index: int, e: Entry) -> int:
-        """The inode of entry `index` of the folder `d`: base + index, except that all names
-        of one hard-linked inode get the inode of the first of them handed out."""
-        key = e.link_key()
-        if key is None:
-            return d.base + index
-        with self._lock:
-            return self._link_inodes.setdefault((d.view, key), d.base + index)
-
     def getattr(self, inode: int, block: bool = True) -> Attr:
         """The attributes of `inode`; NotFound if the model never handed it out."""
         top = self._top.get(inode)
@@ -469,10 +356,10 @@ class Tree:
             r = d.gen.root
             # 2 + subfolders, the globaldata folder the mount may add included: counted from
             # the listing, which a lookup of the root needs next anyway.
-            subdirs = sum(1 for e in self._listing(d, block) if e.type == DIR)
+            subdirs = sum(1 for e in self._listing(d, block).entries if e.type == DIR)
             return Attr(inode, stat.S_IFDIR | r.mode, 2 + subdirs, r.uid, r.gid, _BLOCK, 8,
                         r.mtime_ns)
-        return self._entry_attr(inode, self._entry(inode, block)[1])
+        return entry_attr(inode, self._entry(inode, block)[1])
 
     def xattrs(self, inode: int, block: bool = True) -> Xattrs:
         """The stored extended attributes of `inode` (FORMAT.md 7.1), sorted by name."""
@@ -507,7 +394,7 @@ class Tree:
         data with these. Both come from the generations' own stats, already in memory; only a
         stale list of generations needs store I/O (WouldBlock with block=False).
         """
-        data_bytes, inodes = 0, len(self._top)
+        data_bytes, inodes_ = 0, len(self._top)
         for src in self._sources:
             gen = self._fresh(src, block).current
             if gen is None:
@@ -516,27 +403,37 @@ class Tree:
             counts = {k: max(0, gen.stats.get(k, 0)) for k in
                       ("data_bytes", "files", "dirs", "symlinks")}
             data_bytes += counts["data_bytes"]
-            inodes += 1 + counts["files"] + counts["dirs"] + counts["symlinks"]  # 1: NAME/
+            inodes_ += 1 + counts["files"] + counts["dirs"] + counts["symlinks"]  # 1: NAME/
             if gen.identity is not None:
-                inodes += 2  # globaldata/ and its seed file
-        return data_bytes, inodes
+                inodes_ += 2  # globaldata/ and its seed file
+        return data_bytes, inodes_
 
     # -- folders ------------------------------------------------------------------------------
+
+    def lookup_inode(self, parent: int, name: bytes, block: bool = True) -> int:
+        """The number of `name` in the folder `parent`; NotFound if there is none."""
+        top = self._top.get(parent)
+        if top is not None:
+            for item_name, inode in self._top_items(top, block):
+                if item_name == name:
+                    return inode
+            raise NotFound()
+        loaded = self._listing(self._dir(parent), block)
+        i = bisect_left(loaded.names, name)
+        if i == len(loaded.names) or loaded.names[i] != name:
+            raise NotFound()
+        return loaded.inodes[i]
 
     def lookup(self, parent: int, name: bytes, block: bool = True) -> Attr:
         """The attributes of `name` in the folder `parent`; NotFound if there is none."""
         top = self._top.get(parent)
         if top is not None:
-            for item_name, inode in self._top_items(top, block):
-                if item_name == name:
-                    return self.getattr(inode, block)
+            return self.getattr(self.lookup_inode(parent, name, block), block)
+        loaded = self._listing(self._dir(parent), block)
+        i = bisect_left(loaded.names, name)
+        if i == len(loaded.names) or loaded.names[i] != name:
             raise NotFound()
-        d = self._dir(parent, block)
-        entries = self._listing(d, block)
-        i = bisect_left(entries, name, key=_NAME)
-        if i == len(entries) or entries[i].name != name:
-            raise NotFound()
-        return self._entry_attr(self._child_inode(d, i, entries[i]), entries[i])
+        return entry_attr(loaded.inodes[i], loaded.entries[i])
 
     def opendir(self, inode: int, block: bool = True) -> Listing:
         """A folder's listing as it is now: `.`, `..` (the root's `..` is the root itself, as
@@ -544,13 +441,14 @@ class Tree:
         top = self._top.get(inode)
         if top is not None:
             items = self._top_items(top, block)
-            return Listing(self._dots(inode, block), items,
-                           lambda _i, child: self.getattr(child), volatile=True)
-        d = self._dir(inode, block)
-        entries = self._listing(d, block)
-        return Listing(self._dots(inode, block),
-                       [(e.name, self._child_inode(d, i, e)) for i, e in enumerate(entries)],
-                       lambda i, child: self._entry_attr(child, entries[i]), volatile=False)
+            numbers = [n for _, n in items]
+            return Listing(self._dots(inode, block), [name for name, _ in items], numbers,
+                           lambda i: self.getattr(numbers[i]), volatile=True)
+        loaded = self._listing(self._dir(inode), block)
+        self.prefetcher.opened(inode, loaded.subfolders)
+        entries, numbers = loaded.entries, loaded.inodes
+        return Listing(self._dots(inode, block), loaded.names, numbers,
+                       lambda i: entry_attr(numbers[i], entries[i]), volatile=False)
 
     def _dots(self, inode: int, block: bool) -> tuple[Attr, Attr]:
         """The attributes of `.` and `..` in the folder `inode`."""
@@ -598,5 +496,5 @@ def _seed(gen: Generation) -> Entry:
                  len(uuid), extents=((0, len(uuid)),))
 
 
-def _is_seed(d: _Dir, e: Entry) -> bool:
+def _is_seed(d: Folder, e: Entry) -> bool:
     return d.seeded and e.type == FILE and e.data is None and bool(e.extents)

@@ -273,3 +273,18 @@ async def test_statfs_and_forget(ops: fs.Operations,
     big = await lookup(ops, b"node1/big.bin")
     await ops.forget([(big.st_ino, 1)])
     assert (await ops.getattr(big.st_ino, CTX)).st_size == BIG
+
+
+async def test_replies_are_cached_bounded_and_equal_to_fresh_ones(
+        ops: fs.Operations, replies: list[tuple[bytes, pyfuse3.EntryAttributes, int]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fs, "ATTR_CACHE", 3)
+    names = await listdir(ops, (await lookup(ops, b"node1")).st_ino, replies)
+    assert len(names) > 5
+    assert 0 < len(ops._replies) <= 3
+    first = {name: (a.st_ino, a.st_mode, a.st_size, a.st_mtime_ns) for name, a, _ in replies}
+    fresh = fs.Operations(ops.tree)
+    for name, a, _ in replies:
+        if name not in (b".", b".."):
+            again = await fresh.getattr(a.st_ino, CTX)
+            assert (again.st_ino, again.st_mode, again.st_size, again.st_mtime_ns) == first[name]

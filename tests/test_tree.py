@@ -18,7 +18,7 @@ import trio
 import storetools
 
 from conftest import KEY, make_sample
-from humiofs import decryptd, reader, tree
+from humiofs import decryptd, inodes, prefetch, reader, tree
 from humiofs.crypto import CHUNK, STORED_CHUNK
 from humiofs.errors import NoSuchStore, WrongKey
 from humiofs.format import Generation
@@ -26,7 +26,7 @@ from humiofs.generations import At, parse_at
 from humiofs.scan import data_extents
 from humiofs.store import Store
 from mountutil import (backup, create_store, entries, listdir, read_all, resolve, tamper_file_data,
-                       tiny_node)
+                       tiny_node, wait_for)
 
 NODE = b"node1"
 
@@ -327,22 +327,39 @@ def test_statfs_follows_the_shown_generation(
     assert latest.statfs()[0] == second.stats["data_bytes"]
 
 
-async def test_new_generation_gets_new_inodes(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    src = tiny_node(tmp_path / "src", {"a": b"one"})
+async def test_new_generation_keeps_unchanged_files_inodes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unchanged file keeps its number in a new generation, a changed one gets a new one
+    (and what the kernel knows by the old number stays valid), folders get new ones."""
+    src = tiny_node(tmp_path / "src", {"a": b"one", "c": b"three", "d/e": b"four"})
     store = create_store(tmp_path / "backup" / "node1")
     backup(store, src)
     m = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
-    before = resolve(m, b"node1/a")
+    before = {rel: resolve(m, b"/".join([NODE, rel]).rstrip(b"/"))
+              for rel in (b"a", b"c", b"d", b"d/e", b"")}
     (src / "b").write_bytes(b"two")
+    (src / "c").write_bytes(b"THREE")
     backup(store, src)
     assert b"b" not in listdir(m, resolve(m, NODE).inode)  # not re-read within REFRESH_S
     monkeypatch.setattr(tree, "REFRESH_S", 0.0)
     assert {b"a", b"b"} <= set(listdir(m, resolve(m, NODE).inode))
-    assert resolve(m, b"node1/a").inode != before.inode
-    assert await read_all(m, before.inode) == b"one"  # what the kernel still knows stays valid
-    assert m.getattr(before.inode) == before
+    assert resolve(m, b"node1/a") == before[b"a"]
+    assert resolve(m, b"node1/d/e") == before[b"d/e"]
+    assert resolve(m, b"node1/c").inode != before[b"c"].inode
+    assert resolve(m, b"node1/d").inode != before[b"d"].inode
+    assert resolve(m, b"node1").inode != before[b""].inode
+    assert await read_all(m, before[b"c"].inode) == b"three"  # the kernel's old number
+    assert m.getattr(before[b"c"].inode) == before[b"c"]
     assert len(listdir(m, resolve(m, b".generations/node1").inode)) == 2
+    # A new mount numbers them alike; .generations/NAME/TIME/ has numbers of its own.
+    again = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
+    assert resolve(again, b"node1/a") == before[b"a"]
+    assert resolve(again, b"node1/c") == resolve(m, b"node1/c")
+    old = b".generations/node1/" + sorted(listdir(m, resolve(m, b".generations/node1").inode))[0]
+    assert resolve(m, old + b"/a").inode != before[b"a"].inode
+    assert await read_all(m, resolve(m, old + b"/c").inode) == b"three"
+    m.close()
+    again.close()
 
 
 @pytest.mark.allow_warnings
@@ -456,7 +473,30 @@ def test_stores_the_key_does_not_open(backed_up: tuple[Path, Store, Generation],
     only = tree.Tree.from_backup_dir(backup_dir, KEY, name="node1")
     assert list(listdir(only, tree.ROOT_INODE)) == [b".generations", NODE]
     with pytest.raises(NoSuchStore):
-        tree.Tree.from_backup_dir(tmp_path / "empty", KEY)
+        tree.Tree.from_backup_dir(tmp_path / "empty", KEY, name="node1")
+
+
+@pytest.mark.allow_warnings
+async def test_starts_without_stores_and_shows_new_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A missing or empty BACKUP_DIR mounts (empty); a store created later appears, and one the
+    key does not open stays out, told once."""
+    backup_dir = tmp_path / "backup"
+    m = tree.Tree.from_backup_dir(backup_dir, KEY)
+    assert "no backups in" in caplog.text
+    assert list(listdir(m, tree.ROOT_INODE)) == [b".generations"]
+    monkeypatch.setattr(tree, "REFRESH_S", 0.0)
+    store = create_store(backup_dir / "node1")
+    create_store(backup_dir / "other", key="another key entirely")
+    assert list(listdir(m, tree.ROOT_INODE)) == [b".generations"]   # no generation yet
+    assert list(listdir(m, resolve(m, b".generations").inode)) == [NODE]
+    backup(store, tiny_node(tmp_path / "src", {"a": b"one"}))
+    assert list(listdir(m, tree.ROOT_INODE)) == [b".generations", NODE]
+    assert await read_all(m, resolve(m, b"node1/a").inode) == b"one"
+    assert len(listdir(m, resolve(m, b".generations/node1").inode)) == 1
+    listdir(m, tree.ROOT_INODE)
+    assert caplog.text.count("does not open the backup other") == 1
+    m.close()
 
 
 
@@ -603,5 +643,58 @@ async def test_worker_reports_damage_and_goes_on(backed_up: tuple[Path, Store, G
         for rel in big[1:]:
             b = resolve(m, NODE + b"/" + os.fsencode(rel))
             assert await read_all(m, b.inode) == (sample_node / rel).read_bytes()
+    finally:
+        m.close()
+
+
+def test_prefetch_loads_subfolders_ahead_and_stays_bounded() -> None:
+    """The subfolders of the folder opened last are loaded in the background, while fewer
+    than `limit` loaded entries wait unopened."""
+    loaded: list[int] = []
+
+    def load(inode: int) -> int:
+        loaded.append(inode)
+        return 5
+
+    p = prefetch.Prefetcher(load, limit=12)
+    try:
+        p.opened(1, list(range(10, 20)))
+        wait_for(lambda: len(loaded) == 3, "three folders loaded ahead")
+        p.opened(4, [])                 # a folder that was not prefetched: nothing changes
+        assert loaded == [10, 11, 12]
+        p.opened(10, [])                # one prefetched folder opened: room for one more
+        wait_for(lambda: len(loaded) == 4, "a fourth folder")
+        p.opened(11, [30, 31])          # a new folder's subfolders come first
+        wait_for(lambda: loaded[-1] == 30, "the new folder's subfolders")
+        assert len(loaded) == 5         # 12, 13 and 30 wait: 15 entries, at the limit
+    finally:
+        p.close()
+
+
+async def test_colliding_hashes_still_give_every_entry_its_own_number(
+        backed_up: tuple[Path, Store, Generation], sample_node: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every file fingerprint and every folder path key made equal, numbers move on to
+    the next free one: no two entries share a number, and each still leads to its own file."""
+    monkeypatch.setattr(inodes, "fingerprint", lambda e, with_name=True: 12345)
+    monkeypatch.setattr(inodes, "dir_key", lambda view, path: 7)
+    m = tree.Tree.from_backup_dir(backed_up[0], KEY)
+    try:
+        numbers: dict[int, bytes] = {}
+        todo = [(b"", resolve(m, NODE).inode)]
+        while todo:
+            prefix, inode = todo.pop()
+            for name, a in listdir(m, inode).items():
+                rel = prefix + name
+                assert a.inode not in numbers, (rel, numbers.get(a.inode))
+                numbers[a.inode] = rel
+                if stat.S_ISDIR(a.mode):
+                    todo.append((rel + b"/", a.inode))
+        assert len(numbers) > 300
+        for inode, rel in numbers.items():
+            path = sample_node / os.fsdecode(rel)
+            if rel.startswith(b"globaldata") or path.is_symlink() or not path.is_file():
+                continue
+            assert await read_all(m, inode) == path.read_bytes(), rel
     finally:
         m.close()
