@@ -82,8 +82,11 @@ class LocalState:
             names = store.list_generations()
         recorded = self.recorded(store_id)
         warning = None
+        # A generation `prune --set-aside-damaged` moved to NAME/damaged/ (prune.SET_ASIDE_DIR)
+        # is known damage, reported by check, not a rollback.
         if recorded is not None and recorded not in names and (newest is None or
-                                                               recorded > newest):
+                                                               recorded > newest) \
+                and not (store_path / "damaged" / recorded).exists():
             warning = (
                 f"the store {store_path} was rolled back: its newest generation is "
                 + (f"{newest} ({format_time(format.generation_time(newest))})" if newest

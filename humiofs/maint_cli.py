@@ -111,6 +111,10 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
                    help="delete unneeded packs only this long after a prune recorded them "
                    "(default 3600); 0 deletes them at once, which can break a running mount "
                    "of a dropped generation, but frees space on a full disk")
+    p.add_argument("--set-aside-damaged", action="store_true",
+                   help="move generation files that cannot be read to NAME/damaged/ (kept, "
+                   "never read), so that the packs only they could need can go; without it no "
+                   "pack is deleted while one is in generations/")
     p.set_defaults(func=cmd_prune)
 
 
@@ -169,7 +173,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.grace < 0:
         raise errors.ConfigError("--grace must not be negative")
     try:
-        r = prune(store, cfg.delete_after_ms, grace_s=args.grace, dry_run=args.dry_run)
+        r = prune(store, cfg.delete_after_ms, grace_s=args.grace, dry_run=args.dry_run,
+                  set_aside_damaged=args.set_aside_damaged)
     finally:
         store.close()
     would = "would " if args.dry_run else ""
@@ -193,7 +198,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         parts.append(f"{r.young_packs} unneeded packs are newer than the latest generation "
                      "and a backup is running (they may be its own: a prune after it has "
                      "finished handles them)")
+    if r.set_aside:
+        parts.append(f"{would}set aside {len(r.set_aside)} unreadable generation(s) in "
+                     f"{store.name}/damaged/: {', '.join(r.set_aside)}")
     print("; ".join(parts))
+    if r.unreadable:
+        raise errors.StoreError(
+            f"no pack was deleted: {len(r.unreadable)} generation file(s) cannot be read "
+            f"({r.damaged[0]}), and a generation that cannot be read may need any pack. "
+            "`humiofs prune --set-aside-damaged` moves them to "
+            f"{store.path / 'damaged'}/ (that state of the node is lost anyway) and then "
+            "frees what the readable generations do not need")
     if r.damaged:
         raise errors.StoreError(f"the store is damaged, so no pack was deleted: "
                                 f"{r.damaged[0]}; run `humiofs check`")
