@@ -257,7 +257,8 @@ class Store:
                 "is lost, nobody can read this backup: start a fresh backup under a new "
                 "BACKUP_NAME or BACKUP_DIR, and keep this store: with the right key it opens "
                 "again")
-        raise storemeta.damage(path, store_id, key_dir, problems, [t for t, _ in forms])
+        raise storemeta.damage(path, store_id, key_dir, problems, [t for t, _ in forms],
+                               lambda sid, master: cls(path, sid, master).opens_generations())
 
     # -- writing ---    # -- writing ----------------------------------------------------------------------------
 
@@ -484,6 +485,18 @@ class Store:
         except IntegrityError as exc:
             raise IntegrityError(f"{where}: {exc}") from None
         return format.decode_generation(plain, name)
+
+    def opens_generations(self) -> bool | None:
+        """True if the master key authenticates a generation of the store (the newest first),
+        False if there are generation files and it opens none, None if there are none."""
+        names = self.list_generations()
+        for name in reversed(names):
+            try:
+                self.load_generation(name)
+                return True
+            except StoreError:
+                continue
+        return False if names else None
 
     def commit_generation(self, gen: format.Generation) -> None:
         """Writes `gen` as a new generation file; the last step of a backup run."""
