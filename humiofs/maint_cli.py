@@ -36,13 +36,21 @@ not affected: restore --at TIME --keep-going, or the mount's .generations/. Then
       exits 8 and names them): new generations are whole. Earlier generations keep missing
       them; prune drops those in time.
   pack ... fails authentication, is not a readable humiofs pack, or a reference into it is
-  inconsistent
+  inconsistent; it holds file data
       The pack's bytes were changed in place, and a backup would keep referring to it for
       files that have not changed. Move that pack file out of the store (keep it), then run
       a backup: it is then 'missing', and the backup reads those files again.
+  the same; it holds folder listings
+      Leave the pack where it is and run a backup: it reads those folders again from the
+      node. Moving it out would lose every other folder it lists from earlier generations.
+  pack ... is cut short (not even a pack header)
+      Run a backup, which reads its files again; leave the file.
   generation ... cannot be read
       That state of the node is lost; no other generation depends on it. Restore, the mount
-      and the next backup take the newest generation that reads.
+      and the next backup take the newest generation that reads, but prune deletes no pack
+      while it is in generations/ (it may need any): `humiofs prune --set-aside-damaged`
+      (--grace 0 on a full disk) moves it to NAME/damaged/ and frees what the others do not
+      need.
   the store ... was rolled back
       Generations this host committed or saw were deleted, or the store was replaced by an
       older copy. If nobody did that on purpose, find out who can write the backup drive.
@@ -53,12 +61,13 @@ not affected: restore --at TIME --keep-going, or the mount's .generations/. Then
       Recreate the folder (mkdir -m 700), or put back the file from a copy of the store.
 
 Not problems (exit 0): 'warning:' lines name files the store does not use (a note, a pack in
-the wrong packs/xx/, a damaged prune record): move them out of the store. 'note:' lines name
-packs no generation needs and leftovers in tmp/: prune, or the next backup, removes them.
+the wrong packs/xx/, a damaged prune record): move them out of the store; and generation
+files set aside in damaged/. 'note:' lines name packs no generation needs and leftovers in
+tmp/: prune, or the next backup, removes them (the note says when prune cannot yet).
 
 If the store cannot be opened at all, check says why instead: a wrong key (exit 3), or a
-missing or damaged config or key file (exit 5; the message says how to put it back). A
-store is never to be deleted for either: keep it."""
+missing or damaged config, or key files from another store (exit 5; the message says what
+to put back). A store is never to be deleted for either: keep it."""
 
 CHECK_EXIT = """\
 check exit codes: 0 healthy (warnings and notes are not damage), 5 damaged (problems listed;
