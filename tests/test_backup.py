@@ -341,7 +341,38 @@ def test_second_writer_refused(small_setup: tuple[Path, Store]) -> None:
     assert r.stderr.count("\n") == 1
     assert "another humiofs writer" in r.stderr and str(store.path) in r.stderr
     assert f"pid {os.getpid()}" in r.stderr
+    assert "since 20" in r.stderr and "Z" in r.stderr.split("since ")[1]     # UTC
     assert run_cli("backup", "-c", env).returncode == 0
+
+
+def test_planted_lock_text_is_escaped(small_setup: tuple[Path, Store]) -> None:
+    """A lock file that humiofs did not write is shown as text on one line, its control
+    characters (escape sequences, newlines) escaped."""
+    import fcntl
+
+    env, store = small_setup
+    (store.path / "lock").write_bytes(b"host \x1b[2J\x1b]0;pwned\x07evil\nsecond line\n")
+    fd = os.open(store.path / "lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        r = run_cli("backup", "-c", env)
+    finally:
+        os.close(fd)
+    assert r.returncode == 4
+    assert r.stderr.count("\n") == 1 and "\x1b" not in r.stderr and "\x07" not in r.stderr
+    assert "host \\x1b[2J" in r.stderr and "evil\\nsecond line" in r.stderr
+
+
+def test_sealed_host_name_is_padded(small_setup: tuple[Path, Store]) -> None:
+    """The lock's sealed host name does not tell its length (FORMAT.md 8)."""
+    import base64
+    import json
+
+    from humiofs import crypto
+    _env, store = small_setup
+    with store.lock():
+        blob = base64.b64decode(json.loads((store.path / "lock").read_bytes())["host"])
+    assert len(blob) - crypto.OBJECT_ID_LEN - crypto.TAG == 64
 
 
 HOLD_LOCK = """
