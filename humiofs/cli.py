@@ -298,6 +298,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
             lines[latest] += "  (latest)"
         for line in lines:
             print(line)
+        state = LocalState.of(cfg.state_dir) if store is not None else None
+        if store is not None and state is not None:
+            newest = lines[latest].split()[1] if latest is not None else None
+            rollback = state.observe(store, newest, gen_names)
+            if rollback:
+                log.warning("%s", rollback)
     return errors.EXIT_OK
 
 
@@ -321,6 +327,15 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.setLevel(level)
 
 
+# What an interrupted command leaves, per command (the rest: see the default in main).
+_INTERRUPTED = {
+    "cmd_backup": "interrupted; the last committed generation is intact",
+    "cmd_restore": "interrupted; every file restored so far is complete, the rest is missing "
+                   "(restore --missing-only into the same target finishes it, folders' "
+                   "attributes included)",
+}
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -339,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"humiofs: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        exc2 = Interrupted("interrupted; the last committed generation is intact")
+        exc2 = Interrupted(_INTERRUPTED.get(args.func.__name__, "interrupted; the store is "
+                                            "as it was before, or as the run left it complete"))
         print(f"humiofs: error: {exc2}", file=sys.stderr)
         return exc2.exit_code
     except BrokenPipeError:

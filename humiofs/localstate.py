@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from humiofs import format
+from humiofs.errors import StoreError
 from humiofs.generations import format_time
 
 if TYPE_CHECKING:
@@ -99,6 +100,20 @@ class LocalState:
         if newest is not None and (recorded is None or newest > recorded):
             self._record(store_id, store_path, newest)
         return warning
+
+    def rollback_of(self, store: Store) -> str | None:
+        """`observe` with the store's newest generation that authenticates, looked up here:
+        the rollback warning, or None. Prune asks before it deletes anything."""
+        names = store.list_generations()
+        newest = None
+        for name in reversed(names):
+            try:
+                store.load_generation(name)
+            except StoreError:
+                continue
+            newest = name
+            break
+        return self.observe(store, newest, names)
 
     def _record(self, store_id: bytes, store_path: Path, newest: str) -> None:
         try:

@@ -54,7 +54,8 @@ not affected: restore --at TIME --keep-going, or the mount's .generations/. Then
   the store ... was rolled back
       Generations this host committed or saw were deleted, or the store was replaced by an
       older copy. If nobody did that on purpose, find out who can write the backup drive.
-      The next backup's generation ends the finding.
+      Until then prune refuses (exit 5), so putting them back still works. The next
+      backup's generation ends the finding.
   key file keys/... is damaged, or does not open with this key
       Another key file opens the store; `humiofs key change` with the same key rewrites them.
   NAME is missing from the store, or has the wrong type
@@ -181,6 +182,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     store = cli.open_store(cfg)
     if args.grace < 0:
         raise errors.ConfigError("--grace must not be negative")
+    state = LocalState.of(cfg.state_dir)
+    rollback = state.rollback_of(store) if state else None
+    if rollback:
+        store.close()
+        raise errors.StoreError(f"{rollback}. Prune removes nothing while the store stands "
+                                "rolled back: it would delete the packs only the missing "
+                                "generations need. Put them back, or run a backup (its newer "
+                                "generation ends the rollback), then prune")
     try:
         r = prune(store, cfg.delete_after_ms, grace_s=args.grace, dry_run=args.dry_run,
                   set_aside_damaged=args.set_aside_damaged)

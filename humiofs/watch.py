@@ -210,6 +210,11 @@ class Watch:
 
     def _prune(self) -> None:
         self._pruned_at = (self.committed, time.monotonic())
+        rollback = self.state.rollback_of(self.store) if self.state is not None else None
+        if rollback:
+            log.warning("prune skipped: the store stands rolled back, and prune would delete "
+                        "the packs only the missing generations need (%s)", rollback)
+            return
         try:
             r = prune.prune(self.store, self.cfg.delete_after_ms, should_stop=self.stop.is_set,
                             own_writer_lock=True)

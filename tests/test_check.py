@@ -287,7 +287,7 @@ def test_changed_store_id_in_config_says_how_to_repair_it(damaged: Store, tmp_pa
     rc, out = check_cli(damaged, tmp_path)
     assert rc == EXIT_DAMAGED, out
     assert f"{config} is damaged" in out and f"back to {right}" in out
-    assert "the key is right" in out and "delete" not in out
+    assert "key files are right" in out and "delete" not in out
     # Following the advice repairs it.
     doc["store_id"] = right
     config.write_text(json.dumps(doc))

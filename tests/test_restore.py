@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -524,7 +525,8 @@ def test_keep_going_names_a_damaged_folder(copy: tuple[Path, Path], pristine: Pr
     assert got.pop(rel)[0] == "d" and got == want
 
 
-def test_missing_only_removes_what_a_killed_restore_left(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_missing_only_removes_what_a_killed_restore_left(tmp_path: Path, sig: int) -> None:
     node = tmp_path / "node"
     node.mkdir()
     (node / "a-small").write_bytes(b"small")
@@ -554,11 +556,17 @@ def test_missing_only_removes_what_a_killed_restore_left(tmp_path: Path) -> None
             assert proc.poll() is None, "restore ended before it could be killed"
             assert time.monotonic() < deadline, "no temporary file appeared"
             time.sleep(0.001)
-        proc.kill()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
         proc.wait()
-    assert any(n.startswith(".humiofs-restore-") for n in os.listdir(target / "d"))
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130
+        assert b"restore --missing-only" in err and b"generation is intact" not in err
+    if sig == signal.SIGKILL:
+        assert any(n.startswith(".humiofs-restore-") for n in os.listdir(target / "d"))
+    assert (target / "d").stat().st_mode & 0o777 == 0o700
     r = run_cli("restore", "-c", env, "--to", target, "--missing-only")
     assert r.returncode == 0, r.stderr
     assert tree_digest(target) == source_digest(node)

@@ -47,6 +47,16 @@ def test_deleting_the_newest_generation_is_noticed(two_generations: tuple[Path, 
     assert "was rolled back" in r.stderr and older in r.stdout
     assert not (tmp_path / "r" / "added-1").exists()
 
+    r = run_cli("ls", "-c", env)
+    assert r.returncode == 0 and "was rolled back" in r.stderr, r.stdout + r.stderr
+
+    # Prune deletes nothing while the rollback stands: putting the generation back must work.
+    packs_before = sorted(p.name for p in (store / "packs").glob("*/*"))
+    penv = write_env(tmp_path / "prune.env", store.parent, DELETE_BACKUP_AFTER_MILLIS="0")
+    r = run_cli("prune", "-c", penv, "--grace", "0")
+    assert r.returncode == 5 and "rolled back" in r.stderr, r.stdout + r.stderr
+    assert sorted(p.name for p in (store / "packs").glob("*/*")) == packs_before
+
     log = tmp_path / "mount.log"
     mount_env = write_env(tmp_path / "mount.env", store.parent, name=None)
     with Mount(mount_env, tmp_path / "m", "--log", str(log)):
