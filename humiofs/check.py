@@ -147,14 +147,16 @@ class Checker:
                 self._stray(name, "is not part of a humiofs store")
             elif expected[0] != stat.S_ISDIR(present[name].st_mode) or \
                     stat.S_ISLNK(present[name].st_mode):
-                if expected[1]:     # the store cannot be used without it
+                if expected[1] or name == "lock":   # the store cannot be used without it
                     self._problem(("layout", name), f"{name} has the wrong type (a "
                                   f"{'folder' if expected[0] else 'file'} is expected)")
                 else:
                     self._stray(name, "has the wrong type")
         for name, (_, required) in ROOT_LAYOUT.items():
             if required and name not in present:
-                self._problem(("layout", name), f"{name} is missing from the store")
+                self._problem(("layout", name), f"{name} is missing from the store"
+                              + (f" (recreate it: mkdir -m 700 {root / name})"
+                                 if ROOT_LAYOUT[name][0] else ""))
         # Generations are listed before packs: a writer makes its packs durable before the
         # generation that names them, so every pack a listed generation needs is seen below.
         self.gen_names = self._files("generations", lambda n: bool(format.GENERATION_NAME.match(n)))

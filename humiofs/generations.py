@@ -137,6 +137,8 @@ def latest_readable(store: Store) -> Generation | None:
     Raises StoreError (exit 5) if the store has generation files and none of them reads
     back: its key files may hold another store's master key, and a generation committed under
     it would mix two master keys in one store."""
+    if not store.list_generations():    # raises its own StoreError if it cannot list
+        return None
     try:
         return pick(store).generation
     except StoreError as exc:

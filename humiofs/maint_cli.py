@@ -150,10 +150,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     finally:
         store.close()
     state = LocalState.of(cfg.state_dir)
-    rollback = state.observe(store, report.newest) if state else None
+    names = checker.gen_names       # as listed by the check (none if generations/ is gone)
+    rollback = state.observe(store, report.newest, names) if state else None
     if rollback:
         checker.rolled_back(rollback)
-    names = store.list_generations()
     for line in describe(report, names[-1] if names else None, all_paths=args.verbose > 0):
         print(line)
     for warning in report.warnings:

@@ -423,6 +423,11 @@ class _Prune:
             names = sorted(os.listdir(rdir))
         except FileNotFoundError:
             return []
+        except NotADirectoryError:
+            raise StoreError(f"{rdir} is not a folder: move it out of the store (prune makes "
+                             "the folder again when it needs it)") from None
+        except OSError as exc:
+            raise StoreIOError(f"cannot list {rdir}: {exc.strerror}") from None
         out = []
         for name in names:
             try:

@@ -96,8 +96,13 @@ class Restore:
             # own mtime is set (removing it changes that).
             self._close_made_folders()
             if not self.opt.missing_only or root_created or b"." in self._resumed:
-                self._set_attrs(root_fd, b".", gen.root.mode, gen.root.uid, gen.root.gid,
-                                gen.root.mtime_ns, gen.root.xattrs, drop_list=True)
+                try:
+                    self._set_attrs(root_fd, b".", gen.root.mode, gen.root.uid, gen.root.gid,
+                                    gen.root.mtime_ns, gen.root.xattrs, drop_list=True)
+                except OSError as exc:
+                    # An immutable target, root squashed by NFS: the files are there.
+                    raise TargetError(f"cannot set the owner, mode or times of the restore "
+                                      f"target {target}: {exc.strerror}") from None
             else:
                 _unlink_at(root_fd, MADE_FOLDERS)
             _syncfs(root_fd)

@@ -82,8 +82,14 @@ def list_stores(backup_dir: Path) -> list[str]:
 def generation_names(store_path: Path) -> list[str]:
     """Names of the committed generations of the store at `store_path`, oldest first. Needs
     no key: the names hold only the commit times."""
+    gdir = store_path / "generations"
     try:
-        names = os.listdir(store_path / "generations")
+        names = os.listdir(gdir)
+    except (FileNotFoundError, NotADirectoryError):
+        raise StoreError(f"{gdir} is missing from the store, or is not a folder (run humiofs "
+                         "check): the store's generations are gone. Put the folder back from a "
+                         f"copy of the store, or make an empty one (`mkdir -m 700 {gdir}`, after "
+                         "moving a file in its place out of the store)") from None
     except OSError as exc:
         raise StoreError(f"cannot list generations of {store_path}: {exc.strerror}") from None
     return sorted(n for n in names if format.GENERATION_NAME.match(n))
@@ -97,7 +103,11 @@ def list_packs(store: Store) -> dict[bytes, os.stat_result]:
     stat."""
     out: dict[bytes, os.stat_result] = {}
     root = store.path / "packs"
-    for prefix in sorted(os.listdir(root)):
+    try:
+        prefixes = sorted(os.listdir(root))
+    except OSError as exc:
+        raise StoreError(f"cannot list {root}: {exc.strerror} (run humiofs check)") from None
+    for prefix in prefixes:
         if not re.fullmatch(r"[0-9a-f]{2}", prefix):
             continue
         try:
@@ -280,7 +290,24 @@ class Store:
     def clean_tmp(self) -> None:
         """Removes what writers that failed or died left behind: the packs of each run that
         did not commit its generation (its journal in tmp/ lists them, FORMAT.md 8), then
-        everything in tmp/. Call only while holding the writer lock."""
+        everything in tmp/. Call only while holding the writer lock.
+
+        A missing tmp/ is made again (it only ever holds a running writer's files, and the
+        writer lock is held); raises StoreError if something else is in its place."""
+        tmp = self.path / "tmp"
+        if not tmp.is_dir() or tmp.is_symlink():
+            if os.path.lexists(tmp):
+                raise StoreError(f"{tmp} is not a folder, so nothing can be written into the "
+                                 f"store: move it out of the store, then `mkdir -m 700 {tmp}`")
+            try:
+                os.mkdir(tmp, 0o700)
+                fsync_dir(self.path)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise store_io_error(exc, str(tmp)) from None
+            log.warning("%s was missing; made it again (it holds only a running backup's "
+                        "files)", tmp)
         journal.reclaim(self)
         for name in os.listdir(self.path / "tmp"):
             unlink_quietly(self.path / "tmp" / name)

@@ -47,7 +47,11 @@ def hold(store: Store) -> Iterator[None]:
     id and start time, and the host name sealed, which only a reader with the key (another
     writer) can read."""
     lock_path = store.path / "lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except IsADirectoryError:
+        raise StoreError(f"{lock_path} is a folder, not the writer lock file: move it out of "
+                         "the store (the writer makes the file again)") from None
     try:
         try:
             deadline = time.monotonic() + WAIT_S

@@ -4,6 +4,7 @@ nothing, changed and deleted files, a killed writer, the lock, files changing du
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import socket
@@ -748,3 +749,71 @@ def test_a_file_that_vanishes_mid_backup_is_named(tmp_path: Path) -> None:
     assert proc.returncode == 8, out + err
     assert f"{victim.name}: vanished while the backup read it" in err
     assert "1 vanished while read" in out
+
+
+# -- parts of the store replaced or gone: one line, never a traceback --------------------------
+
+def one_line(r: "subprocess.CompletedProcess[str]", code: int, *words: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("humiofs: error: "), r.stderr
+    for word in words:
+        assert word in last, r.stderr
+
+
+@pytest.mark.allow_warnings
+def test_store_parts_replaced_or_missing(small_setup: tuple[Path, Store],
+                                         tmp_path: Path) -> None:
+    env, store = small_setup
+    shutil.rmtree(store.path / "tmp")
+    r = run_cli("backup", "-c", env, "--no-progress")
+    assert r.returncode == 0, r.stderr          # tmp/ only ever holds a writer's files
+    assert (store.path / "tmp").is_dir()
+
+    (store.path / "tmp").rmdir()
+    (store.path / "tmp").write_bytes(b"")
+    one_line(run_cli("backup", "-c", env, "--no-progress"), 5, "mkdir -m 700")
+    (store.path / "tmp").unlink()
+    (store.path / "tmp").mkdir(mode=0o700)
+
+    (store.path / "lock").unlink(missing_ok=True)
+    (store.path / "lock").mkdir()
+    one_line(run_cli("backup", "-c", env, "--no-progress"), 5, "is a folder")
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5 and "problem: lock has the wrong type" in r.stdout, r.stdout
+    (store.path / "lock").rmdir()
+
+    for sub in ("prune", "packs"):
+        saved = store.path / f"{sub}.saved"
+        if (store.path / sub).exists():
+            (store.path / sub).rename(saved)
+        (store.path / sub).write_bytes(b"")
+        one_line(run_cli("prune", "-c", env, "--grace", "0"), 5, sub)
+        (store.path / sub).unlink()
+        if saved.exists():
+            saved.rename(store.path / sub)
+
+    gens = store.path / "generations"
+    gens.rename(tmp_path / "generations.saved")
+    one_line(run_cli("backup", "-c", env, "--no-progress"), 5, "mkdir -m 700")
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5 and f"mkdir -m 700 {gens}" in r.stdout, r.stdout
+    (tmp_path / "generations.saved").rename(gens)
+    assert run_cli("check", "-c", env).returncode == 0
+
+
+def test_restore_into_an_immutable_target_is_one_line(small_setup: tuple[Path, Store],
+                                                      tmp_path: Path) -> None:
+    """fchown refused on the target (chattr +i, as on root-squashed NFS): exit 6, one line."""
+    env, store = small_setup
+    target = tmp_path / "immutable"
+    target.mkdir()
+    if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i does not work here")
+    try:
+        r = run_cli("backup", "-c", env, "--no-progress")
+        assert r.returncode == 0, r.stderr
+        one_line(run_cli("restore", "-c", env, "--to", target), 6, str(target))
+    finally:
+        subprocess.run(["chattr", "-i", str(target)])
