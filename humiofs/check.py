@@ -241,9 +241,16 @@ class Checker:
                               "store opens with another key file, so no data is lost")
                 continue
             if master is None:
-                self._problem(("key", name), f"key file keys/{name} does not open with this "
-                              "key (damaged, or left by an interrupted key change); the store "
-                              "opens with another key file")
+                # Well formed and for this store: most likely another passphrase's (a key
+                # change that was interrupted leaves the old and the new one, both valid).
+                others = [n for n in self.key_names if n != name]
+                self.report.warnings.append(
+                    f"keys/{name} does not open with this key, but another key file does: it is "
+                    "another passphrase's (left by an interrupted key change, or added), or "
+                    "damaged. Whoever knows that passphrase can open the store. If the key was "
+                    f"changed, remove it (rm {self.store.path / 'keys' / name}); or run "
+                    "`humiofs key change` with your key, which leaves one key file"
+                    + (f" (keys/{others[0]} opens with this key)" if len(others) == 1 else ""))
 
     def _generations(self) -> list[Generation]:
         gens = []

@@ -16,7 +16,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from humiofs import config as configmod
-from humiofs import errors, generations, scan
+from humiofs import errors, generations, keys, scan
 from humiofs.config import Config
 from humiofs.errors import HumiofsError, Interrupted, StoreError
 from humiofs.format import generation_time
@@ -311,9 +311,15 @@ def cmd_key_change(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     new_key = configmod.read_key_file(args.new_key_file)
     store = open_store(cfg)
+    same = keys.Passphrase.of(new_key).text == store.passphrase
     with store.lock():
         store.change_key(new_key)
-    print(f"key changed for {store.path}; the old key no longer opens it")
+    if same:
+        # A repair (README, After a bad check): one fresh key file instead of the old ones.
+        print(f"the new key is the one that already opened {store.path}: its key files were "
+              "rewritten as one, under the same key; nothing else changed")
+    else:
+        print(f"key changed for {store.path}; the old key no longer opens it")
     return errors.EXIT_OK
 
 

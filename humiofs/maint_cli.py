@@ -56,14 +56,15 @@ not affected: restore --at TIME --keep-going, or the mount's .generations/. Then
       older copy. If nobody did that on purpose, find out who can write the backup drive.
       Until then prune refuses (exit 5), so putting them back still works. The next
       backup's generation ends the finding.
-  key file keys/... is damaged, or does not open with this key
+  key file keys/... is damaged
       Another key file opens the store; `humiofs key change` with the same key rewrites them.
   NAME is missing from the store, or has the wrong type
       Recreate the folder (mkdir -m 700), or put back the file from a copy of the store.
 
 Not problems (exit 0): 'warning:' lines name files the store does not use (a note, a pack in
-the wrong packs/xx/, a damaged prune record): move them out of the store; and generation
-files set aside in damaged/. 'note:' lines name packs no generation needs and leftovers in
+the wrong packs/xx/, a damaged prune record): move them out of the store; generation
+files set aside in damaged/; and a key file another passphrase opens (an interrupted key
+change leaves two): remove the one the warning names, or run `humiofs key change`. 'note:' lines name packs no generation needs and leftovers in
 tmp/: prune, or the next backup, removes them (the note says when prune cannot yet).
 
 If the store cannot be opened at all, check says why instead: a wrong key (exit 3), or a

@@ -180,6 +180,13 @@ def test_either_key_file_opens_after_interrupted_change(tmp_path: Path) -> None:
     assert Store.open(tmp_path / "s", "new passphrase").store_id == store.store_id
     with pytest.raises(WrongKey):
         Store.open(tmp_path / "s", "neither")
+    # Two valid key files are a legitimate state: check warns and says which to remove.
+    from humiofs.check import Checker
+    for key in (PASS, "new passphrase"):
+        report = Checker(Store.open(tmp_path / "s", key), key).run()
+        assert report.healthy and not report.problems
+        (warning,) = [w for w in report.warnings if w.startswith("keys/")]
+        assert "interrupted key change" in warning and "rm " in warning
 
 
 def test_changed_store_id_in_config_fails_to_open(tmp_path: Path) -> None:
