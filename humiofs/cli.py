@@ -194,7 +194,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             state.observe(store, gen.name)
     s = run.stats
     skipped = f", {s.skipped} skipped" if s.skipped else ""
-    healed = f", {s.healed} read again (the store had lost them)" if s.healed else ""
+    healed = (f", {s.healed} read again from the node after a lost pack" if s.healed
+              else "")
     vanished = f", {s.vanished} vanished while read" if s.vanished else ""
     # A file being written (appended to) is stored as of the size it had when it was opened.
     live = f" ({s.live} still being written, stored as they were)" if s.live else ""
@@ -207,8 +208,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                     "generation does not need them (what it could read again from the node, "
                     "it stored anew). Run `humiofs check` to see which files of earlier "
                     "generations are lost", len(s.lost_packs))
-    return (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or rollback
-            else errors.EXIT_OK)
+    return (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or s.lost_deleted
+            or rollback else errors.EXIT_OK)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

@@ -661,8 +661,10 @@ def test_backup_over_a_lost_pack_reads_the_file_again(tmp_path: Path) -> None:
     os.unlink(store.pack_path(lost.pack))
     r = run_cli("backup", "-c", env)
     assert r.returncode == 8, r.stdout + r.stderr
-    assert f"big.bin: its stored copy is in pack {lost.pack.hex()}, which is missing" in r.stderr
-    assert "1 read again" in r.stdout and "humiofs check" in r.stderr
+    assert (f"1 file(s) read again from the node: their stored copy is in a pack missing "
+            f"from the store or cut short ({lost.pack.hex()}): big.bin") in r.stderr
+    assert "0 new" in r.stdout and "1 read again from the node after a lost pack" in r.stdout
+    assert "humiofs check" in r.stderr
     latest = store.load_generation(store.list_generations()[-1])
     assert files(store, latest)["big.bin"].data.pack != lost.pack  # type: ignore[union-attr]
     r = run_cli("restore", "-c", env, "--to", tmp_path / "r")
@@ -817,3 +819,27 @@ def test_restore_into_an_immutable_target_is_one_line(small_setup: tuple[Path, S
         one_line(run_cli("restore", "-c", env, "--to", target), 6, str(target))
     finally:
         subprocess.run(["chattr", "-i", str(target)])
+
+
+def test_backup_says_when_the_only_copy_of_a_deleted_file_is_lost(tmp_path: Path) -> None:
+    """A file deleted from the node whose pack the store then lost: the earlier generations
+    that hold it cannot restore it. The backup used to exit 0 without a word."""
+    node = make_sample(tmp_path / "node", size="1M", small_files=20, seed=16)
+    (node / "d").mkdir()
+    (node / "d" / "gone.bin").write_bytes(os.urandom(MiB))
+    wait_not_racy(node)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "node.env", backups, directory=node)
+    assert run_cli("backup", "-c", env).returncode == 0
+    store = Store.open(backups / "node1", KEY)
+    first = store.load_generation(store.list_generations()[-1])
+    lost = files(store, first)["d/gone.bin"].data
+    assert lost is not None
+    os.unlink(store.pack_path(lost.pack))
+    (node / "d" / "gone.bin").unlink()
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 8, r.stdout + r.stderr
+    assert "lost the only copy of 1 file(s) deleted from the node" in r.stderr
+    assert "d/gone.bin" in r.stderr
+
