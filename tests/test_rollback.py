@@ -93,6 +93,23 @@ def test_an_older_copy_of_the_whole_store_is_noticed(tmp_path: Path) -> None:
     assert r.returncode == 5 and "was rolled back" in r.stdout, r.stdout + r.stderr
 
 
+def test_a_clone_of_the_store_elsewhere_is_no_rollback(tmp_path: Path) -> None:
+    """Two copies of one store (same store id) in two places, both backed up from this host:
+    neither is taken for a rollback of the other, however the backups alternate."""
+    node = make_sample(tmp_path / "node", size="1M", small_files=20, seed=33)
+    (tmp_path / "backups").mkdir()
+    env = write_env(tmp_path / "node.env", tmp_path / "backups", directory=node)
+    assert run_cli("backup", "-c", env).returncode == 0
+    (tmp_path / "clones").mkdir()
+    shutil.copytree(tmp_path / "backups" / "node1", tmp_path / "clones" / "node1")
+    clone_env = write_env(tmp_path / "clone.env", tmp_path / "clones", directory=node)
+    for i in range(2):
+        (node / f"later-{i}").write_text(str(i))
+        for e in (env, clone_env):
+            r = run_cli("backup", "-c", e)
+            assert r.returncode == 0 and "rolled back" not in r.stderr, r.stderr
+
+
 def test_a_state_dir_that_cannot_be_written_is_one_warning(
         two_generations: tuple[Path, Path, list[str]], tmp_path: Path) -> None:
     env, store, _ = two_generations
