@@ -343,8 +343,12 @@ class Store:
         check = keys.unwrap((key_dir / new_name).read_bytes(), self.store_id, new_passphrase)
         if check != self._master:
             raise StoreError(f"the new key file in {key_dir} does not read back; old keys kept")
-        for name in old:
-            os.unlink(key_dir / name)
+        try:
+            for name in old:
+                os.unlink(key_dir / name)
+        except OSError as exc:
+            # Both key files open the store (the old and the new passphrase): check says so.
+            raise store_io_error(exc, f"the old key file {key_dir / name}") from None
         fsync_dir(key_dir)
         self.passphrase = new_passphrase
 
