@@ -395,7 +395,8 @@ def test_a_lost_pack_is_not_carried_into_the_next_generation(
     assert latest is not None
     assert restored_digest(w.store, latest, tmp_path / "r") == node_digest(node)
     assert w.stop() == EXIT_OK
-    assert "segment_lost.gz: its stored copy is in pack" in w.stderr()
+    assert "1 file(s) read again from the node: their stored copy is in a pack missing" \
+        in w.stderr() and "segment_lost.gz" in w.stderr()
     r = run_cli("check", "--config", write_env(tmp_path / "env-check", tmp_path / "backup"))
     assert r.returncode == 5 and "segment_lost.gz" in r.stdout, r.stdout
     assert "including the latest" not in r.stdout, r.stdout
