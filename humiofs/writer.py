@@ -324,6 +324,20 @@ class Backup:
         self.stats.healed_paths.append(rel)
         return None
 
+    def _gone(self, rel: bytes, gone: Entry) -> None:
+        """Notes the files of `gone`, deleted from the node since the parent generation (a
+        folder: everything below it), whose only stored copy is in a pack the store lost."""
+        if gone.type == FILE and gone.data is not None and not self._stored(gone.data):
+            self.stats.lost_deleted.append(rel)
+            self.stats.lost_packs.add(gone.data.pack)
+        elif gone.type == DIR and gone.subtree is not None:
+            try:
+                entries = self.store.read_tree(gone.subtree)
+            except StoreError:
+                return          # check reports a folder listing that cannot be read
+            for e in entries:
+                self._gone(rel + b"/" + e.name, e)
+
     def _report_lost(self) -> None:
         """One warning for the files read again after a lost pack, one for deleted files
         whose only copy was in one (a warning per file would bury everything else)."""
@@ -403,10 +417,8 @@ class Backup:
         if prev:
             present = {name for name, _ in items}
             for name, gone in prev.items():
-                if name not in present and gone.type == FILE and gone.data is not None and \
-                        not self._stored(gone.data):
-                    self.stats.lost_deleted.append(rel + b"/" + name if rel else name)
-                    self.stats.lost_packs.add(gone.data.pack)
+                if name not in present:
+                    self._gone(rel + b"/" + name if rel else name, gone)
         subdirs = sum(1 for e in entries if e.type == DIR)
         used = self.packs_used
         for e in entries:

@@ -827,6 +827,8 @@ def test_backup_says_when_the_only_copy_of_a_deleted_file_is_lost(tmp_path: Path
     node = make_sample(tmp_path / "node", size="1M", small_files=20, seed=16)
     (node / "d").mkdir()
     (node / "d" / "gone.bin").write_bytes(os.urandom(MiB))
+    (node / "d" / "sub").mkdir()
+    (node / "d" / "sub" / "gone-too.bin").write_bytes(os.urandom(MiB))
     wait_not_racy(node)
     backups = tmp_path / "backups"
     backups.mkdir()
@@ -834,12 +836,15 @@ def test_backup_says_when_the_only_copy_of_a_deleted_file_is_lost(tmp_path: Path
     assert run_cli("backup", "-c", env).returncode == 0
     store = Store.open(backups / "node1", KEY)
     first = store.load_generation(store.list_generations()[-1])
-    lost = files(store, first)["d/gone.bin"].data
-    assert lost is not None
-    os.unlink(store.pack_path(lost.pack))
+    for rel in ("d/gone.bin", "d/sub/gone-too.bin"):
+        lost = files(store, first)[rel].data
+        assert lost is not None
+        if os.path.exists(store.pack_path(lost.pack)):
+            os.unlink(store.pack_path(lost.pack))
     (node / "d" / "gone.bin").unlink()
+    shutil.rmtree(node / "d" / "sub")      # a whole folder deleted
     r = run_cli("backup", "-c", env)
     assert r.returncode == 8, r.stdout + r.stderr
-    assert "lost the only copy of 1 file(s) deleted from the node" in r.stderr
-    assert "d/gone.bin" in r.stderr
+    assert "lost the only copy of 2 file(s) deleted from the node" in r.stderr
+    assert "d/gone.bin" in r.stderr and "d/sub/gone-too.bin" in r.stderr
 

@@ -264,3 +264,16 @@ def test_foreign_key_files_are_told_from_a_changed_config(tmp_path: Path) -> Non
     assert r.returncode == 5, r.stderr
     assert "mix two master keys" in r.stderr and "Traceback" not in r.stderr
     assert a.list_generations() == gens
+
+
+def test_key_change_to_the_same_key_says_nothing_else_changed(tmp_path: Path) -> None:
+    from conftest import run_cli, write_env
+
+    (tmp_path / "b").mkdir()
+    Store.create(tmp_path / "b" / "s", PASS, FAST)
+    env = write_env(tmp_path / "env", tmp_path / "b", name="s", key=PASS)
+    (tmp_path / "same").write_text(PASS + "\n")
+    r = run_cli("key", "change", "-c", env, "--new-key-file", tmp_path / "same")
+    assert r.returncode == 0, r.stderr
+    assert "already opened" in r.stdout and "no longer opens" not in r.stdout
+    assert Store.open(tmp_path / "b" / "s", PASS)
