@@ -17,7 +17,7 @@ from humiofs.errors import IntegrityError, StoreError
 from humiofs.format import DIR, FILE, Generation, Ref
 from humiofs.generations import format_time
 from humiofs.progress import human_bytes
-from humiofs.prune import RECORD_DIR, RECORD_NAME, read_record
+from humiofs.prune import RECORD_DIR, RECORD_NAME, SET_ASIDE_DIR, read_record
 from humiofs.store import PACK_NAME, Store
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ Key = tuple[str, str]
 # Entries of a store's top folder: name -> (is a folder, required).
 ROOT_LAYOUT = {"config": (False, True), "keys": (True, True), "packs": (True, True),
                "generations": (True, True), "tmp": (True, True), "lock": (False, False),
-               "prune.lock": (False, False), RECORD_DIR: (True, False)}
+               "prune.lock": (False, False), RECORD_DIR: (True, False),
+               SET_ASIDE_DIR: (True, False)}
 _HEX2 = re.compile(r"^[0-9a-f]{2}$")
 _KEY_NAME = re.compile(r"^[0-9a-f]{32}$")
 _READ_BATCH = 64
@@ -101,6 +102,9 @@ class Checker:
         self._trees: dict[Ref, list[tuple[bytes, bool, Key]]] = {}
         self._to_read: set[Ref] = set()
         self._bad_data: set[Ref] = set()
+        # Problems hit by folder listings, and by file data: the advice differs.
+        self._tree_keys: set[Key] = set()
+        self._data_keys: set[Key] = set()
 
     # -- problems -------------------------------------------------------------------------
 
@@ -127,6 +131,7 @@ class Checker:
                 self._trees.clear()
                 self._walk(gens)
         self._truncation_messages()
+        self._pack_advice()
         self._unreferenced()
         return self.report
 
@@ -142,14 +147,16 @@ class Checker:
                 self._stray(name, "is not part of a humiofs store")
             elif expected[0] != stat.S_ISDIR(present[name].st_mode) or \
                     stat.S_ISLNK(present[name].st_mode):
-                if expected[1]:     # the store cannot be used without it
+                if expected[1] or name == "lock":   # the store cannot be used without it
                     self._problem(("layout", name), f"{name} has the wrong type (a "
                                   f"{'folder' if expected[0] else 'file'} is expected)")
                 else:
                     self._stray(name, "has the wrong type")
         for name, (_, required) in ROOT_LAYOUT.items():
             if required and name not in present:
-                self._problem(("layout", name), f"{name} is missing from the store")
+                self._problem(("layout", name), f"{name} is missing from the store"
+                              + (f" (recreate it: mkdir -m 700 {root / name})"
+                                 if ROOT_LAYOUT[name][0] else ""))
         # Generations are listed before packs: a writer makes its packs durable before the
         # generation that names them, so every pack a listed generation needs is seen below.
         self.gen_names = self._files("generations", lambda n: bool(format.GENERATION_NAME.match(n)))
@@ -160,6 +167,12 @@ class Checker:
             except (ValueError, OSError) as exc:
                 self.report.warnings.append(f"{RECORD_DIR}/{name} is a damaged prune record "
                                             f"({exc}); the next prune removes it")
+        aside = self._files(SET_ASIDE_DIR, lambda n: bool(format.GENERATION_NAME.match(n)))
+        if aside:
+            self.report.warnings.append(
+                f"{SET_ASIDE_DIR}/ holds {len(aside)} generation file(s) that could not be read, "
+                f"set aside by prune --set-aside-damaged ({', '.join(aside)}); nothing reads "
+                "them: delete them once you no longer want to look at them")
         try:
             leftovers = len(os.listdir(root / "tmp"))
         except OSError:
@@ -228,9 +241,16 @@ class Checker:
                               "store opens with another key file, so no data is lost")
                 continue
             if master is None:
-                self._problem(("key", name), f"key file keys/{name} does not open with this "
-                              "key (damaged, or left by an interrupted key change); the store "
-                              "opens with another key file")
+                # Well formed and for this store: most likely another passphrase's (a key
+                # change that was interrupted leaves the old and the new one, both valid).
+                others = [n for n in self.key_names if n != name]
+                self.report.warnings.append(
+                    f"keys/{name} does not open with this key, but another key file does: it is "
+                    "another passphrase's (left by an interrupted key change, or added), or "
+                    "damaged. Whoever knows that passphrase can open the store. If the key was "
+                    f"changed, remove it (rm {self.store.path / 'keys' / name}); or run "
+                    "`humiofs key change` with your key, which leaves one key file"
+                    + (f" (keys/{others[0]} opens with this key)" if len(others) == 1 else ""))
 
     def _generations(self) -> list[Generation]:
         gens = []
@@ -241,7 +261,9 @@ class Checker:
                 key = self._problem(("generation", name), f"generation {name} "
                                     f"({format_time(format.generation_time(name))}) cannot be "
                                     f"read ({exc}); that state of the node is lost, other "
-                                    "generations do not depend on it")
+                                    "generations do not depend on it. Prune deletes no pack "
+                                    "while it is in generations/: `humiofs prune "
+                                    "--set-aside-damaged` moves it to damaged/")
                 self.report.problems[key].generations.add(name)
         self.report.generations = len(gens)
         self.report.newest = gens[-1].name if gens else None
@@ -271,6 +293,7 @@ class Checker:
             except StoreError as exc:
                 key = self._auth_problem(ref.pack, exc)
         if key is not None:
+            self._tree_keys.add(key)
             out.append((b"", True, key))
         for e in entries:
             if e.type == FILE and e.data is not None:
@@ -278,6 +301,7 @@ class Checker:
                 if k is None and e.data in self._bad_data:
                     k = self._auth_problem(e.data.pack, None)
                 if k is not None:
+                    self._data_keys.add(k)
                     out.append((e.name, False, k))
             elif e.type == DIR and e.subtree is not None:
                 out.extend((e.name + b"/" + rel if rel else e.name, folder, k)
@@ -368,6 +392,31 @@ class Checker:
                 p.message = (f"pack {h} is truncated: it has {self.pack_sizes[pid]} bytes, "
                              f"its blobs reach to byte {self._reach[pid]}")
 
+    def _pack_advice(self) -> None:
+        """What to do about a pack whose bytes were changed in place: one that holds file data
+        goes out of the store (else a backup keeps referring to it for unchanged files); one
+        that holds folder listings stays (a backup reads a folder whose listing fails anew,
+        and moving it out would cost the other folders it lists in earlier generations)."""
+        for key, p in self.report.problems.items():
+            if key[0] not in ("auth", "header", "ref"):
+                continue
+            pid = bytes.fromhex(key[1])
+            if key[0] == "header" and self.pack_sizes.get(pid, 0) < format.HEADER_LEN:
+                p.message = (f"pack {key[1]} is cut short ({self.pack_sizes.get(pid, 0)} bytes, "
+                             "not even a pack header): the next backup reads its files again "
+                             "from the node; leave it where it is")
+                continue
+            if key in self._data_keys:
+                p.message += ("; it holds file data: move the pack file out of the store (keep "
+                              "it), then run a backup, which reads those files again")
+                if key in self._tree_keys:
+                    p.message += (" (the folders listed in it are read again too)")
+            elif key in self._tree_keys:
+                p.message += ("; it holds folder listings: leave it in the store and run a "
+                              "backup, which reads those folders again from the node (moving "
+                              "it out would lose the other folders it lists in earlier "
+                              "generations)")
+
     def _unreferenced(self) -> None:
         unused = [pid for pid in self.pack_sizes if pid not in self._pack_ok]
         for pid in unused:
@@ -390,11 +439,21 @@ class Checker:
                 "did not finish (it, or the next backup, removes them)")
         if other:
             total = sum(self.pack_sizes[p] for p in other)
+            unreadable = [k for k in self.report.problems if k[0] == "generation"]
+            if unreadable:
+                how = ("prune removes them only once the generation file(s) that cannot be read "
+                       "are out of generations/: `humiofs prune --set-aside-damaged --grace 0` "
+                       "sets them aside and deletes them")
+            elif self._tree_keys:
+                how = ("prune deletes no pack while a folder listing cannot be read; a backup "
+                       "reads those folders again, and prune removes them once the generations "
+                       "that list them are dropped")
+            else:
+                how = ("prune removes them: it records them, and deletes them an hour later, at "
+                       "once with --grace 0; while a backup runs, those newer than the newest "
+                       "generation wait for it to finish")
             self.report.notes.append(
-                f"{len(other)} unreferenced pack(s), {human_bytes(total)} (prune removes "
-                "them: it records them, and deletes them an hour later, at once with --grace "
-                "0; while a backup runs, those newer than the newest generation wait for it "
-                "to finish)")
+                f"{len(other)} unreferenced pack(s), {human_bytes(total)} ({how})")
 
 
 def describe(report: Report, latest: str | None, all_paths: bool = False,

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from humiofs import config as configmod
-from humiofs import errors, generations, scan, summary
+from humiofs import errors, generations, keys, scan, summary
 from humiofs.config import Config
 from humiofs.errors import HumiofsError, Interrupted, StoreError
 from humiofs.format import generation_time
@@ -214,8 +214,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         if state:
             state.observe(store, gen.name)
     s = run.stats
-    code = (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or rollback
-            else errors.EXIT_OK)
+    code = (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or s.lost_deleted
+            or rollback else errors.EXIT_OK)
     if args.json:
         summary.emit("backup", store=store.name, generation=summary.generation(gen),
                      files=summary.backup_files(s), bytes_read=s.bytes_read,
@@ -223,7 +223,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                      rolled_back=bool(rollback),
                      seconds=round(time.monotonic() - start, 3), exit=code)
     skipped = f", {s.skipped} skipped" if s.skipped else ""
-    healed = f", {s.healed} read again (the store had lost them)" if s.healed else ""
+    healed = (f", {s.healed} read again from the node after a lost pack" if s.healed
+              else "")
     vanished = f", {s.vanished} vanished while read" if s.vanished else ""
     # A file being written (appended to) is stored as of the size it had when it was opened.
     live = f" ({s.live} still being written, stored as they were)" if s.live else ""
@@ -328,6 +329,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         readable = [row for row in rows if row["files"] is not None]
         if readable:
             readable[-1]["latest"] = True
+        state = LocalState.of(cfg.state_dir) if store is not None else None
+        if store is not None and state is not None:
+            newest = readable[-1]["name"] if readable else None
+            rollback = state.observe(store, newest, [row["name"] for row in rows])
+            if rollback:
+                log.warning("%s", rollback)
         if args.json:
             summary.emit("ls", store=name, opened=store is not None, error=None,
                          generations=rows)
@@ -365,9 +372,15 @@ def cmd_key_change(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     new_key = configmod.read_key_file(args.new_key_file)
     store = open_store(cfg)
+    same = keys.Passphrase.of(new_key).text == store.passphrase
     with store.lock():
         store.change_key(new_key)
-    print(f"key changed for {store.path}; the old key no longer opens it")
+    if same:
+        # A repair (README, After a bad check): one fresh key file instead of the old ones.
+        print(f"the new key is the one that already opened {store.path}: its key files were "
+              "rewritten as one, under the same key; nothing else changed")
+    else:
+        print(f"key changed for {store.path}; the old key no longer opens it")
     return errors.EXIT_OK
 
 
@@ -379,6 +392,15 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+# What an interrupted command leaves, per command (the rest: see the default in main).
+_INTERRUPTED = {
+    "cmd_backup": "interrupted; the last committed generation is intact",
+    "cmd_restore": "interrupted; every file restored so far is complete, the rest is missing "
+                   "(restore --missing-only into the same target finishes it, folders' "
+                   "attributes included)",
+}
 
 
 def _helper_form(argv: list[str], commands: set[str]) -> bool:
@@ -476,7 +498,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"humiofs: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        exc2 = Interrupted("interrupted; the last committed generation is intact")
+        exc2 = Interrupted(_INTERRUPTED.get(args.func.__name__, "interrupted; the store is "
+                                            "as it was before, or as the run left it complete"))
         print(f"humiofs: error: {exc2}", file=sys.stderr)
         return exc2.exit_code
     except BrokenPipeError:

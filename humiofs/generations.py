@@ -133,13 +133,23 @@ def describe(gen: Generation) -> str:
 
 def latest_readable(store: Store) -> Generation | None:
     """The newest generation that reads back, skipping damaged ones with a warning; the
-    parent of a new backup, and what restore and the mount call the latest (see `pick`)."""
+    parent of a new backup, and what restore and the mount call the latest (see `pick`).
+    Raises StoreError (exit 5) if the store has generation files and none of them reads
+    back: its key files may hold another store's master key, and a generation committed under
+    it would mix two master keys in one store."""
+    if not store.list_generations():    # raises its own StoreError if it cannot list
+        return None
     try:
         return pick(store).generation
     except StoreError as exc:
-        if exc.exit_code != 2:      # 2: no generation at all
-            log.warning("%s; backing up everything anew", exc)
-        return None
+        if exc.exit_code == 2:      # no generation at all
+            return None
+        raise StoreError(
+            f"{exc}. No generation of the store opens with the master key its key files hold: "
+            "either keys/ was copied from another store (put this store's key files back from "
+            "a copy of it; a backup now would mix two master keys in one store), or every "
+            "generation file is damaged (`humiofs prune --set-aside-damaged` sets them aside, "
+            "and the next backup starts afresh). Nothing was written") from None
 
 
 @dataclass(frozen=True)

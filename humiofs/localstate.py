@@ -2,14 +2,15 @@
 store, of the newest generation of each store that it committed or saw, and the warning when a
 store's newest generation is older than that.
 
-The record is `BACKUP_STATE_DIR/<store id>.json`, plaintext: the store id, the store's path
-(for people) and a generation name, which hold nothing the store does not show anyway. Nothing
+The record is `BACKUP_STATE_DIR/<store id>-<place>.json` (`place` from the store's path),
+plaintext: the store id, the store's path and a generation name, which hold nothing the store does not show anyway. Nothing
 here ever fails a command: a record that cannot be written or read is one warning per process,
 and the command carries on.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from humiofs import format
+from humiofs.errors import StoreError
 from humiofs.generations import format_time
 
 if TYPE_CHECKING:
@@ -40,8 +42,12 @@ class LocalState:
         code, not from settings)."""
         return None if folder is None else cls(folder)
 
-    def _path(self, store_id: bytes) -> Path:
-        return self.folder / f"{store_id.hex()}.json"
+    def _path(self, store_id: bytes, store_path: Path) -> Path:
+        # Per store id and place: a copy of a store elsewhere (a clone, a restore from an
+        # older copy) has the same id but is not a rollback of this one.
+        place = hashlib.blake2b(os.fsencode(os.path.realpath(store_path)),
+                                digest_size=8).hexdigest()
+        return self.folder / f"{store_id.hex()}-{place}.json"
 
     def _trouble(self, what: str, exc: OSError) -> None:
         """One warning per state folder and process; the command carries on without it."""
@@ -51,13 +57,19 @@ class LocalState:
             log.warning("cannot %s (%s); rollback detection (BACKUP_STATE_DIR) is off for this "
                         "run", what, exc.strerror)
 
-    def recorded(self, store_id: bytes) -> str | None:
-        """The newest generation this host recorded for the store, or None."""
-        path = self._path(store_id)
+    def recorded(self, store_id: bytes, store_path: Path) -> str | None:
+        """The newest generation this host recorded for the store at `store_path`, or None."""
+        path = self._path(store_id, store_path)
         try:
             doc = json.loads(path.read_bytes())
         except FileNotFoundError:
-            return None
+            # humiofs 0.2 kept one record per store id: it counts where it names this place.
+            try:
+                doc = json.loads((self.folder / f"{store_id.hex()}.json").read_bytes())
+            except (OSError, ValueError):
+                return None
+            if not isinstance(doc, dict) or doc.get("store") != str(store_path):
+                return None
         except OSError as exc:
             self._trouble(f"read {path}", exc)
             return None
@@ -80,10 +92,13 @@ class LocalState:
         store_id, store_path = store.store_id, store.path
         if names is None:
             names = store.list_generations()
-        recorded = self.recorded(store_id)
+        recorded = self.recorded(store_id, store_path)
         warning = None
+        # A generation `prune --set-aside-damaged` moved to NAME/damaged/ (prune.SET_ASIDE_DIR)
+        # is known damage, reported by check, not a rollback.
         if recorded is not None and recorded not in names and (newest is None or
-                                                               recorded > newest):
+                                                               recorded > newest) \
+                and not (store_path / "damaged" / recorded).exists():
             warning = (
                 f"the store {store_path} was rolled back: its newest generation is "
                 + (f"{newest} ({format_time(format.generation_time(newest))})" if newest
@@ -97,6 +112,20 @@ class LocalState:
             self._record(store_id, store_path, newest)
         return warning
 
+    def rollback_of(self, store: Store) -> str | None:
+        """`observe` with the store's newest generation that authenticates, looked up here:
+        the rollback warning, or None. Prune asks before it deletes anything."""
+        names = store.list_generations()
+        newest = None
+        for name in reversed(names):
+            try:
+                store.load_generation(name)
+            except StoreError:
+                continue
+            newest = name
+            break
+        return self.observe(store, newest, names)
+
     def _record(self, store_id: bytes, store_path: Path, newest: str) -> None:
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
@@ -107,10 +136,10 @@ class LocalState:
         try:
             # Backups, checks and mounts on this host may record at once: the newest wins.
             fcntl.flock(lock, fcntl.LOCK_EX)
-            current = self.recorded(store_id)
+            current = self.recorded(store_id, store_path)
             if current is not None and current >= newest:
                 return
-            path = self._path(store_id)
+            path = self._path(store_id, store_path)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             doc = {"version": 1, "store_id": store_id.hex(), "store": str(store_path),
                    "newest": newest, "recorded_ms": int(time.time() * 1000)}

@@ -36,29 +36,40 @@ not affected: restore --at TIME --keep-going, or the mount's .generations/. Then
       exits 8 and names them): new generations are whole. Earlier generations keep missing
       them; prune drops those in time.
   pack ... fails authentication, is not a readable humiofs pack, or a reference into it is
-  inconsistent
+  inconsistent; it holds file data
       The pack's bytes were changed in place, and a backup would keep referring to it for
       files that have not changed. Move that pack file out of the store (keep it), then run
       a backup: it is then 'missing', and the backup reads those files again.
+  the same; it holds folder listings
+      Leave the pack where it is and run a backup: it reads those folders again from the
+      node. Moving it out would lose every other folder it lists from earlier generations.
+  pack ... is cut short (not even a pack header)
+      Run a backup, which reads its files again; leave the file.
   generation ... cannot be read
       That state of the node is lost; no other generation depends on it. Restore, the mount
-      and the next backup take the newest generation that reads.
+      and the next backup take the newest generation that reads, but prune deletes no pack
+      while it is in generations/ (it may need any): `humiofs prune --set-aside-damaged`
+      (--grace 0 on a full disk) moves it to NAME/damaged/ and frees what the others do not
+      need.
   the store ... was rolled back
       Generations this host committed or saw were deleted, or the store was replaced by an
       older copy. If nobody did that on purpose, find out who can write the backup drive.
-      The next backup's generation ends the finding.
-  key file keys/... is damaged, or does not open with this key
+      Until then prune refuses (exit 5), so putting them back still works. The next
+      backup's generation ends the finding.
+  key file keys/... is damaged
       Another key file opens the store; `humiofs key change` with the same key rewrites them.
   NAME is missing from the store, or has the wrong type
       Recreate the folder (mkdir -m 700), or put back the file from a copy of the store.
 
 Not problems (exit 0): 'warning:' lines name files the store does not use (a note, a pack in
-the wrong packs/xx/, a damaged prune record): move them out of the store. 'note:' lines name
-packs no generation needs and leftovers in tmp/: prune, or the next backup, removes them.
+the wrong packs/xx/, a damaged prune record): move them out of the store; generation
+files set aside in damaged/; and a key file another passphrase opens (an interrupted key
+change leaves two): remove the one the warning names, or run `humiofs key change`. 'note:' lines name packs no generation needs and leftovers in
+tmp/: prune, or the next backup, removes them (the note says when prune cannot yet).
 
 If the store cannot be opened at all, check says why instead: a wrong key (exit 3), or a
-missing or damaged config or key file (exit 5; the message says how to put it back). A
-store is never to be deleted for either: keep it."""
+missing or damaged config, or key files from another store (exit 5; the message says what
+to put back). A store is never to be deleted for either: keep it."""
 
 CHECK_EXIT = """\
 check exit codes: 0 healthy (warnings and notes are not damage), 5 damaged (problems listed;
@@ -112,6 +123,10 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
                    help="delete unneeded packs only this long after a prune recorded them "
                    "(default 3600); 0 deletes them at once, which can break a running mount "
                    "of a dropped generation, but frees space on a full disk")
+    p.add_argument("--set-aside-damaged", action="store_true",
+                   help="move generation files that cannot be read to NAME/damaged/ (kept, "
+                   "never read), so that the packs only they could need can go; without it no "
+                   "pack is deleted while one is in generations/")
     _json(p)
     p.set_defaults(func=cmd_prune)
 
@@ -143,10 +158,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     finally:
         store.close()
     state = LocalState.of(cfg.state_dir)
-    rollback = state.observe(store, report.newest) if state else None
+    names = checker.gen_names       # as listed by the check (none if generations/ is gone)
+    rollback = state.observe(store, report.newest, names) if state else None
     if rollback:
         checker.rolled_back(rollback)
-    names = store.list_generations()
     took = time.monotonic() - start
     if args.json:
         summary.emit(
@@ -186,8 +201,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     store = cli.open_store(cfg)
     if args.grace < 0:
         raise errors.ConfigError("--grace must not be negative")
+    state = LocalState.of(cfg.state_dir)
+    rollback = state.rollback_of(store) if state else None
+    if rollback:
+        store.close()
+        raise errors.StoreError(f"{rollback}. Prune removes nothing while the store stands "
+                                "rolled back: it would delete the packs only the missing "
+                                "generations need. Put them back, or run a backup (its newer "
+                                "generation ends the rollback), then prune")
     try:
-        r = prune(store, cfg.delete_after_ms, grace_s=args.grace, dry_run=args.dry_run)
+        r = prune(store, cfg.delete_after_ms, grace_s=args.grace, dry_run=args.dry_run,
+                  set_aside_damaged=args.set_aside_damaged)
     finally:
         store.close()
     if args.json:
@@ -225,7 +249,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         parts.append(f"{r.young_packs} unneeded packs are newer than the latest generation "
                      "and a backup is running (they may be its own: a prune after it has "
                      "finished handles them)")
+    if r.set_aside:
+        parts.append(f"{would}set aside {len(r.set_aside)} unreadable generation(s) in "
+                     f"{store.name}/damaged/: {', '.join(r.set_aside)}")
     print("; ".join(parts))
+    if r.unreadable:
+        raise errors.StoreError(
+            f"no pack was deleted: {len(r.unreadable)} generation file(s) cannot be read "
+            f"({r.damaged[0]}), and a generation that cannot be read may need any pack. "
+            "`humiofs prune --set-aside-damaged` moves them to "
+            f"{store.path / 'damaged'}/ (that state of the node is lost anyway) and then "
+            "frees what the readable generations do not need")
     if r.damaged:
         raise errors.StoreError(f"the store is damaged, so no pack was deleted: "
                                 f"{r.damaged[0]}; run `humiofs check`")

@@ -79,7 +79,7 @@ exit codes: 0 unmounted, 2 bad usage, 6 not mounted, busy (see --lazy) or no fus
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from humiofs import generations, mount, tree
+    from humiofs import errors, generations, mount, store, tree
     from humiofs.cli import load_config
     from humiofs.localstate import LocalState
 
@@ -94,6 +94,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     # node writes, while an operator mounting wants to see every backup the key opens.
     model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at,
                                       state=LocalState.of(cfg.state_dir))
+    if at is not None and at.name is not None:
+        # A generation asked for by name is that one or an error (FORMAT.md 7.2), as restore
+        # --at has it: never an older one in its place.
+        for name, gen in model.shown():
+            if gen is None or gen.name != at.name:
+                names = store.generation_names(cfg.backup_dir / name)
+                if at.name in names:
+                    model.close()
+                    raise errors.IntegrityError(
+                        f"generation {at.name} of backup {name} cannot be read (damaged; run "
+                        "humiofs check), so it is not mounted; --at an earlier generation or "
+                        "time mounts that one")
     if at is not None:
         for name, gen in model.shown():
             if gen is not None:

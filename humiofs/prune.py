@@ -27,6 +27,9 @@ DAY_MS = 86_400_000
 DEFAULT_GRACE_S = 3600.0
 LOCK_NAME = "prune.lock"
 RECORD_DIR = "prune"
+# Generation files that cannot be read, moved out of generations/ by `prune
+# --set-aside-damaged` (FORMAT.md 10.4): kept for a look, used by nothing.
+SET_ASIDE_DIR = "damaged"
 RECORD_NAME = re.compile(r"^(\d{13})-([0-9a-f]{16})$")
 _TREE_CACHE = 4096
 
@@ -245,6 +248,9 @@ class PruneResult:
     pending_packs: int = 0
     young_packs: int = 0
     damaged: list[str] = field(default_factory=list)
+    # Generation files that cannot be read (left in generations/, or set aside if asked).
+    unreadable: list[str] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)
     stopped: bool = False
 
     @property
@@ -255,18 +261,24 @@ class PruneResult:
 def prune(store: Store, delete_after_ms: int, grace_s: float = DEFAULT_GRACE_S,
           dry_run: bool = False, now_ms: int | None = None,
           should_stop: Callable[[], bool] = lambda: False,
-          own_writer_lock: bool = False) -> PruneResult:
+          own_writer_lock: bool = False, set_aside_damaged: bool = False) -> PruneResult:
     """Drops the generations retention no longer keeps, then the packs nothing needs.
 
     Packs go in two phases: a run records the unneeded ones, and a run at least `grace_s`
     later deletes those still unneeded (at once if `grace_s` is 0). `own_writer_lock`: the
     caller holds the writer lock and runs no backup meanwhile (backup --watch between
     passes). Raises StoreLocked if another prune or check holds the prune lock.
+
+    A generation file that cannot be read may need any pack, so while one is in generations/
+    no pack is deleted (`unreadable` names them); `set_aside_damaged` first moves each to
+    NAME/damaged/ (section 10.4), after which the packs only it could need go.
     """
     with prune_lock(store):
-        return _Prune(store, delete_after_ms, grace_s, dry_run,
-                      now_ms if now_ms is not None else int(time.time() * 1000),
-                      should_stop, own_writer_lock).run()
+        p = _Prune(store, delete_after_ms, grace_s, dry_run,
+                   now_ms if now_ms is not None else int(time.time() * 1000),
+                   should_stop, own_writer_lock)
+        p.set_aside_damaged = set_aside_damaged
+        return p.run()
 
 
 class _Prune:
@@ -281,6 +293,7 @@ class _Prune:
         self.should_stop = should_stop
         self.result = PruneResult()
         self.loaded: dict[str, Generation | None] = {}
+        self.set_aside_damaged = False
 
     def _load(self, name: str) -> Generation | None:
         if name not in self.loaded:
@@ -290,6 +303,7 @@ class _Prune:
                 raise
             except StoreError as exc:
                 self.result.damaged.append(str(exc))
+                self.result.unreadable.append(name)
                 self.loaded[name] = None
         return self.loaded[name]
 
@@ -299,10 +313,20 @@ class _Prune:
         gens = []
         for name in self.store.list_generations():
             try:
-                gens.append((name, self._load(name)))
-                names.append(name)
+                gen = self._load(name)
             except NoSuchObject:
                 continue            # deleted by hand meanwhile
+            if gen is None and self.set_aside_damaged:
+                if not self.dry_run:
+                    set_aside(self.store, name)
+                r.set_aside.append(name)
+                continue
+            gens.append((name, gen))
+            names.append(name)
+        if r.set_aside:
+            # Set aside, they no longer hold packs back: what they said is lost anyway.
+            r.damaged = [d for d, n in zip(r.damaged, r.unreadable) if n not in r.set_aside]
+            r.unreadable = [n for n in r.unreadable if n not in r.set_aside]
         diff = TreeDiff(self.store)
         r.decisions = plan(gens, self.now_ms, self.delete_after_ms, diff)
         r.damaged += diff.damaged
@@ -319,7 +343,7 @@ class _Prune:
         no_writer = self.own_writer_lock or not self.store.writer_running()
         dropped = set(r.dropped)
         remaining = [n for n in (names if self.dry_run else self.store.list_generations())
-                     if n not in dropped]
+                     if n not in dropped and n not in r.set_aside]
         cutoff = 0
         roots = []
         for name in remaining:
@@ -331,6 +355,12 @@ class _Prune:
             cutoff = max(cutoff, st.st_mtime_ns)
             if gen is not None:
                 roots.append(gen.root.tree)
+        if r.unreadable:
+            log.error("not deleting packs: %d generation file(s) cannot be read (%s), and any "
+                      "pack may be theirs. `humiofs prune --set-aside-damaged` moves them to "
+                      "%s/ and then deletes what the readable generations do not need",
+                      len(r.unreadable), "; ".join(r.damaged), SET_ASIDE_DIR)
+            return r
         if r.damaged:
             log.error("not deleting packs: the store is damaged (%s); run check",
                       "; ".join(r.damaged))
@@ -405,6 +435,11 @@ class _Prune:
             names = sorted(os.listdir(rdir))
         except FileNotFoundError:
             return []
+        except NotADirectoryError:
+            raise StoreError(f"{rdir} is not a folder: move it out of the store (prune makes "
+                             "the folder again when it needs it)") from None
+        except OSError as exc:
+            raise StoreIOError(f"cannot list {rdir}: {exc.strerror}") from None
         out = []
         for name in names:
             try:
@@ -444,6 +479,33 @@ class _Prune:
             pass
         except OSError as exc:
             raise StoreIOError(f"cannot delete pack {pid.hex()}: {exc.strerror}") from None
+
+
+def set_aside(store: Store, name: str) -> None:
+    """Moves the generation file `name` to NAME/damaged/ (created if needed), durably."""
+    aside = store.path / SET_ASIDE_DIR
+    try:
+        try:
+            os.mkdir(aside, 0o700)
+            fsync_dir(store.path)
+        except FileExistsError:
+            pass
+        os.rename(store.path / "generations" / name, aside / name)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreIOError(f"cannot move generation {name} to {aside}: {exc.strerror}") from None
+    fsync_dir(aside)
+    fsync_dir(store.path / "generations")
+    log.warning("moved generation %s, which cannot be read, to %s", name, aside)
+
+
+def set_aside_names(store_path: os.PathLike[str]) -> list[str]:
+    """Names of the generation files set aside in NAME/damaged/."""
+    try:
+        return sorted(os.listdir(os.path.join(store_path, SET_ASIDE_DIR)))
+    except OSError:
+        return []
 
 
 def _unlink(path: os.PathLike[str]) -> None:

@@ -63,11 +63,17 @@ class Restore:
         self._links: dict[object, list[int]] = {}
         # Extended attributes the target refused: name -> (count, first path, error).
         self._xattr_failures: dict[bytes, tuple[int, bytes, str]] = {}
+        # Folders made and not yet given their attributes (see _made_folder).
+        self._root_fd = -1
+        self._made_fd = -1
+        self._resumed: set[bytes] = set()
+        self._root_created = False
 
     def run(self, gen: Generation) -> RestoreStats:
         target = self.opt.target
         self._progress.total_bytes = gen.stats.get("data_bytes", 0)
         try:
+            root_created = not os.path.isdir(target)
             os.makedirs(target, exist_ok=True)
             root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileExistsError:
@@ -78,14 +84,30 @@ class Restore:
             if not (self.opt.missing_only or self.opt.overwrite) and os.listdir(root_fd):
                 raise TargetError(f"restore target {target} is not empty; use --missing-only "
                                   "to add what is missing or --overwrite to replace files")
+            self._root_fd = root_fd
+            self._resumed = self._read_made_folders()
+            # Listed with the first folder made: alone it was made by os.makedirs with the
+            # usual mode, and a run that made nothing else leaves no list.
+            self._root_created = root_created
             with scan.deep_walk():
                 self._tree(root_fd, b"", gen.root.tree, fresh=not (self.opt.missing_only or
                                                                    self.opt.overwrite))
-            if not self.opt.missing_only:
-                self._set_attrs(root_fd, b".", gen.root.mode, gen.root.uid, gen.root.gid,
-                                gen.root.mtime_ns, gen.root.xattrs)
+            # Every folder below has its attributes now; the list goes before the target's
+            # own mtime is set (removing it changes that).
+            self._close_made_folders()
+            if not self.opt.missing_only or root_created or b"." in self._resumed:
+                try:
+                    self._set_attrs(root_fd, b".", gen.root.mode, gen.root.uid, gen.root.gid,
+                                    gen.root.mtime_ns, gen.root.xattrs, drop_list=True)
+                except OSError as exc:
+                    # An immutable target, root squashed by NFS: the files are there.
+                    raise TargetError(f"cannot set the owner, mode or times of the restore "
+                                      f"target {target}: {exc.strerror}") from None
+            else:
+                _unlink_at(root_fd, MADE_FOLDERS)
             _syncfs(root_fd)
         finally:
+            self._close_made_folders()
             os.close(root_fd)
             for fd, _left in self._links.values():
                 os.close(fd)
@@ -175,18 +197,49 @@ class Restore:
             st = None
         created = st is None
         if created:
+            self._made_folder(path)     # first: a kill right after mkdir leaves it listed
             os.mkdir(e.name, 0o700, dir_fd=dfd)
         sub = os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                       dir_fd=dfd)
         try:
             assert e.subtree is not None
             self._tree(sub, path, e.subtree, fresh=created)
-            # --missing-only leaves folders that were already there as they are.
-            if created or not self.opt.missing_only:
+            # --missing-only leaves folders that were already there as they are, except
+            # those a restore made and did not finish (their mode is still 0700).
+            if created or not self.opt.missing_only or path in self._resumed:
                 self._set_attrs(sub, path, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
         finally:
             os.close(sub)
         self.stats.dirs += 1
+
+    # -- the folders a run made, listed until their attributes are set -----------------------
+
+    def _read_made_folders(self) -> set[bytes]:
+        """The folders an interrupted restore into this target made (paths relative to it,
+        b"." the target itself), from TARGET/.humiofs-restore-folders."""
+        try:
+            fd = os.open(MADE_FOLDERS, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self._root_fd)
+        except FileNotFoundError:
+            return set()
+        with open(fd, "rb") as f:
+            return set(f.read().split(b"\0")) - {b""}
+
+    def _made_folder(self, path: bytes) -> None:
+        """Lists `path` as made by this run, before it is made."""
+        if path in self._resumed:
+            return
+        if self._made_fd < 0:
+            self._made_fd = os.open(MADE_FOLDERS, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                                    os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._root_fd)
+            if self._root_created:
+                path = b".\0" + path
+        os.write(self._made_fd, path + b"\0")
+
+    def _close_made_folders(self) -> None:
+        if self._made_fd >= 0:
+            os.close(self._made_fd)
+            self._made_fd = -1
 
     def _may_write(self, dfd: int, path: bytes, name: bytes) -> bool:
         st = self._exists(dfd, name)
@@ -350,11 +403,15 @@ class Restore:
             raise
 
     def _set_attrs(self, fd: int, path: bytes, mode: int, uid: int, gid: int, mtime_ns: int,
-                   attrs: Xattrs) -> None:
+                   attrs: Xattrs, drop_list: bool = False) -> None:
         # In this order: chown clears set-id bits and file capabilities, and every xattr set
-        # moves the ctime only (the mtime is set last).
+        # moves the ctime only (the mtime is set last). The target's own list of made folders
+        # is removed just before its mtime is set (`drop_list`): a mode that forbids writing
+        # would keep it from going.
         if self._as_root:
             os.fchown(fd, uid, gid)
+        if drop_list:
+            _unlink_at(fd, MADE_FOLDERS)
         os.fchmod(fd, mode)
         self._set_xattrs(fd, path, attrs)
         os.utime(fd, ns=(mtime_ns, mtime_ns))
@@ -379,12 +436,22 @@ class Restore:
         self._xattr_failures.clear()
 
 
+# In the target while a restore runs: the folders it made, NUL-separated, so that a restore
+# after it was stopped or killed (--missing-only included) gives them their stored attributes.
+MADE_FOLDERS = ".humiofs-restore-folders"
 _TEMP_NAME = re.compile(r"^\.humiofs-restore-[0-9a-f]{12}$")
 
 
 def _temp_name() -> bytes:
     """A name in the target folder for a file or symlink until it is complete."""
     return b".humiofs-restore-" + os.urandom(6).hex().encode()
+
+
+def _unlink_at(dfd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -82,8 +82,14 @@ def list_stores(backup_dir: Path) -> list[str]:
 def generation_names(store_path: Path) -> list[str]:
     """Names of the committed generations of the store at `store_path`, oldest first. Needs
     no key: the names hold only the commit times."""
+    gdir = store_path / "generations"
     try:
-        names = os.listdir(store_path / "generations")
+        names = os.listdir(gdir)
+    except (FileNotFoundError, NotADirectoryError):
+        raise StoreError(f"{gdir} is missing from the store, or is not a folder (run humiofs "
+                         "check): the store's generations are gone. Put the folder back from a "
+                         f"copy of the store, or make an empty one (`mkdir -m 700 {gdir}`, after "
+                         "moving a file in its place out of the store)") from None
     except OSError as exc:
         raise StoreError(f"cannot list generations of {store_path}: {exc.strerror}") from None
     return sorted(n for n in names if format.GENERATION_NAME.match(n))
@@ -97,7 +103,11 @@ def list_packs(store: Store) -> dict[bytes, os.stat_result]:
     stat."""
     out: dict[bytes, os.stat_result] = {}
     root = store.path / "packs"
-    for prefix in sorted(os.listdir(root)):
+    try:
+        prefixes = sorted(os.listdir(root))
+    except OSError as exc:
+        raise StoreError(f"cannot list {root}: {exc.strerror} (run humiofs check)") from None
+    for prefix in prefixes:
         if not re.fullmatch(r"[0-9a-f]{2}", prefix):
             continue
         try:
@@ -257,7 +267,8 @@ class Store:
                 "is lost, nobody can read this backup: start a fresh backup under a new "
                 "BACKUP_NAME or BACKUP_DIR, and keep this store: with the right key it opens "
                 "again")
-        raise storemeta.damage(path, store_id, key_dir, problems, [t for t, _ in forms])
+        raise storemeta.damage(path, store_id, key_dir, problems, [t for t, _ in forms],
+                               lambda sid, master: cls(path, sid, master).opens_generations())
 
     # -- writing ---    # -- writing ----------------------------------------------------------------------------
 
@@ -279,7 +290,24 @@ class Store:
     def clean_tmp(self) -> None:
         """Removes what writers that failed or died left behind: the packs of each run that
         did not commit its generation (its journal in tmp/ lists them, FORMAT.md 8), then
-        everything in tmp/. Call only while holding the writer lock."""
+        everything in tmp/. Call only while holding the writer lock.
+
+        A missing tmp/ is made again (it only ever holds a running writer's files, and the
+        writer lock is held); raises StoreError if something else is in its place."""
+        tmp = self.path / "tmp"
+        if not tmp.is_dir() or tmp.is_symlink():
+            if os.path.lexists(tmp):
+                raise StoreError(f"{tmp} is not a folder, so nothing can be written into the "
+                                 f"store: move it out of the store, then `mkdir -m 700 {tmp}`")
+            try:
+                os.mkdir(tmp, 0o700)
+                fsync_dir(self.path)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise store_io_error(exc, str(tmp)) from None
+            log.warning("%s was missing; made it again (it holds only a running backup's "
+                        "files)", tmp)
         journal.reclaim(self)
         for name in os.listdir(self.path / "tmp"):
             unlink_quietly(self.path / "tmp" / name)
@@ -315,8 +343,12 @@ class Store:
         check = keys.unwrap((key_dir / new_name).read_bytes(), self.store_id, new_passphrase)
         if check != self._master:
             raise StoreError(f"the new key file in {key_dir} does not read back; old keys kept")
-        for name in old:
-            os.unlink(key_dir / name)
+        try:
+            for name in old:
+                os.unlink(key_dir / name)
+        except OSError as exc:
+            # Both key files open the store (the old and the new passphrase): check says so.
+            raise store_io_error(exc, f"the old key file {key_dir / name}") from None
         fsync_dir(key_dir)
         self.passphrase = new_passphrase
 
@@ -484,6 +516,18 @@ class Store:
         except IntegrityError as exc:
             raise IntegrityError(f"{where}: {exc}") from None
         return format.decode_generation(plain, name)
+
+    def opens_generations(self) -> bool | None:
+        """True if the master key authenticates a generation of the store (the newest first),
+        False if there are generation files and it opens none, None if there are none."""
+        names = self.list_generations()
+        for name in reversed(names):
+            try:
+                self.load_generation(name)
+                return True
+            except StoreError:
+                continue
+        return False if names else None
 
     def commit_generation(self, gen: format.Generation) -> None:
         """Writes `gen` as a new generation file; the last step of a backup run."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from humiofs import keys
@@ -82,29 +83,51 @@ def config_fix(path: Path) -> str:
 
 
 def damage(path: Path, store_id: bytes, key_dir: Path,
-                     problems: dict[str, IntegrityError | OSError],
-                     passphrases: list[str]) -> StoreMetadataDamaged:
+           problems: dict[str, IntegrityError | OSError],
+           passphrases: list[str],
+           opens_generations: Callable[[bytes, bytes], bool | None]) -> StoreMetadataDamaged:
     """Why no key file of the store could be tried with the key: each is damaged, or made
-    for another store id than config names (then config or keys/ is the damaged one)."""
+    for another store id than config names (then config or keys/ is the damaged one).
+    `opens_generations(store_id, master)` tells whether that master key authenticates a
+    generation of the store (None: the store has none), which tells a config that changed
+    from key files that came from another store."""
     foreign = {name: exc.store_id for name, exc in problems.items()
                if isinstance(exc, keys.ForeignKeyFile)}
     config_id = store_id.hex()
     if foreign:
         # The store id inside a key file is authenticated by the wrap: if the key opens a key
-        # file under its own id, that id is the store's, and config is what changed.
+        # file under its own id, that id is the key file's store's. Whether that store is this
+        # one, only its generations can say.
         for name, own_id in foreign.items():
             for passphrase in passphrases:
                 try:
                     opened = keys.unwrap((key_dir / name).read_bytes(), own_id, passphrase)
                 except (IntegrityError, OSError):
                     break
-                if opened is not None:
+                if opened is None:
+                    continue
+                fits = opens_generations(own_id, opened)
+                if fits:
                     return StoreMetadataDamaged(
                         f"{path / 'config'} is damaged: it names the store id {config_id}, "
-                        f"but the key file keys/{name} is for store id {own_id.hex()}, and the "
-                        "key opens it, so the key is right. Set \"store_id\" in config back "
-                        f"to {own_id.hex()} (or copy config back from a copy of the store); "
-                        "the data is not affected")
+                        f"but the key file keys/{name} is for store id {own_id.hex()}, and "
+                        "the key opens it and the store's generations with it, so key and key "
+                        f"files are right. Set \"store_id\" in config back to {own_id.hex()} "
+                        "(or copy config back from a copy of the store); the data is not "
+                        "affected")
+                if fits is False:
+                    return StoreMetadataDamaged(
+                        f"the key files in {key_dir} belong to another store (store id "
+                        f"{own_id.hex()}; config names {config_id}): the master key they hold "
+                        "opens none of this store's generations. They were copied from another "
+                        "store with the same key: put this store's keys/ back from a copy of "
+                        "it, and leave config as it is. Keep the store; its data may be intact")
+                return StoreMetadataDamaged(
+                    f"config names the store id {config_id}, but the key file keys/{name} is "
+                    f"for store id {own_id.hex()}; the store has no generation to tell which "
+                    "is right. If config was edited, set \"store_id\" back to "
+                    f"{own_id.hex()}; if keys/ came from another store, put back this store's "
+                    "(from a copy of it)")
         ids = ", ".join(sorted({i.hex() for i in foreign.values()}))
         return StoreMetadataDamaged(
             f"no key file in {key_dir} belongs to the store {path}: config names the store id "

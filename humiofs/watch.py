@@ -75,6 +75,7 @@ class Watch:
         self.passes = 0
         self.committed = 0
         self._pruned_at: tuple[int, float] | None = None    # (committed, monotonic time)
+        self.rolled_back: str | None = None     # the rollback this watch started on
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- signals --------------------------------------------------------------------------
@@ -100,6 +101,10 @@ class Watch:
                     rollback = self.state.observe(self.store, parent.name if parent else None)
                     if rollback:
                         log.warning("%s", rollback)
+                        # The first pass commits a newer generation, which ends the rollback
+                        # for the record; this process still never prunes, so that the
+                        # missing generations can be put back with every pack they need.
+                        self.rolled_back = rollback
                 self.tracker = self._start_tracker()
                 if not self.json_out:
                     print(f"backup {self.store.name}: watching {self.source}, a pass every "
@@ -234,6 +239,14 @@ class Watch:
 
     def _prune(self) -> None:
         self._pruned_at = (self.committed, time.monotonic())
+        rollback = self.rolled_back or (self.state.rollback_of(self.store)
+                                        if self.state is not None else None)
+        if rollback:
+            log.warning("prune skipped: the store stands rolled back (this watch started on "
+                        "it), and prune would delete the packs only the missing generations "
+                        "need; put them back, or restart the watch to prune again (%s)",
+                        rollback)
+            return
         try:
             r = prune.prune(self.store, self.cfg.delete_after_ms, should_stop=self.stop.is_set,
                             own_writer_lock=True)

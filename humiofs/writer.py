@@ -72,6 +72,10 @@ class BackupStats:
     healed: int = 0         # unchanged files and folders read again: their stored copy was lost
     vanished: int = 0       # entries deleted or renamed on the node while the run read them
     lost_packs: set[PackId] = field(default_factory=set)   # the missing packs they were in
+    healed_paths: list[RelPath] = field(default_factory=list)   # the files of `healed`
+    # Files of the parent generation, deleted from the node since, whose only stored copy is
+    # in a pack the store lost: earlier generations cannot restore them.
+    lost_deleted: list[RelPath] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     skipped_paths: list[RelPath] = field(default_factory=list)
 
@@ -155,7 +159,9 @@ class Backup:
         except OSError as exc:
             raise StoreError(f"cannot read DIRECTORY {src}: {exc.strerror}", 2) from None
         try:
-            return self._build(parent, root_fd)
+            gen = self._build(parent, root_fd)
+            self._report_lost()
+            return gen
         except BaseException:
             self._discard_after_failure()
             raise
@@ -325,9 +331,38 @@ class Backup:
             return old
         self.stats.healed += 1
         self.stats.lost_packs.add(old.data.pack)
-        self._warn(f"{_show(rel)}: its stored copy is in pack {old.data.pack.hex()}, which is "
-                   "missing from the store (or cut short); reading it again from the node")
+        self.stats.healed_paths.append(rel)
         return None
+
+    def _gone(self, rel: bytes, gone: Entry) -> None:
+        """Notes the files of `gone`, deleted from the node since the parent generation (a
+        folder: everything below it), whose only stored copy is in a pack the store lost."""
+        if gone.type == FILE and gone.data is not None and not self._stored(gone.data):
+            self.stats.lost_deleted.append(rel)
+            self.stats.lost_packs.add(gone.data.pack)
+        elif gone.type == DIR and gone.subtree is not None:
+            try:
+                entries = self.store.read_tree(gone.subtree)
+            except StoreError:
+                return          # check reports a folder listing that cannot be read
+            for e in entries:
+                self._gone(rel + b"/" + e.name, e)
+
+    def _report_lost(self) -> None:
+        """One warning for the files read again after a lost pack, one for deleted files
+        whose only copy was in one (a warning per file would bury everything else)."""
+        s = self.stats
+        packs = ", ".join(sorted(p.hex() for p in s.lost_packs)[:3]) + (
+            ", ..." if len(s.lost_packs) > 3 else "")
+        if s.healed_paths:
+            self._warn(f"{len(s.healed_paths)} file(s) read again from the node: their stored "
+                       f"copy is in a pack missing from the store or cut short ({packs}): "
+                       + _some(s.healed_paths))
+        if s.lost_deleted:
+            self._warn(f"the store lost the only copy of {len(s.lost_deleted)} file(s) deleted "
+                       f"from the node since the last backup ({packs}): the earlier generations "
+                       "that hold them cannot restore them (humiofs check names them): "
+                       + _some(s.lost_deleted))
 
     def _counts(self) -> TreeCounts:
         s = self.stats
@@ -389,6 +424,11 @@ class Backup:
                 entries.append(entry)
                 if same and entry is not old and entry != old:
                     same = False
+        if prev:
+            present = {name for name, _ in items}
+            for name, gone in prev.items():
+                if name not in present:
+                    self._gone(rel + b"/" + name if rel else name, gone)
         subdirs = sum(1 for e in entries if e.type == DIR)
         used = self.packs_used
         for e in entries:
@@ -548,8 +588,12 @@ class Backup:
     def _file_entry(self, dfd: int, name: bytes, rel: bytes, st: os.stat_result,
                     old: Entry | None) -> Entry | None:
         # Never reuse a ref into a pack the store lost, nor fall back on it below.
-        if old is not None and old.type == FILE and _unchanged(old, st) and \
-                (old := self._lost(rel, old)) is not None:
+        healed = False
+        if old is not None and old.type == FILE and _unchanged(old, st):
+            kept = self._lost(rel, old)
+            healed = kept is None
+            old = kept
+        if old is not None and old.type == FILE and _unchanged(old, st):
             self.stats.unchanged += 1
             entry = old
             if (old.mode, old.uid, old.gid) != (st.st_mode & 0o7777, st.st_uid, st.st_gid):
@@ -568,7 +612,9 @@ class Backup:
                 continue
             except FileNotFoundError:
                 return self._vanished(rel)
-            if old is None or old.type != FILE:
+            if healed:
+                pass                    # counted as read again (stats.healed), not as new
+            elif old is None or old.type != FILE:
                 self.stats.new += 1
             else:
                 self.stats.changed += 1
@@ -756,6 +802,12 @@ def _problem(exc: Exception) -> str:
     if isinstance(exc, RecursionError):
         return "it is nested too deeply"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _some(paths: list[RelPath], shown: int = 5) -> str:
+    """The first few of `paths`, for a one-line message."""
+    out = ", ".join(_show(p) for p in paths[:shown])
+    return out + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 def _blake2b(data: bytes) -> bytes:

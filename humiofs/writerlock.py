@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 
 from humiofs import crypto
 from humiofs.durable import store_io_error
-from humiofs.errors import IntegrityError, StoreError, StoreLocked
+from humiofs.errors import IntegrityError, StoreError, StoreLocked, show
 
 if TYPE_CHECKING:
     from humiofs.store import Store
 
 WAIT_S = 1.0    # how long a writer waits for the writer lock before it gives up
+HOST_PAD = 64   # the sealed host name is padded with NULs to a multiple of this (FORMAT.md 8)
 
 
 def running(store: Store) -> bool:
@@ -49,6 +50,9 @@ def hold(store: Store) -> Iterator[None]:
     lock_path = store.path / "lock"
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except IsADirectoryError:
+        raise StoreError(f"{lock_path} is a folder, not the writer lock file: move it out of "
+                         "the store (the writer makes the file again)") from None
     except OSError as exc:
         # The first write of every writer: a read-only backup disk (EROFS) or one this user
         # may not write (EACCES) ends here, with one line and exit 7.
@@ -71,7 +75,9 @@ def hold(store: Store) -> Iterator[None]:
         except OSError as exc:
             raise StoreError(f"cannot lock {lock_path}: {exc.strerror}") from None
         oid = crypto.new_object_id()
-        sealed = store.cipher(crypto.KIND_LOCK_HOST, oid).seal(socket.gethostname().encode())
+        host = socket.gethostname().encode()
+        host += b"\0" * (-len(host) % HOST_PAD or (HOST_PAD if not host else 0))
+        sealed = store.cipher(crypto.KIND_LOCK_HOST, oid).seal(host)
         info = {"version": 1, "pid": os.getpid(), "since_ms": int(time.time() * 1000),
                 "host": base64.b64encode(oid + sealed).decode()}
         os.ftruncate(fd, 0)
@@ -90,11 +96,12 @@ def _holder(store: Store, raw: bytes) -> str:
         oid, sealed = blob[:crypto.OBJECT_ID_LEN], blob[crypto.OBJECT_ID_LEN:]
         if not 0 < len(sealed) <= 1024 + crypto.TAG:
             raise ValueError("bad host")
-        host = store.cipher(crypto.KIND_LOCK_HOST, oid).open(
-            sealed, len(sealed) - crypto.TAG).decode("utf-8", "replace")
-    except (ValueError, KeyError, TypeError, IntegrityError):
-        # Written by an earlier version (plaintext), or not by humiofs at all.
-        return raw.decode("utf-8", "replace").strip()[:200]
-    where = "this host" if host == socket.gethostname() else f"host {host}"
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since / 1000))
+        host = show(store.cipher(crypto.KIND_LOCK_HOST, oid).open(
+            sealed, len(sealed) - crypto.TAG).rstrip(b"\0"))
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since / 1000))
+    except (ValueError, KeyError, TypeError, IntegrityError, OverflowError, OSError):
+        # Written by an earlier version (plaintext), or not by humiofs at all: shown, never
+        # trusted, and escaped so that it can neither break the line nor act on a terminal.
+        return show(raw.strip()[:200])
+    where = "this host" if host == show(socket.gethostname().encode()) else f"host {host}"
     return f"pid {pid} on {where}, since {started}"

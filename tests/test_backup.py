@@ -4,6 +4,7 @@ nothing, changed and deleted files, a killed writer, the lock, files changing du
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import socket
@@ -341,7 +342,38 @@ def test_second_writer_refused(small_setup: tuple[Path, Store]) -> None:
     assert r.stderr.count("\n") == 1
     assert "another humiofs writer" in r.stderr and str(store.path) in r.stderr
     assert f"pid {os.getpid()}" in r.stderr
+    assert "since 20" in r.stderr and "Z" in r.stderr.split("since ")[1]     # UTC
     assert run_cli("backup", "-c", env).returncode == 0
+
+
+def test_planted_lock_text_is_escaped(small_setup: tuple[Path, Store]) -> None:
+    """A lock file that humiofs did not write is shown as text on one line, its control
+    characters (escape sequences, newlines) escaped."""
+    import fcntl
+
+    env, store = small_setup
+    (store.path / "lock").write_bytes(b"host \x1b[2J\x1b]0;pwned\x07evil\nsecond line\n")
+    fd = os.open(store.path / "lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        r = run_cli("backup", "-c", env)
+    finally:
+        os.close(fd)
+    assert r.returncode == 4
+    assert r.stderr.count("\n") == 1 and "\x1b" not in r.stderr and "\x07" not in r.stderr
+    assert "host \\x1b[2J" in r.stderr and "evil\\nsecond line" in r.stderr
+
+
+def test_sealed_host_name_is_padded(small_setup: tuple[Path, Store]) -> None:
+    """The lock's sealed host name does not tell its length (FORMAT.md 8)."""
+    import base64
+    import json
+
+    from humiofs import crypto
+    _env, store = small_setup
+    with store.lock():
+        blob = base64.b64decode(json.loads((store.path / "lock").read_bytes())["host"])
+    assert len(blob) - crypto.OBJECT_ID_LEN - crypto.TAG == 64
 
 
 HOLD_LOCK = """
@@ -629,8 +661,10 @@ def test_backup_over_a_lost_pack_reads_the_file_again(tmp_path: Path) -> None:
     os.unlink(store.pack_path(lost.pack))
     r = run_cli("backup", "-c", env)
     assert r.returncode == 8, r.stdout + r.stderr
-    assert f"big.bin: its stored copy is in pack {lost.pack.hex()}, which is missing" in r.stderr
-    assert "1 read again" in r.stdout and "humiofs check" in r.stderr
+    assert (f"1 file(s) read again from the node: their stored copy is in a pack missing "
+            f"from the store or cut short ({lost.pack.hex()}): big.bin") in r.stderr
+    assert "0 new" in r.stdout and "1 read again from the node after a lost pack" in r.stdout
+    assert "humiofs check" in r.stderr
     latest = store.load_generation(store.list_generations()[-1])
     assert files(store, latest)["big.bin"].data.pack != lost.pack  # type: ignore[union-attr]
     r = run_cli("restore", "-c", env, "--to", tmp_path / "r")
@@ -717,3 +751,100 @@ def test_a_file_that_vanishes_mid_backup_is_named(tmp_path: Path) -> None:
     assert proc.returncode == 8, out + err
     assert f"{victim.name}: vanished while the backup read it" in err
     assert "1 vanished while read" in out
+
+
+# -- parts of the store replaced or gone: one line, never a traceback --------------------------
+
+def one_line(r: "subprocess.CompletedProcess[str]", code: int, *words: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("humiofs: error: "), r.stderr
+    for word in words:
+        assert word in last, r.stderr
+
+
+@pytest.mark.allow_warnings
+def test_store_parts_replaced_or_missing(small_setup: tuple[Path, Store],
+                                         tmp_path: Path) -> None:
+    env, store = small_setup
+    shutil.rmtree(store.path / "tmp")
+    r = run_cli("backup", "-c", env, "--no-progress")
+    assert r.returncode == 0, r.stderr          # tmp/ only ever holds a writer's files
+    assert (store.path / "tmp").is_dir()
+
+    (store.path / "tmp").rmdir()
+    (store.path / "tmp").write_bytes(b"")
+    one_line(run_cli("backup", "-c", env, "--no-progress"), 5, "mkdir -m 700")
+    (store.path / "tmp").unlink()
+    (store.path / "tmp").mkdir(mode=0o700)
+
+    (store.path / "lock").unlink(missing_ok=True)
+    (store.path / "lock").mkdir()
+    one_line(run_cli("backup", "-c", env, "--no-progress"), 5, "is a folder")
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5 and "problem: lock has the wrong type" in r.stdout, r.stdout
+    (store.path / "lock").rmdir()
+
+    for sub in ("prune", "packs"):
+        saved = store.path / f"{sub}.saved"
+        if (store.path / sub).exists():
+            (store.path / sub).rename(saved)
+        (store.path / sub).write_bytes(b"")
+        one_line(run_cli("prune", "-c", env, "--grace", "0"), 5, sub)
+        (store.path / sub).unlink()
+        if saved.exists():
+            saved.rename(store.path / sub)
+
+    gens = store.path / "generations"
+    gens.rename(tmp_path / "generations.saved")
+    one_line(run_cli("backup", "-c", env, "--no-progress"), 5, "mkdir -m 700")
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5 and f"mkdir -m 700 {gens}" in r.stdout, r.stdout
+    (tmp_path / "generations.saved").rename(gens)
+    assert run_cli("check", "-c", env).returncode == 0
+
+
+def test_restore_into_an_immutable_target_is_one_line(small_setup: tuple[Path, Store],
+                                                      tmp_path: Path) -> None:
+    """fchown refused on the target (chattr +i, as on root-squashed NFS): exit 6, one line."""
+    env, store = small_setup
+    target = tmp_path / "immutable"
+    target.mkdir()
+    if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i does not work here")
+    try:
+        r = run_cli("backup", "-c", env, "--no-progress")
+        assert r.returncode == 0, r.stderr
+        one_line(run_cli("restore", "-c", env, "--to", target), 6, str(target))
+    finally:
+        subprocess.run(["chattr", "-i", str(target)])
+
+
+def test_backup_says_when_the_only_copy_of_a_deleted_file_is_lost(tmp_path: Path) -> None:
+    """A file deleted from the node whose pack the store then lost: the earlier generations
+    that hold it cannot restore it. The backup used to exit 0 without a word."""
+    node = make_sample(tmp_path / "node", size="1M", small_files=20, seed=16)
+    (node / "d").mkdir()
+    (node / "d" / "gone.bin").write_bytes(os.urandom(MiB))
+    (node / "d" / "sub").mkdir()
+    (node / "d" / "sub" / "gone-too.bin").write_bytes(os.urandom(MiB))
+    wait_not_racy(node)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "node.env", backups, directory=node)
+    assert run_cli("backup", "-c", env).returncode == 0
+    store = Store.open(backups / "node1", KEY)
+    first = store.load_generation(store.list_generations()[-1])
+    for rel in ("d/gone.bin", "d/sub/gone-too.bin"):
+        lost = files(store, first)[rel].data
+        assert lost is not None
+        if os.path.exists(store.pack_path(lost.pack)):
+            os.unlink(store.pack_path(lost.pack))
+    (node / "d" / "gone.bin").unlink()
+    shutil.rmtree(node / "d" / "sub")      # a whole folder deleted
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 8, r.stdout + r.stderr
+    assert "lost the only copy of 2 file(s) deleted from the node" in r.stderr
+    assert "d/gone.bin" in r.stderr and "d/sub/gone-too.bin" in r.stderr
+

@@ -101,6 +101,8 @@ def test_flipped_byte_in_data_pack(damaged: Store) -> None:
     flip(damaged.pack_path(ref.pack), ref.offset + 1000)
     msg, paths, gens = only_problem(check(Store.open(damaged.path, KEY), read_data=True), "auth")
     assert ref.pack.hex() in msg
+    assert "it holds file data: move the pack file out of the store" in msg
+    assert "folder listings" not in msg
     assert paths == {rel}
     assert gens == set(damaged.list_generations())
 
@@ -121,6 +123,17 @@ def test_flipped_byte_in_tree_pack(damaged: Store) -> None:
     msg, paths, gens = only_problem(check(damaged), "auth")
     assert paths == {f"{rel}/ (the whole folder)"}
     assert gens == set(damaged.list_generations())
+    # Moving a pack of folder listings out would lose every folder it lists: leave it.
+    assert "it holds folder listings: leave it in the store and run a backup" in msg
+    assert "move the pack file out" not in msg
+
+
+def test_empty_pack_is_left_to_the_next_backup(damaged: Store) -> None:
+    rel, ref = big_file(damaged)
+    os.truncate(damaged.pack_path(ref.pack), 0)
+    msg, paths, _ = only_problem(check(damaged), "header")
+    assert "cut short (0 bytes" in msg and "leave it where it is" in msg
+    assert "move" not in msg and paths == {rel}
 
 
 def test_flipped_byte_in_generation(damaged: Store) -> None:
@@ -287,7 +300,7 @@ def test_changed_store_id_in_config_says_how_to_repair_it(damaged: Store, tmp_pa
     rc, out = check_cli(damaged, tmp_path)
     assert rc == EXIT_DAMAGED, out
     assert f"{config} is damaged" in out and f"back to {right}" in out
-    assert "the key is right" in out and "delete" not in out
+    assert "key files are right" in out and "delete" not in out
     # Following the advice repairs it.
     doc["store_id"] = right
     config.write_text(json.dumps(doc))

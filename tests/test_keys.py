@@ -180,6 +180,13 @@ def test_either_key_file_opens_after_interrupted_change(tmp_path: Path) -> None:
     assert Store.open(tmp_path / "s", "new passphrase").store_id == store.store_id
     with pytest.raises(WrongKey):
         Store.open(tmp_path / "s", "neither")
+    # Two valid key files are a legitimate state: check warns and says which to remove.
+    from humiofs.check import Checker
+    for key in (PASS, "new passphrase"):
+        report = Checker(Store.open(tmp_path / "s", key), key).run()
+        assert report.healthy and not report.problems
+        (warning,) = [w for w in report.warnings if w.startswith("keys/")]
+        assert "interrupted key change" in warning and "rm " in warning
 
 
 def test_changed_store_id_in_config_fails_to_open(tmp_path: Path) -> None:
@@ -216,3 +223,57 @@ def test_unwrap_from_several_threads_at_once() -> None:
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads), "key unwrapping deadlocked"
     assert results == [master] * 6
+
+
+@pytest.mark.allow_warnings
+def test_foreign_key_files_are_told_from_a_changed_config(tmp_path: Path) -> None:
+    """keys/ copied from another store with the same key: the key opens them, but their master
+    key opens none of the store's generations, so the message says the key files are foreign,
+    never that config is damaged; a config edited to their store id lets the store open, and
+    then a backup refuses (exit 5) to commit a generation under the other master key."""
+    import shutil
+
+    import storetools
+    from conftest import run_cli, write_env
+
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "segment").write_bytes(b"x" * 5000)
+    (tmp_path / "b").mkdir()
+    a = Store.create(tmp_path / "b" / "a", PASS, FAST)
+    b = Store.create(tmp_path / "b" / "other", PASS, FAST)
+    storetools.backup(a, node)
+    gens = a.list_generations()
+    # A config that changed (and nothing else) is still named as such, now after checking.
+    config = a.path / "config"
+    saved = config.read_text()
+    config.write_text(saved.replace(a.store_id.hex(), bytes(16).hex()))
+    with pytest.raises(StoreMetadataDamaged, match=f"back to {a.store_id.hex()}.*not affected"):
+        Store.open(a.path, PASS)
+    config.write_text(saved)
+
+    shutil.rmtree(a.path / "keys")
+    shutil.copytree(b.path / "keys", a.path / "keys")
+    with pytest.raises(StoreMetadataDamaged, match="belong to another store") as err:
+        Store.open(a.path, PASS)
+    assert "config is damaged" not in str(err.value) and "not affected" not in str(err.value)
+    # The wrong advice followed anyway: the store opens, with the other store's master key.
+    config.write_text(saved.replace(a.store_id.hex(), b.store_id.hex()))
+    env = write_env(tmp_path / "env", a.path.parent, name="a", directory=node, key=PASS)
+    r = run_cli("backup", "--config", env, "--no-progress")
+    assert r.returncode == 5, r.stderr
+    assert "mix two master keys" in r.stderr and "Traceback" not in r.stderr
+    assert a.list_generations() == gens
+
+
+def test_key_change_to_the_same_key_says_nothing_else_changed(tmp_path: Path) -> None:
+    from conftest import run_cli, write_env
+
+    (tmp_path / "b").mkdir()
+    Store.create(tmp_path / "b" / "s", PASS, FAST)
+    env = write_env(tmp_path / "env", tmp_path / "b", name="s", key=PASS)
+    (tmp_path / "same").write_text(PASS + "\n")
+    r = run_cli("key", "change", "-c", env, "--new-key-file", tmp_path / "same")
+    assert r.returncode == 0, r.stderr
+    assert "already opened" in r.stdout and "no longer opens" not in r.stdout
+    assert Store.open(tmp_path / "b" / "s", PASS)

@@ -677,3 +677,14 @@ def test_ls_restore_and_mount_agree_on_the_latest_when_the_newest_is_damaged(
     text = log.read_text()
     assert f"shows {format_time(older.time_ms)} ({older.name}), the latest intact" in text
     assert newest.name in text and "damaged" in text
+
+    # Asked for by name, the damaged generation is an error for the mount as for restore.
+    r = run_cli("restore", "-c", env, "--to", tmp_path / "r2", "--at", newest.name)
+    assert r.returncode == 5, r.stderr
+    (tmp_path / "m2").mkdir()
+    r = run_cli("mount", "-c", env, tmp_path / "m2", "--at", newest.name, timeout=60)
+    assert r.returncode == 5, r.stdout + r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("humiofs: error: ") and newest.name in last
+    assert not os.path.ismount(tmp_path / "m2")
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -223,7 +224,9 @@ def test_restore_refuses_escaping_names(tmp_path: Path, bad: bytes, nested: bool
     assert "unsafe name" in r.stderr and r.stderr.count("\n") == 1
     assert outside_listing(tmp_path) == before
     assert not Path("/tmp/escaped-abs").exists()
-    written = [p for p in (tmp_path / "target").rglob("*") if p.is_file()]
+    # The list of folders it made stays for a restore after it (--missing-only).
+    written = [p for p in (tmp_path / "target").rglob("*") if p.is_file()
+               and p.name != ".humiofs-restore-folders"]
     assert written == []
 
 
@@ -289,6 +292,8 @@ def restore_fails(env: Path, target: Path, *names: str) -> str:
 def no_wrong_data(target: Path, node: Path) -> None:
     want = source_digest(node)
     for rel, v in tree_digest(target).items():
+        if rel == ".humiofs-restore-folders":
+            continue    # the folders a stopped restore made, for the next one to finish
         assert not Path(rel).name.startswith(".humiofs-restore"), rel
         if v[0] == "f":
             assert want[rel][4] == v[4], rel
@@ -520,12 +525,15 @@ def test_keep_going_names_a_damaged_folder(copy: tuple[Path, Path], pristine: Pr
     assert got.pop(rel)[0] == "d" and got == want
 
 
-def test_missing_only_removes_what_a_killed_restore_left(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_missing_only_removes_what_a_killed_restore_left(tmp_path: Path, sig: int) -> None:
     node = tmp_path / "node"
     node.mkdir()
     (node / "a-small").write_bytes(b"small")
     (node / "cluster_membership.uuid").write_text("0b5a6c1e-8d3f-4c2a-9e71-2f6d8a9b0c13")
-    (node / "huge.bin").write_bytes(os.urandom(96 * MiB))
+    (node / "d").mkdir()
+    (node / "d" / "huge.bin").write_bytes(os.urandom(96 * MiB))
+    (node / "d").chmod(0o750)     # the killed restore leaves it at 0700
     store = create_store(tmp_path / "backups" / "node1")
     backup(store, node, host_id="1")
     store.close()
@@ -540,7 +548,7 @@ def test_missing_only_removes_what_a_killed_restore_left(tmp_path: Path) -> None
         """The 96 MiB file is being written under its temporary name."""
         try:
             return any(p.name.startswith(".humiofs-restore-") and p.stat().st_size > MiB
-                       for p in target.iterdir())
+                       for p in (target / "d").iterdir())
         except FileNotFoundError:
             return False
     try:
@@ -548,11 +556,39 @@ def test_missing_only_removes_what_a_killed_restore_left(tmp_path: Path) -> None
             assert proc.poll() is None, "restore ended before it could be killed"
             assert time.monotonic() < deadline, "no temporary file appeared"
             time.sleep(0.001)
-        proc.kill()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
         proc.wait()
-    assert any(n.startswith(".humiofs-restore-") for n in os.listdir(target))
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130
+        assert b"restore --missing-only" in err and b"generation is intact" not in err
+    if sig == signal.SIGKILL:
+        assert any(n.startswith(".humiofs-restore-") for n in os.listdir(target / "d"))
+    assert (target / "d").stat().st_mode & 0o777 == 0o700
     r = run_cli("restore", "-c", env, "--to", target, "--missing-only")
     assert r.returncode == 0, r.stderr
     assert tree_digest(target) == source_digest(node)
+
+
+def test_restore_after_a_stopped_one_gives_its_folders_their_attributes(
+        copy: tuple[Path, Path], pristine: Pristine, tmp_path: Path) -> None:
+    """A restore stopped by a damaged file leaves the folders it made at mode 0700 with
+    today's mtime; `restore --missing-only --keep-going` then gives them (and the target) their
+    stored mode, owner and times, and leaves no list of them behind."""
+    store_path, env = copy
+    last = max(rel for rel, e in pristine.entries.items() if "/" in rel and e.data is not None
+               and e.data.stored_len > 100)
+    ref = pristine.entries[last].data
+    assert ref is not None
+    flip(pack_path(store_path, ref.pack), ref.offset + 100)
+    target = tmp_path / "t"
+    restore_fails(env, target)
+    assert any((p.stat().st_mode & 0o777) == 0o700 for p in target.rglob("*") if p.is_dir())
+    err = keep_going(env, target, "--missing-only")
+    want = source_digest(pristine.node)
+    want = {rel: v for rel, v in want.items() if v[0] != "f" or rel not in err}
+    assert tree_digest(target) == want
+    assert not (target / ".humiofs-restore-folders").exists()
+    assert (target.stat().st_mode & 0o777) == (pristine.node.stat().st_mode & 0o777)

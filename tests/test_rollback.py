@@ -47,6 +47,16 @@ def test_deleting_the_newest_generation_is_noticed(two_generations: tuple[Path, 
     assert "was rolled back" in r.stderr and older in r.stdout
     assert not (tmp_path / "r" / "added-1").exists()
 
+    r = run_cli("ls", "-c", env)
+    assert r.returncode == 0 and "was rolled back" in r.stderr, r.stdout + r.stderr
+
+    # Prune deletes nothing while the rollback stands: putting the generation back must work.
+    packs_before = sorted(p.name for p in (store / "packs").glob("*/*"))
+    penv = write_env(tmp_path / "prune.env", store.parent, DELETE_BACKUP_AFTER_MILLIS="0")
+    r = run_cli("prune", "-c", penv, "--grace", "0")
+    assert r.returncode == 5 and "rolled back" in r.stderr, r.stdout + r.stderr
+    assert sorted(p.name for p in (store / "packs").glob("*/*")) == packs_before
+
     log = tmp_path / "mount.log"
     mount_env = write_env(tmp_path / "mount.env", store.parent, name=None)
     with Mount(mount_env, tmp_path / "m", "--log", str(log)):
@@ -81,6 +91,23 @@ def test_an_older_copy_of_the_whole_store_is_noticed(tmp_path: Path) -> None:
     shutil.copytree(tmp_path / "old-copy", store)
     r = run_cli("check", "-c", env)
     assert r.returncode == 5 and "was rolled back" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_clone_of_the_store_elsewhere_is_no_rollback(tmp_path: Path) -> None:
+    """Two copies of one store (same store id) in two places, both backed up from this host:
+    neither is taken for a rollback of the other, however the backups alternate."""
+    node = make_sample(tmp_path / "node", size="1M", small_files=20, seed=33)
+    (tmp_path / "backups").mkdir()
+    env = write_env(tmp_path / "node.env", tmp_path / "backups", directory=node)
+    assert run_cli("backup", "-c", env).returncode == 0
+    (tmp_path / "clones").mkdir()
+    shutil.copytree(tmp_path / "backups" / "node1", tmp_path / "clones" / "node1")
+    clone_env = write_env(tmp_path / "clone.env", tmp_path / "clones", directory=node)
+    for i in range(2):
+        (node / f"later-{i}").write_text(str(i))
+        for e in (env, clone_env):
+            r = run_cli("backup", "-c", e)
+            assert r.returncode == 0 and "rolled back" not in r.stderr, r.stderr
 
 
 def test_a_state_dir_that_cannot_be_written_is_one_warning(

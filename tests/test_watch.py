@@ -395,7 +395,8 @@ def test_a_lost_pack_is_not_carried_into_the_next_generation(
     assert latest is not None
     assert restored_digest(w.store, latest, tmp_path / "r") == node_digest(node)
     assert w.stop() == EXIT_OK
-    assert "segment_lost.gz: its stored copy is in pack" in w.stderr()
+    assert "1 file(s) read again from the node: their stored copy is in a pack missing" \
+        in w.stderr() and "segment_lost.gz" in w.stderr()
     r = run_cli("check", "--config", write_env(tmp_path / "env-check", tmp_path / "backup"))
     if with_victim.name in w.generations():
         assert r.returncode == 5 and "segment_lost.gz" in r.stdout, r.stdout
@@ -404,3 +405,25 @@ def test_a_lost_pack_is_not_carried_into_the_next_generation(
         # The watch's own prune (every PRUNE_EVERY passes) dropped the damaged generation:
         # the latest holds all it held, so retention may. Nothing refers to the lost pack now.
         assert r.returncode == EXIT_OK, r.stdout
+
+
+@pytest.mark.allow_warnings
+def test_no_prune_while_the_store_stands_rolled_back(
+        watch: Callable[..., WatchProc], node: Path, tmp_path: Path) -> None:
+    """The newest generation gone from the store (this host committed it): the watch's prunes
+    delete nothing, so that putting the generation back still works."""
+    w = watch(DELETE_BACKUP_AFTER_MILLIS="0")
+    w.wait_in_store(node, tmp_path / "r")
+    extra = node / "added.bin"
+    extra.write_bytes(os.urandom(1 << 20))
+    second = w.wait_in_store(node, tmp_path / "r")
+    ref = files(w.store, second)["added.bin"].data
+    assert ref is not None
+    assert w.stop() == EXIT_OK
+    extra.unlink()
+    (w.store_path / "generations" / second.name).rename(tmp_path / "held-back")
+    w2 = watch(DELETE_BACKUP_AFTER_MILLIS="0")
+    wait_for(lambda: "prune skipped: the store stands rolled back" in w2.stderr(),
+             "the prune to be skipped", proc=w2.proc)
+    assert w2.stop() == EXIT_OK
+    assert w2.store.pack_path(ref.pack).exists()
