@@ -179,13 +179,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
     store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
     opts = BackupOptions(source=source, backup_name=store.name,
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
-                         host_id=cfg.host_id, progress=None if not args.no_progress else False)
+                         host_id=cfg.host_id, progress=None if not args.no_progress else False,
+                         checkpoints=True, checkpoint_s=cfg.checkpoint_s,
+                         checkpoint_bytes=cfg.checkpoint_bytes)
     start = time.monotonic()
     state = LocalState.of(cfg.state_dir)
     with store.lock():
         store.clean_tmp()
         parent = generations.latest_readable(store)
-        rollback = state.observe(store, parent.name if parent else None) if state else None
+        rollback = (state.observe(store, generations.complete_name(parent)) if state
+                    else None)
         if rollback:
             log.warning("%s", rollback)
         run = Backup(store, opts)
@@ -289,6 +292,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 continue
             st = g.stats
             ident = f"  node {g.identity.node_id}" if g.identity else ""
+            if g.checkpoint:
+                lines.append(f"  {when}  {gname}  checkpoint (partial): {st.get('files', 0)} "
+                             f"files  {human_bytes(st.get('bytes', 0))} so far{ident}")
+                continue
             latest = len(lines)
             lines.append(f"  {when}  {gname}  {st.get('files', 0)} files  "
                          f"{human_bytes(st.get('bytes', 0))}{ident}")

@@ -19,7 +19,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from humiofs import crypto, format, identity, journal, scan, xattrs
+from humiofs import checkpoint, crypto, failpoint, format, identity, journal, scan, xattrs
 from humiofs.errors import (HumiofsError, NoSuchObject, SourceChanged, StoreError, os_reason,
                             show)
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs, Xattrs
@@ -93,6 +93,12 @@ class BackupOptions:
     # inode and mtime still match and `tree_counts` knows the counts of that tree.
     clean: Callable[[bytes], bool] | None = None
     tree_counts: dict[Ref, TreeCounts] | None = None
+    # Checkpoints (FORMAT.md 7.4): with `checkpoints`, one is committed every
+    # `checkpoint_s` seconds or `checkpoint_bytes` stored (0: not on that trigger), and on
+    # SIGTERM/SIGINT, after which the run stops (KeyboardInterrupt).
+    checkpoints: bool = False
+    checkpoint_s: int = 0
+    checkpoint_bytes: int = 0
 
 
 class Backup:
@@ -127,12 +133,28 @@ class Backup:
         # Every pack the generation refers to through a folder this run walked (backup --watch
         # keeps the union of these, for the folders it reuses without walking them).
         self.packs_used: set[bytes] = set()
+        self._policy = (checkpoint.Policy(options.checkpoint_s, options.checkpoint_bytes)
+                        if options.checkpoints else None)
+        self._levels: list[checkpoint.Level] = []      # the folders the walk is inside of
+        self._parent: Generation | None = None
+        self._root: tuple[os.stat_result, Xattrs] | None = None
+        self._last_ms = 0
+        # Checkpoints a generation of this run supersedes: its own, and its parent if that
+        # is one. Deleted once a newer generation of the run is committed.
+        self._superseded: list[str] = []
+        self.checkpoints = 0
+        self._ident: tuple[identity.Identity | None] | None = None
 
     # -- the run -----------------------------------------------------------------------------
 
     def run(self, parent: Generation | None) -> Generation:
-        """Stores the current state of the source and commits it as a new generation."""
-        gen = self.build(parent)
+        """Stores the current state of the source and commits it as a new generation. With
+        checkpoints, SIGTERM/SIGINT commit a checkpoint, then raise KeyboardInterrupt."""
+        if self._policy is None:
+            gen = self.build(parent)
+        else:
+            with checkpoint.stop_requests(self._policy):
+                gen = self.build(parent)
         self.commit(gen)
         return gen
 
@@ -161,12 +183,15 @@ class Backup:
         """Writes `gen`, built by this run, as the store's newest generation."""
         try:
             self._journal.committing(gen.name)
+            failpoint.reached("committing")
             self.store.commit_generation(gen)
         except BaseException:
             # Keeps the packs if the generation reached the store after all.
             self._discard_after_failure()
             raise
         self._journal.close(committed=True)
+        checkpoint.remove_superseded(self.store, self._superseded)
+        self._superseded = []
 
     def discard(self) -> None:
         """Removes every pack this run stored (none is referenced unless its generation was
@@ -184,6 +209,11 @@ class Backup:
     def _build(self, parent: Generation | None, root_fd: int) -> Generation:
         src = self.opt.source
         root_st = os.fstat(root_fd)
+        self._parent = parent
+        if parent is not None:
+            self._last_ms = parent.time_ms
+            if parent.checkpoint:
+                self._superseded = checkpoint.chain(self.store, parent.name)
         try:
             st = os.stat(self.store.path)
             self._store_ino = (st.st_dev, st.st_ino)
@@ -202,6 +232,7 @@ class Backup:
             self._warn(f"the extended attributes of {src} cannot be read ({exc.strerror}); "
                        "keeping the previous ones")
             self.stats.skipped += 1
+        self._root = (root_st, root_xattrs)
         try:
             if root_ref is None:
                 with scan.deep_walk():
@@ -213,21 +244,71 @@ class Backup:
         finally:
             self._progress.close()
             self._finisher.shutdown(wait=True)
-        now_ms = int(time.time() * 1000)
-        if parent is not None and now_ms <= parent.time_ms:
-            now_ms = parent.time_ms + 1
         # The identity comes from files in the source's own folder: unchanged if it was reused.
         ident = (parent.identity if parent is not None and root_ref == prev_root
                  and self.opt.clean is not None and self.opt.clean(b"")
-                 else identity.detect(src, self.opt.host_id))
+                 else self._identity())
+        return self._generation(root_ref, ident, checkpoint=False)
+
+    def _identity(self) -> identity.Identity | None:
+        """The node's identity, read once per run (a node keeps it; warnings once)."""
+        if self._ident is None:
+            self._ident = (identity.detect(self.opt.source, self.opt.host_id),)
+        return self._ident[0]
+
+    def _generation(self, root_ref: Ref, ident: identity.Identity | None,
+                    checkpoint: bool) -> Generation:
+        """A generation of this run named after every earlier one (its parent's and its
+        checkpoints' names sort before it)."""
+        assert self._root is not None
+        root_st, root_xattrs = self._root
+        now_ms = max(int(time.time() * 1000), self._last_ms + 1)
+        self._last_ms = now_ms
+        parent = self._parent
+        base = None if parent is None else parent.base if parent.checkpoint else parent.name
         return Generation(
             name=new_generation_name(now_ms), time_ms=now_ms,
             backup_name=self.opt.backup_name, host=socket.gethostname(),
-            directory=str(src),
+            directory=str(self.opt.source),
             root=RootAttrs(root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid,
                            root_st.st_mtime_ns, root_ref, root_xattrs),
             identity=ident,
-            stats=self.stats.generation_stats())
+            stats=self.stats.generation_stats(), checkpoint=checkpoint,
+            base=base if checkpoint else None)
+
+    def _checkpoint(self) -> None:
+        """Commits a checkpoint of what the run has finished (FORMAT.md 7.4): the partial
+        trees of the folders it is inside of go into a tree pack, every pack is made durable,
+        the checkpoint is written, and a new journal is started for the packs that follow."""
+        assert self._policy is not None
+
+        def store_tree(entries: list[Entry]) -> Ref:
+            ref = self._tree_pack().add(crypto.KIND_TREE, format.encode_tree(entries))
+            self.stats.bytes_stored += ref.stored_len
+            return ref
+
+        def dir_entry(name: bytes, st: os.stat_result, sub: Ref, nlink: int,
+                      attrs: Xattrs) -> Entry:
+            return _entry(name, st, DIR, subtree=sub, nlink=nlink, xattrs=attrs)
+
+        root_ref = checkpoint.partial_root(self._levels, store_tree, dir_entry)
+        self._finish_packs()
+        gen = self._generation(root_ref, self._identity(), checkpoint=True)
+        self._journal.committing(gen.name)
+        failpoint.reached("committing")
+        self.store.commit_generation(gen)
+        self._journal.close(committed=True)
+        failpoint.reached("checkpoint")
+        self._journal = journal.RunJournal(self.store)
+        checkpoint.remove_superseded(self.store, self._superseded)
+        self._superseded = [gen.name]
+        self.checkpoints += 1
+        self._policy.done(self.stats.bytes_stored)
+        log.info("checkpoint %s committed: %d files so far", gen.name, self.stats.files)
+        if self._policy.requested:
+            log.warning("stopped after checkpoint %s; the next backup resumes from it",
+                        gen.name)
+            raise KeyboardInterrupt
 
     # -- packs --------------------------------------------------------------------------------
 
@@ -272,6 +353,7 @@ class Backup:
             pack.abort()
             raise
         pack.finish()
+        failpoint.reached("pack")
 
     def _abort_packs(self) -> None:
         # An interrupt (SIGINT/SIGTERM arrive as KeyboardInterrupt anywhere) can land between
@@ -359,6 +441,20 @@ class Backup:
         with os.scandir(dfd) as it:
             items = sorted(((os.fsencode(de.name), de) for de in it), key=itemgetter(0))
         entries: list[Entry] = []
+        level = checkpoint.Level(rel, entries, prev)
+        self._levels.append(level)
+        try:
+            return self._walk_entries(dfd, rel, prev_ref, prev_plain, prev, meta_stale, items,
+                                      level)
+        finally:
+            self._levels.pop()
+
+    def _walk_entries(self, dfd: int, rel: bytes, prev_ref: Ref | None,
+                      prev_plain: bytes | None, prev: dict[bytes, Entry], meta_stale: bool,
+                      items: list[tuple[bytes, os.DirEntry[str]]], level: checkpoint.Level
+                      ) -> tuple[Ref, int]:
+        entries = level.entries
+        policy = self._policy
         # True while every entry is the previous generation's, unchanged: then so is the tree,
         # and encoding it can be skipped (most folders of most runs).
         same = prev_plain is not None and prev_plain[2] == format.TREE_VERSION
@@ -366,6 +462,7 @@ class Backup:
             child_rel = rel + b"/" + name if rel else name
             if self.excluder.excluded(child_rel, name):
                 continue
+            level.pos = name
             old = prev.get(name)
             if old is not None and meta_stale:
                 old = replace(old, ctime_ns=-1)  # never equal to a real ctime: read the metadata
@@ -379,6 +476,8 @@ class Backup:
                 entries.append(entry)
                 if same and entry is not old and entry != old:
                     same = False
+            if policy is not None and policy.due(self.stats.bytes_stored):
+                self._checkpoint()
         subdirs = sum(1 for e in entries if e.type == DIR)
         used = self.packs_used
         for e in entries:
@@ -461,13 +560,16 @@ class Backup:
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
         except FileNotFoundError:
             return self._vanished(rel)
+        level = self._levels[-1]
         try:
             st = os.fstat(fd)
             attrs = self._xattrs(old, st, fd, rel)
+            level.sub = (st, attrs, old)
             sub, subdirs = self._dir(fd, rel, prev)
         except FileNotFoundError:
             return self._vanished(rel)
         finally:
+            level.sub = None
             os.close(fd)
         self.stats.dirs += 1
         return _entry(name, st, DIR, subtree=sub, nlink=2 + subdirs, xattrs=attrs)
