@@ -105,8 +105,8 @@ def stop_requests(policy: Policy) -> Iterator[None]:
         if policy.requested:
             raise KeyboardInterrupt
         policy.requested = True
-        log.warning("%s: committing a checkpoint and stopping (send it again to stop at "
-                    "once)", signal.Signals(signum).name)
+        log.info("%s: committing a checkpoint and stopping (send it again to stop at once)",
+                 signal.Signals(signum).name)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from humiofs import checkpoint, crypto, failpoint, format, identity, journal, scan, xattrs
-from humiofs.errors import (HumiofsError, NoSuchObject, SourceChanged, StoreError, os_reason,
+from humiofs.errors import (HumiofsError, Interrupted, NoSuchObject, SourceChanged, StoreError, os_reason,
                             show)
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs, Xattrs
 from humiofs.progress import Progress
@@ -149,7 +149,7 @@ class Backup:
 
     def run(self, parent: Generation | None) -> Generation:
         """Stores the current state of the source and commits it as a new generation. With
-        checkpoints, SIGTERM/SIGINT commit a checkpoint, then raise KeyboardInterrupt."""
+        checkpoints, SIGTERM/SIGINT commit a checkpoint, then raise Interrupted (exit 130)."""
         if self._policy is None:
             gen = self.build(parent)
         else:
@@ -306,9 +306,8 @@ class Backup:
         self._policy.done(self.stats.bytes_stored)
         log.info("checkpoint %s committed: %d files so far", gen.name, self.stats.files)
         if self._policy.requested:
-            log.warning("stopped after checkpoint %s; the next backup resumes from it",
-                        gen.name)
-            raise KeyboardInterrupt
+            raise Interrupted(f"interrupted; checkpoint {gen.name} committed: the next backup "
+                              "resumes from it")
 
     # -- packs --------------------------------------------------------------------------------
 

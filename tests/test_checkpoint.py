@@ -238,3 +238,31 @@ def test_an_incremental_run_checkpoints_the_parents_entries_it_has_not_reached(
     with pytest.raises(StoreError):
         generations.pick(store, generations.parse_at("@1"))
     assert generations.pick(store, generations.parse_at(cp_name)).generation.checkpoint
+
+
+@pytest.mark.allow_warnings
+def test_the_mount_never_shows_a_checkpoint(tmp_path: Path) -> None:
+    """NAME/ shows the latest complete generation and .generations/ leaves out the checkpoint
+    a killed run left behind, also when the checkpoint holds a file the complete one lacks."""
+    from humiofs import tree
+    from humiofs.store import Store
+    from mountutil import listdir, resolve
+    node = make_node(tmp_path / "node")
+    store = create_store(tmp_path / "backup" / "node1")
+    first, _ = backup(store, node)
+    (node / "dataspace_0" / "aaa_new").write_bytes(b"x" * (3 << 20))
+    os.utime(node / "dataspace_0", (time.time() - 60, time.time() - 60))
+    env_file = write_env(tmp_path / "env", tmp_path / "backup", directory=node,
+                         BACKUP_CHECKPOINT_BYTES="1", BACKUP_CHECKPOINT_SECONDS="0")
+    proc = _popen(env_file, "checkpoint:1")
+    try:
+        _wait_stopped(proc)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert _checkpoints(store.path)
+    model = tree.Tree([Store.open(store.path, KEY)])
+    shown = listdir(model, resolve(model, b"node1/dataspace_0").inode)
+    assert b"aaa_new" not in shown
+    gens = listdir(model, resolve(model, b".generations/node1").inode)
+    assert [n.decode() for n in gens] == [generations.folder_time(first.time_ms)]
