@@ -72,16 +72,20 @@ def partial_root(levels: list[Level], store_tree: Callable[[list[Entry]], Ref],
 @dataclass
 class Policy:
     """When a checkpoint is due: every `seconds` or `bytes` stored (0 turns one off), or at
-    once when asked to stop (`requested`, set from a signal handler)."""
+    once when asked to stop (`requested`, set from a signal handler, or `stop()` true)."""
 
     seconds: int = 0
     bytes: int = 0
+    stop: Callable[[], bool] | None = None
     requested: bool = False
     _since: float = field(default_factory=time.monotonic)
     _stored_at: int = 0
 
     def due(self, stored: int) -> bool:
         if self.requested:
+            return True
+        if self.stop is not None and self.stop():
+            self.requested = True
             return True
         if self.bytes and stored - self._stored_at >= self.bytes:
             return True

@@ -99,6 +99,9 @@ class BackupOptions:
     checkpoints: bool = False
     checkpoint_s: int = 0
     checkpoint_bytes: int = 0
+    # With checkpoints: when `should_stop` turns true, commit a checkpoint and stop
+    # (Interrupted) instead of finishing with the previous generation's entries.
+    checkpoint_on_stop: bool = False
 
 
 class Backup:
@@ -133,7 +136,9 @@ class Backup:
         # Every pack the generation refers to through a folder this run walked (backup --watch
         # keeps the union of these, for the folders it reuses without walking them).
         self.packs_used: set[bytes] = set()
-        self._policy = (checkpoint.Policy(options.checkpoint_s, options.checkpoint_bytes)
+        self._policy = (checkpoint.Policy(options.checkpoint_s, options.checkpoint_bytes,
+                                          stop=should_stop if options.checkpoint_on_stop
+                                          else None)
                         if options.checkpoints else None)
         self._levels: list[checkpoint.Level] = []      # the folders the walk is inside of
         self._parent: Generation | None = None

@@ -266,3 +266,32 @@ def test_the_mount_never_shows_a_checkpoint(tmp_path: Path) -> None:
     assert b"aaa_new" not in shown
     gens = listdir(model, resolve(model, b".generations/node1").inode)
     assert [n.decode() for n in gens] == [generations.folder_time(first.time_ms)]
+
+
+def test_a_stopped_first_watch_pass_commits_a_checkpoint_not_a_generation(
+        tmp_path: Path) -> None:
+    """`backup --watch` stopped during its first pass: what it had not read yet is not in
+    the store, so it commits a checkpoint (never a complete generation lacking those files),
+    exits 0, and the next run resumes from it."""
+    node = make_node(tmp_path / "node")
+    env_file = write_env(tmp_path / "env", tmp_path / "backup", directory=node,
+                         BACKUP_CHECKPOINT_BYTES="0", BACKUP_CHECKPOINT_SECONDS="0")
+    store_path = tmp_path / "backup" / "node1"
+    env = clean_env()
+    env["HUMIOFS_FAILPOINT"] = "pack:8"
+    proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "-c", str(env_file),
+                             "--watch", "--no-progress"], env=env, text=True, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_stopped(proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    assert len(_checkpoints(store_path)) == len(os.listdir(store_path / "generations")) == 1
+    r = run_cli("backup", "-c", env_file, "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _read_bytes(r.stdout) <= 0.7 * NODE_BYTES, r.stdout
+    assert _checkpoints(store_path) == []
