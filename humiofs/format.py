@@ -128,7 +128,10 @@ class Entry:
     @property
     def data_bytes(self) -> int:
         """Bytes of real data (what `du` counts): the sum of the extent lengths."""
-        return sum(length for _, length in self.extents)
+        extents = self.extents
+        if len(extents) == 1:       # most files: no hole
+            return extents[0][1]
+        return sum(length for _, length in extents)
 
     def link_key(self) -> tuple[object, ...] | None:
         """What names of one inode share (FORMAT.md 7.1, hard links), or None if this entry is

@@ -462,9 +462,14 @@ class Backup:
         # True while every entry is the previous generation's, unchanged: then so is the tree,
         # and encoding it can be skipped (most folders of most runs).
         same = prev_plain is not None and prev_plain[2] == format.TREE_VERSION
+        # Per entry costs count: a no-change run over a million files does this a million times.
+        excluder = self.excluder if self.excluder.applies_at(
+            rel.count(b"/") + 2 if rel else 1) else None
+        used = self.packs_used
+        subdirs = 0
         for name, de in items:
             child_rel = rel + b"/" + name if rel else name
-            if self.excluder.excluded(child_rel, name):
+            if excluder is not None and excluder.excluded(child_rel, name):
                 continue
             level.pos = name
             old = prev.get(name)
@@ -480,15 +485,13 @@ class Backup:
                 entries.append(entry)
                 if same and entry is not old and entry != old:
                     same = False
+                if entry.data is not None:
+                    used.add(entry.data.pack)
+                elif entry.subtree is not None:
+                    used.add(entry.subtree.pack)
+                    subdirs += 1
             if policy is not None and policy.due(self.stats.bytes_stored):
                 self._checkpoint()
-        subdirs = sum(1 for e in entries if e.type == DIR)
-        used = self.packs_used
-        for e in entries:
-            if e.data is not None:
-                used.add(e.data.pack)
-            elif e.subtree is not None:
-                used.add(e.subtree.pack)
         if same and len(entries) == len(prev) and prev_ref is not None:
             used.add(prev_ref.pack)
             return prev_ref, subdirs
