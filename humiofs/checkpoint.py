@@ -83,18 +83,19 @@ class Policy:
     _calls: int = 0
 
     def due(self, stored: int) -> bool:
-        """Asked between entries; looks at the clock and `stop` every 64th time only (a
-        no-change run asks a million times)."""
+        """Asked after every entry (`stop` too: an entry after it is kept from the parent,
+        not read); looks at the clock every 64th time only (a no-change run asks a million
+        times)."""
         if self.requested:
+            return True
+        if self.stop is not None and self.stop():
+            self.requested = True
             return True
         if self.bytes and stored - self._stored_at >= self.bytes:
             return True
         self._calls += 1
         if self._calls & 63:
             return False
-        if self.stop is not None and self.stop():
-            self.requested = True
-            return True
         return bool(self.seconds) and time.monotonic() - self._since >= self.seconds
 
     def done(self, stored: int) -> None:
