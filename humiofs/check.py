@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from humiofs import crypto, format, journal, keys
 from humiofs.errors import IntegrityError, StoreError
 from humiofs.format import DIR, FILE, Generation, Ref
-from humiofs.generations import format_time
+from humiofs.generations import complete_name, format_time
 from humiofs.progress import human_bytes
 from humiofs.prune import RECORD_DIR, RECORD_NAME, read_record
 from humiofs.store import PACK_NAME, Store
@@ -244,7 +244,10 @@ class Checker:
                                     "generations do not depend on it")
                 self.report.problems[key].generations.add(name)
         self.report.generations = len(gens)
-        self.report.newest = gens[-1].name if gens else None
+        # Rollback detection compares complete generations (FORMAT.md 9.1): a checkpoint
+        # stands for its base.
+        self.report.newest = max((n for g in gens if (n := complete_name(g)) is not None),
+                                 default=None)
         return gens
 
     # -- trees and refs -------------------------------------------------------------------
