@@ -163,6 +163,12 @@ def test_kill_9_during_a_first_backup_resumes_from_the_last_checkpoint(
     assert "checkpoint (partial)" in r.stdout and "(latest)" not in r.stdout, r.stdout
     r = run_cli("restore", "-c", env_file, "--to", tmp_path / "r0")
     assert r.returncode == 2 and "only checkpoints" in r.stderr, r.stderr
+    # Prune keeps the newest checkpoint and every pack it needs.
+    r = run_cli("prune", "-c", env_file, "--grace", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _checkpoints(store_path)[-1] == left[-1]
+    r = run_cli("check", "-c", env_file)
+    assert r.returncode == 0, r.stdout + r.stderr
 
     r = run_cli("backup", "-c", env_file, "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -294,4 +300,31 @@ def test_a_stopped_first_watch_pass_commits_a_checkpoint_not_a_generation(
     r = run_cli("backup", "-c", env_file, "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
     assert _read_bytes(r.stdout) <= 0.7 * NODE_BYTES, r.stdout
+    assert _checkpoints(store_path) == []
+
+
+def test_prune_next_to_a_running_writer_keeps_its_checkpoint_and_its_newer_packs(
+        tmp_path: Path) -> None:
+    node = make_node(tmp_path / "node")
+    env_file = write_env(tmp_path / "env", tmp_path / "backup", directory=node,
+                         BACKUP_CHECKPOINT_BYTES=str(CHECKPOINT_BYTES),
+                         BACKUP_CHECKPOINT_SECONDS="0")
+    store_path = tmp_path / "backup" / "node1"
+    proc = _popen(env_file, "pack:9")       # alive, holding the writer lock, between checkpoints
+    try:
+        _wait_stopped(proc)
+        r = run_cli("prune", "-c", env_file, "--grace", "0")
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = run_cli("check", "-c", env_file)
+        assert r.returncode == 0, r.stdout + r.stderr
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    r = run_cli("check", "-c", env_file)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("restore", "-c", env_file, "--to", tmp_path / "r", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert tree_digest(tmp_path / "r") == tree_digest(node)
     assert _checkpoints(store_path) == []
