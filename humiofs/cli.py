@@ -201,7 +201,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
     vanished = f", {s.vanished} vanished while read" if s.vanished else ""
     # A file being written (appended to) is stored as of the size it had when it was opened.
     live = f" ({s.live} still being written, stored as they were)" if s.live else ""
-    print(f"backup {store.name}: generation {generations.describe(gen)}: "
+    # A run that resumed a backup that had not finished (FORMAT.md 7.4) says so.
+    resumed = (f" (resumed from checkpoint {parent.name})" if parent is not None
+               and parent.checkpoint else "")
+    print(f"backup {store.name}: generation {generations.describe(gen)}{resumed}: "
           f"{s.new} new, {s.changed} changed{live}, {s.unchanged} unchanged files{healed}"
           f"{vanished}{skipped}; read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
           f"in {time.monotonic() - start:.1f}s")

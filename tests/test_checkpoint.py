@@ -174,6 +174,7 @@ def test_kill_9_during_a_first_backup_resumes_from_the_last_checkpoint(
     assert r.returncode == 0, r.stdout + r.stderr
     assert _read_bytes(r.stdout) <= at_most * NODE_BYTES, r.stdout
     assert re.search(r" [1-9]\d* unchanged files", r.stdout), r.stdout
+    assert f"(resumed from checkpoint {left[-1]})" in r.stdout, r.stdout
     # The resumed run's generation is complete and the only one; nothing is left in tmp/.
     assert _checkpoints(store_path) == []
     assert len(os.listdir(store_path / "generations")) == 1
