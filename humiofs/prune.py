@@ -27,7 +27,9 @@ DEFAULT_GRACE_S = 3600.0
 LOCK_NAME = "prune.lock"
 RECORD_DIR = "prune"
 RECORD_NAME = re.compile(r"^(\d{13})-([0-9a-f]{16})$")
-_TREE_CACHE = 4096
+# The diff keeps the listings it read, up to this many entries in all (not listings: a folder
+# may hold a hundred thousand files, and memory must not follow the node's size).
+_TREE_CACHE_ENTRIES = 1 << 18
 
 
 @contextmanager
@@ -151,15 +153,18 @@ class TreeDiff:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._cache: dict[Ref, dict[bytes, tuple[int, Ref | None]]] = {}
+        self._cached = 0        # entries in _cache
         self.damaged: list[str] = []
 
     def _entries(self, ref: Ref) -> dict[bytes, tuple[int, Ref | None]]:
         got = self._cache.get(ref)
         if got is None:
-            if len(self._cache) >= _TREE_CACHE:
-                self._cache.clear()
             got = {e.name: (e.type, e.subtree) for e in self.store.read_tree(ref)}
+            if self._cached + len(got) > _TREE_CACHE_ENTRIES:
+                self._cache.clear()
+                self._cached = 0
             self._cache[ref] = got
+            self._cached += len(got)
         return got
 
     def _missing(self, g: Ref, k: Ref, rel: bytes) -> bytes | None:
