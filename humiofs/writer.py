@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from humiofs import checkpoint, crypto, failpoint, format, identity, journal, scan, xattrs
-from humiofs.errors import (HumiofsError, Interrupted, NoSuchObject, SourceChanged, StoreError, os_reason,
-                            show)
+from humiofs.errors import (HumiofsError, Interrupted, NoSuchObject, SourceChanged, StoreError,
+                            os_reason, show)
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs, Xattrs
 from humiofs.progress import Progress
 from humiofs.store import PackWriter, Store, list_packs, new_generation_name
@@ -95,7 +95,7 @@ class BackupOptions:
     tree_counts: dict[Ref, TreeCounts] | None = None
     # Checkpoints (FORMAT.md 7.4): with `checkpoints`, one is committed every
     # `checkpoint_s` seconds or `checkpoint_bytes` stored (0: not on that trigger), and on
-    # SIGTERM/SIGINT, after which the run stops (KeyboardInterrupt).
+    # SIGTERM/SIGINT, after which the run stops (Interrupted).
     checkpoints: bool = False
     checkpoint_s: int = 0
     checkpoint_bytes: int = 0
@@ -253,7 +253,7 @@ class Backup:
         ident = (parent.identity if parent is not None and root_ref == prev_root
                  and self.opt.clean is not None and self.opt.clean(b"")
                  else self._identity())
-        return self._generation(root_ref, ident, checkpoint=False)
+        return self._generation(root_ref, ident, partial=False)
 
     def _identity(self) -> identity.Identity | None:
         """The node's identity, read once per run (a node keeps it; warnings once)."""
@@ -262,9 +262,9 @@ class Backup:
         return self._ident[0]
 
     def _generation(self, root_ref: Ref, ident: identity.Identity | None,
-                    checkpoint: bool) -> Generation:
-        """A generation of this run named after every earlier one (its parent's and its
-        checkpoints' names sort before it)."""
+                    partial: bool) -> Generation:
+        """A generation of this run (a checkpoint if `partial`) named after every earlier one
+        (its parent's and its checkpoints' names sort before it)."""
         assert self._root is not None
         root_st, root_xattrs = self._root
         now_ms = max(int(time.time() * 1000), self._last_ms + 1)
@@ -278,8 +278,8 @@ class Backup:
             root=RootAttrs(root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid,
                            root_st.st_mtime_ns, root_ref, root_xattrs),
             identity=ident,
-            stats=self.stats.generation_stats(), checkpoint=checkpoint,
-            base=base if checkpoint else None)
+            stats=self.stats.generation_stats(), checkpoint=partial,
+            base=base if partial else None)
 
     def _checkpoint(self) -> None:
         """Commits a checkpoint of what the run has finished (FORMAT.md 7.4): the partial
@@ -288,7 +288,13 @@ class Backup:
         assert self._policy is not None
 
         def store_tree(entries: list[Entry]) -> Ref:
-            ref = self._tree_pack().add(crypto.KIND_TREE, format.encode_tree(entries))
+            try:
+                plain = format.encode_tree(entries)
+            except (ValueError, OverflowError):
+                # An entry the format cannot hold is left out (the folder's own tree, once
+                # finished, names it in a warning).
+                plain = format.encode_tree([e for e in entries if _encodable(e)])
+            ref = self._tree_pack().add(crypto.KIND_TREE, plain)
             self.stats.bytes_stored += ref.stored_len
             return ref
 
@@ -298,7 +304,7 @@ class Backup:
 
         root_ref = checkpoint.partial_root(self._levels, store_tree, dir_entry)
         self._finish_packs()
-        gen = self._generation(root_ref, self._identity(), checkpoint=True)
+        gen = self._generation(root_ref, self._identity(), partial=True)
         self._journal.committing(gen.name)
         failpoint.reached("committing")
         self.store.commit_generation(gen)
@@ -850,6 +856,14 @@ def _problem(exc: Exception) -> str:
     if isinstance(exc, RecursionError):
         return "it is nested too deeply"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _encodable(entry: Entry) -> bool:
+    try:
+        format.encode_tree([entry])
+    except (ValueError, OverflowError):
+        return False
+    return True
 
 
 def _blake2b(data: bytes) -> bytes:
