@@ -242,6 +242,9 @@ def test_an_incremental_run_checkpoints_the_parents_entries_it_has_not_reached(
     assert set(files(store, cp)) == set(files(store, first))     # nothing left out
     assert generations.pick(store).generation.name == first.name
     assert generations.latest_readable(store).name == cp_name   # the next run's parent
+    # --at a time at or after the checkpoint takes the complete generation before it.
+    assert generations.pick(store, generations.At.from_ms(cp.time_ms)).generation.name \
+        == first.name
     with pytest.raises(StoreError):
         generations.pick(store, generations.parse_at("@1"))
     assert generations.pick(store, generations.parse_at(cp_name)).generation.checkpoint
