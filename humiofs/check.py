@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from humiofs import crypto, format, journal, keys
 from humiofs.errors import IntegrityError, StoreError
 from humiofs.format import DIR, FILE, Generation, Ref
-from humiofs.generations import format_time
+from humiofs.generations import complete_name, format_time
 from humiofs.progress import human_bytes
 from humiofs.prune import RECORD_DIR, RECORD_NAME, SET_ASIDE_DIR, read_record
 from humiofs.store import PACK_NAME, Store
@@ -98,7 +98,11 @@ class Checker:
         self._pack_ok: dict[bytes, Key | None] = {}     # exists and header, or the problem
         self._probed: set[bytes] = set()               # packs whose probe chunk authenticated
         self._reach: dict[bytes, int] = {}             # furthest end of a ref into each pack
-        self._refs: dict[Ref, Key | None] = {}
+        # Blobs checked: the sound ones as offsets per pack (a ref object per file of the
+        # node would be most of check's memory on a node of a million files), the others
+        # with their problem.
+        self._sound: dict[bytes, set[int]] = {}
+        self._refs: dict[Ref, Key] = {}
         self._trees: dict[Ref, list[tuple[bytes, bool, Key]]] = {}
         self._to_read: set[Ref] = set()
         self._bad_data: set[Ref] = set()
@@ -266,7 +270,10 @@ class Checker:
                                     "--set-aside-damaged` moves it to damaged/")
                 self.report.problems[key].generations.add(name)
         self.report.generations = len(gens)
-        self.report.newest = gens[-1].name if gens else None
+        # Rollback detection compares complete generations (FORMAT.md 9.1): a checkpoint
+        # stands for its base.
+        self.report.newest = max((n for g in gens if (n := complete_name(g)) is not None),
+                                 default=None)
         return gens
 
     # -- trees and refs -------------------------------------------------------------------
@@ -333,6 +340,9 @@ class Checker:
     def _ref(self, ref: Ref, kind: int) -> Key | None:
         """The structural problem of one blob: pack missing or damaged, blob out of bounds,
         or (one chunk per pack, or every blob of a pack that failed once) authentication."""
+        sound = self._sound.get(ref.pack)
+        if sound is not None and ref.offset in sound:
+            return None
         if ref in self._refs:
             return self._refs[ref]
         key = self._pack(ref.pack)
@@ -357,7 +367,12 @@ class Checker:
             self.report.blobs += 1
             if self.read_data and (self.subset is None or self.subset(ref.pack)):
                 self._to_read.add(ref)
-        self._refs[ref] = key
+        if key is None:
+            if sound is None:
+                sound = self._sound[ref.pack] = set()
+            sound.add(ref.offset)
+        else:
+            self._refs[ref] = key
         return key
 
     def _auth_problem(self, pid: bytes, exc: Exception | None) -> Key:

@@ -200,13 +200,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
     store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
     opts = BackupOptions(source=source, backup_name=store.name,
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
-                         host_id=cfg.host_id, progress=None if not args.no_progress else False)
+                         host_id=cfg.host_id, progress=None if not args.no_progress else False,
+                         checkpoints=True, checkpoint_s=cfg.checkpoint_s,
+                         checkpoint_bytes=cfg.checkpoint_bytes)
     start = time.monotonic()
     state = LocalState.of(cfg.state_dir)
     with store.lock():
         store.clean_tmp()
         parent = generations.latest_readable(store)
-        rollback = state.observe(store, parent.name if parent else None) if state else None
+        rollback = (state.observe(store, generations.complete_name(parent)) if state
+                    else None)
         if rollback:
             log.warning("%s", rollback)
         run = Backup(store, opts)
@@ -228,7 +231,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
     vanished = f", {s.vanished} vanished while read" if s.vanished else ""
     # A file being written (appended to) is stored as of the size it had when it was opened.
     live = f" ({s.live} still being written, stored as they were)" if s.live else ""
-    _human(args, f"backup {store.name}: generation {generations.describe(gen)}: "
+    # A run that resumed a backup that had not finished (FORMAT.md 7.4) says so.
+    resumed = (f" (resumed from checkpoint {parent.name})" if parent is not None
+               and parent.checkpoint else "")
+    _human(args, f"backup {store.name}: generation {generations.describe(gen)}{resumed}: "
           f"{s.new} new, {s.changed} changed{live}, {s.unchanged} unchanged files{healed}"
           f"{vanished}{skipped}; read {human_bytes(s.bytes_read)}, stored {human_bytes(s.bytes_stored)} "
           f"in {time.monotonic() - start:.1f}s")
@@ -326,7 +332,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = [_ls_row(store, gname) for gname in generation_names(path)]
         # What restore, the mount's NAME/ and the next backup take as the latest: the newest
         # generation that reads back.
-        readable = [row for row in rows if row["files"] is not None]
+        readable = [row for row in rows if row["files"] is not None and not row["checkpoint"]]
         if readable:
             readable[-1]["latest"] = True
         state = LocalState.of(cfg.state_dir) if store is not None else None
@@ -344,6 +350,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
             line = f"  {row['time']}  {row['name']}"
             if row["damaged"]:
                 line += f"  DAMAGED: {row['damaged']}"
+            elif row["checkpoint"]:
+                line += (f"  checkpoint (partial): {row['files']} files  "
+                         f"{human_bytes(row['bytes'])} so far")
+                line += f"  node {row['node']}" if row["node"] is not None else ""
             elif row["files"] is not None:
                 line += f"  {row['files']} files  {human_bytes(row['bytes'])}"
                 line += f"  node {row['node']}" if row["node"] is not None else ""
@@ -355,7 +365,7 @@ def _ls_row(store: Store | None, gname: str) -> dict[str, Any]:
     """One generation for ls: name, time, and with a key files, bytes, node or damaged."""
     row: dict[str, Any] = {"name": gname, "time": generations.format_time(generation_time(gname)),
                            "files": None, "bytes": None, "node": None, "damaged": None,
-                           "latest": False}
+                           "latest": False, "checkpoint": False}
     if store is None:
         return row
     try:
@@ -364,7 +374,7 @@ def _ls_row(store: Store | None, gname: str) -> dict[str, Any]:
         row["damaged"] = str(exc)
         return row
     row.update(files=g.stats.get("files", 0), bytes=g.stats.get("bytes", 0),
-               node=g.identity.node_id if g.identity else None)
+               node=g.identity.node_id if g.identity else None, checkpoint=g.checkpoint)
     return row
 
 

@@ -21,7 +21,10 @@ DEFAULT_BACKUP_DIR = "/backup"
 DEFAULT_DELETE_AFTER_MS = 604_800_000
 SETTINGS = ("DIRECTORY", "BACKUP_NAME", "BACKUP_KEY", "BACKUP_KEY_FILE", "BACKUP_DIR",
             "DELETE_BACKUP_AFTER_MILLIS", "BOOTSTRAP_HOST_ID", "BACKUP_EXCLUDE",
-            "BACKUP_INTERVAL_SECONDS", "BACKUP_STATE_DIR")
+            "BACKUP_INTERVAL_SECONDS", "BACKUP_STATE_DIR", "BACKUP_CHECKPOINT_SECONDS",
+            "BACKUP_CHECKPOINT_BYTES")
+DEFAULT_CHECKPOINT_S = 300
+DEFAULT_CHECKPOINT_BYTES = 1 << 30
 log = logging.getLogger(__name__)
 _KEY_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$")
 _HOST_ID = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,99}")
@@ -42,6 +45,10 @@ class Config:
     host_id: str | None = None
     excludes: tuple[str, ...] = ()
     interval_s: float = 60.0
+    # A running backup commits a checkpoint after this many seconds or bytes stored (FORMAT.md
+    # 7.4); 0 turns that trigger off.
+    checkpoint_s: int = DEFAULT_CHECKPOINT_S
+    checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES
     # Where this host keeps its record of each store's newest generation (rollback
     # detection, FORMAT.md 9.1); outside every store. `load` always sets it; None (a Config
     # made in code) keeps no record.
@@ -242,6 +249,9 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
         host_id=_host_id(merged.get("BOOTSTRAP_HOST_ID") or None),
         excludes=excludes,
         interval_s=float(_int_setting(merged, "BACKUP_INTERVAL_SECONDS", 60)),
+        checkpoint_s=_int_setting(merged, "BACKUP_CHECKPOINT_SECONDS", DEFAULT_CHECKPOINT_S),
+        checkpoint_bytes=_int_setting(merged, "BACKUP_CHECKPOINT_BYTES",
+                                      DEFAULT_CHECKPOINT_BYTES),
         state_dir=Path(os.path.abspath(merged.get("BACKUP_STATE_DIR")
                                        or default_state_dir(environ))),
     )

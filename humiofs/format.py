@@ -18,7 +18,10 @@ MAGIC = b"HUMIOF"
 TYPE_PACK = b"P"
 TYPE_GENERATION = b"G"
 PACK_VERSION = 1
-GENERATION_VERSION = 1
+GENERATION_VERSION = 1            # the file header's version (section 7.2)
+# The plaintext's version: 1 for a complete generation (every humiofs reads it), 2 only for a
+# checkpoint (section 7.4), which readers that know only version 1 refuse as damaged.
+GENERATION_PLAIN_VERSIONS = (1, 2)
 TREE_VERSION = 2
 HEADER_LEN = 8
 
@@ -126,7 +129,10 @@ class Entry:
     @property
     def data_bytes(self) -> int:
         """Bytes of real data (what `du` counts): the sum of the extent lengths."""
-        return sum(length for _, length in self.extents)
+        extents = self.extents
+        if len(extents) == 1:       # most files: no hole
+            return extents[0][1]
+        return sum(length for _, length in extents)
 
     def link_key(self) -> tuple[object, ...] | None:
         """What names of one inode share (FORMAT.md 7.1, hard links), or None if this entry is
@@ -394,6 +400,10 @@ class Generation:
     root: RootAttrs
     identity: Identity | None
     stats: dict[str, int] = field(default_factory=dict)
+    # A checkpoint (FORMAT.md 7.4): partial, never the latest. `base` names the newest
+    # complete generation its chain of runs started from (None: a first backup).
+    checkpoint: bool = False
+    base: str | None = None
 
 
 def generation_time(name: str) -> int:
@@ -410,8 +420,8 @@ def encode_generation(gen: Generation) -> bytes:
         "mtime_ns": gen.root.mtime_ns, "tree": gen.root.tree.hex()}
     if gen.root.xattrs:
         root["xattrs"] = [[n.hex(), base64.b64encode(v).decode()] for n, v in gen.root.xattrs]
-    doc = {
-        "version": GENERATION_VERSION,
+    doc: dict[str, object] = {
+        "version": 2 if gen.checkpoint else 1,
         "name": gen.name,
         "time_ms": gen.time_ms,
         "backup_name": gen.backup_name,
@@ -422,6 +432,8 @@ def encode_generation(gen: Generation) -> bytes:
             "node_id": gen.identity.node_id, "uuid": gen.identity.uuid},
         "stats": gen.stats,
     }
+    if gen.checkpoint:
+        doc["checkpoint"] = {"base": gen.base}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -432,7 +444,7 @@ def decode_generation(data: bytes, file_name: str) -> Generation:
     """Parses a generation plaintext and checks it belongs to the file `file_name`."""
     try:
         doc = json.loads(data)
-        if doc["version"] != GENERATION_VERSION:
+        if type(doc["version"]) is not int or doc["version"] not in GENERATION_PLAIN_VERSIONS:
             raise IntegrityError(f"generation {file_name}: unsupported version {doc['version']}")
         if doc["name"] != file_name:
             raise IntegrityError(f"generation {file_name}: contents belong to {doc['name']!r}")
@@ -449,9 +461,19 @@ def decode_generation(data: bytes, file_name: str) -> Generation:
             if _SAFE_ID.match(node_id) and _SAFE_ID.match(uuid):
                 identity = Identity(node_id, uuid)
         stats = {str(k): int(v) for k, v in dict(doc.get("stats", {})).items()}
+        checkpoint, base = False, None
+        if doc["version"] == 2:
+            cp = doc.get("checkpoint")
+            if not isinstance(cp, dict):
+                raise IntegrityError(f"generation {file_name} is malformed: a version 2 "
+                                     "generation without its checkpoint")
+            checkpoint = True
+            base = cp.get("base")
+            if base is not None and not GENERATION_NAME.match(str(base)):
+                raise IntegrityError(f"generation {file_name} is malformed: bad checkpoint base")
         return Generation(file_name, int(doc["time_ms"]), str(doc["backup_name"]),
                           str(doc.get("host", "")), str(doc.get("directory", "")),
-                          root, identity, stats)
+                          root, identity, stats, checkpoint, base)
     except IntegrityError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:

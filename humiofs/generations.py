@@ -132,15 +132,15 @@ def describe(gen: Generation) -> str:
 
 
 def latest_readable(store: Store) -> Generation | None:
-    """The newest generation that reads back, skipping damaged ones with a warning; the
-    parent of a new backup, and what restore and the mount call the latest (see `pick`).
-    Raises StoreError (exit 5) if the store has generation files and none of them reads
-    back: its key files may hold another store's master key, and a generation committed under
-    it would mix two master keys in one store."""
+    """The parent of a new backup: the newest generation that reads back, a checkpoint
+    (FORMAT.md 7.4) if one is newer than the latest complete generation, skipping damaged
+    ones with a warning; None if the store has none. Raises StoreError (exit 5) if the store
+    has generation files and none of them reads back: its key files may hold another store's
+    master key, and a generation committed under it would mix two master keys in one store."""
     if not store.list_generations():    # raises its own StoreError if it cannot list
         return None
     try:
-        return pick(store).generation
+        return pick(store, checkpoints=True).generation
     except StoreError as exc:
         if exc.exit_code == 2:      # no generation at all
             return None
@@ -152,6 +152,14 @@ def latest_readable(store: Store) -> Generation | None:
             "and the next backup starts afresh). Nothing was written") from None
 
 
+def complete_name(gen: Generation | None) -> str | None:
+    """The name of the complete generation `gen` stands for in rollback detection (FORMAT.md
+    9.1): its own, or a checkpoint's base."""
+    if gen is None:
+        return None
+    return gen.base if gen.checkpoint else gen.name
+
+
 @dataclass(frozen=True)
 class Picked:
     """The generation chosen, and the newer ones (in range) left out because they are
@@ -161,17 +169,22 @@ class Picked:
     damaged: tuple[tuple[str, str], ...] = ()
 
 
-def pick(store: Store, at: At | None = None) -> Picked:
+def pick(store: Store, at: At | None = None, checkpoints: bool = False) -> Picked:
     """The latest generation, or the latest one `at` chooses, that reads back: a damaged
     newer one is left out with a warning, so restore, the mount, ls and backup agree on what
-    the latest generation is (FORMAT.md 7.2). A generation asked for by name is that one,
-    damaged or not. StoreError with exit 2 if no generation matches, 5 if none of those that
-    match can be read."""
+    the latest generation is (FORMAT.md 7.2). Checkpoints (partial, FORMAT.md 7.4) are
+    passed over unless `checkpoints` (the parent of a backup). A generation asked for by name
+    is that one, damaged or a checkpoint (with a warning). StoreError with exit 2 if no
+    generation matches, 5 if none of those that match can be read."""
     names = store.list_generations()
     if at is not None and at.name is not None:
         if at.name not in names:
             raise StoreError(f"store {store.path} has no generation {at.name}", 2)
-        return Picked(store.load_generation(at.name))
+        gen = store.load_generation(at.name)
+        if gen.checkpoint:
+            log.warning("generation %s of %s is a checkpoint of a backup that had not "
+                        "finished: it is partial", at.name, store.name)
+        return Picked(gen)
     candidates = [n for n in names if at is None or at.admits(n)]
     if not candidates:
         when = (f" at or before {format_time(at.until_ms)} (--at {at.text})"
@@ -184,12 +197,19 @@ def pick(store: Store, at: At | None = None) -> Picked:
         except StoreError as exc:
             damaged.append((name, str(exc)))
             continue
+        if gen.checkpoint and not checkpoints:
+            continue
         for bad, why in damaged:
             log.warning("generation %s (%s) of %s is damaged, so it is left out: %s", bad,
                         format_time(generation_time(bad)), store.name, why)
         if damaged:
             log.warning("the latest intact generation of %s is %s", store.name, describe(gen))
         return Picked(gen, tuple(damaged))
+    if not damaged:
+        raise StoreError(f"store {store.path} has no complete generation"
+                         + (f" at or before --at {at.text}" if at is not None else "")
+                         + ", only checkpoints of a first backup that has not finished (run "
+                         "the backup again to finish it; `ls` names the checkpoints)", 2)
     newest, why = damaged[0]
     raise StoreError(f"no generation of store {store.path}"
                      + (f" at or before --at {at.text}" if at is not None else "")

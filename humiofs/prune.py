@@ -31,7 +31,9 @@ RECORD_DIR = "prune"
 # --set-aside-damaged` (FORMAT.md 10.4): kept for a look, used by nothing.
 SET_ASIDE_DIR = "damaged"
 RECORD_NAME = re.compile(r"^(\d{13})-([0-9a-f]{16})$")
-_TREE_CACHE = 4096
+# The diff keeps the listings it read, up to this many entries in all (not listings: a folder
+# may hold a hundred thousand files, and memory must not follow the node's size).
+_TREE_CACHE_ENTRIES = 1 << 18
 
 
 @contextmanager
@@ -101,6 +103,20 @@ def plan(gens: list[tuple[str, Generation | None]], now_ms: int, delete_after_ms
     returns a path that `g` has and the newer `n` does not (None if there is none). A
     generation that cannot be read (None) is always kept. See FORMAT.md section 10.1.
     """
+    checkpoints = [i for i, (_, gen) in enumerate(gens) if gen is not None and gen.checkpoint]
+    if checkpoints:
+        # FORMAT.md 7.4: a checkpoint is kept until a readable complete generation is newer;
+        # the rules below see the complete generations only.
+        rest = [i for i in range(len(gens)) if i not in set(checkpoints)]
+        decided = dict(zip(rest, plan([gens[i] for i in rest], now_ms, delete_after_ms, lacks)))
+        complete = [i for i in rest if gens[i][1] is not None]
+        newest_complete = complete[-1] if complete else -1
+        for i in checkpoints:
+            name = gens[i][0]
+            decided[i] = (Decision(name, True, "checkpoint of a backup that has not finished: "
+                                   "the next run resumes from it") if i > newest_complete
+                          else Decision(name, False, ""))
+        return [decided[i] for i in range(len(gens))]
     young_from = now_ms - delete_after_ms
     hourly_from = now_ms - min(DAY_MS, delete_after_ms)
     readable = [(i, gen) for i, (_, gen) in enumerate(gens) if gen is not None]
@@ -152,15 +168,18 @@ class TreeDiff:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._cache: dict[Ref, dict[bytes, tuple[int, Ref | None]]] = {}
+        self._cached = 0        # entries in _cache
         self.damaged: list[str] = []
 
     def _entries(self, ref: Ref) -> dict[bytes, tuple[int, Ref | None]]:
         got = self._cache.get(ref)
         if got is None:
-            if len(self._cache) >= _TREE_CACHE:
-                self._cache.clear()
             got = {e.name: (e.type, e.subtree) for e in self.store.read_tree(ref)}
+            if self._cached + len(got) > _TREE_CACHE_ENTRIES:
+                self._cache.clear()
+                self._cached = 0
             self._cache[ref] = got
+            self._cached += len(got)
         return got
 
     def _missing(self, g: Ref, k: Ref, rel: bytes) -> bytes | None:
@@ -347,14 +366,20 @@ class _Prune:
         cutoff = 0
         roots = []
         for name in remaining:
+            # Loaded first: a generation that reads back is a root even if its file goes
+            # before it is stat'ed (a writer deletes the checkpoint it just superseded,
+            # FORMAT.md 7.4); only the cutoff needs the file time.
             try:
-                st = os.stat(self.store.path / "generations" / name)
                 gen = self._load(name)
-            except (FileNotFoundError, NoSuchObject):
+            except NoSuchObject:
                 continue
-            cutoff = max(cutoff, st.st_mtime_ns)
             if gen is not None:
                 roots.append(gen.root.tree)
+            try:
+                st = os.stat(self.store.path / "generations" / name)
+            except FileNotFoundError:
+                continue
+            cutoff = max(cutoff, st.st_mtime_ns)
         if r.unreadable:
             log.error("not deleting packs: %d generation file(s) cannot be read (%s), and any "
                       "pack may be theirs. `humiofs prune --set-aside-damaged` moves them to "

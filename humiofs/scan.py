@@ -79,6 +79,11 @@ class Excluder:
             elif p:
                 self.names.append(os.fsencode(p))
 
+    def applies_at(self, depth: int) -> bool:
+        """False if no pattern can exclude an entry at `depth` (1: the source's own entries),
+        so the caller need not ask `excluded` for each."""
+        return bool(self.names) or depth in self.anchored
+
     def excluded(self, rel: bytes, name: bytes) -> bool:
         for pattern in self.names:
             if fnmatch.fnmatchcase(name, pattern):

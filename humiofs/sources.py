@@ -46,10 +46,16 @@ class Source:
         names = self.store.list_generations()
         current = None
         skipped = []
+        partial = set()         # checkpoints (FORMAT.md 7.4): neither NAME/ nor .generations
         for name in reversed(names):
             if self.at is not None and not self.at.admits(name):
                 continue
             current = self.generation(name)
+            if current is not None and current.checkpoint and (self.at is None
+                                                               or self.at.name != name):
+                partial.add(name)
+                current = None
+                continue
             if current is not None:
                 break
             skipped.append(name)
@@ -64,7 +70,8 @@ class Source:
             if rollback and rollback != self.rollback_told:
                 log.warning("backup %s: %s", self.store.name, rollback)
             self.rollback_told = rollback
-        self.names, self.current, self.checked = names, current, time.monotonic()
+        self.names = [n for n in names if n not in partial]
+        self.current, self.checked = current, time.monotonic()
 
     def generation(self, name: str) -> Generation | None:
         """The generation `name`, loaded once; None (with one warning) if it is damaged."""

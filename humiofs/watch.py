@@ -18,9 +18,9 @@ from types import FrameType
 
 from humiofs import errors, prune, sdnotify, summary
 from humiofs.config import Config
-from humiofs.errors import ConfigError, StoreError, StoreLocked
+from humiofs.errors import ConfigError, Interrupted, StoreError, StoreLocked
 from humiofs.format import Generation, Ref
-from humiofs.generations import format_time, latest_readable
+from humiofs.generations import complete_name, format_time, latest_readable
 from humiofs.inotify import Dirty, Tracker
 from humiofs.localstate import LocalState
 from humiofs.scan import DEFAULT_EXCLUDES, Excluder
@@ -52,7 +52,8 @@ def run(cfg: Config, interval: float, extra_excludes: tuple[str, ...], progress:
 
 def changed(gen: Generation, parent: Generation | None) -> bool:
     """True if `gen` differs from `parent` in anything a restore or mount shows."""
-    return parent is None or gen.root != parent.root or gen.identity != parent.identity
+    return (parent is None or parent.checkpoint or gen.root != parent.root
+            or gen.identity != parent.identity)
 
 
 class Watch:
@@ -98,7 +99,7 @@ class Watch:
                 self.store.clean_tmp()
                 parent = latest_readable(self.store)
                 if self.state is not None:
-                    rollback = self.state.observe(self.store, parent.name if parent else None)
+                    rollback = self.state.observe(self.store, complete_name(parent))
                     if rollback:
                         log.warning("%s", rollback)
                         # The first pass commits a newer generation, which ends the rollback
@@ -165,11 +166,21 @@ class Watch:
         opts = BackupOptions(
             source=self.source, backup_name=self.store.name, excludes=self.excludes,
             host_id=self.cfg.host_id, progress=None if self.progress and first else False,
-            clean=None if full else dirty.clean, tree_counts=self.counts)
+            clean=None if full else dirty.clean, tree_counts=self.counts,
+            # Checkpoints (FORMAT.md 7.4) while a pass runs long; a pass with no complete
+            # parent (the first backup) that is stopped commits a checkpoint rather than a
+            # generation that would lack what it had not read yet.
+            checkpoints=True, checkpoint_s=self.cfg.checkpoint_s,
+            checkpoint_bytes=self.cfg.checkpoint_bytes,
+            checkpoint_on_stop=parent is None or parent.checkpoint)
         run = Backup(self.store, opts, should_stop=self.stop.is_set)
         start = time.monotonic()
         try:
-            gen = run.build(parent)
+            try:
+                gen = run.build(parent)
+            except Interrupted as exc:
+                log.info("%s", exc)
+                return latest_readable(self.store)
             if not full and changed(gen, parent) and self._store_lost_packs(run):
                 # Folders this pass reused without walking them may refer to those packs: a
                 # full walk reads what they held again rather than carry the refs on.

@@ -19,9 +19,9 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from humiofs import crypto, format, identity, journal, scan, xattrs
-from humiofs.errors import (HumiofsError, NoSuchObject, SourceChanged, StoreError, os_reason,
-                            show)
+from humiofs import checkpoint, crypto, failpoint, format, identity, journal, scan, xattrs
+from humiofs.errors import (HumiofsError, Interrupted, NoSuchObject, SourceChanged, StoreError,
+                            os_reason, show)
 from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, RootAttrs, Xattrs
 from humiofs.progress import Progress
 from humiofs.store import PackWriter, Store, list_packs, new_generation_name
@@ -102,6 +102,15 @@ class BackupOptions:
     # inode and mtime still match and `tree_counts` knows the counts of that tree.
     clean: Callable[[bytes], bool] | None = None
     tree_counts: dict[Ref, TreeCounts] | None = None
+    # Checkpoints (FORMAT.md 7.4): with `checkpoints`, one is committed every
+    # `checkpoint_s` seconds or `checkpoint_bytes` stored (0: not on that trigger), and on
+    # SIGTERM/SIGINT, after which the run stops (Interrupted).
+    checkpoints: bool = False
+    checkpoint_s: int = 0
+    checkpoint_bytes: int = 0
+    # With checkpoints: when `should_stop` turns true, commit a checkpoint and stop
+    # (Interrupted) instead of finishing with the previous generation's entries.
+    checkpoint_on_stop: bool = False
 
 
 class Backup:
@@ -136,12 +145,30 @@ class Backup:
         # Every pack the generation refers to through a folder this run walked (backup --watch
         # keeps the union of these, for the folders it reuses without walking them).
         self.packs_used: set[bytes] = set()
+        self._policy = (checkpoint.Policy(options.checkpoint_s, options.checkpoint_bytes,
+                                          stop=should_stop if options.checkpoint_on_stop
+                                          else None)
+                        if options.checkpoints else None)
+        self._levels: list[checkpoint.Level] = []      # the folders the walk is inside of
+        self._parent: Generation | None = None
+        self._root: tuple[os.stat_result, Xattrs] | None = None
+        self._last_ms = 0
+        # Checkpoints a generation of this run supersedes: its own, and its parent if that
+        # is one. Deleted once a newer generation of the run is committed.
+        self._superseded: list[str] = []
+        self.checkpoints = 0
+        self._ident: tuple[identity.Identity | None] | None = None
 
     # -- the run -----------------------------------------------------------------------------
 
     def run(self, parent: Generation | None) -> Generation:
-        """Stores the current state of the source and commits it as a new generation."""
-        gen = self.build(parent)
+        """Stores the current state of the source and commits it as a new generation. With
+        checkpoints, SIGTERM/SIGINT commit a checkpoint, then raise Interrupted (exit 130)."""
+        if self._policy is None:
+            gen = self.build(parent)
+        else:
+            with checkpoint.stop_requests(self._policy):
+                gen = self.build(parent)
         self.commit(gen)
         return gen
 
@@ -172,12 +199,15 @@ class Backup:
         """Writes `gen`, built by this run, as the store's newest generation."""
         try:
             self._journal.committing(gen.name)
+            failpoint.reached("committing")
             self.store.commit_generation(gen)
         except BaseException:
             # Keeps the packs if the generation reached the store after all.
             self._discard_after_failure()
             raise
         self._journal.close(committed=True)
+        checkpoint.remove_superseded(self.store, self._superseded)
+        self._superseded = []
 
     def discard(self) -> None:
         """Removes every pack this run stored (none is referenced unless its generation was
@@ -195,6 +225,11 @@ class Backup:
     def _build(self, parent: Generation | None, root_fd: int) -> Generation:
         src = self.opt.source
         root_st = os.fstat(root_fd)
+        self._parent = parent
+        if parent is not None:
+            self._last_ms = parent.time_ms
+            if parent.checkpoint:
+                self._superseded = checkpoint.chain(self.store, parent.name)
         try:
             st = os.stat(self.store.path)
             self._store_ino = (st.st_dev, st.st_ino)
@@ -213,6 +248,7 @@ class Backup:
             self._warn(f"the extended attributes of {src} cannot be read ({exc.strerror}); "
                        "keeping the previous ones")
             self.stats.skipped += 1
+        self._root = (root_st, root_xattrs)
         try:
             if root_ref is None:
                 with scan.deep_walk():
@@ -224,26 +260,81 @@ class Backup:
         finally:
             self._progress.close()
             self._finisher.shutdown(wait=True)
-        now_ms = int(time.time() * 1000)
-        if parent is not None and now_ms <= parent.time_ms:
-            now_ms = parent.time_ms + 1
+        # The identity comes from files in the source's own folder: unchanged if it was reused.
+        ident = (parent.identity if parent is not None and root_ref == prev_root
+                 and self.opt.clean is not None and self.opt.clean(b"")
+                 else self._identity())
+        return self._generation(root_ref, ident, partial=False)
+
+    def _identity(self) -> identity.Identity | None:
+        """The node's identity, read once per run (a node keeps it; warnings once)."""
+        if self._ident is None:
+            self._ident = (identity.detect(self.opt.source, self.opt.host_id),)
+        return self._ident[0]
+
+    def _generation(self, root_ref: Ref, ident: identity.Identity | None,
+                    partial: bool) -> Generation:
+        """A generation of this run (a checkpoint if `partial`) named after every earlier one
+        (its parent's and its checkpoints' names sort before it)."""
+        assert self._root is not None
+        root_st, root_xattrs = self._root
+        now_ms = max(int(time.time() * 1000), self._last_ms + 1)
         if now_ms >= format.LAST_GENERATION_MS:
             # Its name would need a 14th digit, and no reader would see it (FORMAT.md 2).
             raise StoreError(f"the time to commit this generation, {now_ms} ms after 1970, is "
                              "past 2286-11-20, the last a generation name can hold; check "
                              "the system clock", 2)
-        # The identity comes from files in the source's own folder: unchanged if it was reused.
-        ident = (parent.identity if parent is not None and root_ref == prev_root
-                 and self.opt.clean is not None and self.opt.clean(b"")
-                 else identity.detect(src, self.opt.host_id))
+        self._last_ms = now_ms
+        parent = self._parent
+        base = None if parent is None else parent.base if parent.checkpoint else parent.name
         return Generation(
             name=new_generation_name(now_ms), time_ms=now_ms,
             backup_name=self.opt.backup_name, host=socket.gethostname(),
-            directory=str(src),
+            directory=str(self.opt.source),
             root=RootAttrs(root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid,
                            root_st.st_mtime_ns, root_ref, root_xattrs),
             identity=ident,
-            stats=self.stats.generation_stats())
+            stats=self.stats.generation_stats(), checkpoint=partial,
+            base=base if partial else None)
+
+    def _checkpoint(self) -> None:
+        """Commits a checkpoint of what the run has finished (FORMAT.md 7.4): the partial
+        trees of the folders it is inside of go into a tree pack, every pack is made durable,
+        the checkpoint is written, and a new journal is started for the packs that follow."""
+        assert self._policy is not None
+
+        def store_tree(entries: list[Entry]) -> Ref:
+            try:
+                plain = format.encode_tree(entries)
+            except (ValueError, OverflowError):
+                # An entry the format cannot hold is left out (the folder's own tree, once
+                # finished, names it in a warning).
+                plain = format.encode_tree([e for e in entries if _encodable(e)])
+            ref = self._tree_pack().add(crypto.KIND_TREE, plain)
+            self.stats.bytes_stored += ref.stored_len
+            return ref
+
+        def dir_entry(name: bytes, st: os.stat_result, sub: Ref, nlink: int,
+                      attrs: Xattrs) -> Entry:
+            return _entry(name, st, DIR, subtree=sub, nlink=nlink, xattrs=attrs)
+
+        root_ref = checkpoint.partial_root(self._levels, store_tree, dir_entry)
+        self._finish_packs()
+        gen = self._generation(root_ref, self._identity(), partial=True)
+        self._journal.committing(gen.name)
+        failpoint.reached("committing")
+        self.store.commit_generation(gen)
+        self._journal.close(committed=True)
+        failpoint.reached("checkpoint")
+        self._journal = journal.RunJournal(self.store)
+        checkpoint.remove_superseded(self.store, self._superseded)
+        self._superseded = [gen.name]
+        self.checkpoints += 1
+        self._policy.done(self.stats.bytes_stored)
+        log.info("checkpoint %s committed: %d files so far", gen.name, self.stats.files)
+        if self._policy.requested:
+            raise Interrupted(f"interrupted; checkpoint {gen.name} committed: the next backup "
+                              "resumes from it")
 
     # -- packs --------------------------------------------------------------------------------
 
@@ -288,6 +379,7 @@ class Backup:
             pack.abort()
             raise
         pack.finish()
+        failpoint.reached("pack")
 
     def _abort_packs(self) -> None:
         # An interrupt (SIGINT/SIGTERM arrive as KeyboardInterrupt anywhere) can land between
@@ -404,13 +496,33 @@ class Backup:
         with os.scandir(dfd) as it:
             items = sorted(((os.fsencode(de.name), de) for de in it), key=itemgetter(0))
         entries: list[Entry] = []
+        level = checkpoint.Level(rel, entries, prev)
+        self._levels.append(level)
+        try:
+            return self._walk_entries(dfd, rel, prev_ref, prev_plain, prev, meta_stale, items,
+                                      level)
+        finally:
+            self._levels.pop()
+
+    def _walk_entries(self, dfd: int, rel: bytes, prev_ref: Ref | None,
+                      prev_plain: bytes | None, prev: dict[bytes, Entry], meta_stale: bool,
+                      items: list[tuple[bytes, os.DirEntry[str]]], level: checkpoint.Level
+                      ) -> tuple[Ref, int]:
+        entries = level.entries
+        policy = self._policy
         # True while every entry is the previous generation's, unchanged: then so is the tree,
         # and encoding it can be skipped (most folders of most runs).
         same = prev_plain is not None and prev_plain[2] == format.TREE_VERSION
+        # Per entry costs count: a no-change run over a million files does this a million times.
+        excluder = self.excluder if self.excluder.applies_at(
+            rel.count(b"/") + 2 if rel else 1) else None
+        used = self.packs_used
+        subdirs = 0
         for name, de in items:
             child_rel = rel + b"/" + name if rel else name
-            if self.excluder.excluded(child_rel, name):
+            if excluder is not None and excluder.excluded(child_rel, name):
                 continue
+            level.pos = name
             old = prev.get(name)
             if old is not None and meta_stale:
                 old = replace(old, ctime_ns=-1)  # never equal to a real ctime: read the metadata
@@ -424,18 +536,18 @@ class Backup:
                 entries.append(entry)
                 if same and entry is not old and entry != old:
                     same = False
+                if entry.data is not None:
+                    used.add(entry.data.pack)
+                elif entry.subtree is not None:
+                    used.add(entry.subtree.pack)
+                    subdirs += 1
+            if policy is not None and policy.due(self.stats.bytes_stored):
+                self._checkpoint()
         if prev:
             present = {name for name, _ in items}
             for name, gone in prev.items():
                 if name not in present:
                     self._gone(rel + b"/" + name if rel else name, gone)
-        subdirs = sum(1 for e in entries if e.type == DIR)
-        used = self.packs_used
-        for e in entries:
-            if e.data is not None:
-                used.add(e.data.pack)
-            elif e.subtree is not None:
-                used.add(e.subtree.pack)
         if same and len(entries) == len(prev) and prev_ref is not None:
             used.add(prev_ref.pack)
             return prev_ref, subdirs
@@ -511,13 +623,16 @@ class Backup:
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
         except FileNotFoundError:
             return self._vanished(rel)
+        level = self._levels[-1]
         try:
             st = os.fstat(fd)
             attrs = self._xattrs(old, st, fd, rel)
+            level.sub = (st, attrs, old)
             sub, subdirs = self._dir(fd, rel, prev)
         except FileNotFoundError:
             return self._vanished(rel)
         finally:
+            level.sub = None
             os.close(fd)
         self.stats.dirs += 1
         return _entry(name, st, DIR, subtree=sub, nlink=2 + subdirs, xattrs=attrs)
@@ -808,6 +923,14 @@ def _some(paths: list[RelPath], shown: int = 5) -> str:
     """The first few of `paths`, for a one-line message."""
     out = ", ".join(_show(p) for p in paths[:shown])
     return out + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def _encodable(entry: Entry) -> bool:
+    try:
+        format.encode_tree([entry])
+    except (ValueError, OverflowError):
+        return False
+    return True
 
 
 def _blake2b(data: bytes) -> bytes:

@@ -41,10 +41,12 @@ def test_no_generation_name_past_13_digits(tmp_path: Path, monkeypatch: pytest.M
     node = tmp_path / "node"
     node.mkdir()
     (node / "f").write_bytes(b"data")
+    (node / "cluster_membership.uuid").write_text("3b0c4f2e-6a3d")
     store = create_store(tmp_path / "backups" / "node1")
     monkeypatch.setattr(time, "time", lambda: 10.0 ** 10)      # 2286-11-20T17:46:40Z
     with store.lock(), pytest.raises(StoreError, match="system clock") as caught:
-        Backup(store, BackupOptions(source=node, backup_name="node1", progress=False)).run(None)
+        Backup(store, BackupOptions(source=node, backup_name="node1", host_id="1",
+                                    progress=False)).run(None)
     assert caught.value.exit_code == EXIT_USAGE
     assert store.list_generations() == [] and pack_files(store.path) == set()
 
