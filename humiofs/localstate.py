@@ -93,6 +93,14 @@ class LocalState:
         if names is None:
             names = store.list_generations()
         recorded = self.recorded(store_id, store_path)
+        if recorded is not None and recorded not in names:
+            # A writer commits its generation, then records it: one committed after `names`
+            # was listed may be on record already. Listed again, after the record was read,
+            # such a generation is there; a deleted one is not.
+            try:
+                names = store.list_generations()
+            except StoreError:
+                pass
         warning = None
         # A generation `prune --set-aside-damaged` moved to NAME/damaged/ (prune.SET_ASIDE_DIR)
         # is known damage, reported by check, not a rollback.

@@ -119,3 +119,24 @@ def test_a_state_dir_that_cannot_be_written_is_one_warning(
                 env={**clean_env(), "BACKUP_STATE_DIR": str(blocker / "state")})
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stderr.count("rollback detection (BACKUP_STATE_DIR) is off") == 1, r.stderr
+
+
+def test_a_generation_committed_after_the_listing_is_no_rollback(tmp_path: Path) -> None:
+    """check lists the generations, a writer then commits one and records it, and only then
+    does check read the record (seen with writers and checks running at once)."""
+    from humiofs.localstate import LocalState
+    from storetools import backup, create_store
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "f").write_bytes(b"1")
+    store = create_store(tmp_path / "backup" / "node1")
+    first, _ = backup(store, node, settle=True, host_id="1")
+    listed = store.list_generations()
+    (node / "f").write_bytes(b"22")
+    second, _ = backup(store, node, settle=True, host_id="1")
+    state = LocalState(tmp_path / "state")
+    assert state.observe(store, second.name) is None         # the writer records it
+    assert state.observe(store, first.name, listed) is None
+    # A generation really gone from the store is still noticed.
+    os.unlink(store.path / "generations" / second.name)
+    assert "rolled back" in (state.observe(store, first.name, listed) or "")
