@@ -754,13 +754,13 @@ class Backup:
             # its ctime trusted), one that changed again is being written: it is read twice.
             racy = st.st_ctime_ns >= read_ns - RACY_NS
             if racy:
-                time.sleep(max(0, st.st_ctime_ns + RACY_NS - time.time_ns()) / 1e9)
+                time.sleep(_wait_s(st.st_ctime_ns + RACY_NS, RACY_NS))
                 again = os.fstat(fd)
                 racy = scan.Signature.of(again) != scan.Signature.of(st)
                 st = again
             if (st.st_size == 0 and old is not None and old.type == FILE and old.size > 0
                     and st.st_ctime_ns >= time.time_ns() - EMPTIED_SETTLE_NS):
-                time.sleep(max(0, st.st_ctime_ns + EMPTIED_SETTLE_NS - time.time_ns()) / 1e9)
+                time.sleep(_wait_s(st.st_ctime_ns + EMPTIED_SETTLE_NS, EMPTIED_SETTLE_NS))
                 if scan.Signature.of(os.fstat(fd)) != scan.Signature.of(st):
                     raise SourceChanged("it was being written anew from the start")
             attrs = self._xattrs(old, st, fd, rel)
@@ -931,6 +931,13 @@ def _encodable(entry: Entry) -> bool:
     except (ValueError, OverflowError):
         return False
     return True
+
+
+def _wait_s(until_ns: int, at_most_ns: int) -> float:
+    """Seconds from now until `until_ns` (wall clock), but never more than `at_most_ns`: a
+    ctime in the future (the clock was set back, or another host's clock on a network
+    filesystem) must not stall the run."""
+    return min(max(0, until_ns - time.time_ns()), at_most_ns) / 1e9
 
 
 def _blake2b(data: bytes) -> bytes:

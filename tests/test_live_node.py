@@ -651,3 +651,28 @@ def test_xattrs_the_kernel_will_not_list_leave_the_data_stored(tmp_path: Path) -
     assert "many: its extended attributes cannot be read" in r.stderr
     assert cli_restore(env, tmp_path / "r").returncode == EXIT_OK
     assert (tmp_path / "r" / "many").read_bytes() == b"data"
+
+
+def test_a_ctime_in_the_future_does_not_stall_the_backup(tmp_path: Path) -> None:
+    """The clock set back after a file changed: its ctime is in the future. The racy wait is
+    at most 100 ms (1 s for a freshly emptied file), not until that ctime."""
+    import time as _time
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "f").write_bytes(b"old data")
+    store = create_store(tmp_path / "backup" / "node1")
+    backup(store, node, settle=True, host_id="1")
+    (node / "f").write_bytes(b"")
+    (node / "g").write_bytes(b"new")
+    real = _time.time_ns
+    # The writer's clock an hour behind the file's ctime: as after `date -s` backwards.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_time, "time_ns", lambda: real() - 3600 * 10**9)
+        mp.setattr(_time, "time", lambda: real() / 1e9 - 3600)
+        started = _time.monotonic()
+        gen, _ = backup(store, node, host_id="1")
+        took = _time.monotonic() - started
+    assert took < 30, took          # a stall would be an hour; the waits are at most ~1 s
+    restored = tmp_path / "r"
+    restore(store, gen, restored)
+    assert (restored / "g").read_bytes() == b"new"
