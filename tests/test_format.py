@@ -188,6 +188,18 @@ def test_tree_golden_decode() -> None:
     assert decode_tree(GOLDEN_V2_TREE) == GOLDEN_V2_ENTRIES
 
 
+def test_decoded_entries_are_frozen_entries() -> None:
+    # The decoder builds entries its own fast way (format._NewEntry): what comes out must be
+    # exactly what the constructor gives, immutable and hashable alike.
+    for decoded, built in zip(decode_tree(GOLDEN_V2_TREE), GOLDEN_V2_ENTRIES, strict=True):
+        assert type(decoded) is Entry and decoded == built and hash(decoded) == hash(built)
+        assert decoded.data is None or type(decoded.data) is Ref
+        assert decoded.subtree is None or type(decoded.subtree) is Ref
+        with pytest.raises(AttributeError):
+            decoded.name = b"other"  # type: ignore[misc]
+        assert replace(decoded, mode=0o600).mode == 0o600
+
+
 def test_tree_version_1_still_reads() -> None:
     # Stores written before version 2 hold version 1 trees (FORMAT.md 7.1.1).
     v1 = golden_tree(version=1)
@@ -276,6 +288,7 @@ def test_accepts_longest_and_odd_names() -> None:
     ([(50, 10), (0, 10)], 100, 20),       # out of order
     ([(0, 10), (10, 0)], 100, 10),        # empty extent
     ([(95, 10)], 100, 10),                # beyond the size
+    ([(5, 0)], 100, 0),                   # the one extent empty
     ([(0, 10)], 100, 11),                 # sum != plaintext length
     ([(0, 10), (20, 10)], 100, 10),       # sum != plaintext length
     ([(2**64 - 1, 1)], 2**63, 1),         # offset overflow
