@@ -10,6 +10,7 @@ import binascii
 import json
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from humiofs.errors import IntegrityError
@@ -45,6 +46,8 @@ _U32 = struct.Struct(">I")
 _MAX_EXTENTS = 1 << 24
 _ENTRY_HEAD_V1 = struct.Struct(">BIIIqqQQ")
 _ENTRY_HEAD = struct.Struct(">BIIIIqIqIQQ")
+_ENTRY_HEAD_X = struct.Struct(">BIIIIqIqIQQH")      # with the xattr count after it
+_FILE_1 = struct.Struct(">B16s16sQQQIQQ")         # a file body with data in one extent
 _DEVICE = struct.Struct(">II")
 _EXTENT = struct.Struct(">QQ")
 _TREE_HEAD = struct.Struct(">2sBI")
@@ -290,10 +293,12 @@ def _decode_tree(data: bytes) -> list[Entry]:
     if v1:
         head_unpack, head_size = _ENTRY_HEAD_V1.unpack_from, _ENTRY_HEAD_V1.size
     else:
-        head_unpack, head_size = _ENTRY_HEAD.unpack_from, _ENTRY_HEAD.size
+        head_unpack, head_size = _ENTRY_HEAD_X.unpack_from, _ENTRY_HEAD_X.size
     u16, u32 = _U16.unpack_from, _U32.unpack_from
-    extent_unpack = _EXTENT.unpack_from
-    new = _NewEntry
+    file_1, file_1_size = _FILE_1.unpack_from, _FILE_1.size
+    # _NewEntry(...) is an Entry once built (see there).
+    new: Callable[..., Entry] = _NewEntry  # type: ignore[assignment]
+    new_ref: Callable[..., Ref] = _NewRef  # type: ignore[assignment]
     no_rdev = (0, 0)
     prev = b""
     xattrs: Xattrs = ()
@@ -318,14 +323,12 @@ def _decode_tree(data: bytes) -> list[Entry]:
                 raise IntegrityError(f"tree entry has unknown type {etype}")
         else:
             (etype, mode, uid, gid, nlink, m_sec, m_nsec, c_sec, c_nsec, ino,
-             size) = head_unpack(data, pos)
+             size, n_x) = head_unpack(data, pos)
             pos += head_size
             if m_nsec >= NSEC or c_nsec >= NSEC:
                 raise IntegrityError("tree entry has an invalid time")
             mtime = m_sec * NSEC + m_nsec
             ctime = c_sec * NSEC + c_nsec
-            (n_x,) = u16(data, pos)
-            pos += 2
             if n_x:
                 xattrs, pos = _decode_xattrs(data, pos, n_x)
             elif xattrs:
@@ -334,6 +337,22 @@ def _decode_tree(data: bytes) -> list[Entry]:
             raise IntegrityError("tree entry has an invalid mode")
         if etype == FILE:
             has = data[pos]
+            if has == 1 and pos + file_1_size <= n_data:
+                # The common case in one unpack, checked here: data in one extent, inside the
+                # file and as long as the data. Any other count: read again below.
+                (_, pack, oid, roff, slen, plen, n, off, length) = file_1(data, pos)
+                if n == 1:
+                    pos += file_1_size
+                    if roff < HEADER_LEN:
+                        raise IntegrityError("ref points into a pack header")
+                    if length <= 0 or off + length > size:
+                        raise IntegrityError("tree has a malformed extent list")
+                    if plen != length:
+                        raise IntegrityError("tree extents do not match the file's data")
+                    append(new(name, etype, mode, uid, gid, mtime, ctime, ino,
+                               size, new_ref(pack, oid, roff, slen, plen), ((off, length),),
+                               None, b"", nlink, no_rdev, xattrs))
+                    continue
             pos += 1
             if has > 1:
                 raise IntegrityError("tree entry has an invalid data flag")
@@ -343,30 +362,20 @@ def _decode_tree(data: bytes) -> list[Entry]:
                 pos += REF_LEN
             (n,) = u32(data, pos)
             pos += 4
-            if n == 1 and ref is not None:
-                # The common case, checked here: one extent inside the file, as long as the data.
-                off, length = extent_unpack(data, pos)
-                pos += 16
-                if length <= 0 or off + length > size:
-                    raise IntegrityError("tree has a malformed extent list")
-                if ref.plain_len != length:
-                    raise IntegrityError("tree extents do not match the file's data")
-                extents: tuple[tuple[int, int], ...] = ((off, length),)
-            else:
-                if n > _MAX_EXTENTS:
-                    raise IntegrityError("tree entry has too many extents")
-                end = pos + n * _EXTENT.size
-                if end > n_data:
-                    raise IntegrityError("tree is truncated")
-                extents = tuple(_EXTENT.iter_unpack(data[pos:end])) if n else ()
-                pos = end
-                _check_extents(extents, size, ref)
-            append(new(name, etype, mode, uid, gid, mtime, ctime, ino, size, ref,  # type: ignore[arg-type]
+            if n > _MAX_EXTENTS:
+                raise IntegrityError("tree entry has too many extents")
+            end = pos + n * _EXTENT.size
+            if end > n_data:
+                raise IntegrityError("tree is truncated")
+            extents = tuple(_EXTENT.iter_unpack(data[pos:end])) if n else ()
+            pos = end
+            _check_extents(extents, size, ref)
+            append(new(name, etype, mode, uid, gid, mtime, ctime, ino, size, ref,
                        extents, None, b"", nlink, no_rdev, xattrs))
         elif etype == DIR:
             sub = _ref_at(data, pos)
             pos += REF_LEN
-            append(new(name, etype, mode, uid, gid, mtime, ctime, ino, size, None,  # type: ignore[arg-type]
+            append(new(name, etype, mode, uid, gid, mtime, ctime, ino, size, None,
                        (), sub, b"", nlink, no_rdev, xattrs))
         elif etype == SYMLINK:
             (tlen,) = u16(data, pos)
@@ -375,15 +384,15 @@ def _decode_tree(data: bytes) -> list[Entry]:
             pos += tlen
             if len(target) != tlen or not target or b"\0" in target:
                 raise IntegrityError("tree has an invalid symlink target")
-            append(new(name, etype, mode, uid, gid, mtime, ctime, ino, size, None,  # type: ignore[arg-type]
+            append(new(name, etype, mode, uid, gid, mtime, ctime, ino, size, None,
                        (), None, target, nlink, no_rdev, xattrs))
         elif etype == FIFO:
-            append(new(name, etype, mode, uid, gid, mtime, ctime, ino, size, None,  # type: ignore[arg-type]
+            append(new(name, etype, mode, uid, gid, mtime, ctime, ino, size, None,
                        (), None, b"", nlink, no_rdev, xattrs))
         elif etype in (CHR, BLK):
             rdev = _DEVICE.unpack_from(data, pos)
             pos += _DEVICE.size
-            append(new(name, etype, mode, uid, gid, mtime, ctime, ino, size, None,  # type: ignore[arg-type]
+            append(new(name, etype, mode, uid, gid, mtime, ctime, ino, size, None,
                        (), None, b"", nlink, rdev, xattrs))
         else:
             raise IntegrityError(f"tree entry has unknown type {etype}")
