@@ -35,15 +35,24 @@ def blocks(nbytes: int) -> int:
     return -(-nbytes // BLOCK) * (BLOCK // 512)
 
 
+_new_attr = tuple.__new__
+
+
 def entry_attr(inode: int, e: Entry) -> Attr:
+    """The attributes of the tree entry `e` as inode `inode`. Called once an entry on the
+    first walk of a folder, so it builds the Attr tuple directly (the NamedTuple constructor
+    is a Python function call more)."""
     t = e.type
     if t == FILE:
-        return Attr(inode, stat.S_IFREG | e.mode, e.nlink, e.uid, e.gid, e.size,
-                    blocks(sum([n for _, n in e.extents])), e.mtime_ns)
+        ext = e.extents
+        data = ext[0][1] if len(ext) == 1 else sum([n for _, n in ext])
+        return _new_attr(Attr, (inode, stat.S_IFREG | e.mode, e.nlink, e.uid, e.gid, e.size,
+                                -(-data // BLOCK) * (BLOCK // 512), e.mtime_ns, False, 0))
     if t == DIR:
         # Trees do not keep a folder's size; one 4 KiB block is what ext4 and xfs show.
         # nlink is 2 + subfolders, or 1 ("not counted") from a version 1 tree.
-        return Attr(inode, stat.S_IFDIR | e.mode, e.nlink, e.uid, e.gid, BLOCK, 8, e.mtime_ns)
+        return _new_attr(Attr, (inode, stat.S_IFDIR | e.mode, e.nlink, e.uid, e.gid, BLOCK, 8,
+                                e.mtime_ns, False, 0))
     if t == SYMLINK:
         return Attr(inode, stat.S_IFLNK | e.mode, 1, e.uid, e.gid, len(e.target), 0,
                     e.mtime_ns)

@@ -20,11 +20,19 @@ import sys
 import time
 from pathlib import Path
 
-import pyfuse3
-import trio
+from typing import TYPE_CHECKING
 
-from humiofs import fs, sdnotify, tree
+from humiofs import sdnotify
 from humiofs.errors import ConfigError, HumiofsError, TargetError
+
+if TYPE_CHECKING:
+    import trio
+
+    from humiofs import tree
+
+# pyfuse3, trio and the adapter (fs.py) are imported where the mount starts, not here: the mount
+# command imports them while the stores' Argon2id unwraps run (mount_cli.py), after the checks
+# here (mountpoint, log file), which so stay fast.
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +119,11 @@ def _unescape(field: str) -> str:
 
 def serve(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int | None = None) -> None:
     """Mounts `model` and serves it until unmounted or SIGINT/SIGTERM/SIGHUP, then unmounts."""
+    import pyfuse3
+    import trio
+
+    from humiofs import fs
+
     # Forked here, before pyfuse3 and trio start and before any thread does.
     model.start_worker(close_fds=() if ready_fd is None else (ready_fd,))
     # The request loop shares the GIL with the threads that read listings ahead (prefetch.py)
@@ -134,6 +147,9 @@ def serve(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int | No
 
 
 async def _main(ready_fd: int | None, model: tree.Tree) -> None:
+    import pyfuse3
+    import trio
+
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, model)
         if ready_fd is not None:
@@ -147,7 +163,10 @@ async def _main(ready_fd: int | None, model: tree.Tree) -> None:
 
 
 async def _stop_on_signal(model: tree.Tree,
-                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                          task_status: trio.TaskStatus[None]) -> None:
+    import pyfuse3
+    import trio
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from humiofs.keys import Passphrase
+    from humiofs.store import Store
 
 MOUNT_HELP = """\
 Mount the backups in BACKUP_DIR read-only at MOUNTPOINT (an empty folder), decrypted:
@@ -78,8 +84,36 @@ UMOUNT_EPILOG = """\
 exit codes: 0 unmounted, 2 bad usage, 6 not mounted, busy (see --lazy) or no fusermount3."""
 
 
+class _Opening(threading.Thread):
+    """sources.open_sources in a thread: the stores' Argon2id unwraps (most of the time to
+    mount) run while the mount's modules (pyfuse3, trio, the model) are imported; the unwrap
+    runs in OpenSSL without the GIL. result() gives its stores or raises what it raised."""
+
+    def __init__(self, backup_dir: Path, key: Passphrase, name: str | None,
+                 allow_none: bool) -> None:
+        super().__init__(name="open-stores", daemon=True)
+        self._args = (backup_dir, key, name, allow_none)
+        self._stores: list[Store] = []
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        from humiofs.sources import open_sources
+
+        try:
+            self._stores = open_sources(*self._args)
+        except BaseException as exc:  # handed to the caller as it is
+            self._error = exc
+
+    def result(self) -> list[Store]:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._stores
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
-    from humiofs import errors, generations, mount, store, tree
+    from humiofs import errors, generations, mount, store
     from humiofs.cli import load_config
     from humiofs.localstate import LocalState
 
@@ -92,8 +126,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     log_handler = mount.open_log(args.log)
     # Only --name limits the mount: BACKUP_NAME in a node's env file names the store that
     # node writes, while an operator mounting wants to see every backup the key opens.
+    opening = _Opening(cfg.backup_dir, key, args.name, args.name is None and at is None)
+    try:
+        from humiofs import fs, tree  # noqa: F401  (pyfuse3 and trio, while the keys unwrap)
+    finally:
+        opening.join()
+    stores = opening.result()
     model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at,
-                                      state=LocalState.of(cfg.state_dir))
+                                      state=LocalState.of(cfg.state_dir), stores=stores)
     if at is not None and at.name is not None:
         # A generation asked for by name is that one or an error (FORMAT.md 7.2), as restore
         # --at has it: never an older one in its place.

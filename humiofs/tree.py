@@ -123,13 +123,17 @@ class Tree:
     @classmethod
     def from_backup_dir(cls, backup_dir: Path, key: str | Passphrase, name: str | None = None,
                         at: generations.At | None = None,
-                        state: LocalState | None = None) -> Tree:
+                        state: LocalState | None = None,
+                        stores: list[Store] | None = None) -> Tree:
         """Opens the stores and reads which generation each shows (see open_sources); with
         `state`, warns when a store was rolled back (localstate). Without `name` and `at`, a
         BACKUP_DIR with no stores yet (or none at all yet) is fine: stores created later
-        appear in the mount (within REFRESH_S of a listing of its root)."""
+        appear in the mount (within REFRESH_S of a listing of its root). `stores`: what
+        open_sources(backup_dir, key, name, allow_none=name is None and at is None) gave,
+        if the caller opened them already."""
         watch = name is None and at is None
-        stores = open_sources(backup_dir, key, name, allow_none=watch)
+        if stores is None:
+            stores = open_sources(backup_dir, key, name, allow_none=watch)
         new_stores = NewStores(backup_dir, Passphrase.of(key), stores) if watch else None
         tree = cls(stores, at, state=state, new_stores=new_stores)
         if not stores:

@@ -188,6 +188,18 @@ def test_tree_golden_decode() -> None:
     assert decode_tree(GOLDEN_V2_TREE) == GOLDEN_V2_ENTRIES
 
 
+def test_decoded_entries_are_frozen_entries() -> None:
+    # The decoder builds entries its own fast way (format._NewEntry): what comes out must be
+    # exactly what the constructor gives, immutable and hashable alike.
+    for decoded, built in zip(decode_tree(GOLDEN_V2_TREE), GOLDEN_V2_ENTRIES, strict=True):
+        assert type(decoded) is Entry and decoded == built and hash(decoded) == hash(built)
+        assert decoded.data is None or type(decoded.data) is Ref
+        assert decoded.subtree is None or type(decoded.subtree) is Ref
+        with pytest.raises(AttributeError):
+            decoded.name = b"other"  # type: ignore[misc]
+        assert replace(decoded, mode=0o600).mode == 0o600
+
+
 def test_tree_version_1_still_reads() -> None:
     # Stores written before version 2 hold version 1 trees (FORMAT.md 7.1.1).
     v1 = golden_tree(version=1)
@@ -271,25 +283,44 @@ def test_accepts_longest_and_odd_names() -> None:
     assert [e.name for e in entries] == [b"...", b".x", b"x" * 255, b"\xff\xfe"]
 
 
+# An entry after the one tested: the decoder reads a file with data in one extent in a single
+# unpack when the tree is long enough for it (format._FILE_1), so each case is tried both ways.
+TAILS = [(), (raw_file(b"z", [], None, 0),)]
+
+
 @pytest.mark.parametrize("extents,size,plain", [
     ([(0, 10), (5, 10)], 100, 20),        # overlap
     ([(50, 10), (0, 10)], 100, 20),       # out of order
     ([(0, 10), (10, 0)], 100, 10),        # empty extent
     ([(95, 10)], 100, 10),                # beyond the size
+    ([(5, 0)], 100, 0),                   # the one extent empty
     ([(0, 10)], 100, 11),                 # sum != plaintext length
     ([(0, 10), (20, 10)], 100, 10),       # sum != plaintext length
     ([(2**64 - 1, 1)], 2**63, 1),         # offset overflow
 ])
-def test_rejects_bad_extents(extents: list[tuple[int, int]], size: int, plain: int) -> None:
+@pytest.mark.parametrize("tail", TAILS)
+def test_rejects_bad_extents(extents: list[tuple[int, int]], size: int, plain: int,
+                             tail: tuple[bytes, ...]) -> None:
     with pytest.raises(IntegrityError):
-        decode_tree(raw_tree(raw_file(b"a", extents, small_ref(plain), size)))
+        decode_tree(raw_tree(raw_file(b"a", extents, small_ref(plain), size), *tail))
 
 
-def test_rejects_extents_without_data_and_data_without_extents() -> None:
+@pytest.mark.parametrize("tail", TAILS)
+def test_rejects_extents_without_data_and_data_without_extents(tail: tuple[bytes, ...]) -> None:
     with pytest.raises(IntegrityError):
-        decode_tree(raw_tree(raw_file(b"a", [(0, 10)], None, 100)))
+        decode_tree(raw_tree(raw_file(b"a", [(0, 10)], None, 100), *tail))
     with pytest.raises(IntegrityError):
-        decode_tree(raw_tree(raw_file(b"a", [], small_ref(0), 100)))
+        decode_tree(raw_tree(raw_file(b"a", [], small_ref(0), 100), *tail))
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_files_with_one_or_more_extents_read_alike(tail: tuple[bytes, ...]) -> None:
+    one = Entry(b"a", FILE, 0o644, 1000, 1001, 1_700_000_000_123_456_789,
+                1_700_000_001_000_000_000, 4242, 100, data=small_ref(10), extents=((5, 10),))
+    two = replace(one, name=b"b", data=small_ref(20), extents=((0, 10), (50, 10)))
+    for e in (one, two):
+        tree = raw_tree(raw_file(e.name, list(e.extents), e.data, e.size), *tail)
+        assert decode_tree(tree)[0] == e
 
 
 def test_rejects_trailing_bytes() -> None:
@@ -335,9 +366,12 @@ def test_rejects_bad_mode_flag_and_symlink_target() -> None:
             decode_tree(raw_tree(raw_symlink(b"l", target)))
 
 
-def test_rejects_ref_into_header() -> None:
+@pytest.mark.parametrize("tail", TAILS)
+def test_rejects_ref_into_header(tail: tuple[bytes, ...]) -> None:
     with pytest.raises(IntegrityError):
         decode_tree(raw_tree(raw_dir(b"d", Ref(PACK, OID, 0, 16, 0))))
+    with pytest.raises(IntegrityError, match="pack header"):
+        decode_tree(raw_tree(raw_file(b"a", [(0, 10)], Ref(PACK, OID, 7, 26, 10), 10), *tail))
 
 
 # -- file headers ------------------------------------------------------------------------------

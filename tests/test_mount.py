@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -688,3 +689,13 @@ def test_ls_restore_and_mount_agree_on_the_latest_when_the_newest_is_damaged(
     assert last.startswith("humiofs: error: ") and newest.name in last
     assert not os.path.ismount(tmp_path / "m2")
 
+
+
+def test_mount_module_leaves_pyfuse3_and_trio_to_the_mount() -> None:
+    # The mount command imports them while the key derivation runs (mount_cli._Opening);
+    # imported with humiofs.mount they would be back on the path before it starts.
+    code = ("import sys, humiofs.cli, humiofs.mount_cli, humiofs.mount; "
+            "print(sorted({'pyfuse3', 'trio', 'humiofs.fs', 'humiofs.tree'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
