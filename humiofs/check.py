@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from humiofs import crypto, format, journal, keys
+from humiofs.durable import read_store_file
 from humiofs.errors import IntegrityError, StoreError
 from humiofs.format import DIR, FILE, Generation, Ref
 from humiofs.generations import complete_name, format_time
@@ -149,9 +150,12 @@ class Checker:
             expected = ROOT_LAYOUT.get(name)
             if expected is None:
                 self._stray(name, "is not part of a humiofs store")
-            elif expected[0] != stat.S_ISDIR(present[name].st_mode) or \
-                    stat.S_ISLNK(present[name].st_mode):
-                if expected[1] or name == "lock":   # the store cannot be used without it
+            elif stat.S_ISLNK(present[name].st_mode):
+                self._problem(("layout", name), f"{name} is a symlink, not part of a humiofs "
+                              "store: move it out (backup and prune refuse to run while it is "
+                              "there)")
+            elif not (stat.S_ISDIR if expected[0] else stat.S_ISREG)(present[name].st_mode):
+                if expected[1] or name in ("lock", "prune.lock"):   # the store cannot be used without it
                     self._problem(("layout", name), f"{name} has the wrong type (a "
                                   f"{'folder' if expected[0] else 'file'} is expected)")
                 else:
@@ -211,6 +215,11 @@ class Checker:
                 self._problem(("layout", f"packs/{i:02x}"), f"packs/{i:02x} is missing "
                               "from the store (the writer needs it)")
         for prefix in sorted(prefixes):
+            if os.path.islink(pdir / prefix):
+                self._problem(("layout", f"packs/{prefix}"), f"packs/{prefix} is a symlink, not "
+                              "part of a humiofs store: move it out (backup and prune refuse "
+                              "to run while it is there)")
+                continue
             if not _HEX2.match(prefix) or not os.path.isdir(pdir / prefix):
                 self._stray(f"packs/{prefix}", "is not part of a humiofs store")
                 continue
@@ -238,7 +247,7 @@ class Checker:
             return          # opening the store has just unwrapped it (Argon2 is slow)
         for name in self.key_names:
             try:
-                master = keys.unwrap((kdir / name).read_bytes(), self.store.store_id,
+                master = keys.unwrap(read_store_file(kdir / name, 1 << 16), self.store.store_id,
                                      self.passphrase)
             except (IntegrityError, OSError) as exc:
                 self._problem(("key", name), f"key file keys/{name} is damaged ({exc}); the "
@@ -325,8 +334,7 @@ class Checker:
             key = self._problem(("missing", h), f"pack {h} is missing")
         else:
             try:
-                with open(self.store.pack_path(pid), "rb") as f:
-                    head = f.read(format.HEADER_LEN)
+                head = read_store_file(self.store.pack_path(pid), format.HEADER_LEN)
                 format.check_header(head, format.TYPE_PACK, format.PACK_VERSION, f"pack {h}")
             except FileNotFoundError:
                 key = self._problem(("missing", h), f"pack {h} is missing")

@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from humiofs.durable import fsync_dir, store_io_error
+from humiofs.durable import (NotRegularFile, fsync_dir, open_store_file, read_store_file,
+                             store_io_error)
+from humiofs.storemeta import refuse_planted
 from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked
 from humiofs.format import DIR, FILE, Generation, Ref
 from humiofs.generations import format_time
@@ -46,13 +48,22 @@ def prune_lock(store: Store, wait: bool = False, reading: bool = False) -> Itera
     lock file cannot be made and is not needed: no prune has run there through this path.
     """
     path = store.path / LOCK_NAME
+    if not reading:
+        refuse_planted(store.path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_store_file(path, os.O_RDONLY | os.O_CREAT)
+    except NotRegularFile as exc:
+        if not reading:
+            raise StoreError(f"{path} is {exc.strerror}: move it out of the store (the next "
+                             "prune makes the file again)") from None
+        log.debug("%s is %s: checking without it (check reports it)", path, exc.strerror)
+        yield
+        return
     except OSError as exc:
         if not (reading and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
             raise store_io_error(exc, str(path)) from None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_store_file(path)
         except FileNotFoundError:
             log.debug("%s is missing and cannot be made: checking without it", path)
             yield
@@ -244,7 +255,7 @@ def read_record(store: Store, name: str) -> Record:
     m = RECORD_NAME.match(name)
     if not m:
         raise ValueError("not a prune record name")
-    doc = json.loads((store.path / RECORD_DIR / name).read_bytes())
+    doc = json.loads(read_store_file(store.path / RECORD_DIR / name, 64 << 20))
     if doc.get("version") != 1 or not isinstance(doc.get("packs"), list):
         raise ValueError("not a prune record")
     packs = set()
