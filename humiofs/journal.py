@@ -97,6 +97,23 @@ def read(path: Path) -> tuple[list[bytes], str | None]:
     return packs, commit
 
 
+def listed_packs(store: Store) -> set[bytes]:
+    """The packs the journals in tmp/ list: those of runs that are under way or were
+    interrupted (an unreadable journal lists none)."""
+    out: set[bytes] = set()
+    tmp = store.path / "tmp"
+    try:
+        names = [n for n in os.listdir(tmp) if JOURNAL_NAME.match(n)]
+    except OSError:
+        return out
+    for name in names:
+        try:
+            out.update(read(tmp / name)[0])
+        except OSError:
+            continue
+    return out
+
+
 def reclaim(store: Store) -> int:
     """Deletes the packs of every run whose journal is in tmp/ and that did not commit its
     generation, and the journals; returns the number of packs deleted. Call only while

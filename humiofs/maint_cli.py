@@ -225,8 +225,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             pending_packs=r.pending_packs, young_packs=r.young_packs, damaged=r.damaged,
             exit=errors.EXIT_DAMAGED if r.damaged else errors.EXIT_OK)
         if r.damaged:
-            raise errors.StoreError(f"the store is damaged, so no pack was deleted: "
-                                    f"{r.damaged[0]}; run `humiofs check`")
+            raise errors.StoreError(_no_pack_deleted(r.damaged[0]))
         return errors.EXIT_OK
     would = "would " if args.dry_run else ""
     if args.dry_run or args.verbose:
@@ -236,7 +235,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 what += "; none of its files has gone missing"
             print(f"  {format_time(generation_time(d.name))}  {d.name}  {what}")
     kept = sum(1 for d in r.decisions if d.keep)
-    parts = [f"prune {store.name}: {would}keep {kept} of {len(r.decisions)} generations"]
+    parts = [f"prune {store.name}: {would}keep {kept} of {len(r.decisions)} generations"
+             + (f" ({'would remove' if args.dry_run else 'removed'} {len(r.dropped)} by "
+                f"retention: {', '.join(r.dropped)})"
+                if r.dropped else "")]
     if r.deleted_packs:
         parts.append(f"{would}delete {r.deleted_packs} packs ({human_bytes(r.deleted_bytes)})")
     if r.condemned_packs:
@@ -261,6 +263,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"{store.path / 'damaged'}/ (that state of the node is lost anyway) and then "
             "frees what the readable generations do not need")
     if r.damaged:
-        raise errors.StoreError(f"the store is damaged, so no pack was deleted: "
-                                f"{r.damaged[0]}; run `humiofs check`")
+        raise errors.StoreError(_no_pack_deleted(r.damaged[0]))
     return errors.EXIT_OK
+
+
+def _no_pack_deleted(why: str) -> str:
+    if why.startswith("not deleting packs: "):
+        return why[len("not deleting packs: "):].replace("Nothing was deleted",
+                                                          "No pack was deleted")
+    return f"the store is damaged, so no pack was deleted: {why}; run `humiofs check`"

@@ -221,8 +221,25 @@ class Store:
         if it is not the key but the store's config or key files that are missing, damaged
         or from another store (FORMAT.md 4.2): the advice for the two differs."""
         key = keys.Passphrase.of(key)
-        store_id = storemeta.read_config(path)
         key_dir = path / "keys"
+
+        def fits(own_id: bytes) -> bool:
+            """The key opens a key file under `own_id`, and that master key a generation."""
+            try:
+                for name in sorted(os.listdir(key_dir)):
+                    for text in [key.text] + [t for t, _ in key.legacy]:
+                        try:
+                            master = keys.unwrap(read_store_file(key_dir / name, 1 << 16),
+                                                 own_id, text)
+                        except (IntegrityError, OSError):
+                            break
+                        if master is not None:
+                            return bool(cls(path, own_id, master).opens_generations())
+            except (OSError, StoreError):
+                pass
+            return False
+
+        store_id = storemeta.read_config(path, fits)
         try:
             key_names = sorted(os.listdir(key_dir))
         except FileNotFoundError:
@@ -498,9 +515,11 @@ class Store:
         """Names of the committed generations, oldest first."""
         return generation_names(self.path)
 
-    def load_generation(self, name: str) -> format.Generation:
-        """Reads, authenticates and parses one generation."""
-        path = self.path / "generations" / name
+    def load_generation(self, name: str, folder: str = "generations") -> format.Generation:
+        """Reads, authenticates and parses one generation (from `folder`: "damaged" for one
+        set aside, FORMAT.md 10.4). NoSuchObject if there is no such file, IntegrityError if
+        it is damaged or not a regular file, StoreError if it cannot be read."""
+        path = self.path / folder / name
         try:
             data = read_store_file(path, MAX_GENERATION_BYTES + 1)
         except FileNotFoundError:

@@ -68,9 +68,13 @@ def looks_like_store(path: Path) -> bool:
     return is_store(path) or (path / "generations").is_dir() or (path / "keys").is_dir()
 
 
-def read_config(path: Path) -> bytes:
+def read_config(path: Path, fits: Callable[[bytes], bool] = lambda _: False) -> bytes:
     """The store id from `path`/config; NoSuchStore if `path` holds no store at all,
-    StoreMetadataDamaged if it holds one whose config is missing or damaged."""
+    StoreMetadataDamaged if it holds one whose config is missing or damaged. `fits(store_id)`
+    tells whether the master key the key files hold under that store id (unwrapped with the
+    key given) authenticates a generation of the store: only then does the advice offer the
+    key files' store id for a new config (key files copied from another store carry its
+    id)."""
     config_path = path / "config"
     try:
         raw = read_store_file(config_path, 1 << 16)
@@ -79,7 +83,7 @@ def read_config(path: Path) -> bytes:
             raise NoSuchStore(f"no humiofs store at {path}") from None
         raise StoreMetadataDamaged(
             f"{config_path} is missing, but {path} holds a humiofs store (generations/ and "
-            f"keys/ are there); the data may be intact. {config_fix(path)}") from None
+            f"keys/ are there); the data may be intact. {config_fix(path, fits)}") from None
     except NotRegularFile as exc:
         if not looks_like_store(path):
             raise NoSuchStore(f"no humiofs store at {path}: {config_path} is "
@@ -105,13 +109,14 @@ def read_config(path: Path) -> bytes:
             raise ValueError("store id of the wrong length")
     except (ValueError, KeyError, TypeError):
         raise StoreMetadataDamaged(f"{config_path} is damaged (not the JSON of FORMAT.md "
-                                   f"4.1); the data may be intact. {config_fix(path)}") from None
+                                   f"4.1); the data may be intact. {config_fix(path, fits)}") from None
     return store_id
 
 
-def config_fix(path: Path) -> str:
+def config_fix(path: Path, fits: Callable[[bytes], bool]) -> str:
     """How to put back a store's config: it holds nothing but the format, its version and the
-    store id, which every key file repeats."""
+    store id, which every key file repeats; offered only if `fits` that id (see read_config),
+    never on the key files' word alone."""
     ids = set()
     try:
         for name in os.listdir(path / "keys"):
@@ -123,9 +128,18 @@ def config_fix(path: Path) -> str:
         pass
     advice = "Copy config back from a copy of the store"
     if len(ids) == 1:
-        doc = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION,
-                          "store_id": ids.pop(), "created_ms": 0})
-        advice += f", or write this line into it (the store id is the key files'): {doc}"
+        own_id = ids.pop()
+        try:
+            opens = isinstance(own_id, str) and fits(bytes.fromhex(own_id))
+        except ValueError:
+            opens = False
+        if opens:
+            doc = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION,
+                              "store_id": own_id, "created_ms": 0})
+            return (advice + ", or write this line into it (the store id is the key files', "
+                    f"and the key opens the store's generations with them): {doc}")
+        advice += (" (the key files' store id is not offered: the key opens none of the "
+                   "store's generations with them, so they may come from another store)")
     return advice
 
 

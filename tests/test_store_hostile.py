@@ -3,13 +3,15 @@ folders and misleading metadata. Every command refuses or reports it with one li
 follows a planted symlink, blocks on a FIFO, or deletes data (FORMAT.md 11)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import make_sample, run_cli, write_env
+import storetools
+from conftest import clean_env, make_sample, run_cli, write_env
 from storetools import wait_not_racy
 
 pytestmark = pytest.mark.allow_warnings
@@ -102,3 +104,139 @@ def test_a_symlinked_config_or_key_file_is_refused(stored: tuple[Path, Path],
     r = run_cli("ls", "-c", env)
     assert r.returncode == 5, r.stdout + r.stderr
     assert "config is a symlink, not part of a humiofs store" in _one_line(r.stderr)
+
+
+def _packs(store: Path) -> set[str]:
+    return {p.name for p in (store / "packs").glob("*/*")}
+
+
+def _fresh_host(tmp_path: Path) -> dict[str, str]:
+    """The environment of another host (or mount path): no record of the store's newest
+    generation."""
+    env = clean_env()
+    env["BACKUP_STATE_DIR"] = str(tmp_path / "fresh-state")
+    return env
+
+
+def test_foreign_keys_and_a_damaged_config_never_lead_to_deleted_packs(tmp_path: Path) -> None:
+    """keys/ from another store (same key) and a damaged config: the config advice does not
+    offer the foreign store id; a config written with it anyway gets backup's message from
+    check, and prune (with --set-aside-damaged too) refuses and deletes nothing."""
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "segment").write_bytes(os.urandom(5000))
+    (tmp_path / "b").mkdir()
+    a = storetools.create_store(tmp_path / "b" / "a")
+    b = storetools.create_store(tmp_path / "b" / "other")
+    storetools.backup(a, node)
+    gens, packs = sorted(os.listdir(a.path / "generations")), _packs(a.path)
+    shutil.rmtree(a.path / "keys")
+    shutil.copytree(b.path / "keys", a.path / "keys")
+    (a.path / "config").write_text("{damaged")
+    env = write_env(tmp_path / "env", a.path.parent, name="a", directory=node)
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert b.store_id.hex() not in r.stdout + r.stderr
+    assert "write this line" not in r.stderr
+
+    (a.path / "config").write_text(json.dumps({"format": "humiofs-store", "version": 1,
+                                               "store_id": b.store_id.hex(), "created_ms": 0}))
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "No generation of the store opens with the master key" in r.stdout
+    assert "--set-aside-damaged` moves" not in r.stdout
+    for extra in ((), ("--set-aside-damaged",)):
+        r = run_cli("prune", "-c", env, "--grace", "0", *extra)
+        assert r.returncode == 5, r.stdout + r.stderr
+        assert "No generation of the store opens" in _one_line(r.stderr)
+        assert sorted(os.listdir(a.path / "generations")) == gens and _packs(a.path) == packs
+    assert not (a.path / "damaged").exists()
+
+
+def test_an_emptied_generations_folder_is_not_healthy_and_prune_keeps_the_packs(
+        stored: tuple[Path, Path], tmp_path: Path) -> None:
+    env, store = stored
+    packs = _packs(store)
+    gdir = store / "generations"
+    shutil.move(gdir, tmp_path / "gens-copy")
+    r = run_cli("check", "-c", env, env=_fresh_host(tmp_path))
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "Put the folder back from a copy of the store, or make an empty one" in r.stdout
+    gdir.mkdir(mode=0o700)          # as the advice allows, on a host with no record
+    r = run_cli("check", "-c", env, env=_fresh_host(tmp_path))
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "but no generation: its generations are missing" in r.stdout
+    assert "healthy" not in r.stdout
+    r = run_cli("prune", "-c", env, "--grace", "0", env=_fresh_host(tmp_path))
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "that no generation and no interrupted backup's journal lists" in _one_line(r.stderr)
+    assert _packs(store) == packs
+    # The interrupted first backup is no damage: the next backup removes its packs.
+    shutil.rmtree(gdir)
+    shutil.move(tmp_path / "gens-copy", gdir)
+    r = run_cli("check", "-c", env, env=_fresh_host(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("planted", ["empty", "intact"])
+def test_a_name_in_damaged_ends_a_rollback_only_if_that_file_is_damaged(
+        stored: tuple[Path, Path], tmp_path: Path, planted: str) -> None:
+    env, store = stored
+    assert run_cli("backup", "-c", env).returncode == 0
+    gdir = store / "generations"
+    newest = sorted(os.listdir(gdir))[-1]
+    (store / "damaged").mkdir(mode=0o700)
+    if planted == "intact":
+        shutil.move(gdir / newest, store / "damaged" / newest)
+    else:
+        (gdir / newest).unlink()
+        (store / "damaged" / newest).write_bytes(b"")
+    packs = _packs(store)
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "was rolled back" in r.stdout
+    if planted == "intact":
+        assert "reads back: it is an intact generation" in r.stdout and "mv " in r.stdout
+    r = run_cli("prune", "-c", env, "--grace", "0")
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert _packs(store) == packs
+
+
+def test_a_fifo_under_a_generation_s_name_is_a_damaged_generation(stored: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    """Nothing blocks on it (each command has a timeout far below the test's), and every
+    command takes it for a damaged generation."""
+    env, store = stored
+    name = f"{int(sorted(os.listdir(store / 'generations'))[-1][:13]) + 1:013d}-{'0' * 16}"
+    os.mkfifo(store / "generations" / name, 0o600)
+    for cmd, rc in ((("ls", "-c", env), 0), (("check", "-c", env), 5),
+                    (("restore", "-c", env, "--to", tmp_path / "r"), 8),
+                    (("prune", "-c", env, "--grace", "0"), 5),
+                    (("backup", "-c", env), 0)):
+        r = run_cli(*cmd, timeout=60)
+        assert r.returncode == rc, (cmd, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr
+    r = run_cli("check", "-c", env, timeout=60)
+    assert f"generation {name}" in r.stdout and "FIFO" in r.stdout
+
+
+def test_packs_replaced_by_a_file_is_one_line(stored: tuple[Path, Path]) -> None:
+    env, store = stored
+    (store / "tmp" / "0011223344556677.journal").write_text("pack " + "ab" * 16 + "\n")
+    shutil.rmtree(store / "packs")
+    (store / "packs").write_text("not a folder")
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "packs is not a folder" in _one_line(r.stderr)
+
+
+def test_a_fifo_as_lock_is_refused_and_reported(stored: tuple[Path, Path]) -> None:
+    env, store = stored
+    (store / "lock").unlink(missing_ok=True)
+    os.mkfifo(store / "lock", 0o600)
+    r = run_cli("backup", "-c", env, timeout=60)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "lock is not a regular file" in _one_line(r.stderr)
+    r = run_cli("check", "-c", env, timeout=60)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "lock has the wrong type" in r.stdout
