@@ -240,3 +240,23 @@ def test_a_fifo_as_lock_is_refused_and_reported(stored: tuple[Path, Path]) -> No
     r = run_cli("check", "-c", env, timeout=60)
     assert r.returncode == 5, r.stdout + r.stderr
     assert "lock has the wrong type" in r.stdout
+
+
+def test_lock_text_cannot_act_on_the_terminal(stored: tuple[Path, Path]) -> None:
+    """C1 controls (U+009B is CSI), NEL, line separators and bidi overrides in a lock file
+    that is not humiofs's JSON are escaped in the message of the writer that finds it held."""
+    import fcntl
+    env, store = stored
+    raw = "pid 1\u009b31m red\u0085next\u2028line\u202egnp.exe\x1b[2J".encode()
+    (store / "lock").write_bytes(raw)
+    fd = os.open(store / "lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        r = run_cli("backup", "-c", env)
+    finally:
+        os.close(fd)
+    assert r.returncode == 4, r.stdout + r.stderr
+    line = _one_line(r.stderr)
+    for bad in ("\u009b", "\u0085", "\u2028", "\u202e", "\x1b"):
+        assert bad not in line
+    assert "\\u009b31m" in line and "\\u202e" in line
