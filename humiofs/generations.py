@@ -185,7 +185,14 @@ def pick(store: Store, at: At | None = None, checkpoints: bool = False) -> Picke
     if at is not None and at.name is not None:
         if at.name not in names:
             raise StoreError(f"store {store.path} has no generation {at.name}", 2)
-        gen = store.load_generation(at.name)
+        try:
+            gen = store.load_generation(at.name)
+        except StoreError as exc:
+            raise StoreError(
+                f"generation {at.name} of {store.path} cannot be read ({exc}): it is damaged, "
+                "and that state of the node is lost. Pick another with --at (`humiofs ls` "
+                "lists them, and names the damaged ones); `humiofs check` says what else is "
+                "affected") from None
         if gen.checkpoint:
             log.warning("generation %s of %s is a checkpoint of a backup that had not "
                         "finished: it is partial", at.name, store.name)

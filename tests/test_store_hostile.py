@@ -260,3 +260,16 @@ def test_lock_text_cannot_act_on_the_terminal(stored: tuple[Path, Path]) -> None
     for bad in ("\u009b", "\u0085", "\u2028", "\u202e", "\x1b"):
         assert bad not in line
     assert "\\u009b31m" in line and "\\u202e" in line
+
+
+def test_restore_at_a_damaged_generation_says_what_to_do(stored: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    env, store = stored
+    name = sorted(os.listdir(store / "generations"))[-1]
+    data = bytearray((store / "generations" / name).read_bytes())
+    data[40] ^= 1
+    (store / "generations" / name).write_bytes(bytes(data))
+    r = run_cli("restore", "-c", env, "--at", name, "--to", tmp_path / "r")
+    assert r.returncode == 5, r.stdout + r.stderr
+    line = _one_line(r.stderr)
+    assert f"generation {name}" in line and "Pick another with --at" in line
