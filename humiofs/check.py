@@ -475,7 +475,12 @@ class Checker:
                 p.message += ("; it holds folder listings: leave it in the store and run a "
                               "backup, which reads those folders again from the node (moving "
                               "it out would lose the other folders it lists in earlier "
-                              "generations)")
+                              "generations). That backup needs about those folders' size of "
+                              "free space on the backup disk, and prune cannot free any while "
+                              "a listing is damaged: if the disk is too full, free space "
+                              "outside the store, or move the pack out of the store (losing "
+                              "only the folders it lists in earlier generations), after which "
+                              "prune works again")
 
     def _unreferenced(self) -> None:
         unused = [pid for pid in self.pack_sizes if pid not in self._pack_ok]
