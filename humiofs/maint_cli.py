@@ -42,9 +42,22 @@ not affected: restore --at TIME --keep-going, or the mount's .generations/. Then
       a backup: it is then 'missing', and the backup reads those files again.
   the same; it holds folder listings
       Leave the pack where it is and run a backup: it reads those folders again from the
-      node. Moving it out would lose every other folder it lists from earlier generations.
+      node (it needs about their size of free space). Moving it out would lose every other
+      folder it lists from earlier generations; prune frees nothing while it is damaged, so
+      on a full disk free space outside the store, or move the pack out after all.
   pack ... is cut short (not even a pack header)
       Run a backup, which reads its files again; leave the file.
+  no generation of the store can be read
+      The key files' master key opens none of the generations: keys/ came from another
+      store (put this store's keys/ back from a copy of it), or every generation is damaged.
+      Backup and prune refuse; nothing is deleted. Do not set the generations aside.
+  the store has ... pack(s) but no generation
+      generations/ was emptied or lost. Put it back from a copy of the store; prune deletes
+      no pack meanwhile.
+  damaged/... reads back
+      An intact generation was moved to damaged/ by hand: move it back to generations/.
+  X is a symlink, not part of a humiofs store
+      Move it out and put the real folder or file back; backup and prune refuse until then.
   generation ... cannot be read
       That state of the node is lost; no other generation depends on it. Restore, the mount
       and the next backup take the newest generation that reads, but prune deletes no pack
