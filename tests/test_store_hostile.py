@@ -273,3 +273,48 @@ def test_restore_at_a_damaged_generation_says_what_to_do(stored: tuple[Path, Pat
     assert r.returncode == 5, r.stdout + r.stderr
     line = _one_line(r.stderr)
     assert f"generation {name}" in line and "Pick another with --at" in line
+
+
+def test_check_during_a_rollback_does_not_promise_prune(stored: tuple[Path, Path]) -> None:
+    env, store = stored
+    node = Path(next(ln.split("=", 1)[1] for ln in env.read_text().splitlines()
+                     if ln.startswith("DIRECTORY=")))
+    (node / "new-segment").write_bytes(os.urandom(50_000))
+    assert run_cli("backup", "-c", env).returncode == 0
+    (store / "generations" / sorted(os.listdir(store / "generations"))[-1]).unlink()
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "was rolled back" in r.stdout and "unreferenced pack(s)" in r.stdout
+    assert "prune removes them" not in r.stdout
+    assert "prune cannot remove them yet" in r.stdout
+
+
+def test_prune_on_a_damaged_generation_says_once_what_it_did(tmp_path: Path) -> None:
+    """Retention drops a generation, and a damaged one keeps every pack: stdout says what was
+    removed, stderr is one line (no ERROR: line before it)."""
+    node = tmp_path / "node"
+    node.mkdir()
+    (tmp_path / "backups").mkdir()
+    env = write_env(tmp_path / "node.env", tmp_path / "backups", directory=node,
+                    DELETE_BACKUP_AFTER_MILLIS="0")
+    for i in range(3):
+        (node / f"seg{i}").write_bytes(os.urandom(1000))
+        if i:
+            (node / f"seg{i - 1}").unlink()
+        wait_not_racy(node)
+        assert run_cli("backup", "-c", env).returncode == 0
+    store = tmp_path / "backups" / "node1"
+    newest = sorted(os.listdir(store / "generations"))[-1]
+    data = bytearray((store / "generations" / newest).read_bytes())
+    data[40] ^= 1
+    (store / "generations" / newest).write_bytes(bytes(data))
+    r = run_cli("prune", "-c", env, "--grace", "0")
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "--set-aside-damaged" in _one_line(r.stderr)
+    assert "ERROR" not in r.stderr
+    import re
+    m = re.search(r"keep (\d+) of (\d+) generations", r.stdout)
+    assert m, r.stdout
+    kept, total = int(m.group(1)), int(m.group(2))
+    if kept < total:
+        assert f"(removed {total - kept} by retention: " in r.stdout
