@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from humiofs import crypto, format, journal, keys
+from humiofs.durable import read_store_file
 from humiofs.errors import IntegrityError, StoreError
 from humiofs.format import DIR, FILE, Generation, Ref
-from humiofs.generations import complete_name, format_time
+from humiofs.generations import NO_GENERATION_OPENS, complete_name, format_time
 from humiofs.progress import human_bytes
 from humiofs.prune import RECORD_DIR, RECORD_NAME, SET_ASIDE_DIR, read_record
 from humiofs.store import PACK_NAME, Store
@@ -109,12 +110,18 @@ class Checker:
         # Problems hit by folder listings, and by file data: the advice differs.
         self._tree_keys: set[Key] = set()
         self._data_keys: set[Key] = set()
+        self._none_opens = False     # generation files, and none authenticates
 
     # -- problems -------------------------------------------------------------------------
 
     def rolled_back(self, message: str) -> None:
         """Reports that generations this host committed or saw are gone (localstate)."""
         self._problem(("rollback", ""), message)
+        # Prune removes nothing while the store stands rolled back (maint_cli.cmd_prune).
+        self.report.notes = [re.sub(r"\(prune removes them[^()]*\)",
+                                    "(prune cannot remove them yet: it deletes nothing while "
+                                    "the store stands rolled back)", n)
+                             for n in self.report.notes]
 
     def _problem(self, key: Key, message: str) -> Key:
         if key not in self.report.problems:
@@ -149,15 +156,23 @@ class Checker:
             expected = ROOT_LAYOUT.get(name)
             if expected is None:
                 self._stray(name, "is not part of a humiofs store")
-            elif expected[0] != stat.S_ISDIR(present[name].st_mode) or \
-                    stat.S_ISLNK(present[name].st_mode):
-                if expected[1] or name == "lock":   # the store cannot be used without it
+            elif stat.S_ISLNK(present[name].st_mode):
+                self._problem(("layout", name), f"{name} is a symlink, not part of a humiofs "
+                              "store: move it out (backup and prune refuse to run while it is "
+                              "there)")
+            elif not (stat.S_ISDIR if expected[0] else stat.S_ISREG)(present[name].st_mode):
+                if expected[1] or name in ("lock", "prune.lock"):   # the store cannot be used without it
                     self._problem(("layout", name), f"{name} has the wrong type (a "
                                   f"{'folder' if expected[0] else 'file'} is expected)")
                 else:
                     self._stray(name, "has the wrong type")
         for name, (_, required) in ROOT_LAYOUT.items():
-            if required and name not in present:
+            if required and name == "generations" and name not in present:
+                self._problem(("layout", name), f"generations is missing from the store: the "
+                              "store's generations are gone. Put the folder back from a copy "
+                              f"of the store, or make an empty one (`mkdir -m 700 {root / name}`)"
+                              "; with packs and no generation, prune deletes nothing")
+            elif required and name not in present:
                 self._problem(("layout", name), f"{name} is missing from the store"
                               + (f" (recreate it: mkdir -m 700 {root / name})"
                                  if ROOT_LAYOUT[name][0] else ""))
@@ -171,7 +186,19 @@ class Checker:
             except (ValueError, OSError) as exc:
                 self.report.warnings.append(f"{RECORD_DIR}/{name} is a damaged prune record "
                                             f"({exc}); the next prune removes it")
-        aside = self._files(SET_ASIDE_DIR, lambda n: bool(format.GENERATION_NAME.match(n)))
+        aside = []
+        for name in self._files(SET_ASIDE_DIR, lambda n: bool(format.GENERATION_NAME.match(n))):
+            try:
+                self.store.load_generation(name, SET_ASIDE_DIR)
+            except StoreError:
+                aside.append(name)
+                continue
+            # An intact generation there would hide a rollback and lose its packs to prune
+            # (FORMAT.md 10.4): it is not damage set aside.
+            self._problem(("aside", name), f"{SET_ASIDE_DIR}/{name} reads back: it is an intact "
+                          "generation, not one set aside as damaged, and while it is there "
+                          "prune may delete the packs it needs. Move it back: mv "
+                          f"{root / SET_ASIDE_DIR / name} {root / 'generations'}/")
         if aside:
             self.report.warnings.append(
                 f"{SET_ASIDE_DIR}/ holds {len(aside)} generation file(s) that could not be read, "
@@ -194,7 +221,9 @@ class Checker:
             return out
         for name in names:
             st = os.lstat(self.store.path / sub / name)
-            if not good(name) or not stat.S_ISREG(st.st_mode):
+            if sub == "generations" and good(name) and not stat.S_ISDIR(st.st_mode):
+                out.append(name)    # a FIFO or symlink there: a damaged generation, as for all
+            elif not good(name) or not stat.S_ISREG(st.st_mode):
                 self._stray(f"{sub}/{name}", "is not part of a humiofs store")
             else:
                 out.append(name)
@@ -211,6 +240,11 @@ class Checker:
                 self._problem(("layout", f"packs/{i:02x}"), f"packs/{i:02x} is missing "
                               "from the store (the writer needs it)")
         for prefix in sorted(prefixes):
+            if os.path.islink(pdir / prefix):
+                self._problem(("layout", f"packs/{prefix}"), f"packs/{prefix} is a symlink, not "
+                              "part of a humiofs store: move it out (backup and prune refuse "
+                              "to run while it is there)")
+                continue
             if not _HEX2.match(prefix) or not os.path.isdir(pdir / prefix):
                 self._stray(f"packs/{prefix}", "is not part of a humiofs store")
                 continue
@@ -238,7 +272,7 @@ class Checker:
             return          # opening the store has just unwrapped it (Argon2 is slow)
         for name in self.key_names:
             try:
-                master = keys.unwrap((kdir / name).read_bytes(), self.store.store_id,
+                master = keys.unwrap(read_store_file(kdir / name, 1 << 16), self.store.store_id,
                                      self.passphrase)
             except (IntegrityError, OSError) as exc:
                 self._problem(("key", name), f"key file keys/{name} is damaged ({exc}); the "
@@ -258,17 +292,29 @@ class Checker:
 
     def _generations(self) -> list[Generation]:
         gens = []
+        failed: dict[str, StoreError] = {}
         for name in self.gen_names:
             try:
                 gens.append(self.store.load_generation(name))
             except StoreError as exc:
-                key = self._problem(("generation", name), f"generation {name} "
-                                    f"({format_time(format.generation_time(name))}) cannot be "
-                                    f"read ({exc}); that state of the node is lost, other "
-                                    "generations do not depend on it. Prune deletes no pack "
-                                    "while it is in generations/: `humiofs prune "
-                                    "--set-aside-damaged` moves it to damaged/")
-                self.report.problems[key].generations.add(name)
+                failed[name] = exc
+        if failed and not gens:
+            # Another store's key files, or every generation damaged: setting them aside would
+            # let prune delete every pack, so that is not the advice (backup says the same).
+            first, why = next(iter(failed.items()))
+            key = self._problem(("generation", ""), f"no generation of the store can be read "
+                                f"(generation {first}: {why}). {NO_GENERATION_OPENS}")
+            self.report.problems[key].generations.update(failed)
+            self._none_opens = True
+            failed = {}
+        for name, why in failed.items():
+            key = self._problem(("generation", name), f"generation {name} "
+                                f"({format_time(format.generation_time(name))}) cannot be "
+                                f"read ({why}); that state of the node is lost, other "
+                                "generations do not depend on it. Prune deletes no pack "
+                                "while it is in generations/: `humiofs prune "
+                                "--set-aside-damaged` moves it to damaged/")
+            self.report.problems[key].generations.add(name)
         self.report.generations = len(gens)
         # Rollback detection compares complete generations (FORMAT.md 9.1): a checkpoint
         # stands for its base.
@@ -325,8 +371,7 @@ class Checker:
             key = self._problem(("missing", h), f"pack {h} is missing")
         else:
             try:
-                with open(self.store.pack_path(pid), "rb") as f:
-                    head = f.read(format.HEADER_LEN)
+                head = read_store_file(self.store.pack_path(pid), format.HEADER_LEN)
                 format.check_header(head, format.TYPE_PACK, format.PACK_VERSION, f"pack {h}")
             except FileNotFoundError:
                 key = self._problem(("missing", h), f"pack {h} is missing")
@@ -430,7 +475,12 @@ class Checker:
                 p.message += ("; it holds folder listings: leave it in the store and run a "
                               "backup, which reads those folders again from the node (moving "
                               "it out would lose the other folders it lists in earlier "
-                              "generations)")
+                              "generations). That backup needs about those folders' size of "
+                              "free space on the backup disk, and prune cannot free any while "
+                              "a listing is damaged: if the disk is too full, free space "
+                              "outside the store, or move the pack out of the store (losing "
+                              "only the folders it lists in earlier generations), after which "
+                              "prune works again")
 
     def _unreferenced(self) -> None:
         unused = [pid for pid in self.pack_sizes if pid not in self._pack_ok]
@@ -452,10 +502,21 @@ class Checker:
             self.report.notes.append(
                 f"{len(runs)} pack(s), {human_bytes(total)}, of a backup that is running or "
                 "did not finish (it, or the next backup, removes them)")
+        if other and not self.gen_names and not self.report.problems:
+            # Packs and no generation file: prune refuses (FORMAT.md 10.2), and this is damage
+            # unless every pack is a running or interrupted backup's (noted above).
+            self._problem(("generation", "none"), f"the store has {len(self.pack_sizes)} "
+                          "pack(s) but no generation: its generations are missing. Put "
+                          f"{self.store.path / 'generations'} back from a copy of the store "
+                          "(an rsync or snapshot of BACKUP_DIR). Nothing will be deleted: "
+                          "prune deletes no pack while the store has no generation")
+            return
         if other:
             total = sum(self.pack_sizes[p] for p in other)
             unreadable = [k for k in self.report.problems if k[0] == "generation"]
-            if unreadable:
+            if self._none_opens:
+                how = ("prune deletes nothing while no generation of the store can be read")
+            elif unreadable:
                 how = ("prune removes them only once the generation file(s) that cannot be read "
                        "are out of generations/: `humiofs prune --set-aside-damaged --grace 0` "
                        "sets them aside and deletes them")

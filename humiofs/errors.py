@@ -96,13 +96,20 @@ class Interrupted(HumiofsError):
     exit_code = EXIT_INTERRUPTED
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x09: "\\t"}
+_CONTROL = ({c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+            | {0x0A: "\\n", 0x09: "\\t"}
+            | {c: f"\\u{c:04x}" for c in range(0x80, 0xA0)}     # C1 (U+009B is CSI)
+            # Line and paragraph separators and the bidi controls: they break a line or
+            # reorder what a terminal shows (Trojan Source), so they are shown as \uNNNN.
+            | {c: f"\\u{c:04x}" for c in [0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
+                                           *range(0x202A, 0x202F), *range(0x2066, 0x206A)]})
 
 
 def show(name: bytes) -> str:
     """A path or name from the node for a one-line message: UTF-8 as is, any other byte as
-    \\xNN, and control characters (newlines, escape sequences) escaped, so that a name can
-    neither break the line nor act on the terminal."""
+    \\xNN, and control characters (C0 and C1, newlines, escape sequences; line separators and
+    bidi controls as \\uNNNN) escaped, so that a name can neither break the line, act on the
+    terminal, nor reorder what it shows."""
     return name.decode("utf-8", "backslashreplace").translate(_CONTROL)
 
 

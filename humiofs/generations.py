@@ -131,6 +131,16 @@ def describe(gen: Generation) -> str:
     return f"{format_time(gen.time_ms)} ({gen.name})"
 
 
+# When a store has generation files and the master key opens none (backup, prune and check
+# say the same).
+NO_GENERATION_OPENS = (
+    "No generation of the store opens with the master key its key files hold: either keys/ "
+    "was copied from another store (put this store's key files back from a copy of it; a "
+    "backup now would mix two master keys in one store, and prune deletes nothing), or every "
+    "generation file is damaged (then nothing in this store can be restored: keep it for a "
+    "look, and start a fresh backup under a new BACKUP_NAME).")
+
+
 def latest_readable(store: Store) -> Generation | None:
     """The parent of a new backup: the newest generation that reads back, a checkpoint
     (FORMAT.md 7.4) if one is newer than the latest complete generation, skipping damaged
@@ -144,12 +154,7 @@ def latest_readable(store: Store) -> Generation | None:
     except StoreError as exc:
         if exc.exit_code == 2:      # no generation at all
             return None
-        raise StoreError(
-            f"{exc}. No generation of the store opens with the master key its key files hold: "
-            "either keys/ was copied from another store (put this store's key files back from "
-            "a copy of it; a backup now would mix two master keys in one store), or every "
-            "generation file is damaged (`humiofs prune --set-aside-damaged` sets them aside, "
-            "and the next backup starts afresh). Nothing was written") from None
+        raise StoreError(f"{exc}. {NO_GENERATION_OPENS} Nothing was written") from None
 
 
 def complete_name(gen: Generation | None) -> str | None:
@@ -180,7 +185,14 @@ def pick(store: Store, at: At | None = None, checkpoints: bool = False) -> Picke
     if at is not None and at.name is not None:
         if at.name not in names:
             raise StoreError(f"store {store.path} has no generation {at.name}", 2)
-        gen = store.load_generation(at.name)
+        try:
+            gen = store.load_generation(at.name)
+        except StoreError as exc:
+            raise StoreError(
+                f"generation {at.name} of {store.path} cannot be read ({exc}): it is damaged, "
+                "and that state of the node is lost. Pick another with --at (`humiofs ls` "
+                "lists them, and names the damaged ones); `humiofs check` says what else is "
+                "affected") from None
         if gen.checkpoint:
             log.warning("generation %s of %s is a checkpoint of a backup that had not "
                         "finished: it is partial", at.name, store.name)

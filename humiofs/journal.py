@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from humiofs import format
-from humiofs.durable import store_io_error, write_all
+from humiofs.durable import read_store_file, store_io_error, write_all
 from humiofs.errors import StoreIOError
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class RunJournal:
                 path = self.store.path / "tmp" / f"{os.urandom(8).hex()}.journal"
                 try:
                     self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
-                                       | os.O_CLOEXEC, 0o600)
+                                       | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                 except OSError as exc:
                     raise store_io_error(exc, "the run's journal") from None
                 self.path = path
@@ -85,8 +85,7 @@ def read(path: Path) -> tuple[list[bytes], str | None]:
     A line cut short by a crash is ignored: it was written before what it announces."""
     packs: list[bytes] = []
     commit = None
-    with open(path, "rb") as f:
-        text = f.read(64 << 20).decode("ascii", "replace")
+    text = read_store_file(path, 64 << 20).decode("ascii", "replace")
     for line in text.split("\n"):
         m = _PACK_LINE.match(line)
         if m:
@@ -96,6 +95,23 @@ def read(path: Path) -> tuple[list[bytes], str | None]:
         if m and format.GENERATION_NAME.match(m.group(1)):
             commit = m.group(1)
     return packs, commit
+
+
+def listed_packs(store: Store) -> set[bytes]:
+    """The packs the journals in tmp/ list: those of runs that are under way or were
+    interrupted (an unreadable journal lists none)."""
+    out: set[bytes] = set()
+    tmp = store.path / "tmp"
+    try:
+        names = [n for n in os.listdir(tmp) if JOURNAL_NAME.match(n)]
+    except OSError:
+        return out
+    for name in names:
+        try:
+            out.update(read(tmp / name)[0])
+        except OSError:
+            continue
+    return out
 
 
 def reclaim(store: Store) -> int:
@@ -114,7 +130,7 @@ def reclaim(store: Store) -> int:
     gdir = store.path / "generations"
     for name in store.list_generations():
         try:
-            newest_generation = max(newest_generation, os.stat(gdir / name).st_mtime_ns)
+            newest_generation = max(newest_generation, os.lstat(gdir / name).st_mtime_ns)
         except FileNotFoundError:
             continue
     deleted = 0
@@ -126,12 +142,12 @@ def reclaim(store: Store) -> int:
             log.warning("cannot read the journal %s (%s); its packs are left to prune",
                         path, exc.strerror)
             packs, commit = [], None
-        if commit is not None and (gdir / commit).exists():
+        if commit is not None and os.path.lexists(gdir / commit):
             packs = []              # committed: its generation needs them
         for pid in packs:
             pack = store.pack_path(pid)
             try:
-                if os.stat(pack).st_mtime_ns <= newest_generation:
+                if os.lstat(pack).st_mtime_ns <= newest_generation:
                     continue
                 os.unlink(pack)
                 deleted += 1

@@ -103,10 +103,11 @@ class LocalState:
                 pass
         warning = None
         # A generation `prune --set-aside-damaged` moved to NAME/damaged/ (prune.SET_ASIDE_DIR)
-        # is known damage, reported by check, not a rollback.
+        # is known damage, reported by check, not a rollback; but only if it really fails to
+        # read there: an intact file (or nothing) under its name is a rollback (FORMAT.md 9.1).
         if recorded is not None and recorded not in names and (newest is None or
                                                                recorded > newest) \
-                and not (store_path / "damaged" / recorded).exists():
+                and not _set_aside_damaged(store, recorded):
             warning = (
                 f"the store {store_path} was rolled back: its newest generation is "
                 + (f"{newest} ({format_time(format.generation_time(newest))})" if newest
@@ -161,3 +162,24 @@ class LocalState:
             self._trouble(f"write to {self.folder}", exc)
         finally:
             os.close(lock)
+
+
+def _set_aside_damaged(store: Store, name: str) -> bool:
+    """True if NAME/damaged/`name` is a damaged generation file (damage set aside by prune):
+    one with a generation's header and room for its sealed body that fails to read. An
+    intact generation, an empty file or other junk under that name is not (FORMAT.md 9.1)."""
+    from humiofs.durable import read_store_file
+    path = store.path / "damaged" / name
+    try:
+        head = read_store_file(path, format.HEADER_LEN + 64)
+        format.check_header(head, format.TYPE_GENERATION, format.GENERATION_VERSION, name)
+    except (OSError, StoreError):
+        return False
+    if len(head) < format.HEADER_LEN + 64:
+        return False
+    try:
+        store.load_generation(name, "damaged")
+    except StoreError as exc:
+        log.debug("set-aside generation %s does not read: %s", name, exc)
+        return True
+    return False

@@ -42,9 +42,22 @@ not affected: restore --at TIME --keep-going, or the mount's .generations/. Then
       a backup: it is then 'missing', and the backup reads those files again.
   the same; it holds folder listings
       Leave the pack where it is and run a backup: it reads those folders again from the
-      node. Moving it out would lose every other folder it lists from earlier generations.
+      node (it needs about their size of free space). Moving it out would lose every other
+      folder it lists from earlier generations; prune frees nothing while it is damaged, so
+      on a full disk free space outside the store, or move the pack out after all.
   pack ... is cut short (not even a pack header)
       Run a backup, which reads its files again; leave the file.
+  no generation of the store can be read
+      The key files' master key opens none of the generations: keys/ came from another
+      store (put this store's keys/ back from a copy of it), or every generation is damaged.
+      Backup and prune refuse; nothing is deleted. Do not set the generations aside.
+  the store has ... pack(s) but no generation
+      generations/ was emptied or lost. Put it back from a copy of the store; prune deletes
+      no pack meanwhile.
+  damaged/... reads back
+      An intact generation was moved to damaged/ by hand: move it back to generations/.
+  X is a symlink, not part of a humiofs store
+      Move it out and put the real folder or file back; backup and prune refuse until then.
   generation ... cannot be read
       That state of the node is lost; no other generation depends on it. Restore, the mount
       and the next backup take the newest generation that reads, but prune deletes no pack
@@ -225,8 +238,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             pending_packs=r.pending_packs, young_packs=r.young_packs, damaged=r.damaged,
             exit=errors.EXIT_DAMAGED if r.damaged else errors.EXIT_OK)
         if r.damaged:
-            raise errors.StoreError(f"the store is damaged, so no pack was deleted: "
-                                    f"{r.damaged[0]}; run `humiofs check`")
+            raise errors.StoreError(_no_pack_deleted(r.damaged[0]))
         return errors.EXIT_OK
     would = "would " if args.dry_run else ""
     if args.dry_run or args.verbose:
@@ -236,7 +248,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 what += "; none of its files has gone missing"
             print(f"  {format_time(generation_time(d.name))}  {d.name}  {what}")
     kept = sum(1 for d in r.decisions if d.keep)
-    parts = [f"prune {store.name}: {would}keep {kept} of {len(r.decisions)} generations"]
+    parts = [f"prune {store.name}: {would}keep {kept} of {len(r.decisions)} generations"
+             + (f" ({'would remove' if args.dry_run else 'removed'} {len(r.dropped)} by "
+                f"retention: {', '.join(r.dropped)})"
+                if r.dropped else "")]
     if r.deleted_packs:
         parts.append(f"{would}delete {r.deleted_packs} packs ({human_bytes(r.deleted_bytes)})")
     if r.condemned_packs:
@@ -261,6 +276,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"{store.path / 'damaged'}/ (that state of the node is lost anyway) and then "
             "frees what the readable generations do not need")
     if r.damaged:
-        raise errors.StoreError(f"the store is damaged, so no pack was deleted: "
-                                f"{r.damaged[0]}; run `humiofs check`")
+        raise errors.StoreError(_no_pack_deleted(r.damaged[0]))
     return errors.EXIT_OK
+
+
+def _no_pack_deleted(why: str) -> str:
+    if why.startswith("not deleting packs: "):
+        return why[len("not deleting packs: "):].replace("Nothing was deleted",
+                                                          "No pack was deleted")
+    return f"the store is damaged, so no pack was deleted: {why}; run `humiofs check`"

@@ -26,8 +26,8 @@ class PackWriter:
         self.pack_id = os.urandom(16)
         self._tmp = store._tmp_path()
         try:
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                               0o600)
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise store_io_error(exc, "a new pack") from None
         self.size = 0

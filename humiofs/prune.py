@@ -14,10 +14,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from humiofs.durable import fsync_dir, store_io_error
+from humiofs import journal
+from humiofs.durable import (NotRegularFile, fsync_dir, open_store_file, read_store_file,
+                             store_io_error)
+from humiofs.storemeta import refuse_planted
 from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked
 from humiofs.format import DIR, FILE, Generation, Ref
-from humiofs.generations import format_time
+from humiofs.generations import NO_GENERATION_OPENS, format_time
 from humiofs.store import PACK_NAME, Store, list_packs
 
 log = logging.getLogger(__name__)
@@ -46,13 +49,22 @@ def prune_lock(store: Store, wait: bool = False, reading: bool = False) -> Itera
     lock file cannot be made and is not needed: no prune has run there through this path.
     """
     path = store.path / LOCK_NAME
+    if not reading:
+        refuse_planted(store.path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_store_file(path, os.O_RDONLY | os.O_CREAT)
+    except NotRegularFile as exc:
+        if not reading:
+            raise StoreError(f"{path} is {exc.strerror}: move it out of the store (the next "
+                             "prune makes the file again)") from None
+        log.debug("%s is %s: checking without it (check reports it)", path, exc.strerror)
+        yield
+        return
     except OSError as exc:
         if not (reading and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
             raise store_io_error(exc, str(path)) from None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_store_file(path)
         except FileNotFoundError:
             log.debug("%s is missing and cannot be made: checking without it", path)
             yield
@@ -244,7 +256,7 @@ def read_record(store: Store, name: str) -> Record:
     m = RECORD_NAME.match(name)
     if not m:
         raise ValueError("not a prune record name")
-    doc = json.loads((store.path / RECORD_DIR / name).read_bytes())
+    doc = json.loads(read_store_file(store.path / RECORD_DIR / name, 64 << 20))
     if doc.get("version") != 1 or not isinstance(doc.get("packs"), list):
         raise ValueError("not a prune record")
     packs = set()
@@ -330,11 +342,20 @@ class _Prune:
         r = self.result
         names = []
         gens = []
+        listed = []
         for name in self.store.list_generations():
             try:
-                gen = self._load(name)
+                self._load(name)
             except NoSuchObject:
                 continue            # deleted by hand meanwhile
+            listed.append(name)
+        if listed and all(self.loaded[n] is None for n in listed):
+            # Another store's key files, or every generation damaged: setting them aside
+            # would leave no root, and every pack would go (section 10.2).
+            raise StoreError(f"not pruning {self.store.path}: {r.damaged[0]}. "
+                             f"{NO_GENERATION_OPENS} Nothing was changed")
+        for name in listed:
+            gen = self.loaded[name]
             if gen is None and self.set_aside_damaged:
                 if not self.dry_run:
                     set_aside(self.store, name)
@@ -380,25 +401,33 @@ class _Prune:
             except FileNotFoundError:
                 continue
             cutoff = max(cutoff, st.st_mtime_ns)
-        if r.unreadable:
-            log.error("not deleting packs: %d generation file(s) cannot be read (%s), and any "
-                      "pack may be theirs. `humiofs prune --set-aside-damaged` moves them to "
-                      "%s/ and then deletes what the readable generations do not need",
-                      len(r.unreadable), "; ".join(r.damaged), SET_ASIDE_DIR)
-            return r
-        if r.damaged:
-            log.error("not deleting packs: the store is damaged (%s); run check",
-                      "; ".join(r.damaged))
+        # No pack is deleted while the store is damaged; the caller says so (once).
+        if r.unreadable or r.damaged:
             return r
         try:
             needed = referenced_packs(self.store, roots, self.should_stop)
         except StoreError as exc:
             r.damaged.append(str(exc))
-            log.error("not deleting packs: the store is damaged (%s); run check", exc)
             return r
         if needed is None:
             r.stopped = True
             return r
+        if not roots and packs:
+            # Packs and no generation: a first backup that did not commit (its journal in
+            # tmp/ lists its packs), or generations/ lost or emptied (on a fresh host or
+            # another mount path no rollback record tells). Only the packs a run's journal
+            # lists may go then: prune never empties a store of its generations' data
+            # (section 10.2).
+            of_runs = journal.listed_packs(self.store)
+            orphans = [pid for pid in packs if pid not in of_runs]
+            if orphans:
+                msg = (f"not deleting packs: {self.store.path} holds {len(orphans)} pack(s) "
+                       "that no generation and no interrupted backup's journal lists, and no "
+                       "generation. If generations/ was lost or emptied, put it back from a "
+                       "copy of the store; if it was deleted on purpose, delete the store "
+                       "instead. Nothing was deleted")
+                r.damaged.append(msg)
+                return r
         self._packs(packs, needed, None if no_writer else cutoff)
         return r
 

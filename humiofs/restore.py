@@ -68,6 +68,7 @@ class Restore:
         self._made_fd = -1
         self._resumed: set[bytes] = set()
         self._root_created = False
+        self._root_probed = False       # something was created in the target, or probed
 
     def run(self, gen: Generation) -> RestoreStats:
         target = self.opt.target
@@ -87,8 +88,11 @@ class Restore:
             self._root_fd = root_fd
             self._resumed = self._read_made_folders()
             # Listed with the first folder made: alone it was made by os.makedirs with the
-            # usual mode, and a run that made nothing else leaves no list.
-            self._root_created = root_created
+            # usual mode, and a run that made nothing else leaves no list. A target that was
+            # empty when a plain restore began is this restore's too (a --missing-only run
+            # after it gives it its attributes).
+            self._root_created = root_created or not (self.opt.missing_only or
+                                                      self.opt.overwrite)
             with scan.deep_walk():
                 self._tree(root_fd, b"", gen.root.tree, fresh=not (self.opt.missing_only or
                                                                    self.opt.overwrite))
@@ -96,6 +100,7 @@ class Restore:
             # own mtime is set (removing it changes that).
             self._close_made_folders()
             if not self.opt.missing_only or root_created or b"." in self._resumed:
+                # (A fresh restore always sets them: the target was empty.)
                 try:
                     self._set_attrs(root_fd, b".", gen.root.mode, gen.root.uid, gen.root.gid,
                                     gen.root.mtime_ns, gen.root.xattrs, drop_list=True)
@@ -146,7 +151,30 @@ class Restore:
                 # deeper than the open-file limit): named in a warning, the rest restored.
                 if exc.errno in _FATAL:
                     raise _target_error(exc, path) from None
+                if not rel and exc.errno in (errno.EPERM, errno.EACCES):
+                    self._root_writable()
                 self._skip(path, f"{os_reason(exc)}; not restored")
+            else:
+                if not rel:
+                    self._root_probed = True
+
+    def _root_writable(self) -> None:
+        """Raises TargetError (one line, exit 6) if nothing can be created in the target
+        itself (immutable, read-only for this user): else each entry would be a warning.
+        Probed once, at the first refusal before anything was restored there."""
+        if self._root_probed:
+            return
+        self._root_probed = True
+        name = os.fsdecode(_temp_name())
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=self._root_fd)
+        except OSError as exc:
+            raise TargetError(f"cannot write into the restore target {self.opt.target}: "
+                              f"{exc.strerror} (is it immutable, chattr +i, or not writable "
+                              "for this user?); nothing was restored") from None
+        os.close(fd)
+        _unlink_at(self._root_fd, name)
 
     def _exists(self, dfd: int, name: bytes) -> os.stat_result | None:
         try:

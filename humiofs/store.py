@@ -23,7 +23,8 @@ from humiofs import crypto, format, journal, keys, storemeta, writerlock
 from humiofs.crypto import CHUNK, STORED_CHUNK, ObjectCipher
 from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError,
                             StoreMetadataDamaged, WrongKey)
-from humiofs.durable import fsync_dir, store_io_error, unlink_quietly, write_new
+from humiofs.durable import (NotRegularFile, fsync_dir, open_store_file, read_store_file, store_io_error,
+                             unlink_quietly, write_new)
 from humiofs.format import Ref
 from humiofs.packwriter import PackWriter
 from humiofs.storemeta import STORE_FORMAT, STORE_VERSION, is_store, looks_like_store
@@ -220,8 +221,25 @@ class Store:
         if it is not the key but the store's config or key files that are missing, damaged
         or from another store (FORMAT.md 4.2): the advice for the two differs."""
         key = keys.Passphrase.of(key)
-        store_id = storemeta.read_config(path)
         key_dir = path / "keys"
+
+        def fits(own_id: bytes) -> bool:
+            """The key opens a key file under `own_id`, and that master key a generation."""
+            try:
+                for name in sorted(os.listdir(key_dir)):
+                    for text in [key.text] + [t for t, _ in key.legacy]:
+                        try:
+                            master = keys.unwrap(read_store_file(key_dir / name, 1 << 16),
+                                                 own_id, text)
+                        except (IntegrityError, OSError):
+                            break
+                        if master is not None:
+                            return bool(cls(path, own_id, master).opens_generations())
+            except (OSError, StoreError):
+                pass
+            return False
+
+        store_id = storemeta.read_config(path, fits)
         try:
             key_names = sorted(os.listdir(key_dir))
         except FileNotFoundError:
@@ -243,7 +261,8 @@ class Store:
                 if name in problems:
                     continue
                 try:
-                    master = keys.unwrap((key_dir / name).read_bytes(), store_id, passphrase)
+                    master = keys.unwrap(read_store_file(key_dir / name, 1 << 16), store_id,
+                                         passphrase)
                 except (IntegrityError, OSError) as exc:
                     problems[name] = exc
                     continue
@@ -340,7 +359,8 @@ class Store:
         new_name = os.urandom(16).hex()
         self.write_file(f"keys/{new_name}",
                         keys.wrap(self._master, self.store_id, new_passphrase, kdf))
-        check = keys.unwrap((key_dir / new_name).read_bytes(), self.store_id, new_passphrase)
+        check = keys.unwrap(read_store_file(key_dir / new_name, 1 << 16), self.store_id,
+                            new_passphrase)
         if check != self._master:
             raise StoreError(f"the new key file in {key_dir} does not read back; old keys kept")
         try:
@@ -363,7 +383,7 @@ class Store:
                 return pf
         path = self.pack_path(pack_id)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_store_file(path)
         except FileNotFoundError:
             raise NoSuchObject(f"pack {pack_id.hex()} is missing from the store") from None
         except OSError as exc:
@@ -495,14 +515,19 @@ class Store:
         """Names of the committed generations, oldest first."""
         return generation_names(self.path)
 
-    def load_generation(self, name: str) -> format.Generation:
-        """Reads, authenticates and parses one generation."""
-        path = self.path / "generations" / name
+    def load_generation(self, name: str, folder: str = "generations") -> format.Generation:
+        """Reads, authenticates and parses one generation (from `folder`: "damaged" for one
+        set aside, FORMAT.md 10.4). NoSuchObject if there is no such file, IntegrityError if
+        it is damaged or not a regular file, StoreError if it cannot be read."""
+        path = self.path / folder / name
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_GENERATION_BYTES + 1)
+            data = read_store_file(path, MAX_GENERATION_BYTES + 1)
         except FileNotFoundError:
             raise NoSuchObject(f"generation {name} is missing from the store") from None
+        except NotRegularFile as exc:
+            # A FIFO or symlink under a generation's name is a damaged generation, for every
+            # command alike (FORMAT.md 9.1): it is never opened through or read from.
+            raise IntegrityError(f"generation {name} is {exc.strerror}") from None
         except OSError as exc:
             raise StoreError(f"cannot read generation {name}: {exc.strerror}") from None
         where = f"generation {name}"

@@ -7,14 +7,55 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from humiofs import keys
+from humiofs.durable import NotRegularFile, read_store_file
 from humiofs.errors import IntegrityError, NoSuchStore, StoreError, StoreMetadataDamaged
 
 STORE_FORMAT = "humiofs-store"
 STORE_VERSION = 1
+
+
+# What a writer (backup, watch, key change) or prune writes into or through, and refuses to
+# follow a symlink at (FORMAT.md 11): a symlink there could make a run as root write a host
+# file outside the store. BACKUP_DIR and NAME themselves may be symlinks (a store on another
+# disk): that is the operator's choice, not something planted inside the store.
+GUARDED = ("config", "keys", "packs", "generations", "tmp", "prune", "damaged", "lock",
+           "prune.lock")
+_FOLDERS = ("keys", "packs", "generations", "tmp", "prune", "damaged")
+
+
+def refuse_planted(path: Path) -> None:
+    """Raises StoreError (exit 5, one line) if a store folder or lock file of the store at
+    `path`, or one of packs/'s 256 folders, is a symlink, or if lock or prune.lock is not a
+    regular file. Call before a writer or prune opens anything in the store."""
+    for name in GUARDED:
+        where = path / name
+        try:
+            mode = os.lstat(where).st_mode
+        except OSError:
+            continue        # missing: what needs it says so
+        if stat.S_ISLNK(mode):
+            raise StoreError(f"{where} is a symlink, not part of a humiofs store: move it out")
+        if name in _FOLDERS and not stat.S_ISDIR(mode):
+            raise StoreError(f"{where} is not a folder, so nothing can be written into the "
+                             f"store: move it out of the store, then put the folder back from "
+                             f"a copy of the store (or, for tmp, `mkdir -m 700 {where}`)")
+        if name in ("lock", "prune.lock") and not stat.S_ISREG(mode):
+            what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+            raise StoreError(f"{where} is {what}, not the {name} file of a humiofs store: "
+                             "move it out of the store (the next run makes the file again)")
+    try:
+        with os.scandir(path / "packs") as it:
+            for de in it:
+                if de.is_symlink():
+                    raise StoreError(f"{path / 'packs' / de.name} is a symlink, not part of "
+                                     "a humiofs store: move it out")
+    except OSError:
+        pass
 
 
 def is_store(path: Path) -> bool:
@@ -27,18 +68,28 @@ def looks_like_store(path: Path) -> bool:
     return is_store(path) or (path / "generations").is_dir() or (path / "keys").is_dir()
 
 
-def read_config(path: Path) -> bytes:
+def read_config(path: Path, fits: Callable[[bytes], bool] = lambda _: False) -> bytes:
     """The store id from `path`/config; NoSuchStore if `path` holds no store at all,
-    StoreMetadataDamaged if it holds one whose config is missing or damaged."""
+    StoreMetadataDamaged if it holds one whose config is missing or damaged. `fits(store_id)`
+    tells whether the master key the key files hold under that store id (unwrapped with the
+    key given) authenticates a generation of the store: only then does the advice offer the
+    key files' store id for a new config (key files copied from another store carry its
+    id)."""
     config_path = path / "config"
     try:
-        raw = config_path.read_bytes()
+        raw = read_store_file(config_path, 1 << 16)
     except FileNotFoundError:
         if not looks_like_store(path):
             raise NoSuchStore(f"no humiofs store at {path}") from None
         raise StoreMetadataDamaged(
             f"{config_path} is missing, but {path} holds a humiofs store (generations/ and "
-            f"keys/ are there); the data may be intact. {config_fix(path)}") from None
+            f"keys/ are there); the data may be intact. {config_fix(path, fits)}") from None
+    except NotRegularFile as exc:
+        if not looks_like_store(path):
+            raise NoSuchStore(f"no humiofs store at {path}: {config_path} is "
+                              f"{exc.strerror}") from None
+        raise StoreError(f"{config_path} is {exc.strerror}: move it out of the store, and put "
+                         "the store's config back from a copy of it") from None
     except (NotADirectoryError, IsADirectoryError) as exc:
         if not looks_like_store(path):     # BACKUP_DIR or the store is a file, not a folder
             raise NoSuchStore(f"no humiofs store at {path}: {exc.strerror}") from None
@@ -58,27 +109,37 @@ def read_config(path: Path) -> bytes:
             raise ValueError("store id of the wrong length")
     except (ValueError, KeyError, TypeError):
         raise StoreMetadataDamaged(f"{config_path} is damaged (not the JSON of FORMAT.md "
-                                   f"4.1); the data may be intact. {config_fix(path)}") from None
+                                   f"4.1); the data may be intact. {config_fix(path, fits)}") from None
     return store_id
 
 
-def config_fix(path: Path) -> str:
+def config_fix(path: Path, fits: Callable[[bytes], bool]) -> str:
     """How to put back a store's config: it holds nothing but the format, its version and the
-    store id, which every key file repeats."""
+    store id, which every key file repeats; offered only if `fits` that id (see read_config),
+    never on the key files' word alone."""
     ids = set()
     try:
         for name in os.listdir(path / "keys"):
             try:
-                ids.add(json.loads((path / "keys" / name).read_bytes())["store_id"])
+                ids.add(json.loads(read_store_file(path / "keys" / name, 1 << 16))["store_id"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
     except OSError:
         pass
     advice = "Copy config back from a copy of the store"
     if len(ids) == 1:
-        doc = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION,
-                          "store_id": ids.pop(), "created_ms": 0})
-        advice += f", or write this line into it (the store id is the key files'): {doc}"
+        own_id = ids.pop()
+        try:
+            opens = isinstance(own_id, str) and fits(bytes.fromhex(own_id))
+        except ValueError:
+            opens = False
+        if opens:
+            doc = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION,
+                              "store_id": own_id, "created_ms": 0})
+            return (advice + ", or write this line into it (the store id is the key files', "
+                    f"and the key opens the store's generations with them): {doc}")
+        advice += (" (the key files' store id is not offered: the key opens none of the "
+                   "store's generations with them, so they may come from another store)")
     return advice
 
 
@@ -101,7 +162,8 @@ def damage(path: Path, store_id: bytes, key_dir: Path,
         for name, own_id in foreign.items():
             for passphrase in passphrases:
                 try:
-                    opened = keys.unwrap((key_dir / name).read_bytes(), own_id, passphrase)
+                    opened = keys.unwrap(read_store_file(key_dir / name, 1 << 16), own_id,
+                                         passphrase)
                 except (IntegrityError, OSError):
                     break
                 if opened is None:

@@ -264,6 +264,11 @@ class Watch:
         except StoreLocked:
             log.info("prune skipped: another prune or check is running")
             return
+        except StoreError as exc:
+            log.error("prune skipped: %s", exc)
+            return
+        if r.damaged:
+            log.error("prune deleted no pack: %s", r.damaged[0])
         if r.dropped or r.deleted_packs or r.condemned_packs:
             log.info("prune: removed %d generations, deleted %d packs (%d bytes), recorded "
                      "%d unneeded packs", len(r.dropped), r.deleted_packs, r.deleted_bytes,

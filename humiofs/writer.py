@@ -142,6 +142,7 @@ class Backup:
         # The packs in the store (id -> size), listed when a ref is first reused: a ref into a
         # pack that is gone (or too short for it) is never carried into the new generation.
         self._present: dict[bytes, int] | None = None
+        self._reread_dirs: list[bytes] = []     # folders whose stored listing was unreadable
         # Every pack the generation refers to through a folder this run walked (backup --watch
         # keeps the union of these, for the folders it reuses without walking them).
         self.packs_used: set[bytes] = set()
@@ -403,11 +404,17 @@ class Backup:
             plain = self.store.read_blob(ref, crypto.KIND_TREE)
             return plain, {e.name: e for e in format.decode_tree(plain)}
         except StoreError as exc:
-            self.stats.healed += 1
+            # Its files are counted as read again (not as new) as they come: see _file_entry.
+            self._reread_dirs.append(rel)
             if isinstance(exc, NoSuchObject):
                 self.stats.lost_packs.add(ref.pack)
-            self._warn(f"previous backup of {_show(rel)}/ is unreadable ({exc}); reading it anew")
+            self._warn(f"previous backup of {_show(rel)}/ is unreadable ({exc}); reading it anew "
+                       "(the backup needs about its size of free space on the backup disk)")
             return None, {}
+
+    def _rereading(self, rel: bytes) -> bool:
+        """True if `rel` is below a folder whose stored listing could not be read."""
+        return any(not d or rel.startswith(d + b"/") for d in self._reread_dirs)
 
     def _stored(self, ref: Ref) -> bool:
         """True if the pack of `ref` is in the store and long enough to hold the blob."""
@@ -729,6 +736,8 @@ class Backup:
                 return self._vanished(rel)
             if healed:
                 pass                    # counted as read again (stats.healed), not as new
+            elif old is None and self._reread_dirs and self._rereading(rel):
+                self.stats.healed += 1  # its folder's listing was lost: read again, not new
             elif old is None or old.type != FILE:
                 self.stats.new += 1
             else:

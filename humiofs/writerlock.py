@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from humiofs import crypto
-from humiofs.durable import store_io_error
+from humiofs.durable import NotRegularFile, open_store_file, store_io_error
 from humiofs.errors import IntegrityError, StoreError, StoreLocked, show
+from humiofs.storemeta import refuse_planted
 
 if TYPE_CHECKING:
     from humiofs.store import Store
@@ -29,7 +30,7 @@ def running(store: Store) -> bool:
     """True if a writer holds the writer lock now (or that cannot be told). Takes the lock for
     an instant, so a writer starting at that moment waits for it (see `hold`)."""
     try:
-        fd = os.open(store.path / "lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_store_file(store.path / "lock", os.O_RDONLY | os.O_CREAT)
     except OSError:
         return True
     try:
@@ -48,11 +49,13 @@ def hold(store: Store) -> Iterator[None]:
     id and start time, and the host name sealed, which only a reader with the key (another
     writer) can read."""
     lock_path = store.path / "lock"
+    refuse_planted(store.path)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except IsADirectoryError:
-        raise StoreError(f"{lock_path} is a folder, not the writer lock file: move it out of "
-                         "the store (the writer makes the file again)") from None
+        fd = open_store_file(lock_path, os.O_RDWR | os.O_CREAT)
+    except NotRegularFile as exc:
+        # Put there after refuse_planted looked: the same one line.
+        raise StoreError(f"{lock_path} is {exc.strerror}: move it out of the store (the "
+                         "writer makes the file again)") from None
     except OSError as exc:
         # The first write of every writer: a read-only backup disk (EROFS) or one this user
         # may not write (EACCES) ends here, with one line and exit 7.

@@ -853,3 +853,31 @@ def test_backup_says_when_the_only_copy_of_a_deleted_file_is_lost(tmp_path: Path
     assert "lost the only copy of 2 file(s) deleted from the node" in r.stderr
     assert "d/gone.bin" in r.stderr and "d/sub/gone-too.bin" in r.stderr
 
+
+
+def test_a_damaged_folder_listing_counts_its_files_as_read_again(tmp_path: Path) -> None:
+    """Every file below a folder whose stored listing fails authentication is read again
+    from the node: the summary says so (not "N new"), and check's advice says what that costs
+    and what to do on a full disk, instead of pointing at prune."""
+    from storetools import flip
+    node = tmp_path / "node"
+    (node / "d" / "e").mkdir(parents=True)
+    for i in range(12):
+        (node / "d" / f"f{i}").write_bytes(os.urandom(100))
+        (node / "d" / "e" / f"g{i}").write_bytes(os.urandom(100))
+    wait_not_racy(node)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env = write_env(tmp_path / "node.env", backups, directory=node)
+    assert run_cli("backup", "-c", env).returncode == 0
+    store = Store.open(backups / "node1", KEY)
+    gen = store.load_generation(store.list_generations()[-1])
+    root = gen.root.tree
+    store.close()
+    flip(store.pack_path(root.pack), root.offset + root.stored_len // 2)
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5
+    assert "needs about those folders' size of free space" in r.stdout
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 8, r.stdout + r.stderr
+    assert "0 new" in r.stdout and "24 read again" in r.stdout, r.stdout

@@ -592,3 +592,35 @@ def test_restore_after_a_stopped_one_gives_its_folders_their_attributes(
     assert tree_digest(target) == want
     assert not (target / ".humiofs-restore-folders").exists()
     assert (target.stat().st_mode & 0o777) == (pristine.node.stat().st_mode & 0o777)
+
+
+def test_missing_only_gives_an_empty_target_its_attributes_after_a_stopped_restore(
+        copy: tuple[Path, Path], pristine: Pristine, tmp_path: Path) -> None:
+    """The target existed, empty, when the first restore began: that restore's, so the
+    --missing-only run after it gives it its stored mode too, like every folder it made."""
+    store_path, env = copy
+    last = max(rel for rel, e in pristine.entries.items() if "/" in rel and e.data is not None
+               and e.data.stored_len > 100)
+    ref = pristine.entries[last].data
+    assert ref is not None
+    flip(pack_path(store_path, ref.pack), ref.offset + 100)
+    target = tmp_path / "t"
+    target.mkdir(mode=0o700)
+    assert pristine.node.stat().st_mode & 0o777 != 0o700
+    restore_fails(env, target)
+    keep_going(env, target, "--missing-only")
+    assert (target.stat().st_mode & 0o777) == (pristine.node.stat().st_mode & 0o777)
+
+
+def test_an_immutable_target_is_one_line(made: tuple[Store, Generation], tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    target.mkdir()
+    if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        env = write_env(tmp_path / "env", made[0].path.parent)
+        r = run_cli("restore", "-c", env, "--to", target)
+    finally:
+        subprocess.run(["chattr", "-i", str(target)], check=True)
+    assert r.returncode == 6, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "cannot write into the restore target" in r.stderr
