@@ -59,11 +59,17 @@ def check_mountpoint(path: Path) -> Path:
     return path
 
 
-def options(allow_other: bool = False) -> set[str]:
+def options(allow_other: bool = False, source: str = "humiofs") -> set[str]:
     """The FUSE mount options: read-only at the kernel too, permissions checked by the kernel
     against the stored modes, other users locked out unless asked for, and neither the device
-    nodes nor the set-id bits of a backup give anyone access to anything (nodev, nosuid)."""
-    opts = {"fsname=humiofs", "subtype=humiofs", "ro", "default_permissions", "nodev",
+    nodes nor the set-id bits of a backup give anyone access to anything (nodev, nosuid).
+
+    `source` is what the mount table shows as the mount's source: mount(8) passes its fstab
+    source (the env file), and libmount finds the mount by it, so a second `mount -a` knows
+    the line is mounted already. The type stays fuse.humiofs."""
+    # libfuse splits options at commas; a backslash keeps one in the value.
+    escaped = source.replace("\\", "\\\\").replace(",", "\\,")
+    opts = {f"fsname={escaped}", "subtype=humiofs", "ro", "default_permissions", "nodev",
             "nosuid"}
     if allow_other:
         opts.add("allow_other")
@@ -177,10 +183,11 @@ def open_log(log_file: Path | None) -> logging.Handler | None:
 
 
 def run(model: tree.Tree, mountpoint: Path, foreground: bool = False,
-        allow_other: bool = False, log_handler: logging.Handler | None = None) -> int:
+        allow_other: bool = False, log_handler: logging.Handler | None = None,
+        source: str = "humiofs") -> int:
     """Mounts `model` at `mountpoint` (already checked); in the background unless `foreground`.
-    `log_handler` is open_log's. Returns the exit code."""
-    opts = options(allow_other)
+    `log_handler` is open_log's; `source` see options(). Returns the exit code."""
+    opts = options(allow_other, source)
     if foreground:
         serve(model, mountpoint, opts)
         return 0

@@ -239,11 +239,15 @@ def test_refuses_unusable_mountpoints(setup: tuple[Path, Path], mnt: Path,
     assert sorted(os.listdir(full)) == ["x"] and not is_mounted(full)
 
 
-def test_wrong_key_refuses_to_mount(setup: tuple[Path, Path], tmp_path: Path) -> None:
+def test_wrong_key_refuses_to_mount_the_store_named(setup: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    """With --name the store is there and the key wrong: exit 3. (Without --name the mount
+    starts and waits for a store the key opens: test_mount_backup_dir.py.)"""
     env = write_env(tmp_path / "wrong.env", setup[1], key="not the key")
     (tmp_path / "m").mkdir()
     for extra in ((), ("--foreground",)):
-        done = run_cli("mount", "--config", env, tmp_path / "m", *extra, timeout=60)
+        done = run_cli("mount", "--config", env, "--name", "node1", tmp_path / "m", *extra,
+                       timeout=60)
         assert done.returncode == 3, done.stderr
         assert "does not open" in done.stderr
         assert not is_mounted(tmp_path / "m")
