@@ -692,3 +692,37 @@ def test_ls_restore_and_mount_agree_on_the_latest_when_the_newest_is_damaged(
     assert last.startswith("humiofs: error: ") and newest.name in last
     assert not os.path.ismount(tmp_path / "m2")
 
+
+
+@pytest.mark.allow_warnings
+def test_sigterm_while_a_file_is_open_lets_the_reader_finish(big_backup: tuple[Path, Path, str],
+                                                             tmp_path: Path) -> None:
+    """systemctl stop while a copy runs: the mount is detached at once (nobody new finds it),
+    the open file reads to its end, and the process exits once it is closed."""
+    env, _, want = big_backup
+    with Mount(env, tmp_path / "m") as m:
+        assert m.proc is not None
+        with open(m.path / "node1" / "segment.gz", "rb") as f:
+            digest = hashlib.sha256(f.read(1 << 20))
+            m.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: not is_mounted(m.path), "the mount to be detached")
+            assert not (m.path / "node1").exists()
+            assert m.proc.poll() is None
+            while piece := f.read(1 << 20):
+                digest.update(piece)
+        assert digest.hexdigest() == want
+        m.proc.wait(timeout=20)
+        assert m.proc.returncode == 0, m.stderr()
+        assert "is busy (files are open on it): detached it" in m.stderr()
+
+
+def test_sigterm_unmounts_cleanly_when_nothing_is_open(setup: tuple[Path, Path],
+                                                       tmp_path: Path) -> None:
+    with Mount(setup[0], tmp_path / "m") as m:
+        assert m.proc is not None
+        assert (m.path / "node1" / "cluster_membership.uuid").exists()
+        m.proc.send_signal(signal.SIGTERM)
+        m.proc.wait(timeout=20)
+        assert m.proc.returncode == 0, m.stderr()
+        assert not is_mounted(m.path)
+        assert "busy" not in m.stderr() and "WARNING" not in m.stderr()

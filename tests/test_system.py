@@ -333,7 +333,8 @@ def test_helper_form_maps_mount_options() -> None:
     assert helper_argv(["/etc/humiofs/node.env", "/mnt/b", "-o",
                         "ro,dev,suid,noauto,nofail,_netdev,x-systemd.automount,allow_other,"
                         "name=node1,at=2026-11-24T10:00,log=/var/log/humiofs.log"]) == [
-        "mount", "--config", "/etc/humiofs/node.env", "--quiet", "--allow-other",
+        "mount", "--config", "/etc/humiofs/node.env", "--quiet", "--source",
+        "/etc/humiofs/node.env", "--allow-other",
         "--name", "node1", "--at", "2026-11-24T10:00", "--log", "/var/log/humiofs.log",
         "--", "/mnt/b"]
 
