@@ -161,6 +161,7 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
     Argon2id (lanes > 1) deadlocks, and each unwrap already uses several cores.
     """
     if name is not None:
+        backup_dir_stores(backup_dir)       # a BACKUP_DIR that is no readable folder: exit 2
         if not looks_like_store(backup_dir / name):
             raise NoSuchStore(f"no humiofs store at {backup_dir / name}")
         return [Store.open(backup_dir / name, key)]

@@ -349,7 +349,7 @@ class Tree:
         if inode == ROOT_INODE:
             nlink = 3 + sum(1 for s in self._sources if s.current is not None)
         elif top.source is None:
-            nlink = 2 + len(self._sources)
+            nlink = 2 + sum(1 for s in self._sources if not s.gone)
         else:
             nlink = 2 + len(top.source.names)
         return Attr(inode, stat.S_IFDIR | 0o555, nlink, self.uid, self.gid, _BLOCK, 8,

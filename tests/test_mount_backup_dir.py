@@ -112,11 +112,12 @@ def test_backup_dir_no_readable_folder_is_exit_2(kind: str, tmp_path: Path) -> N
     (tmp_path / "m").mkdir()
     os.chmod(tmp_path, 0o755)
     os.chmod(env, 0o644)
-    cmd: list[str | Path] = ["mount", "--config", env, tmp_path / "m"]
-    done = (run_as_nobody(cmd) if kind == "unreadable" else run_cli(*cmd, timeout=60))
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "BACKUP_DIR" in lines[0] and "damaged" not in lines[0], lines
+    for name in ((), ("--name", "a")):
+        cmd: list[str | Path] = ["mount", "--config", env, tmp_path / "m", *name]
+        done = (run_as_nobody(cmd) if kind == "unreadable" else run_cli(*cmd, timeout=60))
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "BACKUP_DIR" in lines[0] and "damaged" not in lines[0], lines
     assert not is_mounted(tmp_path / "m")
     if kind == "unreadable":
         os.chmod(backups, 0o700)
