@@ -273,14 +273,17 @@ def _mount_all_twice(line: str, mnt: Path, tmp: Path, source: str) -> None:
     fstab source with the mount table's) and leaves it alone."""
     fstab = tmp / "fstab"
     fstab.write_text(line + "\n")
-    for _ in range(2):
-        proc = subprocess.run(["mount", "-a", "-T", str(fstab)], capture_output=True,
-                              text=True, timeout=60)
-        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    sources = [fields[0].replace("\\043", "#") for fields in map(str.split, open("/proc/self/mounts"))
-               if fields[1] == str(mnt)]
-    assert sources == [source]
-    _mounted_then_unmounted(mnt)
+    try:
+        for _ in range(2):
+            proc = subprocess.run(["mount", "-a", "-T", str(fstab)], capture_output=True,
+                                  text=True, timeout=60)
+            assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        with open("/proc/self/mounts") as f:
+            sources = [fields[0].replace("\\043", "#") for fields in map(str.split, f)
+                       if fields[1] == str(mnt)]
+        assert sources == [source]
+    finally:
+        _mounted_then_unmounted(mnt)
 
 
 def test_fstab_mount_all_twice_with_type_fuse_humiofs(installed: Path, tmp_path: Path) -> None:
