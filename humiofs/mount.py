@@ -67,11 +67,17 @@ def check_mountpoint(path: Path) -> Path:
     return path
 
 
-def options(allow_other: bool = False) -> set[str]:
+def options(allow_other: bool = False, source: str = "humiofs") -> set[str]:
     """The FUSE mount options: read-only at the kernel too, permissions checked by the kernel
     against the stored modes, other users locked out unless asked for, and neither the device
-    nodes nor the set-id bits of a backup give anyone access to anything (nodev, nosuid)."""
-    opts = {"fsname=humiofs", "subtype=humiofs", "ro", "default_permissions", "nodev",
+    nodes nor the set-id bits of a backup give anyone access to anything (nodev, nosuid).
+
+    `source` is what the mount table shows as the mount's source: mount(8) passes its fstab
+    source (the env file), and libmount finds the mount by it, so a second `mount -a` knows
+    the line is mounted already. The type stays fuse.humiofs."""
+    # libfuse splits options at commas; a backslash keeps one in the value.
+    escaped = source.replace("\\", "\\\\").replace(",", "\\,")
+    opts = {f"fsname={escaped}", "subtype=humiofs", "ro", "default_permissions", "nodev",
             "nosuid"}
     if allow_other:
         opts.add("allow_other")
@@ -138,20 +144,21 @@ def serve(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int | No
             raise TargetError(f"cannot mount at {mountpoint}: {exc}") from None
         _raise_readahead(mountpoint)
         try:
-            trio.run(_main, ready_fd, model)
+            trio.run(_main, ready_fd, model, mountpoint)
         finally:
-            pyfuse3.close(unmount=True)
+            # Unmounted already after a signal (_stop_on_signal), or by humiofs umount.
+            pyfuse3.close(unmount=is_mounted(mountpoint))
     finally:
         model.close()
     log.info("unmounted %s", mountpoint)
 
 
-async def _main(ready_fd: int | None, model: tree.Tree) -> None:
+async def _main(ready_fd: int | None, model: tree.Tree, mountpoint: Path) -> None:
     import pyfuse3
     import trio
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_on_signal, model)
+        await nursery.start(_stop_on_signal, model, mountpoint)
         if ready_fd is not None:
             os.write(ready_fd, READY)
             os.close(ready_fd)
@@ -162,21 +169,56 @@ async def _main(ready_fd: int | None, model: tree.Tree) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(model: tree.Tree,
+async def _stop_on_signal(model: tree.Tree, mountpoint: Path,
                           task_status: trio.TaskStatus[None]) -> None:
+    """SIGINT, SIGTERM or SIGHUP (systemctl stop) unmount as `umount` would. If files are open
+    on the mount, it is detached at once (a lazy unmount: nobody new finds it) and keeps
+    serving the open files until they are closed, then the process exits; a reader in the
+    middle of a copy finishes it. A second signal ends the mount at once (reads of files
+    still open then fail with ENOTCONN)."""
     import pyfuse3
     import trio
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
+        detached = False
         async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
             # pyfuse3.main() returns once every request in flight is answered; a read waiting
             # for the decryption worker would keep it (and so the unmount) waiting for as long
             # as the worker does not answer. Killed, its jobs go to threads.
             model.reader.kill_worker()
+            if detached:
+                log.warning("%s: ending the mount now; reads of files still open on it fail",
+                            name)
+                pyfuse3.terminate()
+                return
+            log.info("%s: unmounting %s", name, mountpoint)
+            why = await trio.to_thread.run_sync(_fusermount, mountpoint, False)
+            if why is not None and "busy" in why:
+                why = await trio.to_thread.run_sync(_fusermount, mountpoint, True)
+                if why is None:
+                    log.warning("%s is busy (files are open on it): detached it (lazy "
+                                "unmount); it serves the open files until they are closed, "
+                                "then exits (signal again to end it now)", mountpoint)
+                    detached = True
+                    continue    # pyfuse3.main() returns when the kernel ends the connection
+            if why is not None:
+                log.warning("cannot unmount %s: %s; ending the mount", mountpoint, why)
             pyfuse3.terminate()
             return
+
+
+def _fusermount(mountpoint: Path, lazy: bool) -> str | None:
+    """Unmounts with fusermount3 (-z: lazily); None if that worked, else why not."""
+    try:
+        proc = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []),
+                               str(mountpoint)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr.strip().splitlines() or ["failed"])[-1]
 
 
 def open_log(log_file: Path | None) -> logging.Handler | None:
@@ -196,10 +238,11 @@ def open_log(log_file: Path | None) -> logging.Handler | None:
 
 
 def run(model: tree.Tree, mountpoint: Path, foreground: bool = False,
-        allow_other: bool = False, log_handler: logging.Handler | None = None) -> int:
+        allow_other: bool = False, log_handler: logging.Handler | None = None,
+        source: str = "humiofs") -> int:
     """Mounts `model` at `mountpoint` (already checked); in the background unless `foreground`.
-    `log_handler` is open_log's. Returns the exit code."""
-    opts = options(allow_other)
+    `log_handler` is open_log's; `source` see options(). Returns the exit code."""
+    opts = options(allow_other, source)
     if foreground:
         serve(model, mountpoint, opts)
         return 0

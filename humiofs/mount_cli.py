@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +70,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
                    "to syslog, if there is one)")
     p.add_argument("--debug", action="store_true",
                    help="debug logging, including every request that fails")
+    # Set by the mount(8) helper form (helper_argv): the fstab source, as the mount's source.
+    p.add_argument("--source", default="humiofs", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a humiofs mount", description=UMOUNT_HELP,
@@ -152,7 +156,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 print(f"humiofs: {name}/ shows generation {generations.describe(gen)} "
                       f"(--at {at.text})", flush=True)
     return mount.run(model, mountpoint, foreground=args.foreground,
-                     allow_other=args.allow_other, log_handler=log_handler)
+                     allow_other=args.allow_other, log_handler=log_handler,
+                     source=args.source or "humiofs")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -181,7 +186,7 @@ def helper_argv(argv: list[str]) -> list[str]:
     if len(argv) not in (2, 4) or (len(argv) == 4 and argv[2] != "-o"):
         raise ConfigError("as a mount helper humiofs takes CONFIG MOUNTPOINT [-o OPTIONS] "
                           "(see humiofs mount --help)")
-    out = ["mount", "--config", argv[0], "--quiet"]
+    out = ["mount", "--config", argv[0], "--quiet", "--source", _fstab_source(argv[0])]
     for opt in (argv[3].split(",") if len(argv) == 4 else []):
         name, _, value = opt.partition("=")
         if not opt or opt in _IGNORED_OPTIONS or name.startswith("x-") or name == "comment":
@@ -196,3 +201,25 @@ def helper_argv(argv: list[str]) -> list[str]:
             raise ConfigError(f"unknown mount option {opt!r} (humiofs takes allow_other, "
                               "name=NAME, at=TIME and log=FILE)")
     return out + ["--", argv[1]]
+
+
+def _fstab_source(config: str) -> str:
+    """The source as the fstab line has it, for the mount table: libmount compares the two to
+    tell whether a line is mounted already (a second `mount -a` then leaves it alone).
+
+    For type fuse.humiofs that is CONFIG. For the `PROG#CONFIG ... fuse` form mount.fuse3
+    passes only CONFIG; it runs `/bin/sh -c "'PROG' 'CONFIG' 'MOUNTPOINT' -o ..."`, so PROG
+    is read from that shell's command line when it names a path (a bare `humiofs#CONFIG`
+    cannot be told from type fuse.humiofs: CONFIG then)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            args = [os.fsdecode(a) for a in f.read().split(b"\0")]
+        if len(args) < 3 or os.path.basename(args[0]) not in ("sh", "dash", "bash") \
+                or args[1] != "-c":
+            return config
+        words = shlex.split(args[2])
+    except (OSError, ValueError):
+        return config
+    if len(words) >= 3 and "/" in words[0] and words[1] == config:
+        return f"{words[0]}#{config}"
+    return config

@@ -3,16 +3,18 @@ stores that appear in BACKUP_DIR after the mount started. FUSE-free and thread-s
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 from humiofs import generations
-from humiofs.errors import NoSuchStore, StoreError, WrongKey
+from humiofs.errors import ConfigError, NoSuchStore, StoreError, WrongKey
 from humiofs.format import Generation, generation_time
 from humiofs.keys import Passphrase
 from humiofs.localstate import LocalState
 from humiofs.store import Store, list_stores, looks_like_store
+from humiofs.storemeta import read_config
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,51 @@ class Source:
         self.checked = -1e9
         self.told: tuple[str, str] | None = None    # (shown, newest damaged) last logged
         self.rollback_told: str | None = None
+        self.gone = False           # moved away or deleted from BACKUP_DIR (see refresh)
+        self.forgotten = False      # gone, and NewStores told to open its name again
+        self.error: str | None = None   # why the last refresh could not list it, once logged
 
     def stale(self, every_s: float) -> bool:
         return time.monotonic() - self.checked > every_s
 
+    def still_there(self) -> bool:
+        """True while BACKUP_DIR/NAME still holds this store (blocking I/O): not moved away,
+        deleted, or replaced by another store of the same name."""
+        try:
+            return looks_like_store(self.store.path) and \
+                read_config(self.store.path) == self.store.store_id
+        except (StoreError, OSError):
+            return looks_like_store(self.store.path)    # its config is damaged, not gone
+
     def refresh(self) -> None:
         """Lists the generations again and picks the one NAME/ shows (blocking I/O): the
-        latest that reads back, as restore and ls take it (generations.pick)."""
-        names = self.store.list_generations()
+        latest that reads back, as restore and ls take it (generations.pick).
+
+        Never raises for the store's own state: a store moved away or deleted from BACKUP_DIR
+        is `gone` (told once; it shows nothing until it is back), one that cannot be listed
+        shows nothing either (told once per reason), so the rest of the mount keeps working."""
+        self.checked = time.monotonic()
+        if not self.still_there():
+            if not self.gone:
+                log.warning("backup %s went away from %s (moved or deleted); it is left out of "
+                            "the mount until it is back", self.store.name, self.store.path.parent)
+            self.gone, self.names, self.current = True, [], None
+            return
+        if self.gone:
+            log.info("backup %s is back in %s; it is in the mount again", self.store.name,
+                     self.store.path.parent)
+            self.gone = False
+        try:
+            names = self.store.list_generations()
+        except StoreError as exc:
+            if not self.still_there():
+                return self.refresh()           # went away while being listed
+            if str(exc) != self.error:
+                log.warning("backup %s is left out of the mount for now: %s", self.store.name,
+                            exc)
+            self.error, self.names, self.current = str(exc), [], None
+            return
+        self.error = None
         current = None
         skipped = []
         partial = set()         # checkpoints (FORMAT.md 7.4): neither NAME/ nor .generations
@@ -80,6 +119,8 @@ class Source:
             try:
                 gen = self.gens[name] = self.store.load_generation(name)
             except StoreError as exc:
+                if not self.still_there():
+                    return None         # not damaged: the store went away (refresh tells)
                 self.bad.add(name)
                 log.warning("backup %s: leaving out damaged generation %s: %s",
                             self.store.name, name, exc)
@@ -91,20 +132,40 @@ class Source:
         return [(generations.folder_time(generation_time(n)).encode(), n) for n in self.names]
 
 
+def backup_dir_stores(backup_dir: Path) -> list[str]:
+    """list_stores, with a BACKUP_DIR that is not a readable folder a ConfigError (exit 2) of
+    one line: a file, a symlink loop or a folder without read permission is a setting to fix,
+    not a damaged store. A BACKUP_DIR that does not exist (yet) holds no stores."""
+    try:
+        os.listdir(backup_dir)
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise ConfigError(f"BACKUP_DIR {backup_dir} is not a folder; set BACKUP_DIR to the "
+                          "folder that holds the backups") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read BACKUP_DIR {backup_dir}: {exc.strerror}") from None
+    return list_stores(backup_dir)
+
+
 def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = None,
                  allow_none: bool = False) -> list[Store]:
     """Opens every store in `backup_dir` that `key` opens (or only `name`).
 
-    A store the key does not open is left out with a warning; if it opens none, WrongKey. With
-    `allow_none`, a BACKUP_DIR without stores (or none at all yet) gives [] instead of
-    NoSuchStore. The Argon2id unwraps run one after another: run concurrently in threads, the
-    `cryptography` Argon2id (lanes > 1) deadlocks, and each unwrap already uses several cores.
+    A store the key does not open, or that cannot be opened (damaged, unreadable), is left out
+    with one warning. If none opens: with `allow_none` (a mount that watches BACKUP_DIR for
+    stores to come), [] with one more warning; else WrongKey, or the first store's error if
+    none failed for the key. A BACKUP_DIR without stores (or none at all yet) gives [] with
+    `allow_none`, else NoSuchStore; one that is not a readable folder is a ConfigError. The
+    Argon2id unwraps run one after another: run concurrently in threads, the `cryptography`
+    Argon2id (lanes > 1) deadlocks, and each unwrap already uses several cores.
     """
     if name is not None:
+        backup_dir_stores(backup_dir)       # a BACKUP_DIR that is no readable folder: exit 2
         if not looks_like_store(backup_dir / name):
             raise NoSuchStore(f"no humiofs store at {backup_dir / name}")
         return [Store.open(backup_dir / name, key)]
-    names = list_stores(backup_dir)
+    names = backup_dir_stores(backup_dir)
     if not names:
         if allow_none:
             return []
@@ -112,35 +173,63 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
     stores = []
     damaged: list[StoreError] = []
     for n in names:
-        try:
-            stores.append(Store.open(backup_dir / n, key))
-        except WrongKey:
-            log.warning("the key does not open the backup %s; it is left out of the mount", n)
-        except StoreError as exc:
-            log.warning("backup %s is left out of the mount: %s", n, exc)
-            damaged.append(exc)
-    if not stores and len(damaged) == len(names):
+        store = _open(backup_dir / n, key)
+        if isinstance(store, Store):
+            stores.append(store)
+        elif store is not None:
+            damaged.append(store)
+    if stores:
+        return stores
+    if allow_none:
+        if len(damaged) < len(names):
+            log.warning("the key opens none of the backups in %s (%s); the mount shows each "
+                        "backup it opens once it appears. %s", backup_dir, ", ".join(names),
+                        Passphrase.of(key).check_advice())
+        return []
+    if len(damaged) == len(names):
         raise damaged[0]      # not a matter of the key: say what is wrong with the store
-    if not stores:
-        raise WrongKey(f"the key does not open any store in {backup_dir} ({', '.join(names)}). "
-                       f"{Passphrase.of(key).check_advice()}. If the key is lost, nobody can "
-                       "read these backups")
-    return stores
+    raise WrongKey(f"the key does not open any store in {backup_dir} ({', '.join(names)}). "
+                   f"{Passphrase.of(key).check_advice()}. If the key is lost, nobody can "
+                   "read these backups")
+
+
+def _open(path: Path, key: str | Passphrase) -> Store | StoreError | None:
+    """The store at `path`; else, told once in the log, None if the key does not open it or
+    the error that keeps it out of the mount."""
+    try:
+        return Store.open(path, key)
+    except WrongKey:
+        log.warning("the key does not open the backup %s; it is left out of the mount",
+                    path.name)
+        return None
+    except StoreError as exc:
+        log.warning("backup %s is left out of the mount: %s", path.name, exc)
+        return exc
+    except OSError as exc:      # an OS error Store.open does not map (a permission, say)
+        log.warning("backup %s is left out of the mount: cannot open it: %s", path.name,
+                    exc.strerror or exc)
+        return StoreError(f"cannot open {path}: {exc.strerror or exc}")
 
 
 class NewStores:
-    """Watches BACKUP_DIR for stores created after the mount started, and opens them with the
-    key (one Argon2id unwrap each, in the caller's thread). A store the key does not open, or
-    that is damaged, is told once and not tried again while it stays so."""
+    """Watches BACKUP_DIR for stores created after the mount started (or moved back, or
+    replaced), and opens them with the key (one Argon2id unwrap each, in the caller's thread).
+    A store the key does not open, or that is damaged, is told once and not tried again while
+    its name stays in BACKUP_DIR."""
 
-    def __init__(self, backup_dir: Path, key: Passphrase, known: list[Store]) -> None:
+    def __init__(self, backup_dir: Path, key: Passphrase, known: list[str]) -> None:
         self.backup_dir, self.key = backup_dir, key
         self.checked = time.monotonic()
-        self._seen = {s.path.name for s in known}
+        self._seen = set(known)
         self._lock = threading.Lock()
 
     def stale(self, every_s: float) -> bool:
         return time.monotonic() - self.checked > every_s
+
+    def forget(self, name: str) -> None:
+        """Opens the store `name` again at the next poll that finds it (it went away)."""
+        with self._lock:
+            self._seen.discard(name)
 
     def poll(self) -> list[Store]:
         """The stores that appeared since the last poll and that the key opens (blocking)."""
@@ -151,17 +240,15 @@ class NewStores:
             except StoreError as exc:
                 log.debug("%s", exc)
                 return []
+            # A name that left BACKUP_DIR is tried again if it comes back.
+            self._seen &= set(names)
             opened = []
             for n in names:
                 if n in self._seen:
                     continue
                 self._seen.add(n)
-                try:
-                    opened.append(Store.open(self.backup_dir / n, self.key))
+                store = _open(self.backup_dir / n, self.key)
+                if isinstance(store, Store):
+                    opened.append(store)
                     log.info("backup %s appeared; it is now in the mount", n)
-                except WrongKey:
-                    log.warning("the key does not open the backup %s; it is left out of the "
-                                "mount", n)
-                except StoreError as exc:
-                    log.warning("backup %s is left out of the mount: %s", n, exc)
             return opened

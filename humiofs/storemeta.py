@@ -64,8 +64,12 @@ def is_store(path: Path) -> bool:
 
 
 def looks_like_store(path: Path) -> bool:
-    """True if `path` is a store, or what is left of one that lost its config."""
-    return is_store(path) or (path / "generations").is_dir() or (path / "keys").is_dir()
+    """True if `path` is a store, or what is left of one that lost its config; also True if
+    `path` is a folder this user may not look into (opening it then says why)."""
+    try:
+        return is_store(path) or (path / "generations").is_dir() or (path / "keys").is_dir()
+    except PermissionError:
+        return True
 
 
 def read_config(path: Path, fits: Callable[[bytes], bool] = lambda _: False) -> bytes:

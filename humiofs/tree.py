@@ -45,7 +45,7 @@ from humiofs.localstate import LocalState
 from humiofs.numbering import GLOBALDATA, Folder, Numbering
 from humiofs.prefetch import Prefetcher
 from humiofs.reader import Damaged, Reader, WouldBlock
-from humiofs.sources import NewStores, Source, open_sources
+from humiofs.sources import NewStores, Source, backup_dir_stores, open_sources
 from humiofs.store import Store
 
 __all__ = ["Attr", "Damaged", "Listing", "NotFound", "ROOT_INODE", "Tree", "WouldBlock",
@@ -114,8 +114,10 @@ class Tree:
         self.prefetcher = Prefetcher(self._prefetch, listing_budget // 4)
 
     def _add_source(self, src: Source) -> None:
+        """Adds a store to the mount, in place of one of the same name that went away."""
         with self._lock:
-            self._sources = sorted([*self._sources, src], key=attrgetter("name"))
+            others = [s for s in self._sources if s.name != src.name]
+            self._sources = sorted([*others, src], key=attrgetter("name"))
             self._top[self._next] = _Top(self._next, 2, src)
             self._gens_of[src.name] = self._next
             self._next += 1
@@ -132,9 +134,11 @@ class Tree:
         open_sources(backup_dir, key, name, allow_none=name is None and at is None) gave,
         if the caller opened them already."""
         watch = name is None and at is None
+        listed = backup_dir_stores(backup_dir) if watch else []
         if stores is None:
             stores = open_sources(backup_dir, key, name, allow_none=watch)
-        new_stores = NewStores(backup_dir, Passphrase.of(key), stores) if watch else None
+        new_stores = NewStores(backup_dir, Passphrase.of(key),
+                               listed + [s.path.name for s in stores]) if watch else None
         tree = cls(stores, at, state=state, new_stores=new_stores)
         if not stores:
             log.warning("no backups in %s yet; each appears in the mount once it is created",
@@ -192,6 +196,11 @@ class Tree:
                 src = Source(store, self._at, self._state)
                 src.refresh()
                 self._add_source(src)
+            for src in self._sources:
+                if src.gone and not src.forgotten:
+                    # Another store may take its name (a copy put back): open that one then.
+                    watch.forget(src.store.name)
+                    src.forgotten = True
         return self._sources
 
     # -- inodes -------------------------------------------------------------------------------
@@ -214,7 +223,8 @@ class Tree:
                                                           src.name.decode())))
             return items
         if top.source is None:
-            return [(src.name, self._gens_of[src.name]) for src in self._fresh_stores(block)]
+            return [(src.name, self._gens_of[src.name]) for src in self._fresh_stores(block)
+                    if not self._fresh(src, block).gone]
         src = self._fresh(top.source, block)
         items = []
         for folder, gen_name in src.time_names():
@@ -343,7 +353,7 @@ class Tree:
         if inode == ROOT_INODE:
             nlink = 3 + sum(1 for s in self._sources if s.current is not None)
         elif top.source is None:
-            nlink = 2 + len(self._sources)
+            nlink = 2 + sum(1 for s in self._sources if not s.gone)
         else:
             nlink = 2 + len(top.source.names)
         return Attr(inode, stat.S_IFDIR | 0o555, nlink, self.uid, self.gid, _BLOCK, 8,

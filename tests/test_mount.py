@@ -240,11 +240,15 @@ def test_refuses_unusable_mountpoints(setup: tuple[Path, Path], mnt: Path,
     assert sorted(os.listdir(full)) == ["x"] and not is_mounted(full)
 
 
-def test_wrong_key_refuses_to_mount(setup: tuple[Path, Path], tmp_path: Path) -> None:
+def test_wrong_key_refuses_to_mount_the_store_named(setup: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    """With --name the store is there and the key wrong: exit 3. (Without --name the mount
+    starts and waits for a store the key opens: test_mount_backup_dir.py.)"""
     env = write_env(tmp_path / "wrong.env", setup[1], key="not the key")
     (tmp_path / "m").mkdir()
     for extra in ((), ("--foreground",)):
-        done = run_cli("mount", "--config", env, tmp_path / "m", *extra, timeout=60)
+        done = run_cli("mount", "--config", env, "--name", "node1", tmp_path / "m", *extra,
+                       timeout=60)
         assert done.returncode == 3, done.stderr
         assert "does not open" in done.stderr
         assert not is_mounted(tmp_path / "m")
@@ -605,8 +609,9 @@ def test_a_stopped_worker_does_not_hang_reads(big_backup: tuple[Path, Path, str]
 
 def test_sigterm_does_not_wait_for_a_stopped_worker(big_backup: tuple[Path, Path, str],
                                                     tmp_path: Path) -> None:
-    """SIGTERM while a read waits for a stopped worker unmounts at once: it does not wait for
-    the worker, nor for the deadline after which reads give up on it (3 s)."""
+    """SIGTERM while a read waits for a stopped worker detaches the mount at once: it does
+    not wait for the worker, nor for the deadline after which reads give up on it (3 s); the
+    read then finishes in threads and the process exits once the file is closed."""
     env, _, want = big_backup
     worker = 0
     try:
@@ -615,7 +620,8 @@ def test_sigterm_does_not_wait_for_a_stopped_worker(big_backup: tuple[Path, Path
             worker = worker_pid(m.proc.pid)
             os.kill(worker, signal.SIGSTOP)
             reader = subprocess.Popen(["sha256sum", str(m.path / "node1" / "segment.gz")],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      text=True)
             try:
                 def waiting_in_fuse() -> bool:
                     """The reader sleeps in the kernel (for the mount's answer)."""
@@ -627,18 +633,22 @@ def test_sigterm_does_not_wait_for_a_stopped_worker(big_backup: tuple[Path, Path
                 wait_for(waiting_in_fuse, "the read to wait for the mount")
                 stop = time.monotonic()
                 m.proc.send_signal(signal.SIGTERM)
+                wait_for(lambda: not is_mounted(m.path), "the mount to be detached")
+                took = time.monotonic() - stop
+                out, _ = reader.communicate(timeout=30)
                 try:
                     m.proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    m.proc.kill()       # else the reader could never end (see hash_through)
+                    m.proc.kill()
                     raise AssertionError("the server did not exit on SIGTERM") from None
-                took = time.monotonic() - stop
             finally:
-                reader.kill()
+                if reader.poll() is None:
+                    m.proc.kill()       # else the reader could never end (see hash_through)
+                    reader.kill()
                 reader.wait()
+            assert reader.returncode == 0 and out.split()[0] == want
             assert m.proc.returncode == 0, m.stderr()
             assert took < 2.0, took
-            assert not is_mounted(m.path)
             wait_for(lambda: pid_gone(worker), "the worker to end with the server")
     finally:
         if worker and not pid_gone(worker):
@@ -699,3 +709,37 @@ def test_mount_module_leaves_pyfuse3_and_trio_to_the_mount() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.allow_warnings
+def test_sigterm_while_a_file_is_open_lets_the_reader_finish(big_backup: tuple[Path, Path, str],
+                                                             tmp_path: Path) -> None:
+    """systemctl stop while a copy runs: the mount is detached at once (nobody new finds it),
+    the open file reads to its end, and the process exits once it is closed."""
+    env, _, want = big_backup
+    with Mount(env, tmp_path / "m") as m:
+        assert m.proc is not None
+        with open(m.path / "node1" / "segment.gz", "rb") as f:
+            digest = hashlib.sha256(f.read(1 << 20))
+            m.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: not is_mounted(m.path), "the mount to be detached")
+            assert not (m.path / "node1").exists()
+            assert m.proc.poll() is None
+            while piece := f.read(1 << 20):
+                digest.update(piece)
+        assert digest.hexdigest() == want
+        m.proc.wait(timeout=20)
+        assert m.proc.returncode == 0, m.stderr()
+        assert "is busy (files are open on it): detached it" in m.stderr()
+
+
+def test_sigterm_unmounts_cleanly_when_nothing_is_open(setup: tuple[Path, Path],
+                                                       tmp_path: Path) -> None:
+    with Mount(setup[0], tmp_path / "m") as m:
+        assert m.proc is not None
+        assert (m.path / "node1" / "cluster_membership.uuid").exists()
+        m.proc.send_signal(signal.SIGTERM)
+        m.proc.wait(timeout=20)
+        assert m.proc.returncode == 0, m.stderr()
+        assert not is_mounted(m.path)
+        assert "busy" not in m.stderr() and "WARNING" not in m.stderr()

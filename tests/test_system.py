@@ -268,6 +268,39 @@ def test_fstab_line_in_program_hash_source_form(tmp_path: Path) -> None:
     _mounted_then_unmounted(mnt)
 
 
+def _mount_all_twice(line: str, mnt: Path, tmp: Path, source: str) -> None:
+    """`mount -a -T FSTAB` twice: the second finds the line mounted (libmount compares the
+    fstab source with the mount table's) and leaves it alone."""
+    fstab = tmp / "fstab"
+    fstab.write_text(line + "\n")
+    try:
+        for _ in range(2):
+            proc = subprocess.run(["mount", "-a", "-T", str(fstab)], capture_output=True,
+                                  text=True, timeout=60)
+            assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        with open("/proc/self/mounts") as f:
+            sources = [fields[0].replace("\\043", "#") for fields in map(str.split, f)
+                       if fields[1] == str(mnt)]
+        assert sources == [source]
+    finally:
+        _mounted_then_unmounted(mnt)
+
+
+def test_fstab_mount_all_twice_with_type_fuse_humiofs(installed: Path, tmp_path: Path) -> None:
+    env = _fstab_store(tmp_path)
+    (tmp_path / "mnt").mkdir()
+    _mount_all_twice(f"{env} {tmp_path / 'mnt'} fuse.humiofs ro 0 0", tmp_path / "mnt",
+                     tmp_path, str(env))
+
+
+def test_fstab_mount_all_twice_in_program_hash_source_form(tmp_path: Path) -> None:
+    env = _fstab_store(tmp_path)
+    (tmp_path / "mnt").mkdir()
+    source = f"{ROOT / '.venv' / 'bin' / 'humiofs'}#{env}"
+    _mount_all_twice(f"{source} {tmp_path / 'mnt'} fuse ro 0 0", tmp_path / "mnt", tmp_path,
+                     source)
+
+
 @pytest.mark.parametrize("options,says", [("rw", "read-only"),
                                           ("ro,cache=yes", "unknown mount option 'cache=yes'")])
 def test_fstab_options_humiofs_cannot_take(tmp_path: Path, options: str, says: str) -> None:
@@ -303,7 +336,8 @@ def test_helper_form_maps_mount_options() -> None:
     assert helper_argv(["/etc/humiofs/node.env", "/mnt/b", "-o",
                         "ro,dev,suid,noauto,nofail,_netdev,x-systemd.automount,allow_other,"
                         "name=node1,at=2026-11-24T10:00,log=/var/log/humiofs.log"]) == [
-        "mount", "--config", "/etc/humiofs/node.env", "--quiet", "--allow-other",
+        "mount", "--config", "/etc/humiofs/node.env", "--quiet", "--source",
+        "/etc/humiofs/node.env", "--allow-other",
         "--name", "node1", "--at", "2026-11-24T10:00", "--log", "/var/log/humiofs.log",
         "--", "/mnt/b"]
 

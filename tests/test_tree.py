@@ -466,8 +466,13 @@ def test_stores_the_key_does_not_open(backed_up: tuple[Path, Store, Generation],
     m = tree.Tree.from_backup_dir(backup_dir, KEY)
     assert list(listdir(m, tree.ROOT_INODE)) == [b".generations", NODE]
     assert "does not open the backup other" in caplog.text
+    # No store opens: the mount starts empty and waits for one this key opens (told once).
+    caplog.clear()
+    assert list(listdir(tree.Tree.from_backup_dir(backup_dir, "wrong key"),
+                        tree.ROOT_INODE)) == [b".generations"]
+    assert "the key opens none of the backups" in caplog.text
     with pytest.raises(WrongKey):
-        tree.Tree.from_backup_dir(backup_dir, "wrong key")
+        tree.Tree.from_backup_dir(backup_dir, "wrong key", name="node1")
     with pytest.raises(WrongKey):
         tree.Tree.from_backup_dir(backup_dir, KEY, name="other")
     only = tree.Tree.from_backup_dir(backup_dir, KEY, name="node1")
