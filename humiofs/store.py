@@ -164,6 +164,8 @@ class Store:
         passphrase = keys.Passphrase.of(key).text
         keys.check_passphrase(passphrase)
         parent = path.parent
+        if parent.exists() and not parent.is_dir():
+            raise NoSuchStore(f"BACKUP_DIR {parent} is not a folder")
         if not parent.is_dir():
             # Never create BACKUP_DIR: if it is an unmounted network drive, the backup would
             # silently fill the local disk instead.
@@ -250,8 +252,8 @@ class Store:
                 if master is not None:
                     if how:
                         log.warning(
-                            "the store %s opens only with the key read %s (as humiofs 0.1 read "
-                            "it), not with the key as it is read now (README, The key). If "
+                            "the store %s opens only with the key read %s (as an earlier humiofs "
+                            "read it), not with the key as it is read now (README, The key). If "
                             "this key is not the one the store's other users give (such as "
                             "the backup service's env file), leave it so; if it is, `humiofs "
                             "key change` with --new-key-file holding it makes the store open "

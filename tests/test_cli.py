@@ -437,7 +437,7 @@ def test_a_service_with_environmentfile_and_a_person_use_one_key(made: Made,
     assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("source", ["environment", "key file", "systemd"])
+@pytest.mark.parametrize("source", ["environment", "key file", "systemd", "bom", "bom 0.2"])
 def test_a_store_made_with_an_earlier_reading_of_the_key_still_opens(
         made: Made, tmp_path: Path, source: str) -> None:
     """Earlier versions used the environment's value and a key file's line as they were, and a
@@ -445,7 +445,11 @@ def test_a_store_made_with_an_earlier_reading_of_the_key_still_opens(
     that says what to do, and after `key change` with the same key it opens without one."""
     written, earlier = {"environment": ("  my key ", "  my key "),
                         "key file": ('"my key"', '"my key"'),
-                        "systemd": ("C:\\keys\\prod", "C:keysprod")}[source]
+                        "systemd": ("C:\\keys\\prod", "C:keysprod"),
+                        # A key file opening with a BOM: 0.1 took the line as it was, 0.2
+                        # its canonical form with the BOM kept.
+                        "bom": ("\ufeffmy key", "\ufeffmy key"),
+                        "bom 0.2": ("\ufeff my key ", "\ufeff my key")}[source]
     backups = tmp_path / "backups"
     shutil.copytree(made.store, backups / "node1")
     Store.open(backups / "node1", KEY).change_key(earlier)   # as an earlier version made it
@@ -453,12 +457,13 @@ def test_a_store_made_with_an_earlier_reading_of_the_key_still_opens(
     kf.write_text(written + "\n")
     env = write_env(tmp_path / "node.env", backups,
                     key=written if source == "systemd" else None)
-    args: list[str | Path] = ["--key-file", kf] if source == "key file" else []
+    args: list[str | Path] = ["--key-file", kf] if source in ("key file", "bom", "bom 0.2") \
+        else []
     environ = {**clean_env(), **({"BACKUP_KEY": written} if source == "environment" else {})}
     r = run_cli("ls", "-c", env, *args, env=environ)
     assert r.returncode == 0, r.stderr
     assert "2 generation(s)" in r.stdout
-    assert "WARNING" in r.stderr and "(as humiofs 0.1 read it)" in r.stderr
+    assert "WARNING" in r.stderr and "(as an earlier humiofs read it)" in r.stderr
     assert "humiofs key change" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "my key" not in r.stderr and "keysprod" not in r.stderr and "prod" not in r.stderr
     r = run_cli("key", "change", "-c", env, *args, "--new-key-file", kf, env=environ)
