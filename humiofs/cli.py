@@ -196,7 +196,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         watch = importlib.import_module("humiofs.watch")
         interval = args.interval if args.interval is not None else cfg.interval_s
         return watch.run(cfg, interval, tuple(args.exclude), not args.no_progress,
-                         json_out=args.json)
+                         json_out=args.json, quiet=args.quiet)
     store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
     opts = BackupOptions(source=source, backup_name=store.name,
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
@@ -452,7 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # warnings and summary), in order. What runs until stopped (backup --watch, a mount in
     # the foreground) only logs errors, as they happen.
     endless = getattr(args, "watch", False) or getattr(args, "foreground", False)
-    held = _Held() if quiet and not endless else None
+    # --json objects are what a script asked for: -q never holds them back.
+    held = _Held(hold_stdout=not getattr(args, "json", False)) if quiet and not endless \
+        else None
     _setup_logging(getattr(args, "verbose", 0), quiet and held is None)
     code = errors.EXIT_INTERNAL
     try:
@@ -466,10 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 class _Held:
     """Holds back everything written to stdout and stderr (and so the log) until release."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold_stdout: bool = True) -> None:
         self.parts: list[tuple[bool, str]] = []
         self.saved = sys.stdout, sys.stderr
-        sys.stdout = _Part(self.parts, False)
+        if hold_stdout:
+            sys.stdout = _Part(self.parts, False)
         sys.stderr = _Part(self.parts, True)
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler):

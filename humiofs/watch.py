@@ -36,10 +36,11 @@ _COALESCE_S = 0.1         # while sleeping, read inotify events at most this oft
 
 
 def run(cfg: Config, interval: float, extra_excludes: tuple[str, ...], progress: bool,
-        json_out: bool = False) -> int:
+        json_out: bool = False, quiet: bool = False) -> int:
     """Backs up `cfg.directory` every `interval` seconds until SIGTERM or SIGINT; returns the
     exit code (0 after a clean stop). Fatal errors are raised as HumiofsError. `json_out`:
-    one summary object per pass on stdout (docs/JSON.md) instead of the lines for people."""
+    one summary object per pass on stdout (docs/JSON.md) instead of the lines for people;
+    `quiet`: neither (-q), only errors are logged."""
     if not interval > 0:
         raise ConfigError("the backup interval must be more than 0 seconds")
     cfg.need_directory()
@@ -47,7 +48,7 @@ def run(cfg: Config, interval: float, extra_excludes: tuple[str, ...], progress:
     if store is None:
         return errors.EXIT_OK
     try:
-        return Watch(store, cfg, interval, extra_excludes, progress, json_out).run()
+        return Watch(store, cfg, interval, extra_excludes, progress, json_out, quiet).run()
     finally:
         store.close()
 
@@ -96,8 +97,10 @@ def changed(gen: Generation, parent: Generation | None) -> bool:
 
 class Watch:
     def __init__(self, store: Store, cfg: Config, interval: float,
-                 extra_excludes: tuple[str, ...], progress: bool, json_out: bool = False) -> None:
+                 extra_excludes: tuple[str, ...], progress: bool, json_out: bool = False,
+                 quiet: bool = False) -> None:
         self.store = store
+        self.quiet = quiet
         self.json_out = json_out
         self.last_pass: dict[str, object] = {}     # what the latest pass did, for --json
         self.cfg = cfg
@@ -157,9 +160,14 @@ class Watch:
                         # missing generations can be put back with every pack they need.
                         self.rolled_back = rollback
                 self.tracker = self._start_tracker()
-                if not self.json_out:
+                if not self.json_out and not self.quiet:
                     print(f"backup {self.store.name}: watching {self.source}, a pass every "
                           f"{self.interval:g}s", flush=True)
+                # A Type=notify unit is started once the watch runs (the store open, the
+                # writer lock held), not after a first pass that may take hours: neither
+                # `systemctl start` nor boot waits for it.
+                sdnotify.ready(f"watching {self.source}" + (
+                    f", latest {format_time(parent.time_ms)}" if parent else ""))
                 while not self.stop.is_set():
                     deadline = time.monotonic() + self.interval
                     started = time.monotonic()
@@ -170,10 +178,6 @@ class Watch:
                         summary.emit("backup", store=self.store.name, watch_pass=self.passes,
                                      **self.last_pass,
                                      seconds=round(time.monotonic() - started, 3))
-                    if self.passes == 1:
-                        # A Type=notify unit is started once the first pass has committed.
-                        sdnotify.ready("first pass done" + (
-                            f", latest {format_time(parent.time_ms)}" if parent else ""))
                     if self._prune_due():
                         self._prune()
                     self._sleep(deadline)
@@ -185,7 +189,7 @@ class Watch:
             os.close(self._wake_r)
             os.close(self._wake_w)
         latest = f"; latest {format_time(parent.time_ms)}" if parent else ""
-        if self.json_out:
+        if self.json_out or self.quiet:
             return errors.EXIT_OK
         print(f"backup {self.store.name}: stopped after {self.passes} passes, "
               f"{self.committed} generations committed{latest}", flush=True)

@@ -388,6 +388,25 @@ def test_watch_waits_for_a_store_it_knows(watch: Callable[..., WatchProc], node:
     assert "Traceback" not in w2.stderr()
 
 
+def test_quiet_watch_prints_nothing_on_success(watch: Callable[..., WatchProc], node: Path,
+                                               tmp_path: Path) -> None:
+    w = watch("-q")
+    w.wait_in_store(node, tmp_path / "r")
+    assert w.stop() == EXIT_OK
+    assert w.stdout() == "" and w.stderr() == ""
+
+
+def test_quiet_does_not_hold_back_json(watch: Callable[..., WatchProc], node: Path,
+                                       tmp_path: Path) -> None:
+    w = watch("-q", "--json")
+    w.wait_in_store(node, tmp_path / "r")
+    assert w.stop() == EXIT_OK
+    assert json.loads(w.stdout().splitlines()[0])["watch_pass"] == 1
+    env = write_env(tmp_path / "env-ls", tmp_path / "backup")
+    r = run_cli("ls", "-q", "--json", "--config", env)
+    assert r.returncode == EXIT_OK and json.loads(r.stdout)["store"] == "node1", r.stdout
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs as BACKUP_DIR (needs root)."""
