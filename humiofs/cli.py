@@ -277,12 +277,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         summary.emit("restore", store=store.name, generation=summary.generation(gen),
                      target=str(args.to), files=stats.files, dirs=stats.dirs,
                      symlinks=stats.symlinks, specials=stats.specials, links=stats.links,
-                     skipped=stats.skipped, xattrs_refused=stats.xattrs_refused,
+                     skipped=stats.skipped + stats.present, xattrs_refused=stats.xattrs_refused,
                      bytes=stats.bytes, damaged=stats.damaged,
                      newer_damaged=[name for name, _ in picked.damaged],
                      rolled_back=bool(rollback),
                      seconds=round(time.monotonic() - start, 3), exit=code)
-    skipped = f", {stats.skipped} left alone" if stats.skipped else ""
+    skipped = f", {stats.present} already there (left alone)" if stats.present else ""
+    skipped += f", {stats.skipped} left alone (named above)" if stats.skipped else ""
     if stats.xattrs_refused:
         skipped += f", {stats.xattrs_refused} kinds of extended attribute refused by the target"
     _human(args, f"restore {store.name}: generation {generations.describe(gen)} -> "

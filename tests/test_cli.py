@@ -2,6 +2,7 @@
 (wrong, changed, refused, never shown), ls, --at, --missing-only, target checks, store modes."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -32,7 +33,8 @@ BACKUP_LINE = re.compile(
 RESTORE_LINE = re.compile(
     r"^restore (?P<name>\S+): generation (?P<time>\S+) \((?P<gen>\S+)\) -> (?P<to>.+): "
     r"(?P<files>\d+) files, \d+ folders, "
-    r"\d+ symlinks(, (?P<alone>\d+) left alone)?; [\d.]+ \w+ of data in [\d.]+s$")
+    r"\d+ symlinks(, (?P<present>\d+) already there \(left alone\))?"
+    r"(, (?P<alone>\d+) left alone \(named above\))?; [\d.]+ \w+ of data in [\d.]+s$")
 
 
 @dataclass
@@ -161,6 +163,14 @@ def test_missing_only_and_overwrite(made: Made, tmp_path: Path) -> None:
     assert m and int(m["files"]) == 3, r.stdout
     assert segs[3].read_bytes() == b"locally changed"
     assert all(p.read_bytes() == (node / p.relative_to(target)).read_bytes() for p in segs[:3])
+    # What was there and left alone is counted: in the line, and as "skipped" in --json.
+    present = sum(1 for p in target.rglob("*") if p.is_symlink() or not p.is_dir())
+    assert f", {present - 3} already there (left alone)" in r.stdout, r.stdout
+    segs[0].unlink()
+    r = run_cli("restore", "-c", env, "--to", target, "--missing-only", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["files"] == 1 and doc["skipped"] == present - 1, doc
     r = run_cli("restore", "-c", env, "--to", target, "--overwrite")
     assert r.returncode == 0, r.stderr
     want = {k: v for k, v in source_digest(node).items() if v[0] == "f"}
