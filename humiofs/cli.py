@@ -520,9 +520,14 @@ def _run(args: argparse.Namespace) -> int:
         return errors.EXIT_OK
     except OSError as exc:
         # Every OS error a user can cause is mapped where it happens; one that is not is a
-        # bug, but still one line (the traceback with -v).
+        # bug, but still one line (the traceback with -v). No permission, a name too long
+        # or a file where a folder belongs are the user's to fix wherever they show up.
         log.debug("unexpected OS error", exc_info=True)
         where = f": {exc.filename}" if exc.filename else ""
+        mapped = errors.refused(exc, str(exc.filename or "a file"))
+        if mapped is not None:
+            print(f"humiofs: error: {mapped}", file=sys.stderr)
+            return mapped.exit_code
         print(f"humiofs: error: {exc.strerror or exc}{where} (not expected here: please "
               "report it, with the output of -vv)", file=sys.stderr)
         return errors.EXIT_INTERNAL

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from humiofs import keys
-from humiofs.errors import IntegrityError, NoSuchStore, StoreError, StoreMetadataDamaged
+from humiofs.errors import IntegrityError, NoSuchStore, StoreError, StoreMetadataDamaged, refused
 
 STORE_FORMAT = "humiofs-store"
 STORE_VERSION = 1
@@ -46,7 +46,8 @@ def read_config(path: Path) -> bytes:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NoSuchStore(f"no humiofs store at {path}: {exc.strerror}") from None
-        raise StoreError(f"cannot read {config_path}: {exc.strerror}") from None
+        raise refused(exc, str(config_path)) or StoreError(
+            f"cannot read {config_path}: {exc.strerror}") from None
     try:
         config = json.loads(raw)
         if config["format"] != STORE_FORMAT:
