@@ -198,6 +198,46 @@ def test_units_pass_systemd_analyze_verify(installed: Path) -> None:
 
 
 @needs_systemd_analyze
+def test_install_takes_paths_with_blanks_and_quotes(installed: Path, tmp_path: Path) -> None:
+    """Paths with blanks, quotes, backslashes and % go into the drop-ins quoted as systemd
+    reads them: systemd-analyze verify (which reads the drop-ins) has nothing to say."""
+    root = tmp_path / "root"
+    (root / "etc" / "humiofs").mkdir(parents=True)
+    (root / "etc" / "humiofs" / "node.env").write_text(
+        'DIRECTORY=/data/humio data\nBACKUP_DIR="/mnt/backup disk"\nBACKUP_NAME=n\n'
+        "BACKUP_KEY_FILE=/etc/humiofs/my key%s\nBACKUP_STATE_DIR=/var/lib/it's \\\"here\"\n")
+    subprocess.run([ROOT / "scripts" / "install", "--root", root], check=True,
+                   stdout=subprocess.DEVNULL)
+    units = root / "etc" / "systemd" / "system"
+    text = (units / "humiofs-backup.service.d" / "50-env-file.conf").read_text()
+    assert 'RequiresMountsFor="/mnt/backup disk" "/data/humio data"\n' in text
+    assert 'ReadWritePaths=-"/mnt/backup disk" -"/var/lib/it\'s \\\\\\"here\\""\n' in text, text
+    assert "LoadCredential=backup.key:/etc/humiofs/my key%%s\n" in text
+    proc = subprocess.run(["systemd-analyze", "verify", *UNITS], capture_output=True,
+                          text=True, cwd=units,
+                          env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    # The check can fail: a drop-in line systemd cannot read is named on stderr.
+    with open(units / "humiofs-backup.service.d" / "50-env-file.conf", "a") as f:
+        f.write('ReadWritePaths="/unterminated\n')
+    proc = subprocess.run(["systemd-analyze", "verify", *UNITS], capture_output=True,
+                          text=True, cwd=units,
+                          env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    assert "50-env-file.conf" in proc.stderr
+
+
+def test_install_checks_everything_before_writing_anything(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc" / "humiofs").mkdir(parents=True)
+    (root / "etc" / "humiofs" / "node.env").write_text("BACKUP_DIR=relative/backup\n")
+    proc = subprocess.run([ROOT / "scripts" / "install", "--root", root],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "must be an absolute path" in proc.stderr, proc.stderr
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == \
+        ["etc", "etc/humiofs", "etc/humiofs/node.env"]
+
+
+@needs_systemd_analyze
 def test_units_pass_verify_only_when_they_are_right(installed: Path, tmp_path: Path) -> None:
     """The verify above can fail: a unit with a bad line does."""
     bad = tmp_path / "humiofs-bad.service"
