@@ -332,6 +332,12 @@ class Watch:
         except StoreLocked:
             log.info("prune skipped: another prune or check is running")
             return
+        except (OSError, errors.HumiofsError) as exc:
+            gone = self._store_gone()
+            if not gone or isinstance(exc, Interrupted):
+                raise
+            log.warning("prune failed: %s; the next pass tries again", gone)
+            return
         if r.dropped or r.deleted_packs or r.condemned_packs:
             log.info("prune: removed %d generations, deleted %d packs (%d bytes), recorded "
                      "%d unneeded packs", len(r.dropped), r.deleted_packs, r.deleted_bytes,
