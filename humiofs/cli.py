@@ -524,7 +524,7 @@ def _run(args: argparse.Namespace) -> int:
         # or a file where a folder belongs are the user's to fix wherever they show up.
         log.debug("unexpected OS error", exc_info=True)
         where = f": {exc.filename}" if exc.filename else ""
-        mapped = errors.refused(exc, str(exc.filename or "a file"))
+        mapped = errors.refused(exc, str(exc.filename or "a file"), setting=True)
         if mapped is not None:
             print(f"humiofs: error: {mapped}", file=sys.stderr)
             return mapped.exit_code

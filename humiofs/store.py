@@ -77,7 +77,7 @@ def list_stores(backup_dir: Path) -> list[str]:
     except NotADirectoryError:
         raise NoSuchStore(f"BACKUP_DIR {backup_dir} is not a folder") from None
     except OSError as exc:
-        raise refused(exc, f"BACKUP_DIR {backup_dir}") or StoreError(
+        raise refused(exc, f"BACKUP_DIR {backup_dir}", setting=True) or StoreError(
             f"cannot list {backup_dir}: {exc.strerror}") from None
     return sorted(n for n in names if not n.startswith(".") and looks_like_store(backup_dir / n))
 

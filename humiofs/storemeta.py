@@ -46,7 +46,7 @@ def read_config(path: Path) -> bytes:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NoSuchStore(f"no humiofs store at {path}: {exc.strerror}") from None
-        raise refused(exc, str(config_path)) or StoreError(
+        raise refused(exc, str(config_path), setting=True) or StoreError(
             f"cannot read {config_path}: {exc.strerror}") from None
     try:
         config = json.loads(raw)

@@ -18,7 +18,7 @@ from types import FrameType
 
 from humiofs import errors, prune, sdnotify, summary
 from humiofs.config import Config
-from humiofs.errors import ConfigError, Interrupted, StoreError, StoreLocked
+from humiofs.errors import ConfigError, Interrupted, StoreError, StoreIOError, StoreLocked
 from humiofs.format import Generation, Ref
 from humiofs.generations import complete_name, format_time, latest_readable
 from humiofs.inotify import Dirty, Tracker
@@ -123,13 +123,17 @@ class Watch:
 
     def _store_gone(self) -> str | None:
         """Why the store this watch opened is not where it was (the backup drive went away,
-        BACKUP_DIR or the store was moved), or None if it is there."""
+        BACKUP_DIR or the store was moved), or None if it is there. Raises StoreIOError if
+        another folder is there now."""
         if not (self.store.path / "config").is_file():
             return (f"the store {self.store.path} is gone (the backup drive is not mounted, or "
                     "BACKUP_DIR or the store was moved?)")
         if _where(self.store.path) != self._home:
-            return (f"{self.store.path} is not the folder this watch opened (the backup drive "
-                    "was mounted again, or the store replaced?); restart the watch to use it")
+            # The writer lock this watch holds is on the folder it opened, not on this one:
+            # stop (exit 7, which the unit restarts), and the next run opens this one.
+            raise StoreIOError(f"{self.store.path} is not the folder this watch opened (the "
+                               "backup drive was mounted again, or the store replaced); "
+                               "stopping, so that a new run opens it")
         return None
 
     # -- signals --------------------------------------------------------------------------

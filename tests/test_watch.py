@@ -369,6 +369,21 @@ def test_backup_drive_gone_is_retried_not_damage(watch: Callable[..., WatchProc]
     check_ok(tmp_path)
 
 
+def test_a_store_put_back_as_a_copy_stops_the_watch_with_7(
+        watch: Callable[..., WatchProc], node: Path, tmp_path: Path) -> None:
+    """Another folder in the store's place (a drive mounted again, a copy put back): the
+    writer lock is on the old one, so the watch stops with exit 7, which the unit restarts."""
+    w = watch()
+    w.wait_in_store(node, tmp_path / "r")
+    store = tmp_path / "backup" / "node1"
+    shutil.copytree(store, tmp_path / "copy")
+    os.rename(store, tmp_path / "old")
+    os.rename(tmp_path / "copy", store)
+    assert w.proc.wait(60) == EXIT_IO, w.stderr()
+    assert "not the folder this watch opened" in w.stderr()
+    assert "Traceback" not in w.stderr()
+
+
 def test_watch_waits_for_a_store_it_knows(watch: Callable[..., WatchProc], node: Path,
                                           tmp_path: Path) -> None:
     """A store this host backed up before that is absent when the watch starts is waited
