@@ -220,8 +220,7 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
     if env_file is not None:
         # Decoded line by line, in effect: bytes that are not UTF-8 stay as surrogates, and
         # only a line of one of humiofs's own settings is refused for holding them.
-        text = _read_capped(env_file, ENV_FILE_MAX, "env file").decode("utf-8",
-                                                                       "surrogateescape")
+        text = read_env_text(env_file)
         layers.append((f"the env file {env_file}",
                        parse_env_file(text, str(env_file), environ, lines)))
     layers.append(("the environment", {k: environ[k] for k in SETTINGS if k in environ}))
@@ -344,6 +343,13 @@ def read_key_file(path: Path) -> str:
 
 KEY_FILE_MAX = 64 << 10     # bytes of a key file read: the key is its first line
 ENV_FILE_MAX = 1 << 20      # bytes of an env file read
+
+
+def read_env_text(path: Path) -> str:
+    """An env file's text for parse_env_file (ConfigError if it cannot be read or is over
+    1 MiB); bytes that are not UTF-8 are kept as surrogates, an error only in a line of one
+    of humiofs's settings."""
+    return _read_capped(path, ENV_FILE_MAX, "env file").decode("utf-8", "surrogateescape")
 
 
 def _read_capped(path: Path, cap: int, what: str) -> bytes:

@@ -35,12 +35,7 @@ def dropins(env_file: Path) -> dict[str, str]:
     """{unit name: drop-in text} for humiofs-backup.service and humiofs-mount.service, from
     the settings in `env_file` alone (not the environment of whoever installs). ConfigError
     if the file cannot be read or a path cannot go into a unit."""
-    try:
-        text = env_file.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ConfigError(f"cannot read env file {env_file}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"env file {env_file} is not UTF-8 text") from None
+    text = config.read_env_text(env_file)
     values = config.parse_env_file(text, str(env_file), {})
     backup_dir = _path("BACKUP_DIR", values.get("BACKUP_DIR") or config.DEFAULT_BACKUP_DIR)
     head = (f"# Written by scripts/install from {env_file}; run it again after changing "

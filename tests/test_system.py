@@ -333,9 +333,11 @@ def test_dropins_read_the_env_file_as_humiofs_does(tmp_path: Path) -> None:
     assert "RequiresMountsFor=/mnt/backup%%disk\n" in units["humiofs-mount.service"]
     assert "ReadWritePaths=-/mnt/backup%%disk\n" in units["humiofs-backup.service"]
     assert "LoadCredential=backup.key:/etc/humiofs/backup.key\n" in units["humiofs-mount.service"]
-    env.write_text("BACKUP_DIR=/mnt/backup disk\n")
+    env.write_bytes(b"# Kn\xf6del\nBACKUP_DIR=/mnt/backup disk\n")
+    assert 'RequiresMountsFor="/mnt/backup disk"\n' in dropins(env)["humiofs-mount.service"]
+    env.write_text("BACKUP_DIR=/mnt/backup\tdisk\n")
     from humiofs.errors import ConfigError
-    with pytest.raises(ConfigError, match="blanks"):
+    with pytest.raises(ConfigError, match="control characters"):
         dropins(env)
     env.write_text("BACKUP_DIR=backup\n")
     with pytest.raises(ConfigError, match="absolute"):
