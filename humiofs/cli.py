@@ -196,7 +196,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         watch = importlib.import_module("humiofs.watch")
         interval = args.interval if args.interval is not None else cfg.interval_s
         return watch.run(cfg, interval, tuple(args.exclude), not args.no_progress,
-                         json_out=args.json)
+                         json_out=args.json, quiet=args.quiet)
     store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
     opts = BackupOptions(source=source, backup_name=store.name,
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
@@ -277,12 +277,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         summary.emit("restore", store=store.name, generation=summary.generation(gen),
                      target=str(args.to), files=stats.files, dirs=stats.dirs,
                      symlinks=stats.symlinks, specials=stats.specials, links=stats.links,
-                     skipped=stats.skipped, xattrs_refused=stats.xattrs_refused,
+                     skipped=stats.skipped + stats.present, xattrs_refused=stats.xattrs_refused,
                      bytes=stats.bytes, damaged=stats.damaged,
                      newer_damaged=[name for name, _ in picked.damaged],
                      rolled_back=bool(rollback),
                      seconds=round(time.monotonic() - start, 3), exit=code)
-    skipped = f", {stats.skipped} left alone" if stats.skipped else ""
+    skipped = f", {stats.present} already there (left alone)" if stats.present else ""
+    skipped += f", {stats.skipped} left alone (named above)" if stats.skipped else ""
     if stats.xattrs_refused:
         skipped += f", {stats.xattrs_refused} kinds of extended attribute refused by the target"
     _human(args, f"restore {store.name}: generation {generations.describe(gen)} -> "
@@ -452,7 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # warnings and summary), in order. What runs until stopped (backup --watch, a mount in
     # the foreground) only logs errors, as they happen.
     endless = getattr(args, "watch", False) or getattr(args, "foreground", False)
-    held = _Held() if quiet and not endless else None
+    # --json objects are what a script asked for: -q never holds them back.
+    held = _Held(hold_stdout=not getattr(args, "json", False)) if quiet and not endless \
+        else None
     _setup_logging(getattr(args, "verbose", 0), quiet and held is None)
     code = errors.EXIT_INTERNAL
     try:
@@ -466,10 +469,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 class _Held:
     """Holds back everything written to stdout and stderr (and so the log) until release."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold_stdout: bool = True) -> None:
         self.parts: list[tuple[bool, str]] = []
         self.saved = sys.stdout, sys.stderr
-        sys.stdout = _Part(self.parts, False)
+        if hold_stdout:
+            sys.stdout = _Part(self.parts, False)
         sys.stderr = _Part(self.parts, True)
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler):
@@ -516,9 +520,14 @@ def _run(args: argparse.Namespace) -> int:
         return errors.EXIT_OK
     except OSError as exc:
         # Every OS error a user can cause is mapped where it happens; one that is not is a
-        # bug, but still one line (the traceback with -v).
+        # bug, but still one line (the traceback with -v). No permission, a name too long
+        # or a file where a folder belongs are the user's to fix wherever they show up.
         log.debug("unexpected OS error", exc_info=True)
         where = f": {exc.filename}" if exc.filename else ""
+        mapped = errors.refused(exc, str(exc.filename or "a file"), setting=True)
+        if mapped is not None:
+            print(f"humiofs: error: {mapped}", file=sys.stderr)
+            return mapped.exit_code
         print(f"humiofs: error: {exc.strerror or exc}{where} (not expected here: please "
               "report it, with the output of -vv)", file=sys.stderr)
         return errors.EXIT_INTERNAL

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from humiofs.errors import ConfigError
+from humiofs.errors import ConfigError, show
 from humiofs.keys import Passphrase, canonical_passphrase, check_passphrase
 
 DEFAULT_BACKUP_DIR = "/backup"
@@ -28,6 +28,13 @@ DEFAULT_CHECKPOINT_BYTES = 1 << 30
 log = logging.getLogger(__name__)
 _KEY_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$")
 _HOST_ID = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,99}")
+# Names people guess for a setting, too far from it for difflib: warned about with the real one.
+_GUESSES = {"BACKUP_INTERVAL": "BACKUP_INTERVAL_SECONDS", "BACKUP_DIRECTORY": "BACKUP_DIR",
+            "BACKUP_PATH": "BACKUP_DIR", "HUMIO_BACKUP_DIR": "BACKUP_DIR",
+            "BACKUP_FOLDER": "BACKUP_DIR", "BACKUP_KEY_PATH": "BACKUP_KEY_FILE",
+            "BACKUP_PASSWORD": "BACKUP_KEY", "BACKUP_PASSPHRASE": "BACKUP_KEY",
+            "BACKUP_EXCLUDE_PATTERNS": "BACKUP_EXCLUDE", "BACKUP_EXCLUDES": "BACKUP_EXCLUDE"}
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")    # bytes of an env file that are not UTF-8
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
@@ -100,7 +107,8 @@ def parse_env_file(text: str, source: str, environ: Mapping[str, str],
     """
     values: dict[str, str] = {}
     for number, whole in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
-        line = whole.strip()
+        # (A BOM starts a line where files were joined together.)
+        line = whole.strip().removeprefix("\ufeff")
         if not line or line.startswith(("#", ";")):
             continue
         m = _KEY_LINE.match(line)
@@ -109,7 +117,8 @@ def parse_env_file(text: str, source: str, environ: Mapping[str, str],
             # humiofs cannot read is that program's business, a line of one of ours is not.
             word = re.split(r"[\s=]", line.removeprefix("export").strip(), maxsplit=1)[0]
             if word in SETTINGS or _closest(word):
-                raise ConfigError(f"{source}:{number}: expected {word}=VALUE (no blanks "
+                raise ConfigError(f"{source}:{number}: expected "
+                                  f"{show(word.encode('utf-8', 'surrogateescape'))}=VALUE (no blanks "
                                   "around the '=')")
             log.debug("%s:%d: not a KEY=VALUE line; not a humiofs setting, ignored",
                       source, number)
@@ -120,6 +129,10 @@ def parse_env_file(text: str, source: str, environ: Mapping[str, str],
             if near:
                 log.warning("%s:%d: %s is not a humiofs setting and is ignored; did you mean "
                             "%s?", source, number, key, near)
+        elif _NOT_UTF8.search(line):
+            raise ConfigError(f"{source}:{number}: {key} is not UTF-8 text")
+        elif value is not None and "\0" in value:
+            raise ConfigError(f"{source}:{number}: {key} holds a NUL byte")
         if value is None:
             if key in environ:
                 values[key] = environ[key]
@@ -138,6 +151,8 @@ def _closest(name: str) -> str | None:
     close enough to count."""
     if name in SETTINGS:
         return None
+    if name.upper() in _GUESSES:
+        return _GUESSES[name.upper()]
     near = difflib.get_close_matches(name.upper(), SETTINGS, n=1, cutoff=0.85)
     return near[0] if near else None
 
@@ -203,14 +218,9 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
     layers: list[tuple[str, Mapping[str, str]]] = []
     lines: dict[str, tuple[int, str | None]] = {}
     if env_file is not None:
-        try:
-            text = env_file.read_text(encoding="utf-8")
-        except IsADirectoryError:
-            raise ConfigError(f"env file {env_file} is a folder, not a file") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read env file {env_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"env file {env_file} is not UTF-8 text") from None
+        # Decoded line by line, in effect: bytes that are not UTF-8 stay as surrogates, and
+        # only a line of one of humiofs's own settings is refused for holding them.
+        text = read_env_text(env_file)
         layers.append((f"the env file {env_file}",
                        parse_env_file(text, str(env_file), environ, lines)))
     layers.append(("the environment", {k: environ[k] for k in SETTINGS if k in environ}))
@@ -221,6 +231,9 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
     merged: dict[str, str] = {}
     key_layer = ""
     for where, layer in layers:
+        if layer.get("BACKUP_DIR", None) == "":
+            log.warning("BACKUP_DIR is empty in %s; using the default, %s", where,
+                        DEFAULT_BACKUP_DIR)
         # BACKUP_KEY and BACKUP_KEY_FILE are one setting given two ways: the higher layer's
         # choice wins whichever way it is given (within one layer the file wins).
         if "BACKUP_KEY" in layer or "BACKUP_KEY_FILE" in layer:
@@ -277,11 +290,13 @@ def _key(merged: Mapping[str, str], where: str, env_file: Path | None,
     read from the same source (FORMAT.md 4.4). `where` is the layer that set the key."""
     if merged.get("BACKUP_KEY_FILE"):
         path = Path(merged["BACKUP_KEY_FILE"])
-        key, first_line = _read_key_file(path)
+        key, first_line, with_bom = _read_key_file(path)
         named = "--key-file" if where == "--key-file" else f"BACKUP_KEY_FILE in {where}"
         return key, f"the first line of the key file {path} ({named})", _other(
             key, first_line, f"from the key file {path} as its first line holds it (blanks "
-            "and quotes included)")
+            "and quotes included)") + tuple(f for f in _other(
+                key, with_bom, f"from the key file {path} with the byte-order mark at its "
+                "start (humiofs 0.2)") if f[0] != first_line)
     value = merged.get("BACKUP_KEY")
     if not value:
         return None, None, ()
@@ -321,28 +336,65 @@ def _host_id(value: str | None) -> str | None:
 
 
 def read_key_file(path: Path) -> str:
-    """The key stored in a file: the canonical passphrase of its first line (FORMAT.md 4.4)."""
+    """The key stored in a file: the canonical passphrase of its first line (FORMAT.md 4.4);
+    ConfigError if it cannot be read or holds none."""
     return _read_key_file(path)[0]
 
 
-def _read_key_file(path: Path) -> tuple[str, str]:
-    """(the canonical passphrase, the first line as it is, without its line ending)."""
+KEY_FILE_MAX = 64 << 10     # bytes of a key file read: the key is its first line
+ENV_FILE_MAX = 1 << 20      # bytes of an env file read
+
+
+def read_env_text(path: Path) -> str:
+    """An env file's text for parse_env_file (ConfigError if it cannot be read or is over
+    1 MiB); bytes that are not UTF-8 are kept as surrogates, an error only in a line of one
+    of humiofs's settings."""
+    return _read_capped(path, ENV_FILE_MAX, "env file").decode("utf-8", "surrogateescape")
+
+
+def _read_capped(path: Path, cap: int, what: str) -> bytes:
+    """At most `cap` bytes of `path` (a ConfigError if it holds more: /dev/zero, a log file
+    named by mistake, would otherwise be read until memory runs out)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(cap + 1)
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder, not a file") from None
     except OSError as exc:
-        if isinstance(exc, FileNotFoundError) and "/" not in str(path):
+        if isinstance(exc, FileNotFoundError) and what == "key file" and "/" not in str(path):
             # Likely the key itself given where a file name belongs: never echo it.
             raise ConfigError("the key file does not exist (BACKUP_KEY_FILE and --key-file "
                               "name a file holding the key, not the key itself)") from None
-        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except ValueError:      # a NUL byte in the path
+        raise ConfigError(f"the {what}'s name holds a NUL byte") from None
+    if len(data) > cap and (what != "key file" or b"\n" not in data):
+        raise ConfigError(f"{what} {path} is larger than {cap >> 10} KiB; is it the right "
+                          "file?")
+    return data
+
+
+def _read_key_file(path: Path) -> tuple[str, str, str]:
+    """(the canonical passphrase, the first line as it is without its line ending, and the
+    canonical passphrase humiofs 0.2 made of it, which kept a leading BOM)."""
+    data = _read_capped(path, KEY_FILE_MAX, "key file")
+    raw = data.split(b"\n", 1)[0]
+    try:
+        first = raw.decode("utf-8").rstrip("\r")
     except UnicodeDecodeError:
         raise ConfigError(f"key file {path} is not UTF-8 text") from None
-    first = text.split("\n", 1)[0].rstrip("\r")
-    key = canonical_passphrase(first)
+    if "\0" in first:
+        raise ConfigError(f"key file {path} holds a NUL byte in its first line")
+    # A BOM that an editor put at the start of the file is not part of the key (FORMAT.md 4.4).
+    key = canonical_passphrase(first.removeprefix("\ufeff"))
     if not key:
-        raise ConfigError(f"key file {path} is empty" if not first.strip() else
-                          f"key file {path} holds no key (only quotes)")
-    return key, first
+        if not first.removeprefix("\ufeff").strip():
+            raise ConfigError(f"key file {path} is empty" if not data.decode(
+                "utf-8", "replace").removeprefix("\ufeff").strip() else
+                              f"the first line of key file {path} is blank; the key must be "
+                              "on the first line")
+        raise ConfigError(f"key file {path} holds no key (only blanks or quotes)")
+    return key, first, canonical_passphrase(first)
 
 
 def _int_setting(values: Mapping[str, str], name: str, default: int) -> int:

@@ -113,6 +113,19 @@ def show(name: bytes) -> str:
     return name.decode("utf-8", "backslashreplace").translate(_CONTROL)
 
 
+def refused(exc: OSError, what: str, setting: bool = False) -> HumiofsError | None:
+    """The error for an OS refusal that is neither damage nor a bug, or None: no permission
+    on the backup disk (exit 7, as a disk that cannot be written), or, if `what` is a path
+    the settings name (not a part of a store, where it is damage), one that cannot be one (too
+    long, a file where a folder belongs, a symlink loop: exit 2)."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StoreIOError(f"cannot read or write {what}: {exc.strerror} (run humiofs as the "
+                            "user that owns the backups, or give this user access)")
+    if setting and exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP):
+        return ConfigError(f"{what}: {exc.strerror} (check BACKUP_DIR and BACKUP_NAME)")
+    return None
+
+
 def os_reason(exc: OSError) -> str:
     """Why an OS call failed, for a message about one entry."""
     if exc.errno == errno.EMFILE:

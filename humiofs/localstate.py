@@ -82,6 +82,16 @@ class LocalState:
             return None
         return name
 
+    def known_place(self, store_path: Path) -> bool:
+        """True if this host recorded a store at `store_path` (whatever its id): a backup
+        --watch then waits for that store rather than create a new one there."""
+        place = hashlib.blake2b(os.fsencode(os.path.realpath(store_path)),
+                                digest_size=8).hexdigest()
+        try:
+            return any(name.endswith(f"-{place}.json") for name in os.listdir(self.folder))
+        except OSError:
+            return False
+
     def observe(self, store: Store, newest: str | None,
                 names: list[str] | None = None) -> str | None:
         """Compares the store with the record, given its newest generation that authenticated

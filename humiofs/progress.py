@@ -29,7 +29,8 @@ class Progress:
 
     The line always fits the terminal's width, read at each redraw (a line one column too
     long wraps, and every redraw then stacks a new line): the bar is dropped first, then the
-    ETA, the rate and the percentage. On a terminal without escape sequences (TERM=dumb or
+    rate, the ETA, the percentage, the file count, the bytes; a field is dropped whole, never
+    cut, and a terminal too narrow for any gets nothing. On a terminal without escape sequences (TERM=dumb or
     unset, such as Emacs' shell) the line is redrawn with a carriage return and blanks.
     """
 
@@ -79,11 +80,11 @@ class Progress:
             if rate > 0 and self.bytes < self.total_bytes and (elapsed > 1 or fraction > 0.01):
                 eta = f", ETA {human_seconds((self.total_bytes - self.bytes) / rate)}"
         room = width - 1
-        for text in (pct + counts + eta + speed, pct + counts + eta, pct + counts, counts):
+        # Narrower and narrower; never a number cut from its unit: at the very least nothing.
+        for text in (pct + counts + eta + speed, pct + counts + eta, pct + counts, counts,
+                     human_bytes(self.bytes), pct.strip(), ""):
             if len(text) <= room:
                 break
-        else:
-            return counts[:max(room, 0)]
         bar = min(20, room - len(text) - 3)
         if pct and bar >= 5:
             fill = int(bar * fraction)
@@ -93,6 +94,8 @@ class Progress:
     def _draw(self, now: float) -> None:
         width = self._width()
         line = self.line(width, now)
+        if not line and not self._drawn:
+            return      # too narrow for anything: nothing to draw, nothing to clear
         if self._escapes:
             self.stream.write("\r\x1b[K" + line)
         else:   # blanks over what is left of the last line

@@ -44,6 +44,7 @@ class RestoreStats:
     specials: int = 0
     links: int = 0          # files restored as another name of an inode already restored
     skipped: int = 0
+    present: int = 0        # with --missing-only: entries already in the target, left alone
     xattrs_refused: int = 0  # extended attribute names the target refused (each warned once)
     bytes: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -279,6 +280,7 @@ class Restore:
                 return False
             return True
         if self.opt.missing_only:
+            self.stats.present += 1
             return False
         raise TargetError(f"{show(path)} exists in the target; use --overwrite to "
                           "replace it")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from humiofs import crypto, format, journal, keys, storemeta, writerlock
 from humiofs.crypto import CHUNK, STORED_CHUNK, ObjectCipher
-from humiofs.errors import (IntegrityError, NoSuchObject, NoSuchStore, StoreError,
+from humiofs.errors import (refused, IntegrityError, NoSuchObject, NoSuchStore, StoreError,
                             StoreMetadataDamaged, WrongKey)
 from humiofs.durable import (NotRegularFile, fsync_dir, open_store_file, read_store_file, store_io_error,
                              unlink_quietly, write_new)
@@ -75,8 +75,11 @@ def list_stores(backup_dir: Path) -> list[str]:
         names = os.listdir(backup_dir)
     except FileNotFoundError:
         return []
+    except NotADirectoryError:
+        raise NoSuchStore(f"BACKUP_DIR {backup_dir} is not a folder") from None
     except OSError as exc:
-        raise StoreError(f"cannot list {backup_dir}: {exc.strerror}") from None
+        raise refused(exc, f"BACKUP_DIR {backup_dir}", setting=True) or StoreError(
+            f"cannot list {backup_dir}: {exc.strerror}") from None
     return sorted(n for n in names if not n.startswith(".") and looks_like_store(backup_dir / n))
 
 
@@ -92,7 +95,8 @@ def generation_names(store_path: Path) -> list[str]:
                          f"copy of the store, or make an empty one (`mkdir -m 700 {gdir}`, after "
                          "moving a file in its place out of the store)") from None
     except OSError as exc:
-        raise StoreError(f"cannot list generations of {store_path}: {exc.strerror}") from None
+        raise refused(exc, str(gdir)) or StoreError(
+            f"cannot list generations of {store_path}: {exc.strerror}") from None
     return sorted(n for n in names if format.GENERATION_NAME.match(n))
 
 
@@ -107,7 +111,8 @@ def list_packs(store: Store) -> dict[bytes, os.stat_result]:
     try:
         prefixes = sorted(os.listdir(root))
     except OSError as exc:
-        raise StoreError(f"cannot list {root}: {exc.strerror} (run humiofs check)") from None
+        raise refused(exc, str(root)) or StoreError(
+            f"cannot list {root}: {exc.strerror} (run humiofs check)") from None
     for prefix in prefixes:
         if not re.fullmatch(r"[0-9a-f]{2}", prefix):
             continue
@@ -165,6 +170,8 @@ class Store:
         passphrase = keys.Passphrase.of(key).text
         keys.check_passphrase(passphrase)
         parent = path.parent
+        if parent.exists() and not parent.is_dir():
+            raise NoSuchStore(f"BACKUP_DIR {parent} is not a folder")
         if not parent.is_dir():
             # Never create BACKUP_DIR: if it is an unmounted network drive, the backup would
             # silently fill the local disk instead.
@@ -245,7 +252,8 @@ class Store:
         except FileNotFoundError:
             key_names = []
         except OSError as exc:
-            raise StoreError(f"cannot list {key_dir}: {exc.strerror}") from None
+            raise refused(exc, str(key_dir)) or StoreError(
+                f"cannot list {key_dir}: {exc.strerror}") from None
         if not key_names:
             raise StoreMetadataDamaged(
                 f"the store {path} has no key file ({key_dir} is "
@@ -269,13 +277,16 @@ class Store:
                 if master is not None:
                     if how:
                         log.warning(
-                            "the store %s opens only with the key read %s (as humiofs 0.1 read "
-                            "it), not with the key as it is read now (README, The key). If "
+                            "the store %s opens only with the key read %s (as an earlier humiofs "
+                            "read it), not with the key as it is read now (README, The key). If "
                             "this key is not the one the store's other users give (such as "
                             "the backup service's env file), leave it so; if it is, `humiofs "
                             "key change` with --new-key-file holding it makes the store open "
                             "with it as read now", path, how)
                     return cls(path, store_id, master, passphrase)
+        for name, problem in problems.items():
+            if isinstance(problem, OSError) and (error := refused(problem, str(key_dir / name))):
+                raise error
         if any(name not in problems for name in key_names):
             # A key file of this very store that the key does not open: the key is wrong (a
             # bit flipped inside the wrapped key would look the same; nothing can tell).
@@ -387,7 +398,8 @@ class Store:
         except FileNotFoundError:
             raise NoSuchObject(f"pack {pack_id.hex()} is missing from the store") from None
         except OSError as exc:
-            raise StoreError(f"cannot open pack {pack_id.hex()}: {exc.strerror}") from None
+            raise refused(exc, f"pack {pack_id.hex()}") or StoreError(
+                f"cannot open pack {pack_id.hex()}: {exc.strerror}") from None
         try:
             head = os.pread(fd, format.HEADER_LEN, 0)
             format.check_header(head, format.TYPE_PACK, format.PACK_VERSION,
@@ -529,7 +541,8 @@ class Store:
             # command alike (FORMAT.md 9.1): it is never opened through or read from.
             raise IntegrityError(f"generation {name} is {exc.strerror}") from None
         except OSError as exc:
-            raise StoreError(f"cannot read generation {name}: {exc.strerror}") from None
+            raise refused(exc, f"generation {name}") or StoreError(
+                f"cannot read generation {name}: {exc.strerror}") from None
         where = f"generation {name}"
         format.check_header(data, format.TYPE_GENERATION, format.GENERATION_VERSION, where)
         oid, stored = data[8:24], data[24:]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from humiofs import keys
 from humiofs.durable import NotRegularFile, read_store_file
-from humiofs.errors import IntegrityError, NoSuchStore, StoreError, StoreMetadataDamaged
+from humiofs.errors import (IntegrityError, NoSuchStore, StoreError, StoreMetadataDamaged,
+                            refused)
 
 STORE_FORMAT = "humiofs-store"
 STORE_VERSION = 1
@@ -101,7 +102,8 @@ def read_config(path: Path, fits: Callable[[bytes], bool] = lambda _: False) -> 
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NoSuchStore(f"no humiofs store at {path}: {exc.strerror}") from None
-        raise StoreError(f"cannot read {config_path}: {exc.strerror}") from None
+        raise refused(exc, str(config_path), setting=True) or StoreError(
+            f"cannot read {config_path}: {exc.strerror}") from None
     try:
         config = json.loads(raw)
         if config["format"] != STORE_FORMAT:

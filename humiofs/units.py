@@ -16,26 +16,26 @@ DROPIN = "50-env-file.conf"
 CREDENTIAL = "backup.key"
 
 
-def _path(name: str, value: str) -> str:
-    """`value` as a path systemd takes in a space-separated list, with % escaped."""
+def _path(name: str, value: str, prefix: str = "") -> str:
+    """`value` as one entry of a space-separated path list of a unit (`prefix`, such as '-',
+    before it): % escaped, and in double quotes with C escapes if it holds blanks, quotes or
+    backslashes, which systemd takes. ConfigError for a path no unit can name."""
     if not value.startswith("/"):
         raise ConfigError(f"{name} {value!r} must be an absolute path for the systemd units")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ConfigError(f"{name} {value!r}: the systemd units cannot take a path with "
+                          "control characters")
+    value = value.replace("%", "%%")
     if any(c.isspace() or c in "\"'\\;" for c in value):
-        raise ConfigError(f"{name} {value!r}: the systemd units cannot take a path with blanks, "
-                          "quotes, backslashes or ';'")
-    return value.replace("%", "%%")
+        return prefix + '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return prefix + value
 
 
 def dropins(env_file: Path) -> dict[str, str]:
     """{unit name: drop-in text} for humiofs-backup.service and humiofs-mount.service, from
     the settings in `env_file` alone (not the environment of whoever installs). ConfigError
     if the file cannot be read or a path cannot go into a unit."""
-    try:
-        text = env_file.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ConfigError(f"cannot read env file {env_file}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"env file {env_file} is not UTF-8 text") from None
+    text = config.read_env_text(env_file)
     values = config.parse_env_file(text, str(env_file), {})
     backup_dir = _path("BACKUP_DIR", values.get("BACKUP_DIR") or config.DEFAULT_BACKUP_DIR)
     head = (f"# Written by scripts/install from {env_file}; run it again after changing "
@@ -44,16 +44,22 @@ def dropins(env_file: Path) -> dict[str, str]:
     if values.get("BACKUP_KEY_FILE"):
         # The credential is a copy only this service can read; BACKUP_KEY_FILE in the
         # environment wins over the env file's (humiofs's precedence).
-        key = (f"LoadCredential={CREDENTIAL}:{_path('BACKUP_KEY_FILE', values['BACKUP_KEY_FILE'])}\n"
+        # LoadCredential= takes the rest of the line as the path, as it is (no quotes).
+        key_file = values["BACKUP_KEY_FILE"]
+        _path("BACKUP_KEY_FILE", key_file)
+        if key_file != key_file.strip():
+            raise ConfigError(f"BACKUP_KEY_FILE {key_file!r}: the systemd units cannot take a "
+                              "path with blanks at its ends")
+        key = (f"LoadCredential={CREDENTIAL}:{key_file.replace('%', '%%')}\n"
                f"Environment=BACKUP_KEY_FILE=%d/{CREDENTIAL}\n")
     needs = [backup_dir]
     if values.get("DIRECTORY"):
         needs.append(_path("DIRECTORY", values["DIRECTORY"]))
     # '-': a drive that is not mounted yet must not stop the sandbox from being set up;
     # humiofs then says so (exit 2) and the unit tries again.
-    writable = [f"-{backup_dir}"]
+    writable = [_path("BACKUP_DIR", values.get("BACKUP_DIR") or config.DEFAULT_BACKUP_DIR, "-")]
     if values.get("BACKUP_STATE_DIR"):
-        writable.append(f"-{_path('BACKUP_STATE_DIR', values['BACKUP_STATE_DIR'])}")
+        writable.append(_path("BACKUP_STATE_DIR", values["BACKUP_STATE_DIR"], "-"))
     backup = (head + "[Unit]\n" + f"RequiresMountsFor={' '.join(needs)}\n\n[Service]\n"
               + f"ReadWritePaths={' '.join(writable)}\n" + key)
     mount = head + "[Unit]\n" + f"RequiresMountsFor={backup_dir}\n\n[Service]\n" + key

@@ -18,13 +18,13 @@ from types import FrameType
 
 from humiofs import errors, prune, sdnotify, summary
 from humiofs.config import Config
-from humiofs.errors import ConfigError, Interrupted, StoreError, StoreLocked
+from humiofs.errors import ConfigError, Interrupted, StoreError, StoreIOError, StoreLocked
 from humiofs.format import Generation, Ref
 from humiofs.generations import complete_name, format_time, latest_readable
 from humiofs.inotify import Dirty, Tracker
 from humiofs.localstate import LocalState
 from humiofs.scan import DEFAULT_EXCLUDES, Excluder
-from humiofs.store import Store, list_packs
+from humiofs.store import Store, list_packs, looks_like_store
 from humiofs.writer import Backup, BackupOptions, TreeCounts
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,57 @@ _COALESCE_S = 0.1         # while sleeping, read inotify events at most this oft
 
 
 def run(cfg: Config, interval: float, extra_excludes: tuple[str, ...], progress: bool,
-        json_out: bool = False) -> int:
+        json_out: bool = False, quiet: bool = False) -> int:
     """Backs up `cfg.directory` every `interval` seconds until SIGTERM or SIGINT; returns the
     exit code (0 after a clean stop). Fatal errors are raised as HumiofsError. `json_out`:
-    one summary object per pass on stdout (docs/JSON.md) instead of the lines for people."""
+    one summary object per pass on stdout (docs/JSON.md) instead of the lines for people;
+    `quiet`: neither (-q), only errors are logged."""
     if not interval > 0:
         raise ConfigError("the backup interval must be more than 0 seconds")
     cfg.need_directory()
-    store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
+    store = _open_store(cfg, interval)
+    if store is None:
+        return errors.EXIT_OK
     try:
-        return Watch(store, cfg, interval, extra_excludes, progress, json_out).run()
+        return Watch(store, cfg, interval, extra_excludes, progress, json_out, quiet).run()
     finally:
         store.close()
+
+
+def _open_store(cfg: Config, interval: float) -> Store | None:
+    """The store to watch. A store this host has a record of (BACKUP_STATE_DIR) is expected:
+    while it is absent (the backup drive not mounted, BACKUP_DIR moved) the watch waits for
+    it, every `interval`, rather than start a fresh full backup in an empty mountpoint; None
+    if stopped meanwhile. A store never seen here is created, as by a one-shot backup."""
+    path = cfg.store_path()
+    state = LocalState.of(cfg.state_dir)
+    if looks_like_store(path) or state is None or not state.known_place(path):
+        return Store.open_or_create(path, cfg.passphrase())
+    stop = threading.Event()
+    old = {s: signal.signal(s, lambda signum, frame: stop.set())
+           for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        log.warning("the store %s is not there, but this host has backed it up before (the "
+                    "backup drive is not mounted, or BACKUP_DIR moved?); waiting for it, "
+                    "looking every %gs. A one-shot `humiofs backup` starts a new store there",
+                    path, interval)
+        sdnotify.ready(f"waiting for the store {path}")
+        while not looks_like_store(path):
+            if stop.wait(interval):
+                return None
+        log.info("the store %s is back", path)
+        return Store.open(path, cfg.passphrase())
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _where(path: os.PathLike[str]) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def changed(gen: Generation, parent: Generation | None) -> bool:
@@ -58,8 +97,10 @@ def changed(gen: Generation, parent: Generation | None) -> bool:
 
 class Watch:
     def __init__(self, store: Store, cfg: Config, interval: float,
-                 extra_excludes: tuple[str, ...], progress: bool, json_out: bool = False) -> None:
+                 extra_excludes: tuple[str, ...], progress: bool, json_out: bool = False,
+                 quiet: bool = False) -> None:
         self.store = store
+        self.quiet = quiet
         self.json_out = json_out
         self.last_pass: dict[str, object] = {}     # what the latest pass did, for --json
         self.cfg = cfg
@@ -78,6 +119,22 @@ class Watch:
         self._pruned_at: tuple[int, float] | None = None    # (committed, monotonic time)
         self.rolled_back: str | None = None     # the rollback this watch started on
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._home = _where(store.path)     # the store's folder as it was opened
+
+    def _store_gone(self) -> str | None:
+        """Why the store this watch opened is not where it was (the backup drive went away,
+        BACKUP_DIR or the store was moved), or None if it is there. Raises StoreIOError if
+        another folder is there now."""
+        if not (self.store.path / "config").is_file():
+            return (f"the store {self.store.path} is gone (the backup drive is not mounted, or "
+                    "BACKUP_DIR or the store was moved?)")
+        if _where(self.store.path) != self._home:
+            # The writer lock this watch holds is on the folder it opened, not on this one:
+            # stop (exit 7, which the unit restarts), and the next run opens this one.
+            raise StoreIOError(f"{self.store.path} is not the folder this watch opened (the "
+                               "backup drive was mounted again, or the store replaced); "
+                               "stopping, so that a new run opens it")
+        return None
 
     # -- signals --------------------------------------------------------------------------
 
@@ -107,9 +164,14 @@ class Watch:
                         # missing generations can be put back with every pack they need.
                         self.rolled_back = rollback
                 self.tracker = self._start_tracker()
-                if not self.json_out:
+                if not self.json_out and not self.quiet:
                     print(f"backup {self.store.name}: watching {self.source}, a pass every "
                           f"{self.interval:g}s", flush=True)
+                # A Type=notify unit is started once the watch runs (the store open, the
+                # writer lock held), not after a first pass that may take hours: neither
+                # `systemctl start` nor boot waits for it.
+                sdnotify.ready(f"watching {self.source}" + (
+                    f", latest {format_time(parent.time_ms)}" if parent else ""))
                 while not self.stop.is_set():
                     deadline = time.monotonic() + self.interval
                     started = time.monotonic()
@@ -120,10 +182,6 @@ class Watch:
                         summary.emit("backup", store=self.store.name, watch_pass=self.passes,
                                      **self.last_pass,
                                      seconds=round(time.monotonic() - started, 3))
-                    if self.passes == 1:
-                        # A Type=notify unit is started once the first pass has committed.
-                        sdnotify.ready("first pass done" + (
-                            f", latest {format_time(parent.time_ms)}" if parent else ""))
                     if self._prune_due():
                         self._prune()
                     self._sleep(deadline)
@@ -135,7 +193,7 @@ class Watch:
             os.close(self._wake_r)
             os.close(self._wake_w)
         latest = f"; latest {format_time(parent.time_ms)}" if parent else ""
-        if self.json_out:
+        if self.json_out or self.quiet:
             return errors.EXIT_OK
         print(f"backup {self.store.name}: stopped after {self.passes} passes, "
               f"{self.committed} generations committed{latest}", flush=True)
@@ -156,6 +214,9 @@ class Watch:
 
     def _pass(self, parent: Generation | None) -> Generation | None:
         """One backup pass; returns the new latest generation (the parent if none was due)."""
+        gone = self._store_gone()
+        if gone:
+            return self._failed(parent, gone)
         dirty = self.tracker.take() if self.tracker is not None else Dirty(full=True)
         full = dirty.full or time.monotonic() - self.last_full >= FULL_WALK_S
         if full:
@@ -189,18 +250,21 @@ class Watch:
                          "whole data directory")
                 self.last_full = float("-inf")
                 return self._pass(parent)
-        except (OSError, StoreError) as exc:
+        except (OSError, errors.HumiofsError) as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            # The store going away mid-pass (its drive unmounted) is not damage: retried.
+            gone = self._store_gone()
+            if gone:
+                return self._failed(parent, gone)
             # The store's own failures are HumiofsErrors with other codes and end the run; a
             # source that is briefly unreadable (DIRECTORY unmounted, EIO) is retried.
-            if isinstance(exc, StoreError) and exc.exit_code != errors.EXIT_USAGE:
+            if isinstance(exc, errors.HumiofsError) and not (
+                    isinstance(exc, StoreError) and exc.exit_code == errors.EXIT_USAGE):
                 raise
             if first and parent is None:
                 raise
-            log.warning("backup pass failed: %s; trying again in %gs", exc, self.interval)
-            self.last_pass = {"committed": False, "generation": summary.generation(parent),
-                              "error": str(exc)}
-            self.last_full = float("-inf")
-            return parent
+            return self._failed(parent, str(exc))
         if full:
             self.counts = run.tree_counts_seen
             self.used = run.packs_used
@@ -233,6 +297,14 @@ class Watch:
                  s.bytes_stored, "full" if full else "incremental", time.monotonic() - start)
         return gen
 
+    def _failed(self, parent: Generation | None, why: str) -> Generation | None:
+        """A pass that failed for a passing reason: one line, retried next interval."""
+        log.warning("backup pass failed: %s; trying again in %gs", why, self.interval)
+        self.last_pass = {"committed": False, "generation": summary.generation(parent),
+                          "full_walk": True, "error": why}
+        self.last_full = float("-inf")
+        return parent
+
     def _store_lost_packs(self, run: Backup) -> bool:
         """True if a pack that a generation of this watch referred to, through a folder a
         pass walked since the last full walk, is gone from the store (lost, or removed by a
@@ -241,7 +313,7 @@ class Watch:
         return any(pid not in present for pid in self.used | run.packs_used)
 
     def _prune_due(self) -> bool:
-        if self.stop.is_set() or self.passes % PRUNE_EVERY != 1:
+        if self.stop.is_set() or self.passes % PRUNE_EVERY != 1 or self.last_pass.get("error"):
             return False
         if self._pruned_at is None:
             return True
@@ -264,7 +336,17 @@ class Watch:
         except StoreLocked:
             log.info("prune skipped: another prune or check is running")
             return
-        except StoreError as exc:
+        except (OSError, errors.HumiofsError) as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            gone = self._store_gone()
+            if gone:
+                log.warning("prune failed: %s; the next pass tries again", gone)
+                return
+            if not isinstance(exc, StoreError):
+                raise
+            # Prune refused (the store stands rolled back, no generation opens, ...): the
+            # backups go on; check says what to do.
             log.error("prune skipped: %s", exc)
             return
         if r.damaged:

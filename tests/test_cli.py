@@ -2,6 +2,7 @@
 (wrong, changed, refused, never shown), ls, --at, --missing-only, target checks, store modes."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -32,7 +33,8 @@ BACKUP_LINE = re.compile(
 RESTORE_LINE = re.compile(
     r"^restore (?P<name>\S+): generation (?P<time>\S+) \((?P<gen>\S+)\) -> (?P<to>.+): "
     r"(?P<files>\d+) files, \d+ folders, "
-    r"\d+ symlinks(, (?P<alone>\d+) left alone)?; [\d.]+ \w+ of data in [\d.]+s$")
+    r"\d+ symlinks(, (?P<present>\d+) already there \(left alone\))?"
+    r"(, (?P<alone>\d+) left alone \(named above\))?; [\d.]+ \w+ of data in [\d.]+s$")
 
 
 @dataclass
@@ -161,6 +163,14 @@ def test_missing_only_and_overwrite(made: Made, tmp_path: Path) -> None:
     assert m and int(m["files"]) == 3, r.stdout
     assert segs[3].read_bytes() == b"locally changed"
     assert all(p.read_bytes() == (node / p.relative_to(target)).read_bytes() for p in segs[:3])
+    # What was there and left alone is counted: in the line, and as "skipped" in --json.
+    present = sum(1 for p in target.rglob("*") if p.is_symlink() or not p.is_dir())
+    assert f", {present - 3} already there (left alone)" in r.stdout, r.stdout
+    segs[0].unlink()
+    r = run_cli("restore", "-c", env, "--to", target, "--missing-only", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["files"] == 1 and doc["skipped"] == present - 1, doc
     r = run_cli("restore", "-c", env, "--to", target, "--overwrite")
     assert r.returncode == 0, r.stderr
     want = {k: v for k, v in source_digest(node).items() if v[0] == "f"}
@@ -437,7 +447,7 @@ def test_a_service_with_environmentfile_and_a_person_use_one_key(made: Made,
     assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("source", ["environment", "key file", "systemd"])
+@pytest.mark.parametrize("source", ["environment", "key file", "systemd", "bom", "bom 0.2"])
 def test_a_store_made_with_an_earlier_reading_of_the_key_still_opens(
         made: Made, tmp_path: Path, source: str) -> None:
     """Earlier versions used the environment's value and a key file's line as they were, and a
@@ -445,7 +455,11 @@ def test_a_store_made_with_an_earlier_reading_of_the_key_still_opens(
     that says what to do, and after `key change` with the same key it opens without one."""
     written, earlier = {"environment": ("  my key ", "  my key "),
                         "key file": ('"my key"', '"my key"'),
-                        "systemd": ("C:\\keys\\prod", "C:keysprod")}[source]
+                        "systemd": ("C:\\keys\\prod", "C:keysprod"),
+                        # A key file opening with a BOM: 0.1 took the line as it was, 0.2
+                        # its canonical form with the BOM kept.
+                        "bom": ("\ufeffmy key", "\ufeffmy key"),
+                        "bom 0.2": ("\ufeff my key ", "\ufeff my key")}[source]
     backups = tmp_path / "backups"
     shutil.copytree(made.store, backups / "node1")
     Store.open(backups / "node1", KEY).change_key(earlier)   # as an earlier version made it
@@ -453,12 +467,13 @@ def test_a_store_made_with_an_earlier_reading_of_the_key_still_opens(
     kf.write_text(written + "\n")
     env = write_env(tmp_path / "node.env", backups,
                     key=written if source == "systemd" else None)
-    args: list[str | Path] = ["--key-file", kf] if source == "key file" else []
+    args: list[str | Path] = ["--key-file", kf] if source in ("key file", "bom", "bom 0.2") \
+        else []
     environ = {**clean_env(), **({"BACKUP_KEY": written} if source == "environment" else {})}
     r = run_cli("ls", "-c", env, *args, env=environ)
     assert r.returncode == 0, r.stderr
     assert "2 generation(s)" in r.stdout
-    assert "WARNING" in r.stderr and "(as humiofs 0.1 read it)" in r.stderr
+    assert "WARNING" in r.stderr and "(as an earlier humiofs read it)" in r.stderr
     assert "humiofs key change" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "my key" not in r.stderr and "keysprod" not in r.stderr and "prod" not in r.stderr
     r = run_cli("key", "change", "-c", env, *args, "--new-key-file", kf, env=environ)

@@ -64,9 +64,50 @@ def test_missing_or_binary_env_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read env file"):
         load(NO_FLAGS, env_file=tmp_path / "nope.env", environ={})
     p = tmp_path / "bin.env"
-    p.write_bytes(b"A=\xff\xfe\n")
-    with pytest.raises(ConfigError, match="UTF-8"):
+    p.write_bytes(b"BACKUP_DIR=/b\xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"bin.env:1: BACKUP_DIR is not UTF-8 text"):
         load(NO_FLAGS, env_file=p, environ={})
+
+
+def test_bytes_that_are_not_utf8_outside_humiofs_settings_are_ignored(tmp_path: Path) -> None:
+    p = tmp_path / "node.env"
+    p.write_bytes(b"# Kn\xf6del's node (Latin-1)\nHUMIO_X=\xff\xfe\nBACKUP_NAME=n\n"
+                  b"\xff\xfe not a line at all\n")
+    assert load(NO_FLAGS, env_file=p, environ={}).backup_name == "n"
+
+
+@pytest.mark.parametrize("setting", ["BACKUP_DIR", "BACKUP_KEY_FILE", "BACKUP_STATE_DIR",
+                                     "BACKUP_NAME", "DIRECTORY"])
+def test_a_nul_byte_in_a_setting_is_one_line(tmp_path: Path, setting: str) -> None:
+    p = tmp_path / "node.env"
+    p.write_bytes(f"{setting}=/a\0b\nHUMIO_Y=\0\n".encode())
+    with pytest.raises(ConfigError, match=f"node.env:1: {setting} holds a NUL byte"):
+        load(NO_FLAGS, env_file=p, environ={})
+
+
+@pytest.mark.parametrize("guess,real", [
+    ("BACKUP_INTERVAL", "BACKUP_INTERVAL_SECONDS"), ("BACKUP_DIRECTORY", "BACKUP_DIR"),
+    ("BACKUP_PATH", "BACKUP_DIR"), ("HUMIO_BACKUP_DIR", "BACKUP_DIR"),
+    ("BACKUP_KEY_PATH", "BACKUP_KEY_FILE"), ("BACKUP_PASSWORD", "BACKUP_KEY"),
+    ("BACKUP_EXCLUDE_PATTERNS", "BACKUP_EXCLUDE")])
+@pytest.mark.allow_warnings
+def test_guessed_names_are_warned_with_the_real_one(tmp_path: Path, guess: str, real: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    load(NO_FLAGS, env_file=env_file(tmp_path, f"{guess}=x\n"), environ={})
+    assert f"{guess} is not a humiofs setting and is ignored; did you mean {real}?" \
+        in caplog.text
+
+
+@pytest.mark.allow_warnings
+def test_an_empty_backup_dir_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load(NO_FLAGS, env_file=env_file(tmp_path, "BACKUP_DIR=\n"), environ={})
+    assert cfg.backup_dir == Path("/backup")
+    assert "BACKUP_DIR is empty" in caplog.text
+
+
+def test_a_bom_opening_a_later_line_is_ignored(tmp_path: Path) -> None:
+    p = env_file(tmp_path, "BACKUP_NAME=a\n\ufeffBACKUP_DIR=/b\n")
+    assert load(NO_FLAGS, env_file=p, environ={}).backup_dir == Path("/b")
 
 
 def test_precedence(tmp_path: Path) -> None:
@@ -208,12 +249,39 @@ def test_key_file_without_newline(tmp_path: Path) -> None:
     assert config.read_key_file(kf) == "k3y"
 
 
-@pytest.mark.parametrize("text", ["", "\nsecond line\n"])
+@pytest.mark.parametrize("text", ["", "\n", "\ufeff", " \n\n"])
 def test_empty_key_file(tmp_path: Path, text: str) -> None:
     kf = tmp_path / "key"
     kf.write_text(text)
-    with pytest.raises(ConfigError, match="empty"):
+    with pytest.raises(ConfigError, match="is empty"):
         load(NO_FLAGS, key_file=kf, environ={})
+
+
+@pytest.mark.parametrize("text", ["\nsecond line\n", "  \r\nkey\n", "\ufeff\nkey"])
+def test_key_file_with_a_blank_first_line_says_so(tmp_path: Path, text: str) -> None:
+    kf = tmp_path / "key"
+    kf.write_text(text)
+    with pytest.raises(ConfigError, match="first line of key file .* is blank"):
+        load(NO_FLAGS, key_file=kf, environ={})
+
+
+@pytest.mark.parametrize("text", ["\ufeffmy key\n", "\ufeff my key \r\n", '\ufeff"my key"'])
+def test_a_bom_opening_a_key_file_is_not_part_of_the_key(tmp_path: Path, text: str) -> None:
+    kf = tmp_path / "key"
+    kf.write_text(text, encoding="utf-8")
+    assert config.read_key_file(kf) == "my key"
+
+
+@pytest.mark.parametrize("what", ["key_file", "env_file"])
+@pytest.mark.parametrize("source", ["/dev/zero", "big"])
+def test_an_endless_or_huge_file_is_not_read_whole(tmp_path: Path, what: str,
+                                                   source: str) -> None:
+    path = Path(source)
+    if source == "big":
+        path = tmp_path / "big"
+        path.write_bytes(b"x" * (2 << 20))
+    with pytest.raises(ConfigError, match="larger than"):
+        load(NO_FLAGS, environ={}, **{what: path})    # type: ignore[arg-type]
 
 
 def test_missing_key_file(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ still checks, lists and restores."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import re
 import subprocess
 import sys
@@ -123,6 +125,12 @@ CASES = [
     (["check", "--backup-dir", "file"], 2, "no humiofs store"),
     (["check", "--backup-dir", "loop1"], 2, "no humiofs store"),
     (["restore", "--backup-dir", "file", "--to", "r"], 2, "no humiofs store"),
+    (["ls", "--backup-dir", "file"], 2, "no humiofs store"),
+    (["ls", "--backup-dir", "loop1"], 2, "no humiofs store"),
+    (["backup", "--backup-dir", "folder", "--name", "n" * 300], 2, "BACKUP_NAME"),
+    (["backup", "--backup-dir", "folder/" + "d" * 300], 2, "File name too long"),
+    (["ls", "--backup-dir", "folder/" + "d" * 300], 2, "File name too long"),
+    (["check", "--backup-dir", "folder/" + "d" * 300], 2, "File name too long"),
 ]
 
 
@@ -137,6 +145,61 @@ def test_bad_paths_give_one_line(paths: Path, args: list[str], code: int, says: 
                            *args[1:]], env={**clean_env(), "BACKUP_KEY": KEY},
                           capture_output=True, text=True, timeout=120, cwd=paths)
     _one_line(proc, code, says)
+
+
+@pytest.fixture(scope="module")
+def locked_out(request: pytest.FixtureRequest) -> Path:
+    """BACKUP_DIR (mode 755) with store `open` (config readable) and store `shut` (config
+    mode 000), and `closed`, a BACKUP_DIR of mode 700: what user nobody meets."""
+    # Not under pytest's folders: nobody cannot pass through them.
+    tmp = Path(tempfile.mkdtemp(prefix="humiofs-locked-"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    os.chmod(tmp, 0o755)
+    for name in ("open", "shut"):
+        store = create_store(tmp / "backup" / name)
+        backup(store, tiny_node(tmp / f"node-{name}", {"a": b"x"}))
+        for folder, dirs, files in os.walk(tmp / "backup" / name):
+            os.chmod(folder, 0o755)
+            for f in files:
+                os.chmod(os.path.join(folder, f), 0o644)
+    os.chmod(tmp / "backup", 0o755)
+    os.chmod(tmp / "backup" / "shut" / "config", 0)
+    (tmp / "closed").mkdir(mode=0o700)
+    (tmp / "state").mkdir(mode=0o777)
+    os.chmod(tmp / "state", 0o777)
+    os.chmod(tmp / "node-open", 0o755)
+    return tmp
+
+
+@pytest.mark.parametrize("args,says", [
+    (["ls"], "backup/shut/config: Permission denied"),
+    (["ls", "--name", "shut"], "Permission denied"),
+    (["check", "--name", "shut"], "Permission denied"),
+    (["prune", "--name", "shut"], "Permission denied"),
+    (["restore", "--name", "shut", "--to", "RESTORE"], "Permission denied"),
+    (["backup", "--name", "shut", "--directory", "NODE"], "Permission denied"),
+    (["backup", "--name", "open", "--directory", "NODE"], "Permission denied"),
+    (["ls", "--backup-dir", "CLOSED"], "Permission denied"),
+    (["backup", "--backup-dir", "CLOSED", "--name", "n", "--directory", "NODE"],
+     "Permission denied"),
+])
+def test_no_permission_is_exit_7_not_damage(locked_out: Path, tmp_path: Path,
+                                            args: list[str], says: str) -> None:
+    """Permission problems are neither damage (5) nor a bug (1): one line, exit 7."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run as nobody")
+    subst = {"RESTORE": str(locked_out / "state" / "r"), "NODE": str(locked_out / "node-open"),
+             "CLOSED": str(locked_out / "closed")}
+    args = [subst.get(a, a) for a in args]
+    cmd = [sys.executable, "-m", "humiofs", args[0]]
+    if "--backup-dir" not in args:
+        cmd += ["--backup-dir", str(locked_out / "backup")]
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd, *args[1:]],
+        env={**clean_env(), "BACKUP_KEY": KEY, "BACKUP_STATE_DIR": str(locked_out / "state"),
+             "HOME": str(locked_out / "state")},
+        capture_output=True, text=True, timeout=120, cwd=locked_out)
+    _one_line(proc, 7, says)
 
 
 def test_mount_of_a_read_only_store_given_as_a_relative_path(ro_store: Path) -> None:

@@ -195,3 +195,22 @@ def test_progress_fits_the_terminal(columns: int, term: str | None) -> None:
     assert len(segments) > 5 and all(len(s.replace("\x1b[K", "")) < columns for s in segments)
     assert ("\x1b" in out) == (term == "xterm")
     assert "12345 files" in out or columns < 30
+
+
+def test_progress_never_cuts_a_field_at_narrow_widths() -> None:
+    from humiofs.progress import Progress
+    p = Progress(total_bytes=10**10, enabled=True)
+    p.files, p.bytes = 12345, 112_100_000
+    now = p.start + 30
+    for width in range(1, 120):
+        line = p.line(width, now)
+        assert len(line) <= max(width - 1, 0)
+        # Every field ends in its unit: "files", "B", "/s", "%" or an ETA's "s"/"m".
+        assert line == "" or line[-1] in "sBm%", (width, line)
+    assert p.line(1, now) == "" and p.line(4, now) == "" and p.line(5, now) == "1.1%"
+    assert p.line(12, now) == "106.9 MiB"
+
+
+@pytest.mark.parametrize("term", ["xterm", "dumb"])
+def test_progress_on_a_one_column_terminal_writes_nothing(term: str) -> None:
+    assert _draw_on_a_terminal(1, term) == ""

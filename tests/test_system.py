@@ -87,10 +87,14 @@ def test_mount_foreground_says_ready_once_mounted(tmp_path: Path) -> None:
     assert not is_mounted(mnt)
 
 
-def test_watch_says_ready_after_its_first_pass(tmp_path: Path) -> None:
+def test_watch_says_ready_once_it_runs_not_after_its_first_pass(tmp_path: Path) -> None:
+    """READY=1 once the store is open and the writer lock held, so that a first pass of
+    hours holds up neither `systemctl start` nor boot: here the process is stopped
+    (HUMIOFS_FAILPOINT) before its first generation is written, and READY=1 came already."""
     node = tiny_node(tmp_path / "node", {"a": b"x"})
     (tmp_path / "backup").mkdir()
     env = _env(tmp_path)
+    env["HUMIOFS_FAILPOINT"] = "committing:1"
     with _notify_socket(tmp_path) as sock:
         env["NOTIFY_SOCKET"] = str(tmp_path / "notify")
         proc = subprocess.Popen(_humiofs("backup", "--watch", "--interval", "60",
@@ -99,11 +103,11 @@ def test_watch_says_ready_after_its_first_pass(tmp_path: Path) -> None:
                                 env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         try:
             assert _receive(sock, proc).startswith(b"READY=1")
-            # Ready means committed: the generation is there.
-            assert os.listdir(tmp_path / "backup" / "n" / "generations")
+            store = tmp_path / "backup" / "n"
+            assert (store / "config").is_file() and (store / "lock").is_file()
         finally:
-            proc.terminate()
-            assert proc.wait(DEADLINE_S) == 0
+            proc.kill()
+            proc.wait(DEADLINE_S)
 
 
 def _humiofs(*args: str | Path) -> list[str]:
@@ -191,6 +195,46 @@ def test_units_pass_systemd_analyze_verify(installed: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "verify", *UNITS], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+@needs_systemd_analyze
+def test_install_takes_paths_with_blanks_and_quotes(installed: Path, tmp_path: Path) -> None:
+    """Paths with blanks, quotes, backslashes and % go into the drop-ins quoted as systemd
+    reads them: systemd-analyze verify (which reads the drop-ins) has nothing to say."""
+    root = tmp_path / "root"
+    (root / "etc" / "humiofs").mkdir(parents=True)
+    (root / "etc" / "humiofs" / "node.env").write_text(
+        'DIRECTORY=/data/humio data\nBACKUP_DIR="/mnt/backup disk"\nBACKUP_NAME=n\n'
+        "BACKUP_KEY_FILE=/etc/humiofs/my key%s\nBACKUP_STATE_DIR=/var/lib/it's \\\"here\"\n")
+    subprocess.run([ROOT / "scripts" / "install", "--root", root], check=True,
+                   stdout=subprocess.DEVNULL)
+    units = root / "etc" / "systemd" / "system"
+    text = (units / "humiofs-backup.service.d" / "50-env-file.conf").read_text()
+    assert 'RequiresMountsFor="/mnt/backup disk" "/data/humio data"\n' in text
+    assert 'ReadWritePaths=-"/mnt/backup disk" -"/var/lib/it\'s \\\\\\"here\\""\n' in text, text
+    assert "LoadCredential=backup.key:/etc/humiofs/my key%%s\n" in text
+    proc = subprocess.run(["systemd-analyze", "verify", *UNITS], capture_output=True,
+                          text=True, cwd=units,
+                          env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    # The check can fail: a drop-in line systemd cannot read is named on stderr.
+    with open(units / "humiofs-backup.service.d" / "50-env-file.conf", "a") as f:
+        f.write('ReadWritePaths="/unterminated\n')
+    proc = subprocess.run(["systemd-analyze", "verify", *UNITS], capture_output=True,
+                          text=True, cwd=units,
+                          env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    assert "50-env-file.conf" in proc.stderr
+
+
+def test_install_checks_everything_before_writing_anything(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc" / "humiofs").mkdir(parents=True)
+    (root / "etc" / "humiofs" / "node.env").write_text("BACKUP_DIR=relative/backup\n")
+    proc = subprocess.run([ROOT / "scripts" / "install", "--root", root],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "must be an absolute path" in proc.stderr, proc.stderr
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == \
+        ["etc", "etc/humiofs", "etc/humiofs/node.env"]
 
 
 @needs_systemd_analyze
@@ -322,9 +366,11 @@ def test_dropins_read_the_env_file_as_humiofs_does(tmp_path: Path) -> None:
     assert "RequiresMountsFor=/mnt/backup%%disk\n" in units["humiofs-mount.service"]
     assert "ReadWritePaths=-/mnt/backup%%disk\n" in units["humiofs-backup.service"]
     assert "LoadCredential=backup.key:/etc/humiofs/backup.key\n" in units["humiofs-mount.service"]
-    env.write_text("BACKUP_DIR=/mnt/backup disk\n")
+    env.write_bytes(b"# Kn\xf6del\nBACKUP_DIR=/mnt/backup disk\n")
+    assert 'RequiresMountsFor="/mnt/backup disk"\n' in dropins(env)["humiofs-mount.service"]
+    env.write_text("BACKUP_DIR=/mnt/backup\tdisk\n")
     from humiofs.errors import ConfigError
-    with pytest.raises(ConfigError, match="blanks"):
+    with pytest.raises(ConfigError, match="control characters"):
         dropins(env)
     env.write_text("BACKUP_DIR=backup\n")
     with pytest.raises(ConfigError, match="absolute"):

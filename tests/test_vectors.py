@@ -138,7 +138,7 @@ def env_file_key(text: str) -> str | None:                         # 4.4, env fi
 
 
 def key_file_key(text: str) -> str:                                # 4.4, key file
-    return canonical(text.split("\n", 1)[0].rstrip("\r"))
+    return canonical(text.split("\n", 1)[0].rstrip("\r").removeprefix("\ufeff"))
 
 
 def open_blob(master: bytes, kind: int, oid: bytes, stored: bytes, n: int) -> bytes:

@@ -3,6 +3,7 @@ the loop itself in a subprocess with short intervals: changes appear in time, an
 commits nothing, SIGTERM stops cleanly, kill -9 and a full backup disk leave a healthy store."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -189,7 +190,8 @@ class WatchProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "humiofs", "backup", "--config", str(env), "--watch",
              "--interval", "0.3", "-vv", *extra],
-            env=clean_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+            env=clean_env(), cwd=ROOT, stdout=open(log.with_suffix(".out"), "wb"),
+            stderr=open(log, "wb"))
         self._store: Store | None = None
 
     @property
@@ -228,6 +230,9 @@ class WatchProc:
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.log.with_suffix(".out").read_text(errors="replace")
 
 
 @pytest.fixture
@@ -338,6 +343,83 @@ def test_source_briefly_gone_is_retried(watch: Callable[..., WatchProc], node: P
     os.rename(away, node)
     w.wait_in_store(node, tmp_path / "r")
     assert w.stop() == EXIT_OK
+
+
+def test_backup_drive_gone_is_retried_not_damage(watch: Callable[..., WatchProc], node: Path,
+                                                 tmp_path: Path) -> None:
+    """BACKUP_DIR renamed away (the drive unmounted) fails passes, with the reason in the JSON
+    error field, and never exits 5; with it back, the watch carries on with the same store."""
+    w = watch("--json")
+    w.wait_in_store(node, tmp_path / "r")
+    backup = tmp_path / "backup"
+    away = tmp_path / "backup-away"
+    os.rename(backup, away)
+    backup.mkdir()      # the bare mountpoint left behind
+    (node / "while-away").write_text("x")
+    wait_for(lambda: "is gone" in w.stderr(), "a pass to fail", proc=w.proc)
+    assert not (backup / "node1").exists()      # nothing created in the bare mountpoint
+    backup.rmdir()
+    os.rename(away, backup)
+    w.wait_in_store(node, tmp_path / "r")
+    assert w.stop() == EXIT_OK, w.stderr()
+    passes = [json.loads(line) for line in w.stdout().splitlines()]
+    failed = [p for p in passes if p["error"]]
+    assert failed and "is gone" in failed[0]["error"] and failed[0]["committed"] is False
+    assert "Traceback" not in w.stderr()
+    check_ok(tmp_path)
+
+
+def test_a_store_put_back_as_a_copy_stops_the_watch_with_7(
+        watch: Callable[..., WatchProc], node: Path, tmp_path: Path) -> None:
+    """Another folder in the store's place (a drive mounted again, a copy put back): the
+    writer lock is on the old one, so the watch stops with exit 7, which the unit restarts."""
+    w = watch()
+    w.wait_in_store(node, tmp_path / "r")
+    store = tmp_path / "backup" / "node1"
+    shutil.copytree(store, tmp_path / "copy")
+    os.rename(store, tmp_path / "old")
+    os.rename(tmp_path / "copy", store)
+    assert w.proc.wait(60) == EXIT_IO, w.stderr()
+    assert "not the folder this watch opened" in w.stderr()
+    assert "Traceback" not in w.stderr()
+
+
+def test_watch_waits_for_a_store_it_knows(watch: Callable[..., WatchProc], node: Path,
+                                          tmp_path: Path) -> None:
+    """A store this host backed up before that is absent when the watch starts is waited
+    for, not created anew in what may be an empty mountpoint."""
+    w = watch()
+    w.wait_in_store(node, tmp_path / "r")
+    assert w.stop() == EXIT_OK
+    away = tmp_path / "node1-away"
+    os.rename(tmp_path / "backup" / "node1", away)
+    w2 = watch()
+    wait_for(lambda: "waiting for it" in w2.stderr(), "the watch to wait", proc=w2.proc)
+    assert not (tmp_path / "backup" / "node1").exists()
+    os.rename(away, tmp_path / "backup" / "node1")
+    (node / "after").write_text("y")
+    w2.wait_in_store(node, tmp_path / "r")
+    assert w2.stop() == EXIT_OK, w2.stderr()
+    assert "Traceback" not in w2.stderr()
+
+
+def test_quiet_watch_prints_nothing_on_success(watch: Callable[..., WatchProc], node: Path,
+                                               tmp_path: Path) -> None:
+    w = watch("-q")
+    w.wait_in_store(node, tmp_path / "r")
+    assert w.stop() == EXIT_OK
+    assert w.stdout() == "" and w.stderr() == ""
+
+
+def test_quiet_does_not_hold_back_json(watch: Callable[..., WatchProc], node: Path,
+                                       tmp_path: Path) -> None:
+    w = watch("-q", "--json")
+    w.wait_in_store(node, tmp_path / "r")
+    assert w.stop() == EXIT_OK
+    assert json.loads(w.stdout().splitlines()[0])["watch_pass"] == 1
+    env = write_env(tmp_path / "env-ls", tmp_path / "backup")
+    r = run_cli("ls", "-q", "--json", "--config", env)
+    assert r.returncode == EXIT_OK and json.loads(r.stdout)["store"] == "node1", r.stdout
 
 
 @pytest.fixture

@@ -57,7 +57,8 @@ PASSPHRASE_FORMS = [
     ("key_file", "my key \r\nsecond line\n", "my key"),
     ("key_file", "\"my key\"\n", "my key"),
     ("key_file", "key\u2028still the first line\n", "key\u2028still the first line"),
-    ("key_file", "\ufeffkey\n", "\ufeffkey"),
+    ("key_file", "\ufeffkey\n", "key"),
+    ("key_file", "\ufeff \"key\" \n", "key"),
 ]
 
 
