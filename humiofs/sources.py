@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from humiofs import generations
-from humiofs.errors import ConfigError, NoSuchStore, StoreError, WrongKey
+from humiofs.errors import ConfigError, NoSuchStore, StoreError, StoreIOError, WrongKey
 from humiofs.format import Generation, generation_time
 from humiofs.keys import Passphrase
 from humiofs.localstate import LocalState
@@ -51,7 +51,7 @@ class Source:
         try:
             return looks_like_store(self.store.path) and \
                 read_config(self.store.path) == self.store.store_id
-        except (StoreError, OSError):
+        except (StoreError, StoreIOError, OSError):
             return looks_like_store(self.store.path)    # its config is damaged, not gone
 
     def refresh(self) -> None:
@@ -171,7 +171,7 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
             return []
         raise NoSuchStore(f"no humiofs backups in {backup_dir}")
     stores = []
-    damaged: list[StoreError] = []
+    damaged: list[StoreError | StoreIOError] = []
     for n in names:
         store = _open(backup_dir / n, key)
         if isinstance(store, Store):
@@ -193,7 +193,7 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
                    "read these backups")
 
 
-def _open(path: Path, key: str | Passphrase) -> Store | StoreError | None:
+def _open(path: Path, key: str | Passphrase) -> Store | StoreError | StoreIOError | None:
     """The store at `path`; else, told once in the log, None if the key does not open it or
     the error that keeps it out of the mount."""
     try:
@@ -202,7 +202,7 @@ def _open(path: Path, key: str | Passphrase) -> Store | StoreError | None:
         log.warning("the key does not open the backup %s; it is left out of the mount",
                     path.name)
         return None
-    except StoreError as exc:
+    except (StoreError, StoreIOError) as exc:       # damaged; or unreadable to this user
         log.warning("backup %s is left out of the mount: %s", path.name, exc)
         return exc
     except OSError as exc:      # an OS error Store.open does not map (a permission, say)
@@ -237,7 +237,7 @@ class NewStores:
             self.checked = time.monotonic()
             try:
                 names = list_stores(self.backup_dir)
-            except StoreError as exc:
+            except (StoreError, StoreIOError) as exc:
                 log.debug("%s", exc)
                 return []
             # A name that left BACKUP_DIR is tried again if it comes back.
