@@ -214,8 +214,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             log.warning("%s", rollback)
         run = Backup(store, opts)
         gen = run.run(parent)
-        if state:
-            state.observe(store, gen.name)
+        if state and (done := generations.complete_name(gen)) is not None:
+            state.observe(store, done)
     s = run.stats
     code = (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or s.lost_deleted
             or rollback else errors.EXIT_OK)
@@ -272,7 +272,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     stats = Restore(store, opts).run(gen)
     code = (errors.EXIT_DAMAGED if stats.damaged else errors.EXIT_PARTIAL
             if stats.skipped or stats.xattrs_refused or picked.damaged or rollback
-            else errors.EXIT_OK)
+            or gen.checkpoint else errors.EXIT_OK)     # a checkpoint is partial (7.4)
     if args.json:
         summary.emit("restore", store=store.name, generation=summary.generation(gen),
                      target=str(args.to), files=stats.files, dirs=stats.dirs,
@@ -285,7 +285,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     skipped = f", {stats.skipped} left alone" if stats.skipped else ""
     if stats.xattrs_refused:
         skipped += f", {stats.xattrs_refused} kinds of extended attribute refused by the target"
-    _human(args, f"restore {store.name}: generation {generations.describe(gen)} -> "
+    partial = " (a checkpoint: partial)" if gen.checkpoint else ""
+    _human(args, f"restore {store.name}: generation {generations.describe(gen)}{partial} -> "
           f"{args.to}: {stats.files} files, {stats.dirs} folders, {stats.symlinks} symlinks"
           + (f", {stats.specials} FIFOs and devices" if stats.specials else "")
           + (f" ({stats.links} of the files as hard links)" if stats.links else "")
@@ -329,7 +330,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 else:
                     print(f"{name}: {why}")
                 continue
-        rows = [_ls_row(store, gname) for gname in generation_names(path)]
+        rows = [row for gname in generation_names(path)
+                if (row := _ls_row(store, gname)) is not None]
         # What restore, the mount's NAME/ and the next backup take as the latest: the newest
         # generation that reads back.
         readable = [row for row in rows if row["files"] is not None and not row["checkpoint"]]
@@ -361,18 +363,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return errors.EXIT_OK
 
 
-def _ls_row(store: Store | None, gname: str) -> dict[str, Any]:
-    """One generation for ls: name, time, and with a key files, bytes, node or damaged."""
+def _ls_row(store: Store | None, gname: str) -> dict[str, Any] | None:
+    """One generation for ls: name, time, and with a key files, bytes, node or damaged; None
+    if its file is gone since the listing (superseded or pruned)."""
     row: dict[str, Any] = {"name": gname, "time": generations.format_time(generation_time(gname)),
                            "files": None, "bytes": None, "node": None, "damaged": None,
                            "latest": False, "checkpoint": False}
     if store is None:
         return row
     try:
-        g = store.load_generation(gname)
+        g = generations.load_listed(store, gname)
     except StoreError as exc:
         row["damaged"] = str(exc)
         return row
+    if g is None:
+        return None
     row.update(files=g.stats.get("files", 0), bytes=g.stats.get("bytes", 0),
                node=g.identity.node_id if g.identity else None, checkpoint=g.checkpoint)
     return row
