@@ -118,7 +118,8 @@ class Watch:
                     self.passes += 1
                     if self.json_out:
                         summary.emit("backup", store=self.store.name, watch_pass=self.passes,
-                                     **self.last_pass,
+                                     **{"checkpoint": None, "interrupted": False,
+                                        **self.last_pass},
                                      seconds=round(time.monotonic() - started, 3))
                     if self.passes == 1:
                         # A Type=notify unit is started once the first pass has committed.
@@ -134,11 +135,15 @@ class Watch:
                 self.tracker.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
-        latest = f"; latest {format_time(parent.time_ms)}" if parent else ""
+        if parent is not None and parent.checkpoint:
+            latest = (f"; committed checkpoint {parent.name} ({format_time(parent.time_ms)}, "
+                      "partial): the next run resumes from it")
+        else:
+            latest = f"; latest {format_time(parent.time_ms)}" if parent else ""
         if self.json_out:
             return errors.EXIT_OK
-        print(f"backup {self.store.name}: stopped after {self.passes} passes, "
-              f"{self.committed} generations committed{latest}", flush=True)
+        print(f"backup {self.store.name}: stopped after {self.passes} pass(es), "
+              f"{self.committed} generation(s) committed{latest}", flush=True)
         return errors.EXIT_OK
 
     def _start_tracker(self) -> Tracker | None:
@@ -180,7 +185,15 @@ class Watch:
                 gen = run.build(parent)
             except Interrupted as exc:
                 log.info("%s", exc)
-                return latest_readable(self.store)
+                latest = latest_readable(self.store)
+                cp = (latest if latest is not None and latest.checkpoint
+                      and (parent is None or latest.name != parent.name) else None)
+                self.last_pass = {
+                    "committed": False, "checkpoint": cp.name if cp else None,
+                    "interrupted": True,
+                    "generation": summary.generation(
+                        parent if parent is not None and not parent.checkpoint else None)}
+                return latest
             if not full and changed(gen, parent) and self._store_lost_packs(run):
                 # Folders this pass reused without walking them may refer to those packs: a
                 # full walk reads what they held again rather than carry the refs on.

@@ -185,3 +185,39 @@ def test_a_checkpoint_whose_base_is_gone_is_a_problem_and_restore_names_the_base
     assert cp.name not in store.list_generations()      # the run from it deleted it
     _checkpoint(store, first, second.time_ms - 1, first.name)
     assert Checker(store, KEY).run().healthy
+
+
+# -- 6: backup --watch stopped during its first pass ------------------------------------------
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_a_watch_stopped_in_its_first_pass_says_it_committed_a_checkpoint(
+        tmp_path: Path, json_out: bool) -> None:
+    import json
+    import signal
+    from test_checkpoint import _wait_stopped, make_node
+    node = make_node(tmp_path / "node")
+    env_file = write_env(tmp_path / "env", tmp_path / "backup", directory=node,
+                         BACKUP_CHECKPOINT_BYTES="0", BACKUP_CHECKPOINT_SECONDS="0")
+    env = clean_env()
+    env["HUMIOFS_FAILPOINT"] = "pack:8"
+    proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "-c", str(env_file),
+                             "--watch", "--no-progress"] + (["--json"] if json_out else []),
+                            env=env, text=True, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_stopped(proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    store = Store.open(tmp_path / "backup" / "node1", KEY)
+    (cp,) = store.list_generations()
+    if json_out:
+        (line,) = [json.loads(x) for x in out.splitlines() if x.strip()]
+        assert line["checkpoint"] == cp and line["interrupted"] is True, line
+        assert line["committed"] is False and line["generation"] is None, line
+    else:
+        assert f"0 generation(s) committed; committed checkpoint {cp}" in out, out
+        assert "the next run resumes" in out, out
