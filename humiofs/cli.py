@@ -51,9 +51,10 @@ def _common(p: argparse.ArgumentParser, need_name: bool = True) -> None:
                    "what it would have printed")
 
 
-def _json(p: argparse.ArgumentParser) -> None:
+def _json(p: argparse.ArgumentParser, watch: bool = False) -> None:
     p.add_argument("--json", action="store_true", help="the summary as one JSON object on "
-                   "stdout (one per pass with --watch); the schema is in docs/JSON.md")
+                   "stdout" + (" (one per pass with --watch)" if watch else "")
+                   + "; the schema is in docs/JSON.md")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip matching entries; /PATTERN is anchored at DIRECTORY, PATTERN "
                    "matches a name at any depth (added to BACKUP_EXCLUDE and /jvm-tmp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
-    _json(p)
+    _json(p, watch=True)
     p.add_argument("--watch", action="store_true",
                    help="keep running: back up every BACKUP_INTERVAL_SECONDS (default 60)")
     p.add_argument("--interval", type=float, metavar="SECONDS",
@@ -347,7 +348,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
             summary.emit("ls", store=name, opened=store is not None, error=None,
                          generations=rows)
             continue
-        print(f"{name}: {len(rows)} generation(s)")
+        cps = sum(1 for row in rows if row["checkpoint"])
+        print(f"{name}: {len(rows) - cps} generation(s)"
+              + (f", {cps} checkpoint(s)" if cps else ""))
         for row in rows:
             line = f"  {row['time']}  {row['name']}"
             if row["damaged"]:
@@ -411,7 +414,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 # What an interrupted command leaves, per command (the rest: see the default in main).
 _INTERRUPTED = {
-    "cmd_backup": "interrupted; the last committed generation is intact",
+    "cmd_backup": "interrupted; every generation and checkpoint committed before is intact "
+                  "(the next run resumes from the newest checkpoint, if there is one)",
     "cmd_restore": "interrupted; every file restored so far is complete, the rest is missing "
                    "(restore --missing-only into the same target finishes it, folders' "
                    "attributes included)",

@@ -221,3 +221,32 @@ def test_a_watch_stopped_in_its_first_pass_says_it_committed_a_checkpoint(
     else:
         assert f"0 generation(s) committed; committed checkpoint {cp}" in out, out
         assert "the next run resumes" in out, out
+
+
+# -- 7: messages -------------------------------------------------------------------------------
+
+def test_ls_counts_checkpoints_apart_and_restore_help_has_no_watch(tmp_path: Path) -> None:
+    store, first = _store(tmp_path)
+    _checkpoint(store, first, first.time_ms + 1, first.name)
+    env_file = write_env(tmp_path / "env", tmp_path / "backup")
+    r = run_cli("ls", "-c", env_file)
+    assert r.returncode == 0 and "node1: 1 generation(s), 1 checkpoint(s)" in r.stdout, r.stdout
+    r = run_cli("restore", "--help")
+    assert "--json" in r.stdout and "--watch" not in r.stdout, r.stdout
+    r = run_cli("backup", "--help")
+    assert "one per pass with --watch" in " ".join(r.stdout.split()), r.stdout
+
+
+@pytest.mark.allow_warnings
+def test_the_mount_says_a_store_holds_only_a_checkpoint_of_an_unfinished_first_backup(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from humiofs import tree
+    store, first = _store(tmp_path)
+    _checkpoint(store, first, first.time_ms + 1, None)
+    os.unlink(store.path / "generations" / first.name)
+    model = tree.Tree.from_backup_dir(tmp_path / "backup", KEY)
+    try:
+        assert "only a checkpoint of a first backup that has not finished" in caplog.text
+        assert "has no generation yet" not in caplog.text
+    finally:
+        model.close()
