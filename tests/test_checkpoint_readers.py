@@ -15,7 +15,7 @@ import pytest
 from conftest import KEY, ROOT, clean_env, run_cli, write_env
 from humiofs import generations
 from humiofs.check import Checker
-from humiofs.errors import StoreError
+from humiofs.errors import ConfigError, StoreError
 from humiofs.format import Generation
 from humiofs.localstate import LocalState
 from humiofs.sources import Source
@@ -250,3 +250,30 @@ def test_the_mount_says_a_store_holds_only_a_checkpoint_of_an_unfinished_first_b
         assert "has no generation yet" not in caplog.text
     finally:
         model.close()
+
+
+# -- 8: the checkpoint settings ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["BACKUP_CHECKPOINT_SECONDS", "BACKUP_CHECKPOINT_BYTES",
+                                  "DELETE_BACKUP_AFTER_MILLIS"])
+@pytest.mark.parametrize("raw, why", [
+    ("+5", "whole number"), ("10_000", "whole number"), ("-0", "negative"),
+    ("-5", "negative"), ("\u0665", "whole number"), ("５", "whole number"), ("1.5", "whole number"),
+    ("9" * 30, "too large"), (str(1 << 63), "too large")])
+def test_integer_settings_take_ascii_digits_only(name: str, raw: str, why: str) -> None:
+    from humiofs.config import load
+    from test_config import NO_FLAGS
+    with pytest.raises(ConfigError, match=f"{name}.*{why}"):
+        load(NO_FLAGS, environ={name: raw})
+
+
+@pytest.mark.allow_warnings
+def test_checkpoint_settings_blanks_and_a_tiny_size(caplog: pytest.LogCaptureFixture) -> None:
+    from humiofs.config import DEFAULT_CHECKPOINT_S, load
+    from test_config import NO_FLAGS
+    assert load(NO_FLAGS, environ={"BACKUP_CHECKPOINT_SECONDS": " 5 "}).checkpoint_s == 5
+    assert load(NO_FLAGS, environ={"BACKUP_CHECKPOINT_SECONDS": ""}).checkpoint_s == \
+        DEFAULT_CHECKPOINT_S
+    assert not caplog.records
+    assert load(NO_FLAGS, environ={"BACKUP_CHECKPOINT_BYTES": "4096"}).checkpoint_bytes == 4096
+    assert "after nearly every file" in caplog.text
