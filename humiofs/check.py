@@ -16,7 +16,8 @@ from humiofs import crypto, format, journal, keys
 from humiofs.durable import read_store_file
 from humiofs.errors import IntegrityError, StoreError
 from humiofs.format import DIR, FILE, Generation, Ref
-from humiofs.generations import NO_GENERATION_OPENS, complete_name, format_time
+from humiofs.generations import (NO_GENERATION_OPENS, complete_name, format_time,
+                                 load_listed)
 from humiofs.progress import human_bytes
 from humiofs.prune import RECORD_DIR, RECORD_NAME, SET_ASIDE_DIR, read_record
 from humiofs.store import PACK_NAME, Store
@@ -220,7 +221,10 @@ class Checker:
         except (FileNotFoundError, NotADirectoryError):
             return out
         for name in names:
-            st = os.lstat(self.store.path / sub / name)
+            try:
+                st = os.lstat(self.store.path / sub / name)
+            except FileNotFoundError:
+                continue        # removed since the listing (a superseded checkpoint)
             if sub == "generations" and good(name) and not stat.S_ISDIR(st.st_mode):
                 out.append(name)    # a FIFO or symlink there: a damaged generation, as for all
             elif not good(name) or not stat.S_ISREG(st.st_mode):
@@ -293,9 +297,14 @@ class Checker:
     def _generations(self) -> list[Generation]:
         gens = []
         failed: dict[str, StoreError] = {}
+        gone = set()
         for name in self.gen_names:
             try:
-                gens.append(self.store.load_generation(name))
+                gen = load_listed(self.store, name)
+                if gen is None:         # superseded or pruned since the listing: not damage
+                    gone.add(name)
+                    continue
+                gens.append(gen)
             except StoreError as exc:
                 failed[name] = exc
         if failed and not gens:
@@ -315,12 +324,31 @@ class Checker:
                                 "while it is in generations/: `humiofs prune "
                                 "--set-aside-damaged` moves it to damaged/")
             self.report.problems[key].generations.add(name)
+        self.gen_names = [n for n in self.gen_names if n not in gone]
+        self._missing_bases(gens)
         self.report.generations = len(gens)
         # Rollback detection compares complete generations (FORMAT.md 9.1): a checkpoint
         # stands for its base.
         self.report.newest = max((n for g in gens if (n := complete_name(g)) is not None),
                                  default=None)
         return gens
+
+    def _missing_bases(self, gens: list[Generation]) -> None:
+        """A checkpoint whose base generation is gone, with no complete generation after it:
+        the last complete restore point of the backup is lost (FORMAT.md 7.4)."""
+        names = set(self.gen_names)
+        newest_complete = max((g.name for g in gens if not g.checkpoint), default="")
+        for g in gens:
+            if g.checkpoint and g.base is not None and g.base not in names \
+                    and g.name > newest_complete:
+                key = self._problem(
+                    ("base", g.base), f"generation {g.base} "
+                    f"({format_time(format.generation_time(g.base))}) is missing from the "
+                    "store, and checkpoints based on it remain: it was the last complete "
+                    "restore point of this backup. Restore offers only what the checkpoints "
+                    "hold (`humiofs restore --at <checkpoint name>`); the next backup makes a "
+                    "complete generation again")
+                self.report.problems[key].generations.add(g.name)
 
     # -- trees and refs -------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
+from humiofs import generations
 from humiofs.durable import fsync_dir
 from humiofs.errors import StoreError
 from humiofs.format import DIR, Entry, Ref, Xattrs
@@ -135,9 +136,12 @@ def chain(store: Store, newest: str) -> list[str]:
     out = [newest]
     for name in reversed([n for n in store.list_generations() if n < newest]):
         try:
-            if not store.load_generation(name).checkpoint:
-                break
+            gen = generations.load_listed(store, name)
         except StoreError:
+            break
+        if gen is None:
+            continue            # removed since the listing
+        if not gen.checkpoint:
             break
         out.append(name)
     return out

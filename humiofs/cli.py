@@ -51,9 +51,10 @@ def _common(p: argparse.ArgumentParser, need_name: bool = True) -> None:
                    "what it would have printed")
 
 
-def _json(p: argparse.ArgumentParser) -> None:
+def _json(p: argparse.ArgumentParser, watch: bool = False) -> None:
     p.add_argument("--json", action="store_true", help="the summary as one JSON object on "
-                   "stdout (one per pass with --watch); the schema is in docs/JSON.md")
+                   "stdout" + (" (one per pass with --watch)" if watch else "")
+                   + "; the schema is in docs/JSON.md")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip matching entries; /PATTERN is anchored at DIRECTORY, PATTERN "
                    "matches a name at any depth (added to BACKUP_EXCLUDE and /jvm-tmp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
-    _json(p)
+    _json(p, watch=True)
     p.add_argument("--watch", action="store_true",
                    help="keep running: back up every BACKUP_INTERVAL_SECONDS (default 60)")
     p.add_argument("--interval", type=float, metavar="SECONDS",
@@ -214,8 +215,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             log.warning("%s", rollback)
         run = Backup(store, opts)
         gen = run.run(parent)
-        if state:
-            state.observe(store, gen.name)
+        if state and (done := generations.complete_name(gen)) is not None:
+            state.observe(store, done)
     s = run.stats
     code = (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or s.lost_deleted
             or rollback else errors.EXIT_OK)
@@ -272,7 +273,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     stats = Restore(store, opts).run(gen)
     code = (errors.EXIT_DAMAGED if stats.damaged else errors.EXIT_PARTIAL
             if stats.skipped or stats.xattrs_refused or picked.damaged or rollback
-            else errors.EXIT_OK)
+            or gen.checkpoint else errors.EXIT_OK)     # a checkpoint is partial (7.4)
     if args.json:
         summary.emit("restore", store=store.name, generation=summary.generation(gen),
                      target=str(args.to), files=stats.files, dirs=stats.dirs,
@@ -286,7 +287,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     skipped += f", {stats.skipped} left alone (named above)" if stats.skipped else ""
     if stats.xattrs_refused:
         skipped += f", {stats.xattrs_refused} kinds of extended attribute refused by the target"
-    _human(args, f"restore {store.name}: generation {generations.describe(gen)} -> "
+    partial = " (a checkpoint: partial)" if gen.checkpoint else ""
+    _human(args, f"restore {store.name}: generation {generations.describe(gen)}{partial} -> "
           f"{args.to}: {stats.files} files, {stats.dirs} folders, {stats.symlinks} symlinks"
           + (f", {stats.specials} FIFOs and devices" if stats.specials else "")
           + (f" ({stats.links} of the files as hard links)" if stats.links else "")
@@ -330,7 +332,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 else:
                     print(f"{name}: {why}")
                 continue
-        rows = [_ls_row(store, gname) for gname in generation_names(path)]
+        rows = [row for gname in generation_names(path)
+                if (row := _ls_row(store, gname)) is not None]
         # What restore, the mount's NAME/ and the next backup take as the latest: the newest
         # generation that reads back.
         readable = [row for row in rows if row["files"] is not None and not row["checkpoint"]]
@@ -346,7 +349,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
             summary.emit("ls", store=name, opened=store is not None, error=None,
                          generations=rows)
             continue
-        print(f"{name}: {len(rows)} generation(s)")
+        cps = sum(1 for row in rows if row["checkpoint"])
+        print(f"{name}: {len(rows) - cps} generation(s)"
+              + (f", {cps} checkpoint(s)" if cps else ""))
         for row in rows:
             line = f"  {row['time']}  {row['name']}"
             if row["damaged"]:
@@ -362,18 +367,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return errors.EXIT_OK
 
 
-def _ls_row(store: Store | None, gname: str) -> dict[str, Any]:
-    """One generation for ls: name, time, and with a key files, bytes, node or damaged."""
+def _ls_row(store: Store | None, gname: str) -> dict[str, Any] | None:
+    """One generation for ls: name, time, and with a key files, bytes, node or damaged; None
+    if its file is gone since the listing (superseded or pruned)."""
     row: dict[str, Any] = {"name": gname, "time": generations.format_time(generation_time(gname)),
                            "files": None, "bytes": None, "node": None, "damaged": None,
                            "latest": False, "checkpoint": False}
     if store is None:
         return row
     try:
-        g = store.load_generation(gname)
+        g = generations.load_listed(store, gname)
     except StoreError as exc:
         row["damaged"] = str(exc)
         return row
+    if g is None:
+        return None
     row.update(files=g.stats.get("files", 0), bytes=g.stats.get("bytes", 0),
                node=g.identity.node_id if g.identity else None, checkpoint=g.checkpoint)
     return row
@@ -407,7 +415,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 # What an interrupted command leaves, per command (the rest: see the default in main).
 _INTERRUPTED = {
-    "cmd_backup": "interrupted; the last committed generation is intact",
+    "cmd_backup": "interrupted; every generation and checkpoint committed before is intact "
+                  "(the next run resumes from the newest checkpoint, if there is one)",
     "cmd_restore": "interrupted; every file restored so far is complete, the rest is missing "
                    "(restore --missing-only into the same target finishes it, folders' "
                    "attributes included)",

@@ -399,12 +399,20 @@ def _read_key_file(path: Path) -> tuple[str, str, str]:
 
 def _int_setting(values: Mapping[str, str], name: str, default: int) -> int:
     raw = values.get(name)
-    if raw is None or raw == "":
+    if raw is None or raw.strip() == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
-    if value < 0:
+    digits = raw.strip()        # blanks around a value, as every setting; ASCII digits only
+    if digits[:1] == "-" and digits[1:].isascii() and digits[1:].isdigit():
         raise ConfigError(f"{name} must not be negative")
+    if not (digits.isascii() and digits.isdigit()):
+        raise ConfigError(f"{name} must be a whole number (digits 0-9 only), not {raw!r}")
+    if len(digits.lstrip("0")) > 19 or int(digits) > _INT_MAX:
+        raise ConfigError(f"{name} is too large (at most {_INT_MAX})")
+    value = int(digits)
+    if name == "BACKUP_CHECKPOINT_BYTES" and 0 < value < 1 << 20:
+        log.warning("BACKUP_CHECKPOINT_BYTES is %d: a backup commits a checkpoint after nearly "
+                    "every file (1073741824, 1 GiB, is the default; 0 turns it off)", value)
     return value
+
+
+_INT_MAX = (1 << 63) - 1       # DELETE_BACKUP_AFTER_MILLIS may be Long.MAX_VALUE

@@ -100,8 +100,10 @@ def write_all(fd: int, data: bytes | memoryview, what: str) -> None:
 def store_io_error(exc: OSError, what: str) -> StoreIOError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreIOError(f"backup disk is full while writing {what}; nothing stored before "
-                            "was changed, and what this run stored is removed. Free space "
-                            "(the disk's other files, or prune) and run again")
+                            "was changed, and what this run stored since its last checkpoint "
+                            "is removed (a checkpoint it committed is kept: the next run "
+                            "resumes from it). Free space (the disk's other files, or prune) "
+                            "and run again")
     if exc.errno == errno.EROFS:
         return StoreIOError(f"the backup disk is read-only (cannot write {what}); mount it "
                             "read-write to back up, prune or change the key. check, ls, "

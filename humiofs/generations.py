@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from humiofs.errors import ConfigError, StoreError
+from humiofs.errors import ConfigError, NoSuchObject, StoreError
 from humiofs.format import GENERATION_NAME, Generation, generation_time
 from humiofs.store import Store
 
@@ -157,6 +157,19 @@ def latest_readable(store: Store) -> Generation | None:
         raise StoreError(f"{exc}. {NO_GENERATION_OPENS} Nothing was written") from None
 
 
+def load_listed(store: Store, name: str) -> Generation | None:
+    """The generation `name`, listed a moment ago; None if its file is gone since and a new
+    listing confirms it: a writer deletes the checkpoints its next generation supersedes, and
+    prune drops generations (FORMAT.md 7.4, 10.1), so a file that vanishes between listing and
+    reading is not damage. Raises StoreError (NoSuchObject if a new listing still names it)."""
+    try:
+        return store.load_generation(name)
+    except NoSuchObject:
+        if name in store.list_generations():
+            raise
+        return None
+
+
 def complete_name(gen: Generation | None) -> str | None:
     """The name of the complete generation `gen` stands for in rollback detection (FORMAT.md
     9.1): its own, or a checkpoint's base."""
@@ -186,13 +199,17 @@ def pick(store: Store, at: At | None = None, checkpoints: bool = False) -> Picke
         if at.name not in names:
             raise StoreError(f"store {store.path} has no generation {at.name}", 2)
         try:
-            gen = store.load_generation(at.name)
+            named = load_listed(store, at.name)
         except StoreError as exc:
             raise StoreError(
                 f"generation {at.name} of {store.path} cannot be read ({exc}): it is damaged, "
                 "and that state of the node is lost. Pick another with --at (`humiofs ls` "
                 "lists them, and names the damaged ones); `humiofs check` says what else is "
                 "affected") from None
+        if named is None:
+            raise StoreError(f"store {store.path} has no generation {at.name} (it was "
+                             "superseded or pruned a moment ago)", 2)
+        gen = named
         if gen.checkpoint:
             log.warning("generation %s of %s is a checkpoint of a backup that had not "
                         "finished: it is partial", at.name, store.name)
@@ -203,13 +220,18 @@ def pick(store: Store, at: At | None = None, checkpoints: bool = False) -> Picke
                 if at is not None else "")
         raise StoreError(f"store {store.path} has no generation{when}", 2)
     damaged: list[tuple[str, str]] = []
+    passed: list[Generation] = []           # checkpoints passed by
     for name in reversed(candidates):
         try:
-            gen = store.load_generation(name)
+            loaded = load_listed(store, name)
         except StoreError as exc:
             damaged.append((name, str(exc)))
             continue
+        if loaded is None:
+            continue        # superseded or pruned since the listing
+        gen = loaded
         if gen.checkpoint and not checkpoints:
+            passed.append(gen)
             continue
         for bad, why in damaged:
             log.warning("generation %s (%s) of %s is damaged, so it is left out: %s", bad,
@@ -218,11 +240,42 @@ def pick(store: Store, at: At | None = None, checkpoints: bool = False) -> Picke
             log.warning("the latest intact generation of %s is %s", store.name, describe(gen))
         return Picked(gen, tuple(damaged))
     if not damaged:
-        raise StoreError(f"store {store.path} has no complete generation"
-                         + (f" at or before --at {at.text}" if at is not None else "")
-                         + ", only checkpoints of a first backup that has not finished (run "
-                         "the backup again to finish it; `ls` names the checkpoints)", 2)
+        raise StoreError(_only_checkpoints(store, names, at, passed), 2)
     newest, why = damaged[0]
     raise StoreError(f"no generation of store {store.path}"
                      + (f" at or before --at {at.text}" if at is not None else "")
                      + f" can be read; the newest, {newest}: {why}")
+
+
+def _only_checkpoints(store: Store, names: list[str], at: At | None,
+                      passed: list[Generation]) -> str:
+    """Why a store (up to `at`) has no complete generation, only the checkpoints `passed`
+    (newest first): a first backup that has not finished, one whose complete generation came
+    later than `at`, or checkpoints whose base generation is missing."""
+    where = f" at or before --at {at.text}" if at is not None else ""
+    missing = sorted({g.base for g in passed if g.base is not None and g.base not in names})
+    if missing:
+        return (f"store {store.path} has no complete generation{where}, only checkpoints "
+                f"(partial) of a backup based on generation {missing[-1]} "
+                f"({format_time(generation_time(missing[-1]))}), which is missing from the "
+                "store: the last complete restore point is gone (`humiofs check` reports it; "
+                "`restore --at <checkpoint name>` restores what a checkpoint holds)")
+    later = None
+    if at is not None:
+        for name in names:
+            if at.admits(name):
+                continue
+            try:
+                gen = load_listed(store, name)
+            except StoreError:
+                continue
+            if gen is not None and not gen.checkpoint:
+                later = gen
+                break
+    if later is not None:
+        return (f"store {store.path} has no complete generation{where}, only checkpoints "
+                "(partial) of a backup that finished later, as generation "
+                f"{describe(later)}: restore that, or name a checkpoint with --at")
+    return (f"store {store.path} has no complete generation{where}, only checkpoints of a "
+            "first backup that has not finished (run the backup again to finish it; `ls` "
+            "names the checkpoints)")

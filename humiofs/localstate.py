@@ -93,10 +93,11 @@ class LocalState:
             return False
 
     def observe(self, store: Store, newest: str | None,
-                names: list[str] | None = None) -> str | None:
+                names: list[str] | None = None, record: bool = True) -> str | None:
         """Compares the store with the record, given its newest generation that authenticated
         (`newest`; None: it has none) and the names of its generation files (listed here if
-        not given); then records `newest` if it is later than the record. Returns the rollback
+        not given); then records `newest` if it is later than the record (unless not
+        `record`: a dry run changes nothing). Returns the rollback
         warning if the generation recorded is gone from the store and newer than every
         generation that authenticates there, else None."""
         store_id, store_path = store.store_id, store.path
@@ -127,23 +128,25 @@ class LocalState:
                 "If that was not done on purpose, look at who can write the backup drive; "
                 "restore from the generations that are there, and keep the store as it is. "
                 "The next backup makes a newer generation, and this warning stops")
-        if newest is not None and (recorded is None or newest > recorded):
+        if record and newest is not None and (recorded is None or newest > recorded):
             self._record(store_id, store_path, newest)
         return warning
 
-    def rollback_of(self, store: Store) -> str | None:
+    def rollback_of(self, store: Store, record: bool = True) -> str | None:
         """`observe` with the store's newest generation that authenticates, looked up here:
         the rollback warning, or None. Prune asks before it deletes anything."""
         names = store.list_generations()
         newest = None
         for name in reversed(names):
             try:
-                store.load_generation(name)
+                gen = store.load_generation(name)
             except StoreError:
                 continue
-            newest = name
+            # Only complete generations are recorded (FORMAT.md 9.1): a checkpoint stands
+            # for its base.
+            newest = gen.base if gen.checkpoint else gen.name
             break
-        return self.observe(store, newest, names)
+        return self.observe(store, newest, names, record)
 
     def _record(self, store_id: bytes, store_path: Path, newest: str) -> None:
         try:

@@ -215,7 +215,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.grace < 0:
         raise errors.ConfigError("--grace must not be negative")
     state = LocalState.of(cfg.state_dir)
-    rollback = state.rollback_of(store) if state else None
+    rollback = state.rollback_of(store, record=not args.dry_run) if state else None
     if rollback:
         store.close()
         raise errors.StoreError(f"{rollback}. Prune removes nothing while the store stands "

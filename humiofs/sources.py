@@ -90,6 +90,9 @@ class Source:
             if self.at is not None and not self.at.admits(name):
                 continue
             current = self.generation(name)
+            if current is None and name not in self.bad:
+                partial.add(name)       # gone since the listing: superseded or pruned
+                continue
             if current is not None and current.checkpoint and (self.at is None
                                                                or self.at.name != name):
                 partial.add(name)
@@ -109,6 +112,17 @@ class Source:
             if rollback and rollback != self.rollback_told:
                 log.warning("backup %s: %s", self.store.name, rollback)
             self.rollback_told = rollback
+        # Every checkpoint is passed by, also one older than the latest complete generation
+        # (a run killed between its final commit and deleting its checkpoint leaves it, and
+        # the next writer or prune removes it). Each generation is loaded once (cached).
+        for name in names:
+            if name in partial or (current is not None and name == current.name):
+                continue
+            gen = self.generation(name)
+            if (gen is None and name not in self.bad) or (
+                    gen is not None and gen.checkpoint
+                    and (self.at is None or self.at.name != name)):
+                partial.add(name)
         self.names = [n for n in names if n not in partial]
         self.current, self.checked = current, time.monotonic()
 
@@ -117,7 +131,9 @@ class Source:
         gen = self.gens.get(name)
         if gen is None and name not in self.bad:
             try:
-                gen = self.gens[name] = self.store.load_generation(name)
+                gen = generations.load_listed(self.store, name)
+                if gen is not None:     # else superseded or pruned since the listing
+                    self.gens[name] = gen
             except StoreError as exc:
                 if not self.still_there():
                     return None         # not damaged: the store went away (refresh tells)

@@ -150,7 +150,11 @@ class Tree:
             tree.close()
             raise StoreError(f"no backup in {backup_dir} has the generation {at.name}", 2)
         for src in tree._sources:
-            if src.current is None and at is None:
+            if src.current is None and at is None and src.gens and \
+                    all(g.checkpoint for g in src.gens.values()):
+                log.warning("backup %s has only a checkpoint of a first backup that has not "
+                            "finished; it appears once that backup finishes", src.store.name)
+            elif src.current is None and at is None:
                 log.warning("backup %s has no generation yet; it appears once it has",
                             src.store.name)
             elif src.current is None:

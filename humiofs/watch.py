@@ -180,7 +180,8 @@ class Watch:
                     self.passes += 1
                     if self.json_out:
                         summary.emit("backup", store=self.store.name, watch_pass=self.passes,
-                                     **self.last_pass,
+                                     **{"checkpoint": None, "interrupted": False,
+                                        **self.last_pass},
                                      seconds=round(time.monotonic() - started, 3))
                     if self._prune_due():
                         self._prune()
@@ -192,11 +193,15 @@ class Watch:
                 self.tracker.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
-        latest = f"; latest {format_time(parent.time_ms)}" if parent else ""
+        if parent is not None and parent.checkpoint:
+            latest = (f"; committed checkpoint {parent.name} ({format_time(parent.time_ms)}, "
+                      "partial): the next run resumes from it")
+        else:
+            latest = f"; latest {format_time(parent.time_ms)}" if parent else ""
         if self.json_out or self.quiet:
             return errors.EXIT_OK
-        print(f"backup {self.store.name}: stopped after {self.passes} passes, "
-              f"{self.committed} generations committed{latest}", flush=True)
+        print(f"backup {self.store.name}: stopped after {self.passes} pass(es), "
+              f"{self.committed} generation(s) committed{latest}", flush=True)
         return errors.EXIT_OK
 
     def _start_tracker(self) -> Tracker | None:
@@ -241,7 +246,15 @@ class Watch:
                 gen = run.build(parent)
             except Interrupted as exc:
                 log.info("%s", exc)
-                return latest_readable(self.store)
+                latest = latest_readable(self.store)
+                cp = (latest if latest is not None and latest.checkpoint
+                      and (parent is None or latest.name != parent.name) else None)
+                self.last_pass = {
+                    "committed": False, "checkpoint": cp.name if cp else None,
+                    "interrupted": True,
+                    "generation": summary.generation(
+                        parent if parent is not None and not parent.checkpoint else None)}
+                return latest
             if not full and changed(gen, parent) and self._store_lost_packs(run):
                 # Folders this pass reused without walking them may refer to those packs: a
                 # full walk reads what they held again rather than carry the refs on.
@@ -288,8 +301,8 @@ class Watch:
         run.commit(gen)
         self.last_pass.update(committed=True, generation=summary.generation(gen),
                               bytes_stored=run.stats.bytes_stored)
-        if self.state is not None:
-            self.state.observe(self.store, gen.name)
+        if self.state is not None and (done := complete_name(gen)) is not None:
+            self.state.observe(self.store, done)
         self.committed += 1
         s = run.stats
         log.info("generation %s: %d new, %d changed files, %d skipped, %d bytes stored "

@@ -598,7 +598,8 @@ def test_freeing_the_space_a_failed_backup_needs_is_enough(tmp_path: Path,
     r = run_cli("backup", "-c", env, "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
     assert left == (set(), [])
-    assert "full" in failed.stderr and "what this run stored is removed" in failed.stderr
+    assert "full" in failed.stderr and "what this run stored since its last checkpoint is " \
+        "removed (a checkpoint it committed is kept" in failed.stderr
     r = run_cli("restore", "-c", env, "--to", tmp_path / "r")
     assert r.returncode == 0, r.stderr
     assert tree_digest(tmp_path / "r") == tree_digest(node)
