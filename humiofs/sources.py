@@ -90,11 +90,7 @@ class Source:
             if self.at is not None and not self.at.admits(name):
                 continue
             current = self.generation(name)
-            if current is None and name not in self.bad:
-                partial.add(name)       # gone since the listing: superseded or pruned
-                continue
-            if current is not None and current.checkpoint and (self.at is None
-                                                               or self.at.name != name):
+            if self._passed_by(name, current):
                 partial.add(name)
                 current = None
                 continue
@@ -118,13 +114,18 @@ class Source:
         for name in names:
             if name in partial or (current is not None and name == current.name):
                 continue
-            gen = self.generation(name)
-            if (gen is None and name not in self.bad) or (
-                    gen is not None and gen.checkpoint
-                    and (self.at is None or self.at.name != name)):
+            if self._passed_by(name, self.generation(name)):
                 partial.add(name)
         self.names = [n for n in names if n not in partial]
         self.current, self.checked = current, time.monotonic()
+
+    def _passed_by(self, name: str, gen: Generation | None) -> bool:
+        """True if neither NAME/ nor .generations shows generation `name` (loaded as `gen`):
+        it is gone since the listing (superseded or pruned; a damaged one is in `bad`), or it
+        is a checkpoint (FORMAT.md 7.4) that --at did not name."""
+        if gen is None:
+            return name not in self.bad
+        return gen.checkpoint and (self.at is None or self.at.name != name)
 
     def generation(self, name: str) -> Generation | None:
         """The generation `name`, loaded once; None (with one warning) if it is damaged."""
