@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from humiofs import format
 from humiofs.errors import StoreError
-from humiofs.generations import format_time
+from humiofs.generations import complete_name, format_time
 
 if TYPE_CHECKING:
     from humiofs.store import Store
@@ -144,7 +144,7 @@ class LocalState:
                 continue
             # Only complete generations are recorded (FORMAT.md 9.1): a checkpoint stands
             # for its base.
-            newest = gen.base if gen.checkpoint else gen.name
+            newest = complete_name(gen)
             break
         return self.observe(store, newest, names, record)
 
