@@ -12,15 +12,14 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from humiofs import crypto, format, journal, keys
-from humiofs.durable import read_store_file
 from humiofs.errors import IntegrityError, StoreError
-from humiofs.format import DIR, FILE, Generation, Ref
-from humiofs.generations import (NO_GENERATION_OPENS, complete_name, format_time,
-                                 load_listed)
 from humiofs.progress import human_bytes
 from humiofs.prune import RECORD_DIR, RECORD_NAME, SET_ASIDE_DIR, read_record
-from humiofs.store import PACK_NAME, Store
+from humiofs.store import crypto, format, journal, keys
+from humiofs.store.durable import read_store_file
+from humiofs.store.format import DIR, FILE, Generation, Ref
+from humiofs.store.generations import NO_GENERATION_OPENS, complete_name, format_time, load_listed
+from humiofs.store.repository import PACK_NAME, Store
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from humiofs.errors import ConfigError, show
-from humiofs.keys import Passphrase, canonical_passphrase, check_passphrase
+from humiofs.store.keys import Passphrase, canonical_passphrase, check_passphrase
 
 DEFAULT_BACKUP_DIR = "/backup"
 DEFAULT_DELETE_AFTER_MS = 604_800_000

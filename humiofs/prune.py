@@ -14,14 +14,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from humiofs import journal
-from humiofs.durable import (NotRegularFile, fsync_dir, open_store_file, read_store_file,
-                             store_io_error)
-from humiofs.storemeta import refuse_planted
 from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked
-from humiofs.format import DIR, FILE, Generation, Ref
-from humiofs.generations import NO_GENERATION_OPENS, format_time
-from humiofs.store import PACK_NAME, Store, list_packs
+from humiofs.store import journal
+from humiofs.store.durable import (
+    NotRegularFile,
+    fsync_dir,
+    open_store_file,
+    read_store_file,
+    store_io_error,
+)
+from humiofs.store.format import DIR, FILE, Generation, Ref
+from humiofs.store.generations import NO_GENERATION_OPENS, format_time
+from humiofs.store.repository import PACK_NAME, Store, list_packs
+from humiofs.store.storemeta import refuse_planted
 
 log = logging.getLogger(__name__)
 

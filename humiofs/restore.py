@@ -16,11 +16,12 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from humiofs import crypto, format, scan, xattrs
+from humiofs.backup import scan, xattrs
 from humiofs.errors import IntegrityError, StoreError, TargetError, os_reason, show
-from humiofs.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs, check_name
 from humiofs.progress import Progress
-from humiofs.store import Store
+from humiofs.store import crypto, format
+from humiofs.store.format import DIR, FILE, SYMLINK, Entry, Generation, Ref, Xattrs, check_name
+from humiofs.store.repository import Store
 
 log = logging.getLogger(__name__)
 

@@ -146,7 +146,8 @@ def tree_digest(root: Path) -> dict[str, tuple[object, ...]]:
     """Everything restore must bring back, per relative path: type, mode, mtime, size,
     sha256, data extents (holes) and symlink target."""
     import hashlib
-    from humiofs.scan import data_extents
+
+    from humiofs.backup.scan import data_extents
     out: dict[str, tuple[object, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:

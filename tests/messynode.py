@@ -11,7 +11,7 @@ import struct
 import threading
 from pathlib import Path
 
-from humiofs.scan import data_extents
+from humiofs.backup.scan import data_extents
 
 Y2300_NS = 10_413_792_000 * 10**9 + 123_456_789    # 2300-01-01T00:00:00.123456789Z
 Y1901_NS = -2_147_385_600 * 10**9 + 500_000_000    # 1901-12-15T00:00:00.5Z (ext4 keeps it)

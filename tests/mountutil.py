@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import KEY, ROOT, clean_env, tree_digest
-from humiofs import tree
-from humiofs.format import DIR, Entry, Generation
-from humiofs.keys import KdfParams
-from humiofs.store import Store
-from humiofs.writer import Backup, BackupOptions
+
+from humiofs.backup.writer import Backup, BackupOptions
+from humiofs.mount import tree
+from humiofs.store.format import DIR, Entry, Generation
+from humiofs.store.keys import KdfParams
+from humiofs.store.repository import Store
 
 FAST_KDF = KdfParams(iterations=2, memory_kib=19456, lanes=1)
 DEADLINE_S = 20.0

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import cast
 
 from conftest import KEY, tree_digest
-from humiofs import writer
-from humiofs.format import DIR, FILE, Entry, Generation, Ref
-from humiofs.keys import KdfParams
+
+from humiofs.backup import writer
+from humiofs.backup.writer import Backup, BackupOptions, BackupStats
 from humiofs.restore import Restore, RestoreOptions, RestoreStats
-from humiofs.store import Store
-from humiofs.writer import Backup, BackupOptions, BackupStats
+from humiofs.store.format import DIR, FILE, Entry, Generation, Ref
+from humiofs.store.keys import KdfParams
+from humiofs.store.repository import Store
 
 # The cheapest KDF parameters a reader accepts: store opens stay fast in tests.
 FAST_KDF = KdfParams(iterations=2, memory_kib=19456, lanes=1)

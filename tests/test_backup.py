@@ -4,8 +4,8 @@ nothing, changed and deleted files, a killed writer, the lock, files changing du
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -19,14 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, clean_env, make_sample, run_cli, tree_digest, write_env
-from humiofs import packwriter
-from humiofs.format import Generation, Identity
-from humiofs.store import Store
-from humiofs.writer import BackupStats
-from storetools import (backup, create_store, file_bytes, files, pack_files, rchar, restore,
-                        source_digest, store_files, wait_not_racy, walk)
+from storetools import (
+    backup,
+    create_store,
+    file_bytes,
+    files,
+    pack_files,
+    rchar,
+    restore,
+    source_digest,
+    store_files,
+    wait_not_racy,
+    walk,
+)
+
+from humiofs.backup.writer import BackupStats
+from humiofs.store import packwriter
+from humiofs.store.format import Generation, Identity
+from humiofs.store.repository import Store
 
 MiB = 1 << 20
 
@@ -374,7 +385,7 @@ def test_sealed_host_name_is_padded(small_setup: tuple[Path, Store]) -> None:
     import base64
     import json
 
-    from humiofs import crypto
+    from humiofs.store import crypto
     _env, store = small_setup
     with store.lock():
         blob = base64.b64decode(json.loads((store.path / "lock").read_bytes())["host"])
@@ -384,7 +395,7 @@ def test_sealed_host_name_is_padded(small_setup: tuple[Path, Store]) -> None:
 HOLD_LOCK = """
 import os, sys
 from pathlib import Path
-from humiofs.store import Store
+from humiofs.store.repository import Store
 store = Store.open(Path(sys.argv[1]), os.environ["TEST_STORE_KEY"])
 with store.lock():
     print("locked", flush=True)

@@ -8,17 +8,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 import storetools
+from conftest import KEY, make_sample, run_cli, write_env
 from storetools import FAST_KDF, flip
 
-from conftest import KEY, make_sample, run_cli, write_env
-from humiofs import crypto
 from humiofs.check import Checker, Report, parse_subset
 from humiofs.errors import EXIT_DAMAGED, EXIT_OK, EXIT_WRONG_KEY
-from humiofs.format import DIR, FILE, Generation, Ref
-from humiofs.store import Store
-
+from humiofs.store import crypto
+from humiofs.store.format import DIR, FILE, Generation, Ref
+from humiofs.store.repository import Store
 
 
 def backup(store: Store, source: Path) -> Generation:

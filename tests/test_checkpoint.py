@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, ROOT, clean_env, run_cli, tree_digest, write_env
-from humiofs import format, generations, prune
-from humiofs.errors import IntegrityError, StoreError
-from humiofs.format import Generation, Ref, RootAttrs
 from storetools import backup, create_store
+
+from humiofs import prune
+from humiofs.errors import IntegrityError, StoreError
+from humiofs.store import format, generations
+from humiofs.store.format import Generation, Ref, RootAttrs
 
 MiB = 1 << 20
 FILES = 20                  # 1 MiB each (a pack each), in 4 folders: 20 MiB in all
@@ -129,7 +130,7 @@ def _read_bytes(summary: str) -> float:
 
 
 def _checkpoints(store_path: Path) -> list[str]:
-    from humiofs.store import Store
+    from humiofs.store.repository import Store
     store = Store.open(store_path, KEY)
     return [n for n in store.list_generations() if store.load_generation(n).checkpoint]
 
@@ -254,9 +255,10 @@ def test_an_incremental_run_checkpoints_the_parents_entries_it_has_not_reached(
 def test_the_mount_never_shows_a_checkpoint(tmp_path: Path) -> None:
     """NAME/ shows the latest complete generation and .generations/ leaves out the checkpoint
     a killed run left behind, also when the checkpoint holds a file the complete one lacks."""
-    from humiofs import tree
-    from humiofs.store import Store
     from mountutil import listdir, resolve
+
+    from humiofs.mount import tree
+    from humiofs.store.repository import Store
     node = make_node(tmp_path / "node")
     store = create_store(tmp_path / "backup" / "node1")
     first, _ = backup(store, node)

@@ -11,17 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, ROOT, clean_env, run_cli, write_env
-from humiofs import generations
-from humiofs.check import Checker
-from humiofs.errors import ConfigError, StoreError
-from humiofs.format import Generation
-from humiofs.localstate import LocalState
-from humiofs.sources import Source
-from humiofs.store import Store, new_generation_name
 from storetools import backup, create_store
 
+from humiofs.check import Checker
+from humiofs.errors import ConfigError, StoreError
+from humiofs.mount.sources import Source
+from humiofs.store import generations
+from humiofs.store.format import Generation
+from humiofs.store.localstate import LocalState
+from humiofs.store.repository import Store, new_generation_name
 
 HOST_ID = "1a2b3c4d-5e6f-4a1b-9c2d-3e4f5a6b7c8d"
 
@@ -194,6 +193,7 @@ def test_a_watch_stopped_in_its_first_pass_says_it_committed_a_checkpoint(
         tmp_path: Path, json_out: bool) -> None:
     import json
     import signal
+
     from test_checkpoint import _wait_stopped, make_node
     node = make_node(tmp_path / "node")
     env_file = write_env(tmp_path / "env", tmp_path / "backup", directory=node,
@@ -240,7 +240,7 @@ def test_ls_counts_checkpoints_apart_and_restore_help_has_no_watch(tmp_path: Pat
 @pytest.mark.allow_warnings
 def test_the_mount_says_a_store_holds_only_a_checkpoint_of_an_unfinished_first_backup(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from humiofs import tree
+    from humiofs.mount import tree
     store, first = _store(tmp_path)
     _checkpoint(store, first, first.time_ms + 1, None)
     os.unlink(store.path / "generations" / first.name)
@@ -261,16 +261,18 @@ def test_the_mount_says_a_store_holds_only_a_checkpoint_of_an_unfinished_first_b
     ("-5", "negative"), ("\u0665", "whole number"), ("５", "whole number"), ("1.5", "whole number"),
     ("9" * 30, "too large"), (str(1 << 63), "too large")])
 def test_integer_settings_take_ascii_digits_only(name: str, raw: str, why: str) -> None:
-    from humiofs.config import load
     from test_config import NO_FLAGS
+
+    from humiofs.config import load
     with pytest.raises(ConfigError, match=f"{name}.*{why}"):
         load(NO_FLAGS, environ={name: raw})
 
 
 @pytest.mark.allow_warnings
 def test_checkpoint_settings_blanks_and_a_tiny_size(caplog: pytest.LogCaptureFixture) -> None:
-    from humiofs.config import DEFAULT_CHECKPOINT_S, load
     from test_config import NO_FLAGS
+
+    from humiofs.config import DEFAULT_CHECKPOINT_S, load
     assert load(NO_FLAGS, environ={"BACKUP_CHECKPOINT_SECONDS": " 5 "}).checkpoint_s == 5
     assert load(NO_FLAGS, environ={"BACKUP_CHECKPOINT_SECONDS": ""}).checkpoint_s == \
         DEFAULT_CHECKPOINT_S

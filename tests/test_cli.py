@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, write_env
-from humiofs import cli, errors
-from humiofs.generations import format_time
-from humiofs.store import Store
 import storetools
-from storetools import (create_store, pack_files, source_digest, store_files,
-                        wait_not_racy)
+from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, write_env
+from storetools import create_store, pack_files, source_digest, store_files, wait_not_racy
+
+from humiofs import cli, errors
+from humiofs.store.generations import format_time
+from humiofs.store.repository import Store
 
 WRONG = "not the right key"
 BACKUP_LINE = re.compile(

@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, run_cli, write_env
-from humiofs import crypto
-from humiofs.errors import EXIT_OK
-from humiofs.store import Store
 from mountutil import Mount
+
+from humiofs.errors import EXIT_OK
+from humiofs.store import crypto
+from humiofs.store.repository import Store
 
 V1_STORE = Path(__file__).parent / "data" / "v1-store"
 MTIME_NS = 1735787045_123456789      # 2025-01-02T03:04:05.123456789Z, as `touch -d` set it

@@ -13,7 +13,7 @@ import pytest
 from humiofs import config
 from humiofs.config import Config, load, parse_env_file
 from humiofs.errors import ConfigError
-from humiofs.keys import canonical_passphrase
+from humiofs.store.keys import canonical_passphrase
 
 NO_FLAGS: dict[str, str | None] = {}
 

@@ -1,5 +1,5 @@
 """Chunked AEAD (docs/FORMAT.md 4.3 and 5): round trips, chunk boundaries, every kind of
-tampering, and a golden vector computed independently of humiofs.crypto."""
+tampering, and a golden vector computed independently of humiofs.store.crypto."""
 from __future__ import annotations
 
 import hmac
@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from humiofs import crypto
-from humiofs.crypto import CHUNK, KIND_DATA, KIND_GENERATION, KIND_TREE, TAG, ObjectCipher
 from humiofs.errors import IntegrityError
+from humiofs.store import crypto
+from humiofs.store.crypto import CHUNK, KIND_DATA, KIND_GENERATION, KIND_TREE, TAG, ObjectCipher
 
 MASTER = bytes(range(32))
 OID = bytes(range(0xA0, 0xB0))

@@ -8,10 +8,22 @@ from dataclasses import replace
 
 import pytest
 
-from humiofs import format
 from humiofs.errors import IntegrityError
-from humiofs.format import (DIR, FILE, SYMLINK, Entry, Generation, Identity, Ref, RootAttrs,
-                            decode_generation, decode_tree, encode_generation, encode_tree)
+from humiofs.store import format
+from humiofs.store.format import (
+    DIR,
+    FILE,
+    SYMLINK,
+    Entry,
+    Generation,
+    Identity,
+    Ref,
+    RootAttrs,
+    decode_generation,
+    decode_tree,
+    encode_generation,
+    encode_tree,
+)
 
 PACK = bytes(range(16))
 OID = bytes(range(16, 32))

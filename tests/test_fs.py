@@ -12,12 +12,12 @@ from typing import Any
 
 import pyfuse3
 import pytest
-
 from conftest import KEY
-from humiofs import fs, tree
-from humiofs.format import Generation
-from humiofs.store import Store
 from mountutil import backup, create_store, tamper_file_data, tiny_node
+
+from humiofs.mount import fs, tree
+from humiofs.store.format import Generation
+from humiofs.store.repository import Store
 
 CTX: Any = object()  # the handlers never look at the request context
 BIG = 3 * 65536 + 123

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from humiofs import identity
-from humiofs.format import Identity
+from humiofs.backup import identity
+from humiofs.store.format import Identity
 
 MiB = 1 << 20
 UUID = "3b0c4f2e-6a3d-4c1f-9e2a-5d8b7c6a1f00"

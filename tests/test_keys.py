@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from humiofs import keys
 from humiofs.errors import ConfigError, IntegrityError, StoreMetadataDamaged, WrongKey
-from humiofs.keys import KdfParams
-from humiofs.store import Store
+from humiofs.store import keys
+from humiofs.store.keys import KdfParams
+from humiofs.store.repository import Store
 
 FAST = KdfParams(iterations=2, memory_kib=19456, lanes=1)
 MASTER = bytes(range(32))

@@ -15,14 +15,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, ROOT, clean_env, run_cli, write_env
-from humiofs.errors import EXIT_OK, EXIT_PARTIAL
-from humiofs.store import Store
-from messynode import (IS_ROOT, Y1901_NS, Y2300_NS, Appender, digest, is_record_prefix,
-                       long_path, make_messy_node, record)
+from messynode import (
+    IS_ROOT,
+    Y1901_NS,
+    Y2300_NS,
+    Appender,
+    digest,
+    is_record_prefix,
+    long_path,
+    make_messy_node,
+    record,
+)
 from mountutil import Mount, wait_for
 from storetools import backup, create_store, files, restore, walk
+
+from humiofs.errors import EXIT_OK, EXIT_PARTIAL
+from humiofs.store.repository import Store
 
 pytestmark = pytest.mark.allow_warnings
 

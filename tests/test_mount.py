@@ -22,13 +22,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, ROOT, make_sample, run_cli, write_env
-from humiofs.generations import format_time
-from humiofs.scan import data_extents
-from humiofs.store import Store
-from mountutil import (Mount, backup, create_store, is_mounted, mount_line, mounted_digest,
-                       pid_gone, readdir, source_digest, tamper_file_data, tiny_node, wait_for)
+from mountutil import (
+    Mount,
+    backup,
+    create_store,
+    is_mounted,
+    mount_line,
+    mounted_digest,
+    pid_gone,
+    readdir,
+    source_digest,
+    tamper_file_data,
+    tiny_node,
+    wait_for,
+)
+
+from humiofs.backup.scan import data_extents
+from humiofs.store.generations import format_time
+from humiofs.store.repository import Store
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"),
                                 reason="needs FUSE (/dev/fuse and fusermount3)")
@@ -703,9 +715,9 @@ def test_ls_restore_and_mount_agree_on_the_latest_when_the_newest_is_damaged(
 
 def test_mount_module_leaves_pyfuse3_and_trio_to_the_mount() -> None:
     # The mount command imports them while the key derivation runs (mount_cli._Opening);
-    # imported with humiofs.mount they would be back on the path before it starts.
-    code = ("import sys, humiofs.cli, humiofs.mount_cli, humiofs.mount; "
-            "print(sorted({'pyfuse3', 'trio', 'humiofs.fs', 'humiofs.tree'} & set(sys.modules)))")
+    # imported with humiofs.mount.mount they would be back on the path before it starts.
+    code = ("import sys, humiofs.cli, humiofs.cli.mount, humiofs.mount.mount; "
+            "print(sorted({'pyfuse3', 'trio', 'humiofs.mount.fs', 'humiofs.mount.tree'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
     assert out.strip() == "[]"

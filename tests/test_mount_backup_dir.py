@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, write_env
 from mountutil import Mount, backup, create_store, is_mounted, tiny_node, wait_for
 
@@ -153,7 +152,7 @@ def test_a_store_this_user_may_not_read_is_left_out(what: str) -> None:
             os.chown(backups / "a", 0, 0)
         env = clean_env()
         env["BACKUP_STATE_DIR"] = str(root / "state")
-        code = ("import sys; from pathlib import Path; from humiofs.tree import Tree; "
+        code = ("import sys; from pathlib import Path; from humiofs.mount.tree import Tree; "
                 "t = Tree.from_backup_dir(Path(sys.argv[1]), sys.argv[2]); "
                 "print(*[n for n, g in t.shown() if g]); t.close()")
         done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",

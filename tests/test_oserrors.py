@@ -4,17 +4,16 @@ still checks, lists and restores."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, clean_env, run_cli
 from mountutil import DEADLINE_S, backup, create_store, tiny_node
 
@@ -205,7 +204,7 @@ def test_no_permission_is_exit_7_not_damage(locked_out: Path, tmp_path: Path,
 def test_mount_of_a_read_only_store_given_as_a_relative_path(ro_store: Path) -> None:
     """The mount goes to the background, which leaves the working folder: a relative
     BACKUP_DIR must still name the same folder."""
-    from humiofs.mount import is_mounted, unmount
+    from humiofs.mount.mount import is_mounted, unmount
     mnt = ro_store.parent / "mnt"
     mnt.mkdir(exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "humiofs", "mount", "--backup-dir", "ro",

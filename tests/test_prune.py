@@ -10,21 +10,27 @@ import time
 from pathlib import Path
 
 import pytest
-
 import storetools
+from conftest import KEY, make_sample, run_cli, write_env
 from storetools import FAST_KDF
 
-from conftest import KEY, make_sample, run_cli, write_env
-from humiofs import crypto
 from humiofs.check import Checker
 from humiofs.errors import StoreLocked
-from humiofs.format import Generation, Ref, RootAttrs
-from humiofs.generations import format_time
-from humiofs.prune import (DAY_MS, HOUR_MS, RECORD_DIR, TreeDiff, plan, prune, prune_lock,
-                           referenced_packs)
+from humiofs.prune import (
+    DAY_MS,
+    HOUR_MS,
+    RECORD_DIR,
+    TreeDiff,
+    plan,
+    prune,
+    prune_lock,
+    referenced_packs,
+)
 from humiofs.restore import Restore, RestoreOptions
-from humiofs.store import Store
-
+from humiofs.store import crypto
+from humiofs.store.format import Generation, Ref, RootAttrs
+from humiofs.store.generations import format_time
+from humiofs.store.repository import Store
 
 
 def backup(store: Store, source: Path) -> Generation:

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, write_env
-from humiofs import crypto
-from humiofs.errors import IntegrityError, TargetError
-from humiofs.format import DIR, FILE, Entry, Generation, Ref, RootAttrs
-from humiofs.store import Store, new_generation_name
 from storetools import backup, create_store, files, flip, restore, source_digest, walk
+
+from humiofs.errors import IntegrityError, TargetError
+from humiofs.store import crypto
+from humiofs.store.format import DIR, FILE, Entry, Generation, Ref, RootAttrs
+from humiofs.store.repository import Store, new_generation_name
 
 MiB = 1 << 20
 

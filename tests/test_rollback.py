@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, clean_env, make_sample, run_cli, write_env
 from mountutil import Mount
 from storetools import wait_not_racy
@@ -124,8 +123,9 @@ def test_a_state_dir_that_cannot_be_written_is_one_warning(
 def test_a_generation_committed_after_the_listing_is_no_rollback(tmp_path: Path) -> None:
     """check lists the generations, a writer then commits one and records it, and only then
     does check read the record (seen with writers and checks running at once)."""
-    from humiofs.localstate import LocalState
     from storetools import backup, create_store
+
+    from humiofs.store.localstate import LocalState
     node = tmp_path / "node"
     node.mkdir()
     (node / "f").write_bytes(b"1")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from humiofs import scan
+from humiofs.backup import scan
+from humiofs.backup.scan import Excluder, ReadAhead, data_extents, iter_extent_data
 from humiofs.errors import SourceChanged
-from humiofs.scan import Excluder, ReadAhead, data_extents, iter_extent_data
 
 B = 4096
 MiB = 1 << 20

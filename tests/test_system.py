@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import KEY, ROOT
-from humiofs import sdnotify
-from humiofs.mount import is_mounted
 from mountutil import DEADLINE_S, backup, create_store, tiny_node
+
+from humiofs.mount.mount import is_mounted
+from humiofs.system import sdnotify
 
 UNITS = ("humiofs-backup.service", "humiofs-mount.service")
 
@@ -358,7 +358,7 @@ def test_fstab_options_humiofs_cannot_take(tmp_path: Path, options: str, says: s
 
 
 def test_dropins_read_the_env_file_as_humiofs_does(tmp_path: Path) -> None:
-    from humiofs.units import dropins
+    from humiofs.system.units import dropins
     env = tmp_path / "node.env"
     env.write_bytes("\ufeff; comment\nHUMIO_JVM_ARGS=-Xmx4g\nBACKUP_DIR='/mnt/backup%disk'\n"
                     "BACKUP_KEY_FILE=\"/etc/humiofs/backup.key\"\n".encode())
@@ -378,7 +378,7 @@ def test_dropins_read_the_env_file_as_humiofs_does(tmp_path: Path) -> None:
 
 
 def test_helper_form_maps_mount_options() -> None:
-    from humiofs.mount_cli import helper_argv
+    from humiofs.cli.mount import helper_argv
     assert helper_argv(["/etc/humiofs/node.env", "/mnt/b", "-o",
                         "ro,dev,suid,noauto,nofail,_netdev,x-systemd.automount,allow_other,"
                         "name=node1,at=2026-11-24T10:00,log=/var/log/humiofs.log"]) == [

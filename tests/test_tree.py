@@ -13,20 +13,28 @@ import stat
 from pathlib import Path
 
 import pytest
-import trio
-
 import storetools
-
+import trio
 from conftest import KEY, make_sample
-from humiofs import decryptd, inodes, prefetch, reader, tree
-from humiofs.crypto import CHUNK, STORED_CHUNK
+from mountutil import (
+    backup,
+    create_store,
+    entries,
+    listdir,
+    read_all,
+    resolve,
+    tamper_file_data,
+    tiny_node,
+    wait_for,
+)
+
+from humiofs.backup.scan import data_extents
 from humiofs.errors import NoSuchStore, WrongKey
-from humiofs.format import Generation
-from humiofs.generations import At, parse_at
-from humiofs.scan import data_extents
-from humiofs.store import Store
-from mountutil import (backup, create_store, entries, listdir, read_all, resolve, tamper_file_data,
-                       tiny_node, wait_for)
+from humiofs.mount import decryptd, inodes, prefetch, reader, tree
+from humiofs.store.crypto import CHUNK, STORED_CHUNK
+from humiofs.store.format import Generation
+from humiofs.store.generations import At, parse_at
+from humiofs.store.repository import Store
 
 NODE = b"node1"
 
@@ -76,7 +84,7 @@ def test_root_lists_stores_and_generations(model: tree.Tree,
 
 
 def folder_time(ms: int, with_ms: bool = True) -> str:
-    from humiofs.generations import folder_time as fmt
+    from humiofs.store.generations import folder_time as fmt
     return fmt(ms, with_ms)
 
 

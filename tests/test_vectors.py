@@ -20,13 +20,14 @@ from typing import Any
 
 import pytest
 from argon2.low_level import Type, hash_secret_raw
+from conftest import clean_env, run_cli, write_env
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from conftest import clean_env, run_cli, write_env
-from humiofs import config, generations
+from humiofs import config
 from humiofs.errors import EXIT_OK
-from humiofs.store import Store
+from humiofs.store import generations
+from humiofs.store.repository import Store
 
 VECTORS = Path(__file__).parent / "vectors"
 STORE = VECTORS / "vectornode"

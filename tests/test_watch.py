@@ -14,20 +14,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
+from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, write_env
 from storetools import FAST_KDF, files, wait_not_racy
 
-from conftest import KEY, ROOT, clean_env, make_sample, run_cli, tree_digest, write_env
+from humiofs.backup.inotify import Dirty, Tracker
+from humiofs.backup.scan import DEFAULT_EXCLUDES, Excluder
+from humiofs.backup.watch import Watch
+from humiofs.backup.writer import Backup, BackupOptions
 from humiofs.config import Config
 from humiofs.errors import EXIT_IO, EXIT_OK, EXIT_WRONG_KEY
-from humiofs.format import Generation
-from humiofs.inotify import Dirty, Tracker
 from humiofs.restore import Restore, RestoreOptions
-from humiofs.scan import DEFAULT_EXCLUDES, Excluder
-from humiofs.store import Store
-from humiofs.watch import Watch
-from humiofs.writer import Backup, BackupOptions
-
+from humiofs.store.format import Generation
+from humiofs.store.repository import Store
 
 
 def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0,
@@ -124,7 +122,7 @@ def test_tracker_folder_move_asks_for_full_walk(tracker: tuple[Path, Tracker]) -
 def test_tracker_overflow_asks_for_full_walk(tracker: tuple[Path, Tracker],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     root, t = tracker
-    from humiofs import inotify
+    from humiofs.backup import inotify
     monkeypatch.setattr(t.ino, "read", lambda: iter([(-1, inotify.IN_Q_OVERFLOW, b"")]))
     assert t.take().full
 

@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from humiofs import format, writer
-from humiofs.errors import EXIT_USAGE, StoreError
-from humiofs.format import FILE, SYMLINK, Entry, Ref
-from humiofs.writer import Backup, BackupOptions
 from storetools import create_store, pack_files, wait_not_racy
+
+from humiofs.backup import writer
+from humiofs.backup.writer import Backup, BackupOptions
+from humiofs.errors import EXIT_USAGE, StoreError
+from humiofs.store import format
+from humiofs.store.format import FILE, SYMLINK, Entry, Ref
 
 
 def test_a_symlinks_size_is_the_length_of_the_target_stored(tmp_path: Path) -> None:

@@ -27,10 +27,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
-from humiofs import crypto, format, keys
-from humiofs.format import (BLK, CHR, DIR, FIFO, FILE, SYMLINK, Entry, Generation, Identity,
-                            Ref, RootAttrs)
-from humiofs.store import Store
+from humiofs.store import crypto, format, keys
+from humiofs.store.format import (
+    BLK,
+    CHR,
+    DIR,
+    FIFO,
+    FILE,
+    SYMLINK,
+    Entry,
+    Generation,
+    Identity,
+    Ref,
+    RootAttrs,
+)
+from humiofs.store.repository import Store
 
 PASSPHRASE = "humiofs test vector ключ"
 # The cheapest Argon2id parameters a reader accepts (FORMAT.md 4.2), so the vectors open fast.

@@ -1,0 +1,3 @@
+"""The read-only FUSE view: a FUSE-free model (tree, numbering, attrs, inodes, sources),
+reading file data (reader, chunkcache, decryptd, prefetch), and the adapter (fs, mount).
+"""

@@ -1,0 +1,194 @@
+"""Where a store's bytes live: the one interface every store access goes through.
+
+A `Location` is BACKUP_DIR (a local folder, or `s3://BUCKET/PREFIX`); each store in it is a
+`Backend` holding the store's files under names relative to the store's root, such as
+`config`, `keys/<hex32>`, `packs/ab/<hex32>`, `generations/<name>`, `tmp/<hex16>.journal`,
+`lock` (docs/FORMAT.md 2 lists them). Names use `/` and never start with `/` or hold `..`.
+
+Nothing above this package opens, lists, renames or deletes a store path itself (STYLE.md:
+restic's `internal/backend` under `internal/repository` is the model). The local folder is
+`local.py`; object storage is `s3.py`.
+
+Errors follow the filesystem's, so one caller's handling serves every backend: a missing
+object raises FileNotFoundError; something that is not a regular file under a store file's
+name raises durable.NotRegularFile; a refused access raises PermissionError (or OSError with
+EROFS for a read-only store); a full store raises OSError with ENOSPC; anything else an
+OSError whose strerror is one line a user can act on. Backends retry transient failures
+themselves (with backoff) before raising.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+FILE = "file"
+FOLDER = "folder"
+OTHER = "other"      # a symlink, FIFO, device or socket where a store file belongs (local only)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One entry of a listing. `name`: relative to the store's root (`packs/ab/abcd…`);
+    `kind`: FILE, FOLDER or OTHER; `size`: bytes (0 for a folder); `mtime`: seconds since
+    the epoch (the upload time on object storage)."""
+    name: str
+    kind: str
+    size: int
+    mtime: float
+
+
+class Upload(ABC):
+    """A store file being written (a pack): invisible under its name until `commit`, gone
+    after `abort`. Not thread-safe; `write` may block on the network or the disk."""
+
+    @abstractmethod
+    def write(self, data: bytes | memoryview) -> None:
+        """Appends `data`. OSError (ENOSPC, EROFS, …) on failure: then `abort`."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Makes the file durable under its name, atomically. OSError on failure, after which
+        the upload is aborted."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drops what was written. Never raises."""
+
+
+class Lock(ABC):
+    """A held lock (see Backend.lock). `release` is idempotent and never raises."""
+
+    @abstractmethod
+    def release(self) -> None: ...
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Busy(Exception):
+    """Backend.lock found the lock held. `info`: the bytes its holder stored with it (b""
+    if none or unreadable)."""
+
+    def __init__(self, info: bytes) -> None:
+        super().__init__("held")
+        self.info = info
+
+
+class Backend(ABC):
+    """One store's files. Thread-safe: the mount reads from many threads at once."""
+
+    #: For messages: the store's folder, or s3://BUCKET/PREFIX/NAME.
+    location: str
+    #: The store's folder when it is on a local filesystem, else None. Only for what needs a
+    #: real path and is not store access: advice in messages, excluding the store from a
+    #: backup of a node it lives in, telling a watch that its drive went away.
+    local_path: Path | None = None
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        """The whole file `name`, or at most its first `limit` bytes."""
+
+    @abstractmethod
+    def read_into(self, name: str, offset: int, out: memoryview, nowait: bool = False) -> bool:
+        """Fills `out` with the bytes at `offset` of the immutable file `name` (a pack). A file
+        that ends before `out` is full raises EOFError. With `nowait`, returns False instead of
+        waiting for a disk or the network (the mount then asks again from a worker thread);
+        a backend that cannot tell always returns False then."""
+
+    @abstractmethod
+    def stat(self, name: str) -> Item:
+        """The entry `name` (FileNotFoundError if there is none)."""
+
+    @abstractmethod
+    def list(self, folder: str = "", recursive: bool = False) -> list[Item]:
+        """The entries of `folder` ("" is the store's root), sorted by name; with `recursive`,
+        every file below it and no folders. FileNotFoundError if the folder is missing;
+        NotADirectoryError if a file is in its place."""
+
+    # -- writing ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def write(self, name: str, data: bytes, exclusive: bool = True) -> None:
+        """Writes the whole file `name` atomically and durably: a reader sees all of it or none.
+        `exclusive`: FileExistsError if `name` exists (the check and the write are one step);
+        otherwise replaces it."""
+
+    @abstractmethod
+    def create(self, name: str) -> Upload:
+        """Starts writing the file `name` in pieces (a pack); see Upload."""
+
+    @abstractmethod
+    def append(self, name: str, data: bytes, sync: bool) -> None:
+        """Appends `data` to the file `name`, creating it (a run's journal, FORMAT.md 8).
+        `sync`: durable before returning. Reading `name` gives every append in order."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Removes the file `name`; a missing one is not an error."""
+
+    @abstractmethod
+    def rename(self, src: str, dst: str) -> None:
+        """Moves the file `src` to `dst` (setting a damaged generation aside, FORMAT.md 10.4).
+        FileExistsError if `dst` exists."""
+
+    @abstractmethod
+    def make_folder(self, folder: str) -> None:
+        """Makes `folder` (mode 0700) if it is missing. Object storage has no folders: no-op."""
+
+    def sync(self, folder: str = "") -> None:
+        """Makes earlier deletes and renames in `folder` durable (a local folder's fsync)."""
+
+    # -- locks ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def lock(self, name: str, info: bytes, wait_s: float = 0.0) -> Lock:
+        """Takes the exclusive lock `name` (`lock`, `prune.lock`) and stores `info` with it for
+        others to read (b"": keep what is there). Waits up to `wait_s` seconds (infinite:
+        until it is free), then raises Busy. Held until released or the process dies; on
+        object storage, until its lease runs out (s3.py, docs/S3.md)."""
+
+    @abstractmethod
+    def locked(self, name: str) -> bool:
+        """True if someone holds the lock `name` now, or that cannot be told."""
+
+    def close(self) -> None:
+        """Releases cached handles. The backend may not be used afterwards."""
+
+
+class Location(ABC):
+    """BACKUP_DIR: a place that holds stores, each under its BACKUP_NAME."""
+
+    #: For messages: the folder, or s3://BUCKET/PREFIX.
+    location: str
+    local_path: Path | None = None
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Names of the entries that may be stores (not starting with "."), sorted.
+        FileNotFoundError if BACKUP_DIR is missing; NotADirectoryError if it is a file."""
+
+    @abstractmethod
+    def store(self, name: str) -> Backend:
+        """The backend of the store `name`, whether or not it exists yet."""
+
+    @abstractmethod
+    def create_store(self, name: str, files: dict[str, bytes], folders: list[str]) -> Backend:
+        """Creates the store `name` holding `files` (and, where folders exist, `folders`),
+        atomically: it appears complete or not at all. FileExistsError if a store of that
+        name exists (then open it instead); FileNotFoundError if BACKUP_DIR is missing (it is
+        never created: an unmounted drive must not fill the local disk)."""
+
+
+def iter_names(items: list[Item], kind: str = FILE) -> Iterator[str]:
+    """The last path component of each item of `kind`."""
+    for item in items:
+        if item.kind == kind:
+            yield item.name.rpartition("/")[2]
