@@ -8,7 +8,6 @@ from humiofs import failpoint
 from humiofs.store import journal
 from humiofs.store.repository import PackWriter, Store
 
-
 PACK_TARGET = 16 << 20
 # Packs are made durable (fsync, rename, fsync of the folder) on a background thread so the
 # disk flushes one pack while the next is read and encrypted. At most this many wait.

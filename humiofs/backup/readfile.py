@@ -19,7 +19,6 @@ from humiofs.store import crypto
 from humiofs.store.format import FILE, SYMLINK, Entry, Ref, Xattrs
 from humiofs.store.repository import Store
 
-
 SMALL_FILE = 1 << 20
 # A file whose ctime is this close to the moment it was read may have been modified again
 # within the same timestamp tick (a jiffy, at most 10 ms) without its ctime moving; its ctime
