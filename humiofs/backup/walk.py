@@ -30,13 +30,13 @@ READ_ATTEMPTS = 3
 
 
 class Walker:
-    """Walks the source for one run into `packs`, counting into `stats`; `checkpoint()` is
-    called when `policy` says one is due (writer.Backup commits it)."""
+    """Walks the source for one run, storing into `packs` what changed since the parent
+    generation and counting into `stats`; calls `on_checkpoint()` when `policy` says one is
+    due (writer.Backup commits it). Reads the parent's trees from `store`."""
 
     def __init__(self, store: Store, options: BackupOptions, packs: RunPacks,
                  stats: BackupStats, progress: Progress, should_stop: Callable[[], bool],
                  policy: checkpoint.Policy | None, on_checkpoint: Callable[[], None]) -> None:
-        self.store = store
         self.opt = options
         self.packs = packs
         self.stats = stats
