@@ -10,7 +10,7 @@ from typing import cast
 
 from conftest import KEY, tree_digest
 
-from humiofs.backup import writer
+from humiofs.backup import readfile
 from humiofs.backup.writer import Backup, BackupOptions, BackupStats
 from humiofs.restore import Restore, RestoreOptions, RestoreStats
 from humiofs.store.format import DIR, FILE, Entry, Generation, Ref
@@ -99,7 +99,7 @@ def wait_not_racy(root: Path, timeout: float = 10.0) -> None:
     newest = max(os.lstat(os.path.join(d, n)).st_ctime_ns
                  for d, dirs, fs in os.walk(root) for n in dirs + fs)
     deadline = time.monotonic() + timeout
-    while time.time_ns() <= newest + writer.RACY_NS + 1_000_000:
+    while time.time_ns() <= newest + readfile.RACY_NS + 1_000_000:
         assert time.monotonic() < deadline, "clock does not advance"
         time.sleep(0.01)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from storetools import create_store, pack_files, wait_not_racy
 
-from humiofs.backup import writer
+from humiofs.backup import readfile
 from humiofs.backup.writer import Backup, BackupOptions
 from humiofs.errors import EXIT_USAGE, StoreError
 from humiofs.store import format
@@ -21,7 +21,7 @@ def test_a_symlinks_size_is_the_length_of_the_target_stored(tmp_path: Path) -> N
     os.symlink("a-much-longer-target", tmp_path / "link")
     st = os.lstat(tmp_path / "link")
     # The link was replaced by a shorter one between the writer's lstat and its readlink.
-    entry = writer._entry(b"link", st, SYMLINK, target=b"short")
+    entry = readfile.make_entry(b"link", st, SYMLINK, target=b"short")
     assert entry.size == 5
     assert format.decode_tree(format.encode_tree([entry]))[0].size == 5
 

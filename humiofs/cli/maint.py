@@ -1,4 +1,4 @@
-"""The `check` and `prune` subcommands (wired in by cli._add_extra_commands)."""
+"""The `check` and `prune` subcommands (wired in by cli.build_parser)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from humiofs import errors
 from humiofs.cli import summary
+from humiofs.cli.common import load_config, open_store
 from humiofs.progress import human_bytes
 from humiofs.store.format import generation_time
 from humiofs.store.generations import format_time
@@ -151,7 +152,6 @@ def _json(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from humiofs import cli
     from humiofs.check import Checker, describe, parse_subset
     from humiofs.prune import prune_lock
 
@@ -162,8 +162,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise errors.ConfigError(f"--read-data-subset {args.read_data_subset}: {exc}") \
                 from None
-    cfg = cli.load_config(args)
-    store = cli.open_store(cfg)
+    cfg = load_config(args)
+    store = open_store(cfg)
     start = time.monotonic()
     try:
         with prune_lock(store, wait=not args.no_wait, reading=True):
@@ -208,11 +208,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from humiofs import cli
     from humiofs.prune import prune
 
-    cfg = cli.load_config(args)
-    store = cli.open_store(cfg)
+    cfg = load_config(args)
+    store = open_store(cfg)
     if args.grace < 0:
         raise errors.ConfigError("--grace must not be negative")
     state = LocalState.of(cfg.state_dir)

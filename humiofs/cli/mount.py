@@ -1,4 +1,4 @@
-"""The `mount` and `umount` subcommands (registered by cli._add_extra_commands)."""
+"""The `mount` and `umount` subcommands (wired in by cli.build_parser)."""
 from __future__ import annotations
 
 import argparse
@@ -118,7 +118,7 @@ class _Opening(threading.Thread):
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from humiofs import errors
-    from humiofs.cli import load_config
+    from humiofs.cli.common import load_config
     from humiofs.mount import mount
     from humiofs.store import generations
     from humiofs.store import repository as store
