@@ -32,13 +32,22 @@ OTHER = "other"      # a symlink, FIFO, device or socket where a store file belo
 class Item:
     """One entry of a listing. `name`: relative to the store's root (`packs/ab/abcd…`);
     `kind`: FILE, FOLDER or OTHER; `size`: bytes (0 for a folder); `mtime`: seconds since
-    the epoch (the upload time on object storage); `symlink`: an OTHER that is a symlink
-    (added for check's advice; object storage leaves it False)."""
+    the epoch (the upload time on object storage). Added with local.py, both optional:
+    `symlink`, an OTHER that is a symlink (for check's advice; object storage leaves it
+    False); `mtime_ns`, the mtime in nanoseconds where the backend has it exactly (a local
+    file's; 0 if not: see `time_ns`)."""
     name: str
     kind: str
     size: int
     mtime: float
     symlink: bool = False
+    mtime_ns: int = 0
+
+    def time_ns(self) -> int:
+        """The mtime in nanoseconds: exact where the backend gave it (prune and the journal
+        compare a pack's time with a generation's, and a float of seconds cannot tell
+        apart two times less than a microsecond apart)."""
+        return self.mtime_ns or round(self.mtime * 1e9)
 
 
 class Upload(ABC):

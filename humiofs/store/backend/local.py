@@ -126,10 +126,10 @@ def unlink_quietly(path: Path) -> None:
 def _item(name: str, st: os.stat_result) -> Item:
     mode = st.st_mode
     if stat.S_ISREG(mode):
-        return Item(name, FILE, st.st_size, st.st_mtime)
+        return Item(name, FILE, st.st_size, st.st_mtime, mtime_ns=st.st_mtime_ns)
     if stat.S_ISDIR(mode):
-        return Item(name, FOLDER, 0, st.st_mtime)
-    return Item(name, OTHER, 0, st.st_mtime, symlink=stat.S_ISLNK(mode))
+        return Item(name, FOLDER, 0, st.st_mtime, mtime_ns=st.st_mtime_ns)
+    return Item(name, OTHER, 0, st.st_mtime, symlink=stat.S_ISLNK(mode), mtime_ns=st.st_mtime_ns)
 
 
 class _OpenFile:
