@@ -16,7 +16,8 @@ from pathlib import Path
 
 from humiofs.errors import IntegrityError, NoSuchObject, StoreError, refused
 from humiofs.store import crypto, format, journal, keys, opening, writerlock
-from humiofs.store.backend import FILE, FOLDER, Backend, Item, Location, open_location
+from humiofs.store.backend import FILE, FOLDER, Backend, Item, Location
+from humiofs.store.backend.factory import open_location
 from humiofs.store.crypto import CHUNK, STORED_CHUNK, ObjectCipher
 from humiofs.store.durable import NotRegularFile, store_io_error
 from humiofs.store.format import Ref

@@ -7,7 +7,7 @@ A `Location` is BACKUP_DIR (a local folder, or `s3://BUCKET/PREFIX`); each store
 
 Nothing above this package opens, lists, renames or deletes a store path itself (STYLE.md:
 restic's `internal/backend` under `internal/repository` is the model). The local folder is
-`local.py`; object storage is `s3.py`.
+`local.py`; object storage is `s3.py`; `factory.open_location` picks one for a BACKUP_DIR.
 
 Errors follow the filesystem's, so one caller's handling serves every backend: a missing
 object raises FileNotFoundError; something that is not a regular file under a store file's
@@ -207,15 +207,6 @@ class Location(ABC):
         """Removes what creations of the store `name` that were killed left behind (a local
         staging folder). Object storage creates a store by writing its files: nothing to do.
         (Added with local.py.)"""
-
-
-def open_location(backup_dir: Path | str) -> Location:
-    """The Location BACKUP_DIR names: a local folder (LocalLocation) for a path.
-
-    Object storage (`s3://BUCKET/PREFIX`) is added here, by s3.py."""
-    # s3://: return s3.S3Location(...) here.
-    from humiofs.store.backend.local import LocalLocation
-    return LocalLocation(Path(backup_dir))
 
 
 def iter_names(items: list[Item], kind: str = FILE) -> Iterator[str]:
