@@ -40,8 +40,9 @@ __all__ = ["PACK_NAME", "Store", "is_store", "list_packs", "list_stores", "looks
 
 def _split(where: Path | str) -> tuple[Location, str]:
     """BACKUP_DIR/NAME as (BACKUP_DIR's location, NAME)."""
-    parent, _, name = os.fspath(where).rstrip("/").rpartition("/")
-    return open_location(parent or "/"), name
+    text = os.fspath(where).rstrip("/")
+    parent, slash, name = text.rpartition("/")
+    return open_location(parent or (slash or ".")), name
 
 
 def backend_of(where: Path | str | Backend) -> Backend:
