@@ -47,7 +47,7 @@ class Ledger:
     def stored(self, ref: Ref) -> bool:
         """True if the pack of `ref` is in the store and long enough to hold the blob."""
         if self._present is None:
-            self._present = {pid: st.st_size for pid, st in list_packs(self.store).items()}
+            self._present = {pid: item.size for pid, item in list_packs(self.store).items()}
         size = self._present.get(ref.pack)
         return size is not None and ref.offset + ref.stored_len <= size
 

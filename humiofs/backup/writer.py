@@ -131,8 +131,10 @@ class Backup:
             if parent.checkpoint:
                 self._superseded = checkpoint.chain(self.store, parent.name)
         try:
-            st = os.stat(self.store.path)
-            self.walker.store_ino = (st.st_dev, st.st_ino)
+            # Not store access: the store's folder, left out of a backup of a node it is in.
+            if self.store.backend.local_path is not None:
+                st = os.stat(self.store.backend.local_path)
+                self.walker.store_ino = (st.st_dev, st.st_ino)
         except OSError:
             pass
         if self._progress.enabled:

@@ -7,7 +7,7 @@ A `Location` is BACKUP_DIR (a local folder, or `s3://BUCKET/PREFIX`); each store
 
 Nothing above this package opens, lists, renames or deletes a store path itself (STYLE.md:
 restic's `internal/backend` under `internal/repository` is the model). The local folder is
-`local.py`; object storage is `s3.py`.
+`local.py`; object storage is `s3.py`; `factory.open_location` picks one for a BACKUP_DIR.
 
 Errors follow the filesystem's, so one caller's handling serves every backend: a missing
 object raises FileNotFoundError; something that is not a regular file under a store file's
@@ -32,11 +32,22 @@ OTHER = "other"      # a symlink, FIFO, device or socket where a store file belo
 class Item:
     """One entry of a listing. `name`: relative to the store's root (`packs/ab/abcd…`);
     `kind`: FILE, FOLDER or OTHER; `size`: bytes (0 for a folder); `mtime`: seconds since
-    the epoch (the upload time on object storage)."""
+    the epoch (the upload time on object storage). Added with local.py, both optional:
+    `symlink`, an OTHER that is a symlink (for check's advice; object storage leaves it
+    False); `mtime_ns`, the mtime in nanoseconds where the backend has it exactly (a local
+    file's; 0 if not: see `time_ns`)."""
     name: str
     kind: str
     size: int
     mtime: float
+    symlink: bool = False
+    mtime_ns: int = 0
+
+    def time_ns(self) -> int:
+        """The mtime in nanoseconds: exact where the backend gave it (prune and the journal
+        compare a pack's time with a generation's, and a float of seconds cannot tell
+        apart two times less than a microsecond apart)."""
+        return self.mtime_ns or round(self.mtime * 1e9)
 
 
 class Upload(ABC):
@@ -158,6 +169,13 @@ class Backend(ABC):
     def locked(self, name: str) -> bool:
         """True if someone holds the lock `name` now, or that cannot be told."""
 
+    def planted(self, folders: tuple[str, ...], files: tuple[str, ...]) -> str | None:
+        """One line saying what is planted where a store folder of `folders` or a lock file
+        of `files` belongs (a symlink, or the wrong type of file), which a writer or prune
+        refuses to write into or through; None if nothing is. Object storage has neither
+        symlinks nor folders: None. (Added with local.py.)"""
+        return None
+
     def close(self) -> None:
         """Releases cached handles. The backend may not be used afterwards."""
 
@@ -184,6 +202,11 @@ class Location(ABC):
         atomically: it appears complete or not at all. FileExistsError if a store of that
         name exists (then open it instead); FileNotFoundError if BACKUP_DIR is missing (it is
         never created: an unmounted drive must not fill the local disk)."""
+
+    def remove_dead_creations(self, name: str) -> None:
+        """Removes what creations of the store `name` that were killed left behind (a local
+        staging folder). Object storage creates a store by writing its files: nothing to do.
+        (Added with local.py.)"""
 
 
 def iter_names(items: list[Item], kind: str = FILE) -> Iterator[str]:
