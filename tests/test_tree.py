@@ -32,7 +32,8 @@ from humiofs.backup.scan import data_extents
 from humiofs.errors import NoSuchStore, WrongKey
 from humiofs.mount import decryptd, inodes, prefetch, reader, tree
 from humiofs.store.crypto import CHUNK, STORED_CHUNK
-from humiofs.store.format import Generation
+from humiofs.store import crypto
+from humiofs.store.format import FileRow, Generation, decode_tree, decode_tree_rows
 from humiofs.store.generations import At, parse_at
 from humiofs.store.repository import Store
 
@@ -690,6 +691,7 @@ async def test_colliding_hashes_still_give_every_entry_its_own_number(
     """With every file fingerprint and every folder path key made equal, numbers move on to
     the next free one: no two entries share a number, and each still leads to its own file."""
     monkeypatch.setattr(inodes, "fingerprint", lambda e, with_name=True: 12345)
+    monkeypatch.setattr(inodes, "row_fingerprint", lambda r: 12345)
     monkeypatch.setattr(inodes, "dir_key", lambda view, path: 7)
     m = tree.Tree.from_backup_dir(backed_up[0], KEY)
     try:
@@ -711,3 +713,20 @@ async def test_colliding_hashes_still_give_every_entry_its_own_number(
             assert await read_all(m, inode) == path.read_bytes(), rel
     finally:
         m.close()
+
+
+def test_rows_number_files_as_entries_do(backed_up: tuple[Path, Store, Generation]) -> None:
+    """The mount reads listings as format.FileRow where it can: every file keeps the number
+    its Entry gives it (inodes.fingerprint), so numbers stay what they were."""
+    _, store, gen = backed_up
+    todo, rows_seen = [gen.root.tree], 0
+    while todo:
+        plain = store.read_blob(todo.pop(), crypto.KIND_TREE)
+        entries, rows = decode_tree(plain), decode_tree_rows(plain)
+        assert inodes.file_slots(rows) == inodes.file_slots(entries)
+        for r in rows:
+            if isinstance(r, FileRow):
+                rows_seen += 1
+                assert inodes.row_fingerprint(r) == inodes.fingerprint(r.entry())
+        todo += [e.subtree for e in entries if e.subtree is not None]
+    assert rows_seen > 100

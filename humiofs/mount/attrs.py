@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
 from typing import NamedTuple
 
 from humiofs.store import format
-from humiofs.store.format import DIR, FILE, SYMLINK, Entry
+from humiofs.store.format import DIR, FILE, SYMLINK, Entry, FileRow
 
 BLOCK = 4096
 _SPECIAL_MODES = {format.FIFO: stat.S_IFIFO, format.CHR: stat.S_IFCHR, format.BLK: stat.S_IFBLK}
@@ -60,28 +59,43 @@ def entry_attr(inode: int, e: Entry) -> Attr:
                 rdev=os.makedev(*e.rdev))
 
 
+def listing_attrs(entries: list[Entry | FileRow], numbers: list[int]) -> list[Attr]:
+    """The attributes of each entry of a listing, its inode number from `numbers` (built once,
+    when the listing is read: a walk asks for every one of them)."""
+    attrs: list[Attr] = []
+    append = attrs.append
+    new_attr, reg = _new_attr, stat.S_IFREG
+    for e, inode in zip(entries, numbers):
+        if isinstance(e, FileRow):
+            _, mode, uid, gid, mtime, _, _, size, _, _, _, _, _, length = e
+            append(new_attr(Attr, (inode, reg | mode, 1, uid, gid, size,
+                                   -(-length // BLOCK) * (BLOCK // 512), mtime, False, 0)))
+        else:
+            append(entry_attr(inode, e))
+    return attrs
+
+
 class Listing:
     """An opened folder as readdir(3) shows it, fixed from opendir to releasedir: `.` and `..`
     first, then its children in name order. Item i is the same entry for the listing's life,
-    so an index is a stable position to resume or seek to. `names` and `inodes` hold the
-    children alone (item i is child i - 2); `attr(i)` builds the attributes of item i."""
+    so an index is a stable position to resume or seek to. `names`, `inodes` and `attrs` hold
+    the children alone (item i is child i - 2); `attr(i)` gives the attributes of item i."""
 
-    __slots__ = ("_dots", "names", "inodes", "_attr", "volatile")
+    __slots__ = ("_dots", "names", "inodes", "attrs", "volatile")
 
     def __init__(self, dots: tuple[Attr, Attr], names: list[bytes], numbers: list[int],
-                 attr: Callable[[int], Attr], volatile: bool) -> None:
+                 attrs: list[Attr], volatile: bool) -> None:
         self._dots = dots
-        self.names, self.inodes = names, numbers
-        self._attr = attr
+        self.names, self.inodes, self.attrs = names, numbers, attrs
         self.volatile = volatile
 
     def __len__(self) -> int:
         return 2 + len(self.names)
 
     def attr(self, index: int) -> Attr:
-        return self._dots[index] if index < 2 else self._attr(index - 2)
+        return self._dots[index] if index < 2 else self.attrs[index - 2]
 
     def item(self, index: int) -> tuple[bytes, Attr]:
         if index < 2:
             return (b".", b"..")[index], self._dots[index]
-        return self.names[index - 2], self._attr(index - 2)
+        return self.names[index - 2], self.attrs[index - 2]

@@ -87,19 +87,20 @@ class Operations(pyfuse3.Operations):
             raise _fuse_error(what, args, exc) from None
 
     def _entry(self, attr: tree.Attr, parent_volatile: bool) -> pyfuse3.EntryAttributes:
+        # What EntryAttributes() starts with is not set again: generation 0, st_blksize 4096
+        # (cp --sparse=always and tar look for holes in st_blksize steps: 4 KiB finds them all),
+        # st_rdev 0. Built once for every entry of a first walk, so every set counts.
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.inode
-        e.generation = 0
         e.entry_timeout = VOLATILE_TIMEOUT if parent_volatile else STABLE_TIMEOUT
         e.attr_timeout = VOLATILE_TIMEOUT if attr.volatile else STABLE_TIMEOUT
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
         e.st_gid = attr.gid
-        e.st_rdev = attr.rdev
+        if attr.rdev:
+            e.st_rdev = attr.rdev
         e.st_size = attr.size
-        # cp --sparse=always and tar look for holes in st_blksize steps: 4 KiB finds them all.
-        e.st_blksize = 4096
         e.st_blocks = attr.blocks
         e.st_atime_ns = e.st_ctime_ns = e.st_mtime_ns = attr.mtime_ns
         return e
@@ -198,22 +199,25 @@ class Operations(pyfuse3.Operations):
         if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         volatile = listing.volatile
-        names, numbers, replies = listing.names, listing.inodes, self._replies
-        reply_to = pyfuse3.readdir_reply
+        names, numbers, attrs, replies = listing.names, listing.inodes, listing.attrs, \
+            self._replies
+        reply_to, entry = pyfuse3.readdir_reply, self._entry
         try:
             # An entry's cookie is the index of the entry after it, so a listing larger than the
             # kernel's buffer resumes exactly there, and telldir/seekdir land where they should.
             reply: pyfuse3.EntryAttributes | None
             for i in range(start_id, len(listing)):
                 if i < 2:
-                    name, reply = (b".", b"..")[i], self._entry(listing.attr(i), volatile)
+                    name, reply = (b".", b"..")[i], entry(listing.attr(i), volatile)
                 else:
                     name = names[i - 2]
                     reply = None if volatile else replies.get(numbers[i - 2])
                     if reply is None:
-                        reply = self._entry(listing.attr(i), volatile)
+                        reply = entry(attrs[i - 2], volatile)
                         if not volatile:
-                            self._remember(numbers[i - 2], reply)
+                            if len(replies) >= ATTR_CACHE:
+                                replies.clear()
+                            replies[numbers[i - 2]] = reply
                 if not reply_to(token, name, reply, i + 1):
                     break
         except StoreError as exc:

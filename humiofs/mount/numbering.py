@@ -7,7 +7,7 @@ import os
 
 from humiofs.mount import inodes
 from humiofs.mount.sources import Source
-from humiofs.store.format import DIR, Entry, Generation, Ref
+from humiofs.store.format import DIR, Entry, FileRow, Generation, Ref
 
 GLOBALDATA = b"globaldata"
 
@@ -72,27 +72,31 @@ class Numbering:
         self.keys.setdefault(key, []).append(d)
         return d
 
-    def children(self, d: Folder, entries: list[Entry]) -> list[int]:
+    def children(self, d: Folder, entries: list[Entry | FileRow]) -> list[int]:
         """The inode numbers of a folder's children (inodes.py); registers its subfolders and
         hard links."""
         slots = inodes.file_slots(entries)
         gen_name = d.gen.name.encode()
-        numbers = []
+        key = d.key
+        numbers: list[int] = []
+        append = numbers.append
         file_inode = inodes.file_inode
         for i, e in enumerate(entries):
-            if e.type == DIR:
+            if isinstance(e, FileRow):       # most of a node: a file of one name
+                append(file_inode(key, slots[i]))
+            elif e.type == DIR:
                 rel = e.name if not d.rel else d.rel + b"/" + e.name
                 seeded = d.is_root and e.name == GLOBALDATA
                 sub = self.new_folder(inodes.dir_inode(d.view, rel, gen_name),
-                                    d.inode, i, f"{d.path}/{os.fsdecode(e.name)}", rel,
-                                    d.source, d.gen, e.subtree, d.view, False, seeded)
-                numbers.append(sub.inode)
+                                      d.inode, i, f"{d.path}/{os.fsdecode(e.name)}", rel,
+                                      d.source, d.gen, e.subtree, d.view, False, seeded)
+                append(sub.inode)
             elif e.nlink > 1 and e.link_key() is not None:
                 number = inodes.link_inode(d.view, e)
                 same = (d.view, e.link_key())
                 while self.links.setdefault(number, (d, i, same))[2] != same:
                     number = inodes.TAG_LINK | ((number + 1) & inodes.LOW_MASK)
-                numbers.append(number)
+                append(number)
             else:
-                numbers.append(file_inode(d.key, slots[i]))
+                append(file_inode(key, slots[i]))
         return numbers

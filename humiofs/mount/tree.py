@@ -37,14 +37,15 @@ from pathlib import Path
 from humiofs.errors import StoreError
 from humiofs.mount import inodes
 from humiofs.mount.attrs import BLOCK as _BLOCK
-from humiofs.mount.attrs import Attr, Listing, entry_attr
+from humiofs.mount.attrs import Attr, Listing, listing_attrs
 from humiofs.mount.chunkcache import CACHE_BYTES
 from humiofs.mount.numbering import GLOBALDATA, Folder, Numbering
 from humiofs.mount.prefetch import Prefetcher
 from humiofs.mount.reader import Damaged, Reader, WouldBlock
 from humiofs.mount.sources import NewStores, Source, backup_dir_stores, open_sources
-from humiofs.store import generations
-from humiofs.store.format import DIR, FILE, SYMLINK, Entry, Generation, Xattrs
+from humiofs.store import crypto, generations
+from humiofs.store.format import DIR, FILE, SYMLINK, Entry, FileRow, Generation, Xattrs
+from humiofs.store.format import decode_tree_rows
 from humiofs.store.keys import Passphrase
 from humiofs.store.localstate import LocalState
 from humiofs.store.repository import Store
@@ -75,17 +76,24 @@ class _Top:
 
 
 class _Loaded:
-    """A tree folder's decoded listing: its entries in name order, their inode numbers, and
-    where each number is in the listing."""
+    """A tree folder's decoded listing: its entries in name order (the common files as
+    format.FileRow), their inode numbers and attributes, and where each number is in the
+    listing."""
 
-    __slots__ = ("entries", "names", "inodes", "where", "subfolders")
+    __slots__ = ("rows", "names", "inodes", "attrs", "where", "subfolders")
 
-    def __init__(self, entries: list[Entry], numbers: list[int]) -> None:
-        self.entries = entries
-        self.names = [e.name for e in entries]
+    def __init__(self, rows: list[Entry | FileRow], numbers: list[int]) -> None:
+        self.rows = rows
+        self.names = [e.name for e in rows]
         self.inodes = numbers
+        self.attrs = listing_attrs(rows, numbers)
         self.where = {n: i for i, n in enumerate(numbers)}
-        self.subfolders = [n for n, e in zip(numbers, entries) if e.type == DIR]
+        tag, is_dir = inodes.TAG_MASK, inodes.TAG_DIR
+        self.subfolders = [n for n in numbers if n & tag == is_dir]
+
+    def entry(self, index: int) -> Entry:
+        e = self.rows[index]
+        return e.entry() if isinstance(e, FileRow) else e
 
 
 class Tree:
@@ -269,11 +277,10 @@ class Tree:
 
     def _load(self, d: Folder) -> _Loaded:
         """Reads and decodes a tree folder's listing into the cache (blocking)."""
-        if d.ref is None:
-            entries = []
-        else:
+        entries: list[Entry | FileRow] = []
+        if d.ref is not None:
             try:
-                entries = d.source.store.read_tree(d.ref)
+                entries = decode_tree_rows(d.source.store.read_blob(d.ref, crypto.KIND_TREE))
             except StoreError as exc:
                 raise Damaged(f"cannot list {d.path}: {exc}") from None
             if d.is_root and d.gen.identity is not None:
@@ -297,7 +304,7 @@ class Tree:
             self._listed += len(entries)
             while self._listed > self.listing_budget and len(self._listings) > 1:
                 gone, old = self._listings.popitem(last=False)
-                self._listed -= len(old.entries)
+                self._listed -= len(old.rows)
                 self.prefetcher.dropped(gone)
         return loaded
 
@@ -307,11 +314,11 @@ class Tree:
             d = self._dirs.get(inode)
             if d is None or inode in self._listings:
                 return 0
-        return len(self._listing(d, True).entries)
+        return len(self._listing(d, True).rows)
 
-    def _entry(self, inode: int, block: bool) -> tuple[Folder, Entry]:
-        """The folder holding a tree inode, and its entry there; NotFound if the model never
-        handed the number out."""
+    def _locate(self, inode: int, block: bool) -> tuple[Folder, _Loaded, int]:
+        """The folder holding a tree inode, its listing, and the inode's index there; NotFound
+        if the model never handed the number out."""
         tag = inode & inodes.TAG_MASK
         if tag == inodes.TAG_FILE:
             with self._lock:
@@ -321,7 +328,7 @@ class Tree:
                 loaded = self._listing(d, block)
                 i = loaded.where.get(inode)
                 if i is not None:
-                    return d, loaded.entries[i]
+                    return d, loaded, i
             raise NotFound()
         if tag == inodes.TAG_DIR:
             with self._lock:
@@ -329,14 +336,19 @@ class Tree:
                 parent = self._dirs.get(sub.parent) if sub is not None else None
             if sub is None or parent is None:
                 raise NotFound()
-            return parent, self._listing(parent, block).entries[sub.index]
+            return parent, self._listing(parent, block), sub.index
         if tag == inodes.TAG_LINK:
             with self._lock:
                 link = self._numbering.links.get(inode)
             if link is None:
                 raise NotFound()
-            return link[0], self._listing(link[0], block).entries[link[1]]
+            return link[0], self._listing(link[0], block), link[1]
         raise NotFound()
+
+    def _entry(self, inode: int, block: bool) -> tuple[Folder, Entry]:
+        """The folder holding a tree inode, and its entry there (see _locate)."""
+        d, loaded, i = self._locate(inode, block)
+        return d, loaded.entry(i)
 
     def _dir(self, inode: int) -> Folder:
         """The tree folder with this number; NotFound or NotADirectoryError if there is none."""
@@ -375,10 +387,11 @@ class Tree:
             r = d.gen.root
             # 2 + subfolders, the globaldata folder the mount may add included: counted from
             # the listing, which a lookup of the root needs next anyway.
-            subdirs = sum(1 for e in self._listing(d, block).entries if e.type == DIR)
+            subdirs = len(self._listing(d, block).subfolders)
             return Attr(inode, stat.S_IFDIR | r.mode, 2 + subdirs, r.uid, r.gid, _BLOCK, 8,
                         r.mtime_ns)
-        return entry_attr(inode, self._entry(inode, block)[1])
+        _, loaded, i = self._locate(inode, block)
+        return loaded.attrs[i]
 
     def xattrs(self, inode: int, block: bool = True) -> Xattrs:
         """The stored extended attributes of `inode` (FORMAT.md 7.1), sorted by name."""
@@ -401,7 +414,7 @@ class Tree:
             return top.parent
         with self._lock:
             d = self._dirs.get(inode)
-        return d.parent if d is not None else self._entry(inode, block)[0].inode
+        return d.parent if d is not None else self._locate(inode, block)[0].inode
 
     def statfs(self, block: bool = True) -> tuple[int, int]:
         """The size of what the NAME/ folders show, as (bytes, inodes).
@@ -452,7 +465,7 @@ class Tree:
         i = bisect_left(loaded.names, name)
         if i == len(loaded.names) or loaded.names[i] != name:
             raise NotFound()
-        return entry_attr(loaded.inodes[i], loaded.entries[i])
+        return loaded.attrs[i]
 
     def opendir(self, inode: int, block: bool = True) -> Listing:
         """A folder's listing as it is now: `.`, `..` (the root's `..` is the root itself, as
@@ -462,12 +475,11 @@ class Tree:
             items = self._top_items(top, block)
             numbers = [n for _, n in items]
             return Listing(self._dots(inode, block), [name for name, _ in items], numbers,
-                           lambda i: self.getattr(numbers[i]), volatile=True)
+                           [self.getattr(n, block) for n in numbers], volatile=True)
         loaded = self._listing(self._dir(inode), block)
         self.prefetcher.opened(inode, loaded.subfolders)
-        entries, numbers = loaded.entries, loaded.inodes
-        return Listing(self._dots(inode, block), loaded.names, numbers,
-                       lambda i: entry_attr(numbers[i], entries[i]), volatile=False)
+        return Listing(self._dots(inode, block), loaded.names, loaded.inodes, loaded.attrs,
+                       volatile=False)
 
     def _dots(self, inode: int, block: bool) -> tuple[Attr, Attr]:
         """The attributes of `.` and `..` in the folder `inode`."""
