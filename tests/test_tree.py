@@ -30,7 +30,7 @@ from mountutil import (
 
 from humiofs.backup.scan import data_extents
 from humiofs.errors import NoSuchStore, WrongKey
-from humiofs.mount import decryptd, inodes, prefetch, reader, tree
+from humiofs.mount import attrs, decryptd, inodes, listing, prefetch, reader, tree
 from humiofs.store.crypto import CHUNK, STORED_CHUNK
 from humiofs.store import crypto
 from humiofs.store.format import FileRow, Generation, decode_tree, decode_tree_rows
@@ -716,14 +716,29 @@ async def test_colliding_hashes_still_give_every_entry_its_own_number(
 
 
 def test_rows_number_files_as_entries_do(backed_up: tuple[Path, Store, Generation]) -> None:
-    """The mount reads listings as format.FileRow where it can: every file keeps the number
-    its Entry gives it (inodes.fingerprint), so numbers stay what they were."""
+    """The mount reads listings as format.FileRow where it can (listing.py): every file keeps
+    the number its Entry gives it by inodes.py's rule, so numbers stay what they were."""
     _, store, gen = backed_up
+    key = inodes.dir_key(b"view", b"some/folder")
     todo, rows_seen = [gen.root.tree], 0
     while todo:
         plain = store.read_blob(todo.pop(), crypto.KIND_TREE)
         entries, rows = decode_tree(plain), decode_tree_rows(plain)
-        assert inodes.file_slots(rows) == inodes.file_slots(entries)
+        # inodes.py's rule, from the Entries: the fingerprint's slot, or the next free one.
+        taken: set[int] = set()
+        want = []
+        for e in entries:
+            slot = inodes.fingerprint(e) & inodes.SLOT_MASK
+            while slot in taken:
+                slot = (slot + 1) & inodes.SLOT_MASK
+            taken.add(slot)
+            want.append(inodes.file_inode(key, slot))
+        loaded = listing.Loaded(rows, key)
+        assert [slot for _, _, slot in loaded.pending] == \
+            [want[i] & inodes.SLOT_MASK for i, _, _ in loaded.pending]
+        loaded.place([want[i] for i, _, _ in loaded.pending])
+        assert loaded.inodes == want
+        assert loaded.attrs == [attrs.entry_attr(n, e) for n, e in zip(want, entries, strict=True)]
         for r in rows:
             if isinstance(r, FileRow):
                 rows_seen += 1

@@ -7,7 +7,7 @@ import stat
 from typing import NamedTuple
 
 from humiofs.store import format
-from humiofs.store.format import DIR, FILE, SYMLINK, Entry, FileRow
+from humiofs.store.format import DIR, FILE, SYMLINK, Entry
 
 BLOCK = 4096
 _SPECIAL_MODES = {format.FIFO: stat.S_IFIFO, format.CHR: stat.S_IFCHR, format.BLK: stat.S_IFBLK}
@@ -57,22 +57,6 @@ def entry_attr(inode: int, e: Entry) -> Attr:
                     e.mtime_ns)
     return Attr(inode, _SPECIAL_MODES[t] | e.mode, e.nlink, e.uid, e.gid, 0, 0, e.mtime_ns,
                 rdev=os.makedev(*e.rdev))
-
-
-def listing_attrs(entries: list[Entry | FileRow], numbers: list[int]) -> list[Attr]:
-    """The attributes of each entry of a listing, its inode number from `numbers` (built once,
-    when the listing is read: a walk asks for every one of them)."""
-    attrs: list[Attr] = []
-    append = attrs.append
-    new_attr, reg = _new_attr, stat.S_IFREG
-    for e, inode in zip(entries, numbers):
-        if isinstance(e, FileRow):
-            _, mode, uid, gid, mtime, _, _, size, _, _, _, _, _, length = e
-            append(new_attr(Attr, (inode, reg | mode, 1, uid, gid, size,
-                                   -(-length // BLOCK) * (BLOCK // 512), mtime, False, 0)))
-        else:
-            append(entry_attr(inode, e))
-    return attrs
 
 
 class Listing:

@@ -97,21 +97,6 @@ def row_fingerprint(r: FileRow) -> int:
                  ((start, length),), crc32(oid), offset, 0, 0))
 
 
-def file_slots(entries: list[Entry | FileRow]) -> list[int]:
-    """The 34-bit slot of each entry of one listing (its files' numbers are key | slot); a
-    slot already taken in the listing moves on to the next free one, in name order."""
-    taken: set[int] = set()
-    slots = []
-    add = taken.add
-    for e in entries:
-        slot = (row_fingerprint(e) if isinstance(e, FileRow) else fingerprint(e)) & SLOT_MASK
-        while slot in taken:
-            slot = (slot + 1) & SLOT_MASK
-        add(slot)
-        slots.append(slot)
-    return slots
-
-
 def link_inode(view: bytes, e: Entry) -> int:
     """The one number all names of a hard-linked inode share (e.link_key() is not None)."""
     return TAG_LINK | (_h(b"l", view, e.ino.to_bytes(8, "little", signed=True),

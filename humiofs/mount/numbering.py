@@ -7,7 +7,7 @@ import os
 
 from humiofs.mount import inodes
 from humiofs.mount.sources import Source
-from humiofs.store.format import DIR, Entry, FileRow, Generation, Ref
+from humiofs.store.format import DIR, Entry, Generation, Ref
 
 GLOBALDATA = b"globaldata"
 
@@ -72,31 +72,26 @@ class Numbering:
         self.keys.setdefault(key, []).append(d)
         return d
 
-    def children(self, d: Folder, entries: list[Entry | FileRow]) -> list[int]:
-        """The inode numbers of a folder's children (inodes.py); registers its subfolders and
-        hard links."""
-        slots = inodes.file_slots(entries)
+    def children(self, d: Folder, entries: list[tuple[int, Entry, int]]) -> list[int]:
+        """The inode numbers of the children of `d` that are not FileRows, given as (index in
+        the listing, entry, file slot) (listing.py): registers its subfolders and hard links;
+        anything else is a file of its slot."""
         gen_name = d.gen.name.encode()
-        key = d.key
         numbers: list[int] = []
-        append = numbers.append
-        file_inode = inodes.file_inode
-        for i, e in enumerate(entries):
-            if isinstance(e, FileRow):       # most of a node: a file of one name
-                append(file_inode(key, slots[i]))
-            elif e.type == DIR:
+        for i, e, slot in entries:
+            if e.type == DIR:
                 rel = e.name if not d.rel else d.rel + b"/" + e.name
                 seeded = d.is_root and e.name == GLOBALDATA
                 sub = self.new_folder(inodes.dir_inode(d.view, rel, gen_name),
                                       d.inode, i, f"{d.path}/{os.fsdecode(e.name)}", rel,
                                       d.source, d.gen, e.subtree, d.view, False, seeded)
-                append(sub.inode)
+                numbers.append(sub.inode)
             elif e.nlink > 1 and e.link_key() is not None:
                 number = inodes.link_inode(d.view, e)
                 same = (d.view, e.link_key())
                 while self.links.setdefault(number, (d, i, same))[2] != same:
                     number = inodes.TAG_LINK | ((number + 1) & inodes.LOW_MASK)
-                append(number)
+                numbers.append(number)
             else:
-                append(file_inode(key, slots[i]))
+                numbers.append(inodes.file_inode(d.key, slot))
         return numbers

@@ -37,8 +37,9 @@ from pathlib import Path
 from humiofs.errors import StoreError
 from humiofs.mount import inodes
 from humiofs.mount.attrs import BLOCK as _BLOCK
-from humiofs.mount.attrs import Attr, Listing, listing_attrs
+from humiofs.mount.attrs import Attr, Listing
 from humiofs.mount.chunkcache import CACHE_BYTES
+from humiofs.mount.listing import Loaded
 from humiofs.mount.numbering import GLOBALDATA, Folder, Numbering
 from humiofs.mount.prefetch import Prefetcher
 from humiofs.mount.reader import Damaged, Reader, WouldBlock
@@ -75,27 +76,6 @@ class _Top:
         self.inode, self.parent, self.source = inode, parent, source
 
 
-class _Loaded:
-    """A tree folder's decoded listing: its entries in name order (the common files as
-    format.FileRow), their inode numbers and attributes, and where each number is in the
-    listing."""
-
-    __slots__ = ("rows", "names", "inodes", "attrs", "where", "subfolders")
-
-    def __init__(self, rows: list[Entry | FileRow], numbers: list[int]) -> None:
-        self.rows = rows
-        self.names = [e.name for e in rows]
-        self.inodes = numbers
-        self.attrs = listing_attrs(rows, numbers)
-        self.where = {n: i for i, n in enumerate(numbers)}
-        tag, is_dir = inodes.TAG_MASK, inodes.TAG_DIR
-        self.subfolders = [n for n in numbers if n & tag == is_dir]
-
-    def entry(self, index: int) -> Entry:
-        e = self.rows[index]
-        return e.entry() if isinstance(e, FileRow) else e
-
-
 class Tree:
     """The read-only model of the mount: every method is safe to call from any thread."""
 
@@ -117,7 +97,7 @@ class Tree:
             self._add_source(Source(store, at, state))
         self._numbering = Numbering()
         self._dirs = self._numbering.dirs
-        self._listings: OrderedDict[int, _Loaded] = OrderedDict()
+        self._listings: OrderedDict[int, Loaded] = OrderedDict()
         self._listed = 0
         self._loading: dict[int, threading.Event] = {}    # listings being read, by folder
         self.prefetcher = Prefetcher(self._prefetch, listing_budget // 4)
@@ -249,7 +229,7 @@ class Tree:
                 items.append((folder, self._root_of(src, gen, True, top.inode, path)))
         return items
 
-    def _listing(self, d: Folder, block: bool) -> _Loaded:
+    def _listing(self, d: Folder, block: bool) -> Loaded:
         """The children of a tree folder; reads and decodes its tree if it is not cached."""
         with self._lock:
             loaded = self._listings.get(d.inode)
@@ -275,7 +255,7 @@ class Tree:
                 del self._loading[d.inode]
             mine.set()
 
-    def _load(self, d: Folder) -> _Loaded:
+    def _load(self, d: Folder) -> Loaded:
         """Reads and decodes a tree folder's listing into the cache (blocking)."""
         entries: list[Entry | FileRow] = []
         if d.ref is not None:
@@ -296,11 +276,13 @@ class Tree:
             i = bisect_left(entries, seed.name, key=_NAME)
             if i == len(entries) or entries[i].name != seed.name:
                 entries.insert(i, seed)
+        loaded = Loaded(entries, d.key)
         with self._lock:
-            loaded = self._listings.get(d.inode)
-            if loaded is not None:      # another thread was first
-                return loaded
-            loaded = self._listings[d.inode] = _Loaded(entries, self._numbering.children(d, entries))
+            first = self._listings.get(d.inode)
+            if first is not None:      # another thread was first
+                return first
+            loaded.place(self._numbering.children(d, loaded.pending))
+            self._listings[d.inode] = loaded
             self._listed += len(entries)
             while self._listed > self.listing_budget and len(self._listings) > 1:
                 gone, old = self._listings.popitem(last=False)
@@ -316,7 +298,7 @@ class Tree:
                 return 0
         return len(self._listing(d, True).rows)
 
-    def _locate(self, inode: int, block: bool) -> tuple[Folder, _Loaded, int]:
+    def _locate(self, inode: int, block: bool) -> tuple[Folder, Loaded, int]:
         """The folder holding a tree inode, its listing, and the inode's index there; NotFound
         if the model never handed the number out."""
         tag = inode & inodes.TAG_MASK
