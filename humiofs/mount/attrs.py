@@ -63,15 +63,18 @@ class Listing:
     """An opened folder as readdir(3) shows it, fixed from opendir to releasedir: `.` and `..`
     first, then its children in name order. Item i is the same entry for the listing's life,
     so an index is a stable position to resume or seek to. `names`, `inodes` and `attrs` hold
-    the children alone (item i is child i - 2); `attr(i)` gives the attributes of item i."""
+    the children alone (item i is child i - 2); `attr(i)` gives the attributes of item i.
+    `replies`: the FUSE adapter's replies for `attrs`, if it had them built with the listing
+    (tree.Tree.replies_of), else empty."""
 
-    __slots__ = ("_dots", "names", "inodes", "attrs", "volatile")
+    __slots__ = ("_dots", "names", "inodes", "attrs", "volatile", "replies")
 
     def __init__(self, dots: tuple[Attr, Attr], names: list[bytes], numbers: list[int],
-                 attrs: list[Attr], volatile: bool) -> None:
+                 attrs: list[Attr], volatile: bool, replies: list[object] | None = None) -> None:
         self._dots = dots
         self.names, self.inodes, self.attrs = names, numbers, attrs
         self.volatile = volatile
+        self.replies = replies or []
 
     def __len__(self) -> int:
         return 2 + len(self.names)

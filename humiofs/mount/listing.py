@@ -10,6 +10,7 @@ Folders and hard links are numbered by numbering.Numbering (place()), which regi
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 
 from humiofs.mount import inodes
 from humiofs.mount.attrs import BLOCK, Attr, entry_attr
@@ -17,17 +18,23 @@ from humiofs.store.format import Entry, FileRow
 
 _new_attr = tuple.__new__
 _BLOCKS = BLOCK // 512
+# What the FUSE adapter answers for a list of attributes (fs.py), in the same order: built
+# where a listing is read, off the request loop, and kept with it.
+Replies = Callable[[list[Attr]], list[object]]
 
 
 class Loaded:
-    """The decoded listing of one tree folder. `rows[i]`, `names[i]`, `inodes[i]` and
-    `attrs[i]` are child i; `where` maps an inode number to its index, `subfolders` are the
-    numbers of the child folders. Built in two steps: __init__ numbers the FileRows (no lock
-    needed), place() the rest, which `pending` lists as (index, entry, slot)."""
+    """The decoded listing of one tree folder. `rows[i]`, `names[i]`, `inodes[i]`, `attrs[i]`
+    and `replies[i]` (what `replies_of` made of attrs[i], if given) are child i; `where` maps
+    an inode number to its index, `subfolders` are the numbers of the child folders. Built in
+    two steps: __init__ numbers the FileRows (no lock needed), place() the rest, which
+    `pending` lists as (index, entry, slot)."""
 
-    __slots__ = ("rows", "names", "inodes", "attrs", "pending", "where", "subfolders")
+    __slots__ = ("rows", "names", "inodes", "attrs", "replies", "_replies_of", "pending",
+                 "where", "subfolders")
 
-    def __init__(self, rows: list[Entry | FileRow], key: int) -> None:
+    def __init__(self, rows: list[Entry | FileRow], key: int,
+                 replies_of: Replies | None = None) -> None:
         self.rows = rows
         names: list[bytes] = []
         numbers: list[int] = []
@@ -60,6 +67,13 @@ class Loaded:
             add_name(name)
             add_number(number)
         self.names, self.inodes, self.attrs, self.pending = names, numbers, attrs, pending
+        self._replies_of = replies_of
+        self.replies: list[object] = []
+        if replies_of is not None and not pending:
+            self.replies = replies_of(attrs)
+        elif replies_of is not None:
+            made = iter(replies_of([a for a in attrs if a is not None]))
+            self.replies = [None if a is None else next(made) for a in attrs]
         self.where: dict[int, int] = {}
         self.subfolders: list[int] = []
 
@@ -69,6 +83,8 @@ class Loaded:
         for (i, e, _), number in zip(self.pending, numbers, strict=True):
             self.inodes[i] = number
             self.attrs[i] = entry_attr(number, e)
+            if self._replies_of is not None:
+                self.replies[i] = self._replies_of([self.attrs[i]])[0]
         self.pending = []
         self.where = {n: i for i, n in enumerate(self.inodes)}
         tag, is_dir = inodes.TAG_MASK, inodes.TAG_DIR

@@ -39,7 +39,7 @@ from humiofs.mount import inodes
 from humiofs.mount.attrs import BLOCK as _BLOCK
 from humiofs.mount.attrs import Attr, Listing
 from humiofs.mount.chunkcache import CACHE_BYTES
-from humiofs.mount.listing import Loaded
+from humiofs.mount.listing import Loaded, Replies
 from humiofs.mount.numbering import GLOBALDATA, Folder, Numbering
 from humiofs.mount.prefetch import Prefetcher
 from humiofs.mount.reader import Damaged, Reader, WouldBlock
@@ -86,6 +86,9 @@ class Tree:
         self.reader = Reader(cache_bytes)
         self.cache = self.reader.cache
         self.listing_budget = listing_budget
+        # Set by the FUSE adapter: what it answers for a listing's attributes, built with the
+        # listing (listing.Replies) and handed out as Listing.replies.
+        self.replies_of: Replies | None = None
         self._lock = threading.RLock()
         self._at, self._state, self._new_stores = at, state, new_stores
         self._sources: list[Source] = []
@@ -276,7 +279,7 @@ class Tree:
             i = bisect_left(entries, seed.name, key=_NAME)
             if i == len(entries) or entries[i].name != seed.name:
                 entries.insert(i, seed)
-        loaded = Loaded(entries, d.key)
+        loaded = Loaded(entries, d.key, self.replies_of)
         with self._lock:
             first = self._listings.get(d.inode)
             if first is not None:      # another thread was first
@@ -461,7 +464,7 @@ class Tree:
         loaded = self._listing(self._dir(inode), block)
         self.prefetcher.opened(inode, loaded.subfolders)
         return Listing(self._dots(inode, block), loaded.names, loaded.inodes, loaded.attrs,
-                       volatile=False)
+                       volatile=False, replies=loaded.replies)
 
     def _dots(self, inode: int, block: bool) -> tuple[Attr, Attr]:
         """The attributes of `.` and `..` in the folder `inode`."""
