@@ -75,7 +75,7 @@ class Operations(pyfuse3.Operations):
         self._replies: dict[int, pyfuse3.EntryAttributes] = {}
         # A tree folder's replies are built where its listing is read (a worker or the
         # prefetch thread, tree.py), off the request loop, and kept with the listing.
-        model.replies_of = self._replies_for  # type: ignore[assignment]
+        model.replies_of = self._replies_for
 
     async def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
         """Runs a model call: from memory on the loop when it can, else in a worker thread;

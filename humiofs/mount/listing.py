@@ -10,7 +10,7 @@ Folders and hard links are numbered by numbering.Numbering (place()), which regi
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from humiofs.mount import inodes
 from humiofs.mount.attrs import BLOCK, Attr, entry_attr
@@ -20,7 +20,7 @@ _new_attr = tuple.__new__
 _BLOCKS = BLOCK // 512
 # What the FUSE adapter answers for a list of attributes (fs.py), in the same order: built
 # where a listing is read, off the request loop, and kept with it.
-Replies = Callable[[list[Attr]], list[object]]
+Replies = Callable[[list[Attr]], Sequence[object]]
 
 
 class Loaded:
@@ -70,11 +70,12 @@ class Loaded:
         self._replies_of = replies_of
         self.replies: list[object] = []
         if replies_of is not None and not pending:
-            self.replies = replies_of(attrs)
+            self.replies = list(replies_of(attrs))
         elif replies_of is not None:
             made = iter(replies_of([a for a in attrs if a is not None]))
             self.replies = [None if a is None else next(made) for a in attrs]
-        self.where: dict[int, int] = {}
+        self.where = {n: i for i, n in enumerate(numbers)}
+        self.where.pop(0, None)   # the pending entries'
         self.subfolders: list[int] = []
 
     def place(self, numbers: list[int]) -> None:
@@ -82,13 +83,13 @@ class Loaded:
         listing."""
         for (i, e, _), number in zip(self.pending, numbers, strict=True):
             self.inodes[i] = number
+            self.where[number] = i
             self.attrs[i] = entry_attr(number, e)
             if self._replies_of is not None:
                 self.replies[i] = self._replies_of([self.attrs[i]])[0]
+            if number & inodes.TAG_MASK == inodes.TAG_DIR:   # folders are never FileRows
+                self.subfolders.append(number)
         self.pending = []
-        self.where = {n: i for i, n in enumerate(self.inodes)}
-        tag, is_dir = inodes.TAG_MASK, inodes.TAG_DIR
-        self.subfolders = [n for n in self.inodes if n & tag == is_dir]
 
     def __len__(self) -> int:
         return len(self.rows)
