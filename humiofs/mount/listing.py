@@ -10,13 +10,23 @@ Folders and hard links are numbered by numbering.Numbering (place()), which regi
 from __future__ import annotations
 
 import stat
+import threading
+from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 
+from humiofs.errors import StoreError
 from humiofs.mount import inodes
 from humiofs.mount.attrs import BLOCK, Attr, entry_attr
-from humiofs.store.format import Entry, FileRow
+from humiofs.mount.numbering import GLOBALDATA, Folder, Numbering
+from humiofs.mount.prefetch import Prefetcher
+from humiofs.mount.reader import Damaged, WouldBlock
+from humiofs.store import crypto
+from humiofs.store.format import DIR, FILE, Entry, FileRow, Generation, decode_tree_rows
 
 _new_attr = tuple.__new__
+_NAME = attrgetter("name")
 _BLOCKS = BLOCK // 512
 # What the FUSE adapter answers for a list of attributes (fs.py), in the same order: built
 # where a listing is read, off the request loop, and kept with it.
@@ -98,3 +108,107 @@ class Loaded:
         """Child `index` as an Entry."""
         e = self.rows[index]
         return e.entry() if isinstance(e, FileRow) else e
+
+
+class Listings:
+    """The decoded listings of the tree folders: read when asked for (get) or ahead of the
+    kernel (prefetch.py), kept in an LRU of at most `budget` entries. Shares the model's lock,
+    which also guards the numbering. Thread-safe."""
+
+    def __init__(self, numbering: Numbering, lock: threading.RLock, budget: int) -> None:
+        self.budget = budget
+        self.replies_of: Replies | None = None   # set by the FUSE adapter (tree.Tree)
+        self._numbering, self._lock = numbering, lock
+        self._cache: OrderedDict[int, Loaded] = OrderedDict()
+        self._listed = 0
+        self._loading: dict[int, threading.Event] = {}    # listings being read, by folder
+        self.prefetcher = Prefetcher(self._prefetch, budget // 4)
+
+    def close(self) -> None:
+        self.prefetcher.close()
+
+    def get(self, d: Folder, block: bool) -> Loaded:
+        """The children of a tree folder; reads and decodes its tree if it is not cached."""
+        with self._lock:
+            loaded = self._cache.get(d.inode)
+            if loaded is not None:
+                self._cache.move_to_end(d.inode)
+                return loaded
+        if not block:
+            raise WouldBlock()
+        with self._lock:
+            busy = self._loading.get(d.inode)
+            if busy is None:
+                mine = self._loading[d.inode] = threading.Event()
+        if busy is not None:
+            # Another thread (the prefetcher, say) is reading it: wait rather than read twice.
+            busy.wait()
+            with self._lock:
+                loaded = self._cache.get(d.inode)
+            return loaded if loaded is not None else self._load(d)
+        try:
+            return self._load(d)
+        finally:
+            with self._lock:
+                del self._loading[d.inode]
+            mine.set()
+
+    def _load(self, d: Folder) -> Loaded:
+        """Reads and decodes a tree folder's listing into the cache (blocking)."""
+        entries: list[Entry | FileRow] = []
+        if d.ref is not None:
+            try:
+                entries = decode_tree_rows(d.source.store.read_blob(d.ref, crypto.KIND_TREE))
+            except StoreError as exc:
+                raise Damaged(f"cannot list {d.path}: {exc}") from None
+            if d.is_root and d.gen.identity is not None:
+                i = bisect_left(entries, GLOBALDATA, key=_NAME)
+                if i == len(entries) or entries[i].name != GLOBALDATA:
+                    root = d.gen.root
+                    entries.insert(i, Entry(GLOBALDATA, DIR, 0o755, root.uid, root.gid,
+                                            d.gen.time_ms * 1_000_000, 0, 0, BLOCK, nlink=2))
+        if d.seeded and d.gen.identity is not None:
+            # The seed file joins the node's own globaldata folder, if it has one; a real file
+            # of that very name wins.
+            seed = seed_entry(d.gen)
+            i = bisect_left(entries, seed.name, key=_NAME)
+            if i == len(entries) or entries[i].name != seed.name:
+                entries.insert(i, seed)
+        loaded = Loaded(entries, d.key, self.replies_of)
+        with self._lock:
+            first = self._cache.get(d.inode)
+            if first is not None:      # another thread was first
+                return first
+            loaded.place(self._numbering.children(d, loaded.pending))
+            self._cache[d.inode] = loaded
+            self._listed += len(entries)
+            while self._listed > self.budget and len(self._cache) > 1:
+                gone, old = self._cache.popitem(last=False)
+                self._listed -= len(old.rows)
+                self.prefetcher.dropped(gone)
+        return loaded
+
+    def _prefetch(self, inode: int) -> int:
+        """Loads a folder's listing ahead of its opendir (prefetch.py); the entries decoded."""
+        with self._lock:
+            d = self._numbering.dirs.get(inode)
+            if d is None or inode in self._cache:
+                return 0
+        return len(self.get(d, True).rows)
+
+
+def seed_entry(gen: Generation) -> Entry:
+    """The seed file's entry: globaldata/cluster_membership-NODEID-UUID.uuid."""
+    assert gen.identity is not None
+    uuid = gen.identity.uuid.encode()
+    mtime = gen.time_ms * 1_000_000
+    # Its contents are served from memory (the reader's inline data); the extent only makes
+    # st_blocks true. A stored file with data always has a ref, so data=None with an extent
+    # tells the seed from a real file of the same name (is_seed).
+    return Entry(gen.identity.seed_name, FILE, 0o644, gen.root.uid, gen.root.gid, mtime, 0, 0,
+                 len(uuid), extents=((0, len(uuid)),))
+
+
+def is_seed(d: Folder, e: Entry) -> bool:
+    """True for the seed file seed_entry() made, in the folder that shows it."""
+    return d.seeded and e.type == FILE and e.data is None and bool(e.extents)

@@ -30,7 +30,6 @@ import os
 import stat
 import threading
 from bisect import bisect_left
-from collections import OrderedDict
 from operator import attrgetter
 from pathlib import Path
 
@@ -39,14 +38,12 @@ from humiofs.mount import inodes
 from humiofs.mount.attrs import BLOCK as _BLOCK
 from humiofs.mount.attrs import Attr, Listing
 from humiofs.mount.chunkcache import CACHE_BYTES
-from humiofs.mount.listing import Loaded, Replies
-from humiofs.mount.numbering import GLOBALDATA, Folder, Numbering
-from humiofs.mount.prefetch import Prefetcher
+from humiofs.mount.listing import Listings, Loaded, Replies, is_seed
+from humiofs.mount.numbering import Folder, Numbering
 from humiofs.mount.reader import Damaged, Reader, WouldBlock
 from humiofs.mount.sources import NewStores, Source, backup_dir_stores, open_sources
-from humiofs.store import crypto, generations
-from humiofs.store.format import DIR, FILE, SYMLINK, Entry, FileRow, Generation, Xattrs
-from humiofs.store.format import decode_tree_rows
+from humiofs.store import generations
+from humiofs.store.format import DIR, FILE, SYMLINK, Entry, Generation, Xattrs
 from humiofs.store.keys import Passphrase
 from humiofs.store.localstate import LocalState
 from humiofs.store.repository import Store
@@ -60,7 +57,6 @@ ROOT_INODE = 1
 GENERATIONS = b".generations"
 REFRESH_S = 1.0               # how often the lists of stores and generations are read again
 LISTING_BUDGET = 64_000       # tree entries kept decoded (about 40 MB)
-_NAME = attrgetter("name")
 
 
 class NotFound(Exception):
@@ -85,10 +81,6 @@ class Tree:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.reader = Reader(cache_bytes)
         self.cache = self.reader.cache
-        self.listing_budget = listing_budget
-        # Set by the FUSE adapter: what it answers for a listing's attributes, built with the
-        # listing (listing.Replies) and handed out as Listing.replies.
-        self.replies_of: Replies | None = None
         self._lock = threading.RLock()
         self._at, self._state, self._new_stores = at, state, new_stores
         self._sources: list[Source] = []
@@ -100,10 +92,7 @@ class Tree:
             self._add_source(Source(store, at, state))
         self._numbering = Numbering()
         self._dirs = self._numbering.dirs
-        self._listings: OrderedDict[int, Loaded] = OrderedDict()
-        self._listed = 0
-        self._loading: dict[int, threading.Event] = {}    # listings being read, by folder
-        self.prefetcher = Prefetcher(self._prefetch, listing_budget // 4)
+        self.listings = Listings(self._numbering, self._lock, listing_budget)
 
     def _add_source(self, src: Source) -> None:
         """Adds a store to the mount, in place of one of the same name that went away."""
@@ -113,6 +102,16 @@ class Tree:
             self._top[self._next] = _Top(self._next, 2, src)
             self._gens_of[src.name] = self._next
             self._next += 1
+
+    @property
+    def replies_of(self) -> Replies | None:
+        """What the FUSE adapter answers for a listing's attributes, built with each listing
+        (listing.Replies) and handed out as Listing.replies; set by the adapter."""
+        return self.listings.replies_of
+
+    @replies_of.setter
+    def replies_of(self, replies_of: Replies | None) -> None:
+        self.listings.replies_of = replies_of
 
     @classmethod
     def from_backup_dir(cls, backup_dir: Path, key: str | Passphrase, name: str | None = None,
@@ -168,7 +167,7 @@ class Tree:
         self.reader.start_worker([src.store for src in self._sources], close_fds)
 
     def close(self) -> None:
-        self.prefetcher.close()
+        self.listings.close()
         self.reader.close()
         for src in self._sources:
             src.store.close()
@@ -232,75 +231,6 @@ class Tree:
                 items.append((folder, self._root_of(src, gen, True, top.inode, path)))
         return items
 
-    def _listing(self, d: Folder, block: bool) -> Loaded:
-        """The children of a tree folder; reads and decodes its tree if it is not cached."""
-        with self._lock:
-            loaded = self._listings.get(d.inode)
-            if loaded is not None:
-                self._listings.move_to_end(d.inode)
-                return loaded
-        if not block:
-            raise WouldBlock()
-        with self._lock:
-            busy = self._loading.get(d.inode)
-            if busy is None:
-                mine = self._loading[d.inode] = threading.Event()
-        if busy is not None:
-            # Another thread (the prefetcher, say) is reading it: wait rather than read twice.
-            busy.wait()
-            with self._lock:
-                loaded = self._listings.get(d.inode)
-            return loaded if loaded is not None else self._load(d)
-        try:
-            return self._load(d)
-        finally:
-            with self._lock:
-                del self._loading[d.inode]
-            mine.set()
-
-    def _load(self, d: Folder) -> Loaded:
-        """Reads and decodes a tree folder's listing into the cache (blocking)."""
-        entries: list[Entry | FileRow] = []
-        if d.ref is not None:
-            try:
-                entries = decode_tree_rows(d.source.store.read_blob(d.ref, crypto.KIND_TREE))
-            except StoreError as exc:
-                raise Damaged(f"cannot list {d.path}: {exc}") from None
-            if d.is_root and d.gen.identity is not None:
-                i = bisect_left(entries, GLOBALDATA, key=_NAME)
-                if i == len(entries) or entries[i].name != GLOBALDATA:
-                    root = d.gen.root
-                    entries.insert(i, Entry(GLOBALDATA, DIR, 0o755, root.uid, root.gid,
-                                            d.gen.time_ms * 1_000_000, 0, 0, _BLOCK, nlink=2))
-        if d.seeded and d.gen.identity is not None:
-            # The seed file joins the node's own globaldata folder, if it has one; a real file
-            # of that very name wins.
-            seed = _seed(d.gen)
-            i = bisect_left(entries, seed.name, key=_NAME)
-            if i == len(entries) or entries[i].name != seed.name:
-                entries.insert(i, seed)
-        loaded = Loaded(entries, d.key, self.replies_of)
-        with self._lock:
-            first = self._listings.get(d.inode)
-            if first is not None:      # another thread was first
-                return first
-            loaded.place(self._numbering.children(d, loaded.pending))
-            self._listings[d.inode] = loaded
-            self._listed += len(entries)
-            while self._listed > self.listing_budget and len(self._listings) > 1:
-                gone, old = self._listings.popitem(last=False)
-                self._listed -= len(old.rows)
-                self.prefetcher.dropped(gone)
-        return loaded
-
-    def _prefetch(self, inode: int) -> int:
-        """Loads a folder's listing ahead of its opendir (prefetch.py); the entries decoded."""
-        with self._lock:
-            d = self._dirs.get(inode)
-            if d is None or inode in self._listings:
-                return 0
-        return len(self._listing(d, True).rows)
-
     def _locate(self, inode: int, block: bool) -> tuple[Folder, Loaded, int]:
         """The folder holding a tree inode, its listing, and the inode's index there; NotFound
         if the model never handed the number out."""
@@ -310,7 +240,7 @@ class Tree:
                 folders = list(self._numbering.keys.get(inodes.key_of(inode), ()))
             # Newest first: a file unchanged in several generations is in all of them, alike.
             for d in reversed(folders):
-                loaded = self._listing(d, block)
+                loaded = self.listings.get(d, block)
                 i = loaded.where.get(inode)
                 if i is not None:
                     return d, loaded, i
@@ -321,13 +251,13 @@ class Tree:
                 parent = self._dirs.get(sub.parent) if sub is not None else None
             if sub is None or parent is None:
                 raise NotFound()
-            return parent, self._listing(parent, block), sub.index
+            return parent, self.listings.get(parent, block), sub.index
         if tag == inodes.TAG_LINK:
             with self._lock:
                 link = self._numbering.links.get(inode)
             if link is None:
                 raise NotFound()
-            return link[0], self._listing(link[0], block), link[1]
+            return link[0], self.listings.get(link[0], block), link[1]
         raise NotFound()
 
     def _entry(self, inode: int, block: bool) -> tuple[Folder, Entry]:
@@ -372,7 +302,7 @@ class Tree:
             r = d.gen.root
             # 2 + subfolders, the globaldata folder the mount may add included: counted from
             # the listing, which a lookup of the root needs next anyway.
-            subdirs = len(self._listing(d, block).subfolders)
+            subdirs = len(self.listings.get(d, block).subfolders)
             return Attr(inode, stat.S_IFDIR | r.mode, 2 + subdirs, r.uid, r.gid, _BLOCK, 8,
                         r.mtime_ns)
         _, loaded, i = self._locate(inode, block)
@@ -435,7 +365,7 @@ class Tree:
                 if item_name == name:
                     return inode
             raise NotFound()
-        loaded = self._listing(self._dir(parent), block)
+        loaded = self.listings.get(self._dir(parent), block)
         i = bisect_left(loaded.names, name)
         if i == len(loaded.names) or loaded.names[i] != name:
             raise NotFound()
@@ -446,7 +376,7 @@ class Tree:
         top = self._top.get(parent)
         if top is not None:
             return self.getattr(self.lookup_inode(parent, name, block), block)
-        loaded = self._listing(self._dir(parent), block)
+        loaded = self.listings.get(self._dir(parent), block)
         i = bisect_left(loaded.names, name)
         if i == len(loaded.names) or loaded.names[i] != name:
             raise NotFound()
@@ -461,8 +391,8 @@ class Tree:
             numbers = [n for _, n in items]
             return Listing(self._dots(inode, block), [name for name, _ in items], numbers,
                            [self.getattr(n, block) for n in numbers], volatile=True)
-        loaded = self._listing(self._dir(inode), block)
-        self.prefetcher.opened(inode, loaded.subfolders)
+        loaded = self.listings.get(self._dir(inode), block)
+        self.listings.prefetcher.opened(inode, loaded.subfolders)
         return Listing(self._dots(inode, block), loaded.names, loaded.inodes, loaded.attrs,
                        volatile=False, replies=loaded.replies)
 
@@ -488,7 +418,7 @@ class Tree:
         if e.type != FILE:
             raise IsADirectoryError(errno.EISDIR, "is a folder") if e.type == DIR else \
                 OSError(errno.ELOOP, "is a symlink")
-        inline = d.gen.identity.uuid.encode() if _is_seed(d, e) and d.gen.identity else None
+        inline = d.gen.identity.uuid.encode() if is_seed(d, e) and d.gen.identity else None
         return self.reader.open(inode, f"{d.path}/{os.fsdecode(e.name)}", d.source.store, e,
                                 inline)
 
@@ -498,19 +428,3 @@ class Tree:
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         """See Reader.read (runs on the trio thread)."""
         return await self.reader.read(fh, off, size)
-
-
-def _seed(gen: Generation) -> Entry:
-    """The seed file's entry: globaldata/cluster_membership-NODEID-UUID.uuid."""
-    assert gen.identity is not None
-    uuid = gen.identity.uuid.encode()
-    mtime = gen.time_ms * 1_000_000
-    # Its contents are served from memory (the reader's inline data); the extent only makes
-    # st_blocks true. A stored file with data always has a ref, so data=None with an extent
-    # tells the seed from a real file of the same name (_is_seed).
-    return Entry(gen.identity.seed_name, FILE, 0o644, gen.root.uid, gen.root.gid, mtime, 0, 0,
-                 len(uuid), extents=((0, len(uuid)),))
-
-
-def _is_seed(d: Folder, e: Entry) -> bool:
-    return d.seeded and e.type == FILE and e.data is None and bool(e.extents)
