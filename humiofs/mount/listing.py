@@ -1,6 +1,9 @@
-"""A tree folder's listing as the mount keeps it: its entries in name order (the common files
-as format.FileRow), with their names, inode numbers and attributes, all computed in one pass
-when the listing is read, since a walk asks for every one of them. FUSE-free.
+"""The tree folders' listings as the mount keeps them (Loaded), and the bounded cache that
+reads them on demand or ahead of the kernel (Listings). FUSE-free.
+
+A listing holds its entries in name order (the common files as format.FileRow), with their
+names, inode numbers, attributes and the FUSE adapter's replies, all computed in one pass when
+the listing is read, off the request loop: a walk asks for every one of them.
 
 The files' numbers are inodes.py's rule: key | slot, the slot from the entry's fingerprint,
 and a slot taken earlier in the listing moves on to the next free one, in name order. Every

@@ -12,7 +12,7 @@ generation. So a number never stands for two different things and nothing the ke
 about an inode can go stale. When a folder's listing is read, the numbers of its children are
 computed with it; a folder is registered then (memory grows with the folders listed, not with
 the files), and a file's number leads back to its folder's path key and from there to the
-listing, which is kept in a bounded LRU and read again from the store if it was dropped. Every
+listing, which is kept in a bounded LRU (listing.py) and read again if it was dropped. Every
 inode the kernel was ever given stays resolvable, so forget() needs no bookkeeping. NAME/ simply
 points at another folder when a new generation appears, and so does the root when a new store
 appears in BACKUP_DIR.
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 ROOT_INODE = 1
 GENERATIONS = b".generations"
 REFRESH_S = 1.0               # how often the lists of stores and generations are read again
-LISTING_BUDGET = 64_000       # tree entries kept decoded (about 40 MB)
+LISTING_BUDGET = 64_000       # tree entries kept decoded, with their replies (~1 KB each)
 
 
 class NotFound(Exception):
