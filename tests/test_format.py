@@ -15,12 +15,14 @@ from humiofs.store.format import (
     FILE,
     SYMLINK,
     Entry,
+    FileRow,
     Generation,
     Identity,
     Ref,
     RootAttrs,
     decode_generation,
     decode_tree,
+    decode_tree_rows,
     encode_generation,
     encode_tree,
 )
@@ -210,6 +212,37 @@ def test_decoded_entries_are_frozen_entries() -> None:
         with pytest.raises(AttributeError):
             decoded.name = b"other"  # type: ignore[misc]
         assert replace(decoded, mode=0o600).mode == 0o600
+
+
+def test_tree_rows_are_the_decoded_entries() -> None:
+    """decode_tree_rows: the entries decode_tree gives, the common file (data in one extent,
+    one name, no xattrs) as a FileRow whose entry() is that very Entry."""
+    plain = Entry(b"plain", FILE, 0o640, 7, 8, -5, 6, 9, 3, data=small_ref(3), extents=((0, 3),))
+    tagged = replace(plain, name=b"tagged", xattrs=XATTRS)
+    linked = replace(plain, name=b"twice", nlink=2)
+    trees = [GOLDEN_TREE, golden_tree(1), GOLDEN_V2_TREE, encode_tree([plain, tagged, linked])]
+    for data in trees:
+        rows = decode_tree_rows(data)
+        built = [r.entry() if isinstance(r, FileRow) else r for r in rows]
+        assert built == decode_tree(data)
+        for r, e in zip(rows, built, strict=True):
+            assert isinstance(r, FileRow) == (e.type == FILE and len(e.extents) == 1 and
+                                              e.nlink == 1 and not e.xattrs), e
+            assert type(e) is Entry and (e.data is None or type(e.data) is Ref)
+    assert [type(r) for r in decode_tree_rows(trees[-1])] == [FileRow, Entry, Entry]
+    assert [type(r) for r in decode_tree_rows(GOLDEN_TREE)] == [Entry] * 5 + [FileRow]
+
+
+@pytest.mark.parametrize("body", [
+    ([(0, 3)], small_ref(4), 3),        # the data longer than its extent
+    ([(0, 4)], small_ref(4), 3),        # the extent past the end of the file
+    ([(0, 3)], Ref(PACK, OID, 7, 19, 3), 3),   # the data inside a pack header
+])
+def test_tree_rows_check_the_common_file(body: tuple[list[tuple[int, int]], Ref, int]) -> None:
+    data = raw_tree(raw_file(b"a", *body))
+    for decode in (decode_tree, decode_tree_rows):
+        with pytest.raises(IntegrityError):
+            decode(data)
 
 
 def test_tree_version_1_still_reads() -> None:

@@ -278,13 +278,19 @@ async def test_statfs_and_forget(ops: fs.Operations,
 async def test_replies_are_cached_bounded_and_equal_to_fresh_ones(
         ops: fs.Operations, replies: list[tuple[bytes, pyfuse3.EntryAttributes, int]],
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """readdir hands out the replies built with the listing (off the request loop): the same
+    as getattr's, field by field; getattr's own cache stays bounded."""
     monkeypatch.setattr(fs, "ATTR_CACHE", 3)
     names = await listdir(ops, (await lookup(ops, b"node1")).st_ino, replies)
     assert len(names) > 5
-    assert 0 < len(ops._replies) <= 3
-    first = {name: (a.st_ino, a.st_mode, a.st_size, a.st_mtime_ns) for name, a, _ in replies}
+    fields = ("st_ino", "generation", "entry_timeout", "attr_timeout", "st_mode", "st_nlink",
+              "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks",
+              "st_atime_ns", "st_ctime_ns", "st_mtime_ns")
+    first = {name: [getattr(a, f) for f in fields] for name, a, _ in replies}
     fresh = fs.Operations(ops.tree)
     for name, a, _ in replies:
         if name not in (b".", b".."):
             again = await fresh.getattr(a.st_ino, CTX)
-            assert (again.st_ino, again.st_mode, again.st_size, again.st_mtime_ns) == first[name]
+            assert [getattr(again, f) for f in fields] == first[name], name
+            assert 0 < len(fresh._replies) <= 3
+    assert first[b"big.bin"][fields.index("entry_timeout")] == fs.STABLE_TIMEOUT

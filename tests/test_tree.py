@@ -30,9 +30,10 @@ from mountutil import (
 
 from humiofs.backup.scan import data_extents
 from humiofs.errors import NoSuchStore, WrongKey
-from humiofs.mount import decryptd, inodes, prefetch, reader, tree
+from humiofs.mount import attrs, decryptd, inodes, listing, prefetch, reader, tree
 from humiofs.store.crypto import CHUNK, STORED_CHUNK
-from humiofs.store.format import Generation
+from humiofs.store import crypto
+from humiofs.store.format import FileRow, Generation, decode_tree, decode_tree_rows
 from humiofs.store.generations import At, parse_at
 from humiofs.store.repository import Store
 
@@ -418,6 +419,8 @@ async def test_caches_are_bounded(backed_up: tuple[Path, Store, Generation],
                                   sample_node: Path) -> None:
     m = tree.Tree([Store.open(backed_up[0] / "node1", KEY)], cache_bytes=1 << 20,
                   listing_budget=50)
+    # The adapter's replies are kept with the listings, so they are bounded with them.
+    m.replies_of = lambda attrs: [object() for _ in attrs]
     for src in m._sources:
         src.refresh()
     first = resolve(m, b"node1/cluster_membership.uuid")
@@ -425,7 +428,9 @@ async def test_caches_are_bounded(backed_up: tuple[Path, Store, Generation],
         a = resolve(m, NODE + b"/" + os.fsencode(rel))
         assert await read_all(m, a.inode) == (sample_node / rel).read_bytes()
         assert m.cache.bytes <= 1 << 20
-        assert m._listed <= 50 or len(m._listings) == 1
+        cached = m.listings._cache.values()
+        assert m.listings._listed <= 50 or len(cached) == 1
+        assert all(len(loaded.replies) == len(loaded.rows) for loaded in cached)
     # An inode whose folder listing was dropped still resolves: its tree is read again.
     assert m.getattr(first.inode) == first
     assert await read_all(m, first.inode) == (sample_node / "cluster_membership.uuid").read_bytes()
@@ -690,6 +695,7 @@ async def test_colliding_hashes_still_give_every_entry_its_own_number(
     """With every file fingerprint and every folder path key made equal, numbers move on to
     the next free one: no two entries share a number, and each still leads to its own file."""
     monkeypatch.setattr(inodes, "fingerprint", lambda e, with_name=True: 12345)
+    monkeypatch.setattr(inodes, "row_fingerprint", lambda r: 12345)
     monkeypatch.setattr(inodes, "dir_key", lambda view, path: 7)
     m = tree.Tree.from_backup_dir(backed_up[0], KEY)
     try:
@@ -711,3 +717,35 @@ async def test_colliding_hashes_still_give_every_entry_its_own_number(
             assert await read_all(m, inode) == path.read_bytes(), rel
     finally:
         m.close()
+
+
+def test_rows_number_files_as_entries_do(backed_up: tuple[Path, Store, Generation]) -> None:
+    """The mount reads listings as format.FileRow where it can (listing.py): every file keeps
+    the number its Entry gives it by inodes.py's rule, so numbers stay what they were."""
+    _, store, gen = backed_up
+    key = inodes.dir_key(b"view", b"some/folder")
+    todo, rows_seen = [gen.root.tree], 0
+    while todo:
+        plain = store.read_blob(todo.pop(), crypto.KIND_TREE)
+        entries, rows = decode_tree(plain), decode_tree_rows(plain)
+        # inodes.py's rule, from the Entries: the fingerprint's slot, or the next free one.
+        taken: set[int] = set()
+        want = []
+        for e in entries:
+            slot = inodes.fingerprint(e) & inodes.SLOT_MASK
+            while slot in taken:
+                slot = (slot + 1) & inodes.SLOT_MASK
+            taken.add(slot)
+            want.append(inodes.file_inode(key, slot))
+        loaded = listing.Loaded(rows, key)
+        assert [slot for _, _, slot in loaded.pending] == \
+            [want[i] & inodes.SLOT_MASK for i, _, _ in loaded.pending]
+        loaded.place([want[i] for i, _, _ in loaded.pending])
+        assert loaded.inodes == want
+        assert loaded.attrs == [attrs.entry_attr(n, e) for n, e in zip(want, entries, strict=True)]
+        for r in rows:
+            if isinstance(r, FileRow):
+                rows_seen += 1
+                assert inodes.row_fingerprint(r) == inodes.fingerprint(r.entry())
+        todo += [e.subtree for e in entries if e.subtree is not None]
+    assert rows_seen > 100

@@ -1,3 +1,4 @@
 """The read-only FUSE view: a FUSE-free model (tree, numbering, attrs, inodes, sources),
-reading file data (reader, chunkcache, decryptd, prefetch), and the adapter (fs, mount).
+reading file data (reader, chunkcache, decryptd), listings (listing, prefetch), and the adapter
+(fs, mount).
 """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
 from typing import NamedTuple
 
 from humiofs.store import format
@@ -63,25 +62,27 @@ def entry_attr(inode: int, e: Entry) -> Attr:
 class Listing:
     """An opened folder as readdir(3) shows it, fixed from opendir to releasedir: `.` and `..`
     first, then its children in name order. Item i is the same entry for the listing's life,
-    so an index is a stable position to resume or seek to. `names` and `inodes` hold the
-    children alone (item i is child i - 2); `attr(i)` builds the attributes of item i."""
+    so an index is a stable position to resume or seek to. `names`, `inodes` and `attrs` hold
+    the children alone (item i is child i - 2); `attr(i)` gives the attributes of item i.
+    `replies`: the FUSE adapter's replies for `attrs`, if it had them built with the listing
+    (tree.Tree.replies_of), else empty."""
 
-    __slots__ = ("_dots", "names", "inodes", "_attr", "volatile")
+    __slots__ = ("_dots", "names", "inodes", "attrs", "volatile", "replies")
 
     def __init__(self, dots: tuple[Attr, Attr], names: list[bytes], numbers: list[int],
-                 attr: Callable[[int], Attr], volatile: bool) -> None:
+                 attrs: list[Attr], volatile: bool, replies: list[object] | None = None) -> None:
         self._dots = dots
-        self.names, self.inodes = names, numbers
-        self._attr = attr
+        self.names, self.inodes, self.attrs = names, numbers, attrs
         self.volatile = volatile
+        self.replies = replies or []
 
     def __len__(self) -> int:
         return 2 + len(self.names)
 
     def attr(self, index: int) -> Attr:
-        return self._dots[index] if index < 2 else self._attr(index - 2)
+        return self._dots[index] if index < 2 else self.attrs[index - 2]
 
     def item(self, index: int) -> tuple[bytes, Attr]:
         if index < 2:
             return (b".", b"..")[index], self._dots[index]
-        return self.names[index - 2], self._attr(index - 2)
+        return self.names[index - 2], self.attrs[index - 2]

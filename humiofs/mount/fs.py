@@ -31,8 +31,8 @@ T = TypeVar("T")
 STABLE_TIMEOUT = 86400.0
 VOLATILE_TIMEOUT = 1.0
 STORE_THREADS = 4
-# Replies for inodes already answered once, kept so that a walk of a folder it has seen costs
-# no more than a dictionary look-up an entry (about 210 bytes each; cleared when full).
+# Replies to getattr and lookup for inodes already answered once (about 210 bytes each; cleared
+# when full). readdir hands out the replies kept with each listing (tree.Tree.replies_of).
 ATTR_CACHE = 65_536
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
@@ -73,6 +73,9 @@ class Operations(pyfuse3.Operations):
         self._next_dh = 1
         # An inode's reply never changes (only the top-level folders', never kept here).
         self._replies: dict[int, pyfuse3.EntryAttributes] = {}
+        # A tree folder's replies are built where its listing is read (a worker or the
+        # prefetch thread, tree.py), off the request loop, and kept with the listing.
+        model.replies_of = self._replies_for
 
     async def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
         """Runs a model call: from memory on the loop when it can, else in a worker thread;
@@ -87,22 +90,44 @@ class Operations(pyfuse3.Operations):
             raise _fuse_error(what, args, exc) from None
 
     def _entry(self, attr: tree.Attr, parent_volatile: bool) -> pyfuse3.EntryAttributes:
+        # What EntryAttributes() starts with is not set again: generation 0, st_blksize 4096
+        # (cp --sparse=always and tar look for holes in st_blksize steps: 4 KiB finds them all),
+        # st_rdev 0. Built once for every entry of a first walk, so every set counts.
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.inode
-        e.generation = 0
         e.entry_timeout = VOLATILE_TIMEOUT if parent_volatile else STABLE_TIMEOUT
         e.attr_timeout = VOLATILE_TIMEOUT if attr.volatile else STABLE_TIMEOUT
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
         e.st_gid = attr.gid
-        e.st_rdev = attr.rdev
+        if attr.rdev:
+            e.st_rdev = attr.rdev
         e.st_size = attr.size
-        # cp --sparse=always and tar look for holes in st_blksize steps: 4 KiB finds them all.
-        e.st_blksize = 4096
         e.st_blocks = attr.blocks
         e.st_atime_ns = e.st_ctime_ns = e.st_mtime_ns = attr.mtime_ns
         return e
+
+    def _replies_for(self, attrs: list[tree.Attr]) -> list[pyfuse3.EntryAttributes]:
+        """_entry() of each of a tree folder's entries (never volatile), in one loop: a first
+        walk builds one for every entry it passes."""
+        out: list[pyfuse3.EntryAttributes] = []
+        append, new = out.append, pyfuse3.EntryAttributes
+        for inode, mode, nlink, uid, gid, size, blocks, mtime_ns, _, rdev in attrs:
+            e = new()
+            e.st_ino = inode
+            e.entry_timeout = e.attr_timeout = STABLE_TIMEOUT
+            e.st_mode = mode
+            e.st_nlink = nlink
+            e.st_uid = uid
+            e.st_gid = gid
+            if rdev:
+                e.st_rdev = rdev
+            e.st_size = size
+            e.st_blocks = blocks
+            e.st_atime_ns = e.st_ctime_ns = e.st_mtime_ns = mtime_ns
+            append(e)
+        return out
 
     def _remember(self, inode: int, reply: pyfuse3.EntryAttributes) -> None:
         if len(self._replies) >= ATTR_CACHE:
@@ -198,22 +223,20 @@ class Operations(pyfuse3.Operations):
         if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         volatile = listing.volatile
-        names, numbers, replies = listing.names, listing.inodes, self._replies
-        reply_to = pyfuse3.readdir_reply
+        names, attrs = listing.names, listing.attrs
+        made = cast(list[pyfuse3.EntryAttributes], listing.replies)
+        reply_to, entry = pyfuse3.readdir_reply, self._entry
         try:
             # An entry's cookie is the index of the entry after it, so a listing larger than the
             # kernel's buffer resumes exactly there, and telldir/seekdir land where they should.
-            reply: pyfuse3.EntryAttributes | None
-            for i in range(start_id, len(listing)):
+            reply: pyfuse3.EntryAttributes
+            for i in range(start_id, len(names) + 2):
                 if i < 2:
-                    name, reply = (b".", b"..")[i], self._entry(listing.attr(i), volatile)
+                    name, reply = (b".", b"..")[i], entry(listing.attr(i), volatile)
                 else:
+                    # A tree folder's replies were built with its listing (_replies_for).
                     name = names[i - 2]
-                    reply = None if volatile else replies.get(numbers[i - 2])
-                    if reply is None:
-                        reply = self._entry(listing.attr(i), volatile)
-                        if not volatile:
-                            self._remember(numbers[i - 2], reply)
+                    reply = made[i - 2] if made else entry(attrs[i - 2], volatile)
                 if not reply_to(token, name, reply, i + 1):
                     break
         except StoreError as exc:

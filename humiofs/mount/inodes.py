@@ -32,7 +32,7 @@ from __future__ import annotations
 from hashlib import blake2b
 from zlib import crc32
 
-from humiofs.store.format import Entry
+from humiofs.store.format import FILE, Entry, FileRow
 
 TAG_DIR = 1 << 61
 TAG_FILE = 2 << 61
@@ -43,6 +43,7 @@ KEY_BITS = 27
 SLOT_MASK = (1 << SLOT_BITS) - 1
 KEY_MASK = (1 << KEY_BITS) - 1
 LOW_MASK = (1 << 61) - 1
+_NO_RDEV = (0, 0)
 
 
 def _h(*parts: bytes) -> int:
@@ -88,18 +89,12 @@ def fingerprint(e: Entry, with_name: bool = True) -> int:
                  crc32(repr(e.xattrs).encode()) if e.xattrs else 0))
 
 
-def file_slots(entries: list[Entry]) -> list[int]:
-    """The 34-bit slot of each entry of one listing (its files' numbers are key | slot); a
-    slot already taken in the listing moves on to the next free one, in name order."""
-    taken: set[int] = set()
-    slots = []
-    for e in entries:
-        slot = fingerprint(e) & SLOT_MASK
-        while slot in taken:
-            slot = (slot + 1) & SLOT_MASK
-        taken.add(slot)
-        slots.append(slot)
-    return slots
+def row_fingerprint(r: FileRow) -> int:
+    """fingerprint(r.entry()), read straight from the row's fields (one name, data in one
+    extent, no xattrs, no target, no device), without building the Entry."""
+    name, mode, uid, gid, mtime, _, _, size, _, oid, offset, _, start, length = r
+    return hash((crc32(name), FILE, mode, uid, gid, 1, size, mtime, _NO_RDEV,
+                 ((start, length),), crc32(oid), offset, 0, 0))
 
 
 def link_inode(view: bytes, e: Entry) -> int:

@@ -72,20 +72,19 @@ class Numbering:
         self.keys.setdefault(key, []).append(d)
         return d
 
-    def children(self, d: Folder, entries: list[Entry]) -> list[int]:
-        """The inode numbers of a folder's children (inodes.py); registers its subfolders and
-        hard links."""
-        slots = inodes.file_slots(entries)
+    def children(self, d: Folder, entries: list[tuple[int, Entry, int]]) -> list[int]:
+        """The inode numbers of the children of `d` that are not FileRows, given as (index in
+        the listing, entry, file slot) (listing.py): registers its subfolders and hard links;
+        anything else is a file of its slot."""
         gen_name = d.gen.name.encode()
-        numbers = []
-        file_inode = inodes.file_inode
-        for i, e in enumerate(entries):
+        numbers: list[int] = []
+        for i, e, slot in entries:
             if e.type == DIR:
                 rel = e.name if not d.rel else d.rel + b"/" + e.name
                 seeded = d.is_root and e.name == GLOBALDATA
                 sub = self.new_folder(inodes.dir_inode(d.view, rel, gen_name),
-                                    d.inode, i, f"{d.path}/{os.fsdecode(e.name)}", rel,
-                                    d.source, d.gen, e.subtree, d.view, False, seeded)
+                                      d.inode, i, f"{d.path}/{os.fsdecode(e.name)}", rel,
+                                      d.source, d.gen, e.subtree, d.view, False, seeded)
                 numbers.append(sub.inode)
             elif e.nlink > 1 and e.link_key() is not None:
                 number = inodes.link_inode(d.view, e)
@@ -94,5 +93,5 @@ class Numbering:
                     number = inodes.TAG_LINK | ((number + 1) & inodes.LOW_MASK)
                 numbers.append(number)
             else:
-                numbers.append(file_inode(d.key, slots[i]))
+                numbers.append(inodes.file_inode(d.key, slot))
         return numbers

@@ -12,7 +12,7 @@ generation. So a number never stands for two different things and nothing the ke
 about an inode can go stale. When a folder's listing is read, the numbers of its children are
 computed with it; a folder is registered then (memory grows with the folders listed, not with
 the files), and a file's number leads back to its folder's path key and from there to the
-listing, which is kept in a bounded LRU and read again from the store if it was dropped. Every
+listing, which is kept in a bounded LRU (listing.py) and read again if it was dropped. Every
 inode the kernel was ever given stays resolvable, so forget() needs no bookkeeping. NAME/ simply
 points at another folder when a new generation appears, and so does the root when a new store
 appears in BACKUP_DIR.
@@ -30,17 +30,16 @@ import os
 import stat
 import threading
 from bisect import bisect_left
-from collections import OrderedDict
 from operator import attrgetter
 from pathlib import Path
 
 from humiofs.errors import StoreError
 from humiofs.mount import inodes
 from humiofs.mount.attrs import BLOCK as _BLOCK
-from humiofs.mount.attrs import Attr, Listing, entry_attr
+from humiofs.mount.attrs import Attr, Listing
 from humiofs.mount.chunkcache import CACHE_BYTES
-from humiofs.mount.numbering import GLOBALDATA, Folder, Numbering
-from humiofs.mount.prefetch import Prefetcher
+from humiofs.mount.listing import Listings, Loaded, Replies, is_seed
+from humiofs.mount.numbering import Folder, Numbering
 from humiofs.mount.reader import Damaged, Reader, WouldBlock
 from humiofs.mount.sources import NewStores, Source, backup_dir_stores, open_sources
 from humiofs.store import generations
@@ -57,8 +56,7 @@ log = logging.getLogger(__name__)
 ROOT_INODE = 1
 GENERATIONS = b".generations"
 REFRESH_S = 1.0               # how often the lists of stores and generations are read again
-LISTING_BUDGET = 64_000       # tree entries kept decoded (about 40 MB)
-_NAME = attrgetter("name")
+LISTING_BUDGET = 64_000       # tree entries kept decoded, with their replies (~1 KB each)
 
 
 class NotFound(Exception):
@@ -74,20 +72,6 @@ class _Top:
         self.inode, self.parent, self.source = inode, parent, source
 
 
-class _Loaded:
-    """A tree folder's decoded listing: its entries in name order, their inode numbers, and
-    where each number is in the listing."""
-
-    __slots__ = ("entries", "names", "inodes", "where", "subfolders")
-
-    def __init__(self, entries: list[Entry], numbers: list[int]) -> None:
-        self.entries = entries
-        self.names = [e.name for e in entries]
-        self.inodes = numbers
-        self.where = {n: i for i, n in enumerate(numbers)}
-        self.subfolders = [n for n, e in zip(numbers, entries) if e.type == DIR]
-
-
 class Tree:
     """The read-only model of the mount: every method is safe to call from any thread."""
 
@@ -97,7 +81,6 @@ class Tree:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.reader = Reader(cache_bytes)
         self.cache = self.reader.cache
-        self.listing_budget = listing_budget
         self._lock = threading.RLock()
         self._at, self._state, self._new_stores = at, state, new_stores
         self._sources: list[Source] = []
@@ -109,10 +92,7 @@ class Tree:
             self._add_source(Source(store, at, state))
         self._numbering = Numbering()
         self._dirs = self._numbering.dirs
-        self._listings: OrderedDict[int, _Loaded] = OrderedDict()
-        self._listed = 0
-        self._loading: dict[int, threading.Event] = {}    # listings being read, by folder
-        self.prefetcher = Prefetcher(self._prefetch, listing_budget // 4)
+        self.listings = Listings(self._numbering, self._lock, listing_budget)
 
     def _add_source(self, src: Source) -> None:
         """Adds a store to the mount, in place of one of the same name that went away."""
@@ -122,6 +102,16 @@ class Tree:
             self._top[self._next] = _Top(self._next, 2, src)
             self._gens_of[src.name] = self._next
             self._next += 1
+
+    @property
+    def replies_of(self) -> Replies | None:
+        """What the FUSE adapter answers for a listing's attributes, built with each listing
+        (listing.Replies) and handed out as Listing.replies; set by the adapter."""
+        return self.listings.replies_of
+
+    @replies_of.setter
+    def replies_of(self, replies_of: Replies | None) -> None:
+        self.listings.replies_of = replies_of
 
     @classmethod
     def from_backup_dir(cls, backup_dir: Path, key: str | Passphrase, name: str | None = None,
@@ -177,7 +167,7 @@ class Tree:
         self.reader.start_worker([src.store for src in self._sources], close_fds)
 
     def close(self) -> None:
-        self.prefetcher.close()
+        self.listings.close()
         self.reader.close()
         for src in self._sources:
             src.store.close()
@@ -241,87 +231,19 @@ class Tree:
                 items.append((folder, self._root_of(src, gen, True, top.inode, path)))
         return items
 
-    def _listing(self, d: Folder, block: bool) -> _Loaded:
-        """The children of a tree folder; reads and decodes its tree if it is not cached."""
-        with self._lock:
-            loaded = self._listings.get(d.inode)
-            if loaded is not None:
-                self._listings.move_to_end(d.inode)
-                return loaded
-        if not block:
-            raise WouldBlock()
-        with self._lock:
-            busy = self._loading.get(d.inode)
-            if busy is None:
-                mine = self._loading[d.inode] = threading.Event()
-        if busy is not None:
-            # Another thread (the prefetcher, say) is reading it: wait rather than read twice.
-            busy.wait()
-            with self._lock:
-                loaded = self._listings.get(d.inode)
-            return loaded if loaded is not None else self._load(d)
-        try:
-            return self._load(d)
-        finally:
-            with self._lock:
-                del self._loading[d.inode]
-            mine.set()
-
-    def _load(self, d: Folder) -> _Loaded:
-        """Reads and decodes a tree folder's listing into the cache (blocking)."""
-        if d.ref is None:
-            entries = []
-        else:
-            try:
-                entries = d.source.store.read_tree(d.ref)
-            except StoreError as exc:
-                raise Damaged(f"cannot list {d.path}: {exc}") from None
-            if d.is_root and d.gen.identity is not None:
-                i = bisect_left(entries, GLOBALDATA, key=_NAME)
-                if i == len(entries) or entries[i].name != GLOBALDATA:
-                    root = d.gen.root
-                    entries.insert(i, Entry(GLOBALDATA, DIR, 0o755, root.uid, root.gid,
-                                            d.gen.time_ms * 1_000_000, 0, 0, _BLOCK, nlink=2))
-        if d.seeded and d.gen.identity is not None:
-            # The seed file joins the node's own globaldata folder, if it has one; a real file
-            # of that very name wins.
-            seed = _seed(d.gen)
-            i = bisect_left(entries, seed.name, key=_NAME)
-            if i == len(entries) or entries[i].name != seed.name:
-                entries.insert(i, seed)
-        with self._lock:
-            loaded = self._listings.get(d.inode)
-            if loaded is not None:      # another thread was first
-                return loaded
-            loaded = self._listings[d.inode] = _Loaded(entries, self._numbering.children(d, entries))
-            self._listed += len(entries)
-            while self._listed > self.listing_budget and len(self._listings) > 1:
-                gone, old = self._listings.popitem(last=False)
-                self._listed -= len(old.entries)
-                self.prefetcher.dropped(gone)
-        return loaded
-
-    def _prefetch(self, inode: int) -> int:
-        """Loads a folder's listing ahead of its opendir (prefetch.py); the entries decoded."""
-        with self._lock:
-            d = self._dirs.get(inode)
-            if d is None or inode in self._listings:
-                return 0
-        return len(self._listing(d, True).entries)
-
-    def _entry(self, inode: int, block: bool) -> tuple[Folder, Entry]:
-        """The folder holding a tree inode, and its entry there; NotFound if the model never
-        handed the number out."""
+    def _locate(self, inode: int, block: bool) -> tuple[Folder, Loaded, int]:
+        """The folder holding a tree inode, its listing, and the inode's index there; NotFound
+        if the model never handed the number out."""
         tag = inode & inodes.TAG_MASK
         if tag == inodes.TAG_FILE:
             with self._lock:
                 folders = list(self._numbering.keys.get(inodes.key_of(inode), ()))
             # Newest first: a file unchanged in several generations is in all of them, alike.
             for d in reversed(folders):
-                loaded = self._listing(d, block)
+                loaded = self.listings.get(d, block)
                 i = loaded.where.get(inode)
                 if i is not None:
-                    return d, loaded.entries[i]
+                    return d, loaded, i
             raise NotFound()
         if tag == inodes.TAG_DIR:
             with self._lock:
@@ -329,14 +251,19 @@ class Tree:
                 parent = self._dirs.get(sub.parent) if sub is not None else None
             if sub is None or parent is None:
                 raise NotFound()
-            return parent, self._listing(parent, block).entries[sub.index]
+            return parent, self.listings.get(parent, block), sub.index
         if tag == inodes.TAG_LINK:
             with self._lock:
                 link = self._numbering.links.get(inode)
             if link is None:
                 raise NotFound()
-            return link[0], self._listing(link[0], block).entries[link[1]]
+            return link[0], self.listings.get(link[0], block), link[1]
         raise NotFound()
+
+    def _entry(self, inode: int, block: bool) -> tuple[Folder, Entry]:
+        """The folder holding a tree inode, and its entry there (see _locate)."""
+        d, loaded, i = self._locate(inode, block)
+        return d, loaded.entry(i)
 
     def _dir(self, inode: int) -> Folder:
         """The tree folder with this number; NotFound or NotADirectoryError if there is none."""
@@ -375,10 +302,11 @@ class Tree:
             r = d.gen.root
             # 2 + subfolders, the globaldata folder the mount may add included: counted from
             # the listing, which a lookup of the root needs next anyway.
-            subdirs = sum(1 for e in self._listing(d, block).entries if e.type == DIR)
+            subdirs = len(self.listings.get(d, block).subfolders)
             return Attr(inode, stat.S_IFDIR | r.mode, 2 + subdirs, r.uid, r.gid, _BLOCK, 8,
                         r.mtime_ns)
-        return entry_attr(inode, self._entry(inode, block)[1])
+        _, loaded, i = self._locate(inode, block)
+        return loaded.attrs[i]
 
     def xattrs(self, inode: int, block: bool = True) -> Xattrs:
         """The stored extended attributes of `inode` (FORMAT.md 7.1), sorted by name."""
@@ -401,7 +329,7 @@ class Tree:
             return top.parent
         with self._lock:
             d = self._dirs.get(inode)
-        return d.parent if d is not None else self._entry(inode, block)[0].inode
+        return d.parent if d is not None else self._locate(inode, block)[0].inode
 
     def statfs(self, block: bool = True) -> tuple[int, int]:
         """The size of what the NAME/ folders show, as (bytes, inodes).
@@ -437,7 +365,7 @@ class Tree:
                 if item_name == name:
                     return inode
             raise NotFound()
-        loaded = self._listing(self._dir(parent), block)
+        loaded = self.listings.get(self._dir(parent), block)
         i = bisect_left(loaded.names, name)
         if i == len(loaded.names) or loaded.names[i] != name:
             raise NotFound()
@@ -448,11 +376,11 @@ class Tree:
         top = self._top.get(parent)
         if top is not None:
             return self.getattr(self.lookup_inode(parent, name, block), block)
-        loaded = self._listing(self._dir(parent), block)
+        loaded = self.listings.get(self._dir(parent), block)
         i = bisect_left(loaded.names, name)
         if i == len(loaded.names) or loaded.names[i] != name:
             raise NotFound()
-        return entry_attr(loaded.inodes[i], loaded.entries[i])
+        return loaded.attrs[i]
 
     def opendir(self, inode: int, block: bool = True) -> Listing:
         """A folder's listing as it is now: `.`, `..` (the root's `..` is the root itself, as
@@ -462,12 +390,11 @@ class Tree:
             items = self._top_items(top, block)
             numbers = [n for _, n in items]
             return Listing(self._dots(inode, block), [name for name, _ in items], numbers,
-                           lambda i: self.getattr(numbers[i]), volatile=True)
-        loaded = self._listing(self._dir(inode), block)
-        self.prefetcher.opened(inode, loaded.subfolders)
-        entries, numbers = loaded.entries, loaded.inodes
-        return Listing(self._dots(inode, block), loaded.names, numbers,
-                       lambda i: entry_attr(numbers[i], entries[i]), volatile=False)
+                           [self.getattr(n, block) for n in numbers], volatile=True)
+        loaded = self.listings.get(self._dir(inode), block)
+        self.listings.prefetcher.opened(inode, loaded.subfolders)
+        return Listing(self._dots(inode, block), loaded.names, loaded.inodes, loaded.attrs,
+                       volatile=False, replies=loaded.replies)
 
     def _dots(self, inode: int, block: bool) -> tuple[Attr, Attr]:
         """The attributes of `.` and `..` in the folder `inode`."""
@@ -491,7 +418,7 @@ class Tree:
         if e.type != FILE:
             raise IsADirectoryError(errno.EISDIR, "is a folder") if e.type == DIR else \
                 OSError(errno.ELOOP, "is a symlink")
-        inline = d.gen.identity.uuid.encode() if _is_seed(d, e) and d.gen.identity else None
+        inline = d.gen.identity.uuid.encode() if is_seed(d, e) and d.gen.identity else None
         return self.reader.open(inode, f"{d.path}/{os.fsdecode(e.name)}", d.source.store, e,
                                 inline)
 
@@ -501,19 +428,3 @@ class Tree:
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         """See Reader.read (runs on the trio thread)."""
         return await self.reader.read(fh, off, size)
-
-
-def _seed(gen: Generation) -> Entry:
-    """The seed file's entry: globaldata/cluster_membership-NODEID-UUID.uuid."""
-    assert gen.identity is not None
-    uuid = gen.identity.uuid.encode()
-    mtime = gen.time_ms * 1_000_000
-    # Its contents are served from memory (the reader's inline data); the extent only makes
-    # st_blocks true. A stored file with data always has a ref, so data=None with an extent
-    # tells the seed from a real file of the same name (_is_seed).
-    return Entry(gen.identity.seed_name, FILE, 0o644, gen.root.uid, gen.root.gid, mtime, 0, 0,
-                 len(uuid), extents=((0, len(uuid)),))
-
-
-def _is_seed(d: Folder, e: Entry) -> bool:
-    return d.seeded and e.type == FILE and e.data is None and bool(e.extents)
