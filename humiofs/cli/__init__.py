@@ -26,7 +26,13 @@ from humiofs.progress import human_bytes
 from humiofs.store import generations, keys
 from humiofs.store.format import generation_time
 from humiofs.store.localstate import LocalState
-from humiofs.store.repository import Store, generation_names, list_stores, looks_like_store
+from humiofs.store.repository import (
+    Store,
+    backend_of,
+    generation_names,
+    list_stores,
+    looks_like_store,
+)
 
 log = logging.getLogger("humiofs")
 
@@ -317,7 +323,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return errors.EXIT_OK
     for name in names:
         path = cfg.backup_dir / name
-        if not looks_like_store(path):
+        if not looks_like_store(backend_of(path)):
             raise errors.NoSuchStore(f"no humiofs store at {path}")
         store: Store | None = None
         if cfg.backup_key:

@@ -3,7 +3,6 @@ stores that appear in BACKUP_DIR after the mount started. FUSE-free and thread-s
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,8 @@ from humiofs.store import generations
 from humiofs.store.format import Generation, generation_time
 from humiofs.store.keys import Passphrase
 from humiofs.store.localstate import LocalState
-from humiofs.store.repository import Store, list_stores, looks_like_store
+from humiofs.store.backend import open_location
+from humiofs.store.repository import Store, backend_of, list_stores, looks_like_store
 from humiofs.store.storemeta import read_config
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,10 @@ class Source:
         """True while BACKUP_DIR/NAME still holds this store (blocking I/O): not moved away,
         deleted, or replaced by another store of the same name."""
         try:
-            return looks_like_store(self.store.path) and \
-                read_config(self.store.path) == self.store.store_id
+            return looks_like_store(self.store.backend) and \
+                read_config(self.store.backend) == self.store.store_id
         except (StoreError, StoreIOError, OSError):
-            return looks_like_store(self.store.path)    # its config is damaged, not gone
+            return looks_like_store(self.store.backend)     # its config is damaged, not gone
 
     def refresh(self) -> None:
         """Lists the generations again and picks the one NAME/ shows (blocking I/O): the
@@ -153,8 +153,9 @@ def backup_dir_stores(backup_dir: Path) -> list[str]:
     """list_stores, with a BACKUP_DIR that is not a readable folder a ConfigError (exit 2) of
     one line: a file, a symlink loop or a folder without read permission is a setting to fix,
     not a damaged store. A BACKUP_DIR that does not exist (yet) holds no stores."""
+    location = open_location(backup_dir)
     try:
-        os.listdir(backup_dir)
+        location.names()
     except FileNotFoundError:
         return []
     except NotADirectoryError:
@@ -162,7 +163,7 @@ def backup_dir_stores(backup_dir: Path) -> list[str]:
                           "folder that holds the backups") from None
     except OSError as exc:
         raise ConfigError(f"cannot read BACKUP_DIR {backup_dir}: {exc.strerror}") from None
-    return list_stores(backup_dir)
+    return list_stores(location)
 
 
 def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = None,
@@ -179,7 +180,7 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
     """
     if name is not None:
         backup_dir_stores(backup_dir)       # a BACKUP_DIR that is no readable folder: exit 2
-        if not looks_like_store(backup_dir / name):
+        if not looks_like_store(backend_of(backup_dir / name)):
             raise NoSuchStore(f"no humiofs store at {backup_dir / name}")
         return [Store.open(backup_dir / name, key)]
     names = backup_dir_stores(backup_dir)

@@ -181,10 +181,8 @@ def _set_aside_damaged(store: Store, name: str) -> bool:
     """True if NAME/damaged/`name` is a damaged generation file (damage set aside by prune):
     one with a generation's header and room for its sealed body that fails to read. An
     intact generation, an empty file or other junk under that name is not (FORMAT.md 9.1)."""
-    from humiofs.store.durable import read_store_file
-    path = store.path / "damaged" / name
     try:
-        head = read_store_file(path, format.HEADER_LEN + 64)
+        head = store.backend.read(f"damaged/{name}", format.HEADER_LEN + 64)
         format.check_header(head, format.TYPE_GENERATION, format.GENERATION_VERSION, name)
     except (OSError, StoreError):
         return False
