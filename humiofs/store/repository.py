@@ -16,7 +16,15 @@ from pathlib import Path
 
 from humiofs.errors import IntegrityError, NoSuchObject, StoreError, refused
 from humiofs.store import crypto, format, journal, keys, opening, writerlock
-from humiofs.store.backend import FILE, FOLDER, Backend, Item, Location, open_location
+from humiofs.store.backend import (
+    FILE,
+    FOLDER,
+    Backend,
+    Item,
+    Location,
+    open_location,
+    store_at,
+)
 from humiofs.store.crypto import CHUNK, STORED_CHUNK, ObjectCipher
 from humiofs.store.durable import NotRegularFile, store_io_error
 from humiofs.store.format import Ref
@@ -99,9 +107,9 @@ class Store:
         return f"Store({self.backend.location!r})"
 
     @property
-    def path(self) -> Path:
-        """The store's folder (or its location) for messages: not for access."""
-        return self.backend.local_path or Path(self.backend.location)
+    def path(self) -> Path | str:
+        """The store's folder, or its `s3://BUCKET/PREFIX/NAME`: for messages, not access."""
+        return self.backend.local_path or self.backend.location
 
     @property
     def name(self) -> str:
@@ -169,7 +177,9 @@ class Store:
             kind = None
         except OSError as exc:
             raise store_io_error(exc, tmp) from None
-        if kind != FOLDER:
+        if kind is None and self.backend.local_path is None:
+            pass    # object storage: no folders, and a folder with nothing in it is not seen
+        elif kind != FOLDER:
             if kind is not None:
                 raise StoreError(f"{tmp} is not a folder, so nothing can be written into the "
                                  f"store: move it out of the store, then `mkdir -m 700 {tmp}`")
@@ -186,9 +196,9 @@ class Store:
     def new_pack(self) -> PackWriter:
         return PackWriter(self)
 
-    def pack_path(self, pack_id: bytes) -> Path:
-        """Where a local store keeps the pack, for messages and tests: not for access."""
-        return self.path / pack_name(pack_id)
+    def pack_path(self, pack_id: bytes) -> Path | str:
+        """Where the store keeps the pack, for messages and tests: not for access."""
+        return store_at(self.path, pack_name(pack_id))
 
     def cipher(self, kind: int, oid: bytes) -> ObjectCipher:
         return ObjectCipher(self._master, kind, oid)

@@ -45,8 +45,8 @@ PARALLEL_PARTS = 2
 
 _PIECE = re.compile(r"^(.+)~(\d{8})$")    # one append of an appended file
 
-SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-            "AWS_ALLOW_HTTP")
+SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP")
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,15 @@ class S3Settings:
     secret_access_key: str | None = field(repr=False)
     region: str = "us-east-1"
     allow_http: bool = False
+    session_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> S3Settings:
         """Reads AWS_ENDPOINT_URL (none: AWS itself), AWS_ACCESS_KEY_ID,
-        AWS_SECRET_ACCESS_KEY, AWS_REGION (default us-east-1) and AWS_ALLOW_HTTP (true/false;
-        an http:// endpoint on a loopback address is allowed without it). ValueError with one
-        line for a bad value."""
+        AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (temporary credentials), AWS_REGION (else
+        AWS_DEFAULT_REGION, else us-east-1) and AWS_ALLOW_HTTP (true/false; an http://
+        endpoint on a loopback address is allowed without it). ValueError with one line for
+        a bad value."""
         endpoint = env.get("AWS_ENDPOINT_URL") or None
         allow = env.get("AWS_ALLOW_HTTP", "").strip().lower()
         if allow not in ("", "true", "false", "1", "0", "yes", "no"):
@@ -83,7 +85,8 @@ class S3Settings:
                 allow_http = True
         return cls(endpoint, env.get("AWS_ACCESS_KEY_ID") or None,
                    env.get("AWS_SECRET_ACCESS_KEY") or None,
-                   env.get("AWS_REGION") or "us-east-1", allow_http)
+                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+                   allow_http, env.get("AWS_SESSION_TOKEN") or None)
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -124,6 +127,8 @@ class S3Location(Location):
             config["access_key_id"] = settings.access_key_id
         if settings.secret_access_key:
             config["secret_access_key"] = settings.secret_access_key
+        if settings.session_token:
+            config["token"] = settings.session_token
         self.client: S3Store = S3Store(
             self.bucket, **config,
             client_options={"allow_http": settings.allow_http,
@@ -322,13 +327,28 @@ class S3Backend(Backend):
             meta = obstore.head(self.client, self.key(name))
             return Item(name, FILE, meta["size"], meta["last_modified"].timestamp())
         except FileNotFoundError as exc:
-            pieces = self._pieces_of(name)
-            if not pieces:
+            if "NoSuchBucket" in str(exc):
                 raise self.error(exc, name) from None
-            return Item(name, FILE, sum(m["size"] for m in pieces),
-                        pieces[-1]["last_modified"].timestamp())
+            pieces = self._pieces_of(name)
+            if pieces:
+                return Item(name, FILE, sum(m["size"] for m in pieces),
+                            pieces[-1]["last_modified"].timestamp())
+            if self._has_objects(name):
+                return Item(name, FOLDER, 0, 0.0)
+            raise self.error(exc, name) from None
         except Exception as exc:
             raise self.error(exc, name) from None
+
+    def _has_objects(self, folder: str) -> bool:
+        """Whether any object is under `folder`/: a folder exists while it holds something."""
+        import obstore
+        try:
+            for batch in obstore.list(self.client, self.key(folder), chunk_size=1):
+                if batch:
+                    return True
+            return False
+        except Exception as exc:
+            raise self.error(exc, folder) from None
 
     def list(self, folder: str = "", recursive: bool = False) -> list[Item]:
         """As Backend.list, except that object storage has no empty folders: a folder with
@@ -582,6 +602,31 @@ class _S3Upload(Upload):
 
 class _Aborted(Exception):
     pass
+
+
+_settings: S3Settings | None = None
+_locations: dict[tuple[str, S3Settings], S3Location] = {}
+_locations_lock = threading.Lock()
+
+
+def use_settings(env: Mapping[str, str]) -> None:
+    """Makes the AWS_* values of `env` (config.load merges the environment and the env file)
+    the settings of every S3Location opened from now on. ValueError for a bad value."""
+    global _settings
+    _settings = S3Settings.from_env(env)
+
+
+def open_s3(url: str) -> S3Location:
+    """The S3Location of `url` with the settings of use_settings (else os.environ's): one
+    per URL and settings, so that its stores share one HTTP client."""
+    settings = _settings if _settings is not None else S3Settings.from_env(os.environ)
+    bucket, prefix = parse_url(url)
+    canonical = f"s3://{bucket}/{prefix}"
+    with _locations_lock:
+        found = _locations.get((canonical, settings))
+        if found is None:
+            found = _locations[(canonical, settings)] = S3Location(url, settings)
+        return found
 
 
 def location_from_env(url: str, env: Mapping[str, str] | None = None) -> S3Location:
