@@ -72,6 +72,11 @@ class Lock(ABC):
         self.release()
 
 
+class LocationMissing(FileNotFoundError):
+    """BACKUP_DIR itself is not there where a backend cannot make it tell (a bucket that
+    does not exist): raised by any call; strerror is the one line to show."""
+
+
 class Busy(Exception):
     """Backend.lock found the lock held. `info`: the bytes its holder stored with it (b""
     if none or unreadable)."""

@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from humiofs.store.backend import FILE, FOLDER, Backend, Item, Location, Lock, Upload
+from humiofs.store.backend import (
+    FILE,
+    FOLDER,
+    Backend,
+    Item,
+    Location,
+    LocationMissing,
+    Lock,
+    Upload,
+)
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
@@ -195,7 +204,7 @@ class S3Location(Location):
                 f" ({code.group(1) if code else 'forbidden'}): check AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, and that this user may use the bucket"))
         if "NoSuchBucket" in text:
-            return FileNotFoundError(errno.ENOENT, (
+            return LocationMissing(errno.ENOENT, (
                 f"the bucket {self.bucket} does not exist at {self.endpoint}; create it "
                 "(humiofs never does) or correct BACKUP_DIR"))
         if isinstance(exc, FileNotFoundError) or isinstance(exc, ox.NotFoundError):
