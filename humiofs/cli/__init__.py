@@ -21,7 +21,7 @@ from humiofs import errors
 from humiofs.backup import scan
 from humiofs.cli import summary
 from humiofs.config import Config
-from humiofs.store.backend import is_remote, store_at
+from humiofs.store.backend.factory import is_remote, store_at
 from humiofs.errors import HumiofsError, Interrupted, StoreError
 from humiofs.progress import human_bytes
 from humiofs.store import generations, keys

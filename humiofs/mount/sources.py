@@ -12,7 +12,8 @@ from humiofs.store import generations
 from humiofs.store.format import Generation, generation_time
 from humiofs.store.keys import Passphrase
 from humiofs.store.localstate import LocalState
-from humiofs.store.backend import LocationMissing, open_location, store_at
+from humiofs.store.backend import LocationMissing
+from humiofs.store.backend.factory import open_location, store_at
 from humiofs.store.repository import Store, backend_of, list_stores, looks_like_store
 from humiofs.store.storemeta import read_config
 

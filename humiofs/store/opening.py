@@ -4,6 +4,7 @@ wraps these; everything goes through the backend (backend/__init__.py).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -99,6 +100,8 @@ def create(location: Location, name: str, passphrase: str,
             return None
         raise store_io_error(exc, f"the new store {where}") from None
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise           # a setting to fix (the CLI says so), not a disk that fails
         raise store_io_error(exc, f"the new store {where}") from None
     log.info("created store %s", where)
     return backend, store_id, master
