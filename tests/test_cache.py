@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -187,7 +187,7 @@ def block_files(folder: Path) -> list[Path]:
     return [p for p in folder.glob("??/*") if not p.name.startswith(".")]
 
 
-def wait_for(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + DEADLINE_S
     while not predicate():
         if time.monotonic() > deadline:
