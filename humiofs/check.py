@@ -8,60 +8,22 @@ import logging
 import os
 import random
 import re
-import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from humiofs.check_layout import Key, Problem, Report, StoreFiles
 from humiofs.errors import IntegrityError, StoreError
 from humiofs.progress import human_bytes
-from humiofs.prune import RECORD_DIR, RECORD_NAME, SET_ASIDE_DIR, read_record
-from humiofs.store import crypto, format, journal, keys
-from humiofs.store.durable import read_store_file
+from humiofs.store import crypto, format, journal
 from humiofs.store.format import DIR, FILE, Generation, Ref
 from humiofs.store.generations import NO_GENERATION_OPENS, complete_name, format_time, load_listed
-from humiofs.store.repository import PACK_NAME, Store
+from humiofs.store.repository import Store
+from humiofs.store.storemeta import pack_name
+
+__all__ = ["Checker", "Problem", "Report", "describe", "parse_subset"]
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]
-# Entries of a store's top folder: name -> (is a folder, required).
-ROOT_LAYOUT = {"config": (False, True), "keys": (True, True), "packs": (True, True),
-               "generations": (True, True), "tmp": (True, True), "lock": (False, False),
-               "prune.lock": (False, False), RECORD_DIR: (True, False),
-               SET_ASIDE_DIR: (True, False)}
-_HEX2 = re.compile(r"^[0-9a-f]{2}$")
-_KEY_NAME = re.compile(r"^[0-9a-f]{32}$")
 _READ_BATCH = 64
-
-
-@dataclass
-class Problem:
-    """One kind of damage and what it affects."""
-
-    message: str
-    paths: set[str] = field(default_factory=set)
-    generations: set[str] = field(default_factory=set)
-
-
-@dataclass
-class Report:
-    problems: dict[Key, Problem] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    # Things that are not damage but want a look (a file the store does not use); each starts
-    # with the path it is about.
-    warnings: list[str] = field(default_factory=list)
-    read_data: bool = False
-    generations: int = 0
-    trees: int = 0
-    blobs: int = 0
-    packs: int = 0
-    packs_read: int = 0
-    bytes_read: int = 0
-    newest: str | None = None       # the newest generation that authenticates
-
-    @property
-    def healthy(self) -> bool:
-        return not self.problems
 
 
 def parse_subset(text: str) -> Callable[[bytes], bool]:
@@ -83,7 +45,7 @@ def parse_subset(text: str) -> Callable[[bytes], bool]:
     raise ValueError("use N/M (such as 1/5) or P% (such as 10%)")
 
 
-class Checker:
+class Checker(StoreFiles):
     """One check of an opened store. `subset` limits `read_data` to some packs."""
 
     def __init__(self, store: Store, passphrase: str, read_data: bool = False,
@@ -123,11 +85,6 @@ class Checker:
                                     "the store stands rolled back)", n)
                              for n in self.report.notes]
 
-    def _problem(self, key: Key, message: str) -> Key:
-        if key not in self.report.problems:
-            self.report.problems[key] = Problem(message)
-        return key
-
     # -- the run --------------------------------------------------------------------------
 
     def run(self) -> Report:
@@ -145,153 +102,6 @@ class Checker:
         self._pack_advice()
         self._unreferenced()
         return self.report
-
-    # -- layout ---------------------------------------------------------------------------
-
-    def _layout(self) -> None:
-        root = self.store.path
-        present = {}
-        for name in os.listdir(root):
-            present[name] = os.lstat(root / name)
-            expected = ROOT_LAYOUT.get(name)
-            if expected is None:
-                self._stray(name, "is not part of a humiofs store")
-            elif stat.S_ISLNK(present[name].st_mode):
-                self._problem(("layout", name), f"{name} is a symlink, not part of a humiofs "
-                              "store: move it out (backup and prune refuse to run while it is "
-                              "there)")
-            elif not (stat.S_ISDIR if expected[0] else stat.S_ISREG)(present[name].st_mode):
-                if expected[1] or name in ("lock", "prune.lock"):   # the store cannot be used without it
-                    self._problem(("layout", name), f"{name} has the wrong type (a "
-                                  f"{'folder' if expected[0] else 'file'} is expected)")
-                else:
-                    self._stray(name, "has the wrong type")
-        for name, (_, required) in ROOT_LAYOUT.items():
-            if required and name == "generations" and name not in present:
-                self._problem(("layout", name), f"generations is missing from the store: the "
-                              "store's generations are gone. Put the folder back from a copy "
-                              f"of the store, or make an empty one (`mkdir -m 700 {root / name}`)"
-                              "; with packs and no generation, prune deletes nothing")
-            elif required and name not in present:
-                self._problem(("layout", name), f"{name} is missing from the store"
-                              + (f" (recreate it: mkdir -m 700 {root / name})"
-                                 if ROOT_LAYOUT[name][0] else ""))
-        # Generations are listed before packs: a writer makes its packs durable before the
-        # generation that names them, so every pack a listed generation needs is seen below.
-        self.gen_names = self._files("generations", lambda n: bool(format.GENERATION_NAME.match(n)))
-        self.key_names = self._files("keys", lambda n: bool(_KEY_NAME.match(n)))
-        for name in self._files(RECORD_DIR, lambda n: bool(RECORD_NAME.match(n))):
-            try:
-                read_record(self.store, name)
-            except (ValueError, OSError) as exc:
-                self.report.warnings.append(f"{RECORD_DIR}/{name} is a damaged prune record "
-                                            f"({exc}); the next prune removes it")
-        aside = []
-        for name in self._files(SET_ASIDE_DIR, lambda n: bool(format.GENERATION_NAME.match(n))):
-            try:
-                self.store.load_generation(name, SET_ASIDE_DIR)
-            except StoreError:
-                aside.append(name)
-                continue
-            # An intact generation there would hide a rollback and lose its packs to prune
-            # (FORMAT.md 10.4): it is not damage set aside.
-            self._problem(("aside", name), f"{SET_ASIDE_DIR}/{name} reads back: it is an intact "
-                          "generation, not one set aside as damaged, and while it is there "
-                          "prune may delete the packs it needs. Move it back: mv "
-                          f"{root / SET_ASIDE_DIR / name} {root / 'generations'}/")
-        if aside:
-            self.report.warnings.append(
-                f"{SET_ASIDE_DIR}/ holds {len(aside)} generation file(s) that could not be read, "
-                f"set aside by prune --set-aside-damaged ({', '.join(aside)}); nothing reads "
-                "them: delete them once you no longer want to look at them")
-        try:
-            leftovers = len(os.listdir(root / "tmp"))
-        except OSError:
-            leftovers = 0
-        if leftovers:
-            self.report.notes.append(f"{leftovers} file(s) in tmp/ left by an interrupted run "
-                                     "(the next backup removes them)")
-        self._packs_layout()
-
-    def _files(self, sub: str, good: Callable[[str], bool]) -> list[str]:
-        out: list[str] = []
-        try:
-            names = sorted(os.listdir(self.store.path / sub))
-        except (FileNotFoundError, NotADirectoryError):
-            return out
-        for name in names:
-            try:
-                st = os.lstat(self.store.path / sub / name)
-            except FileNotFoundError:
-                continue        # removed since the listing (a superseded checkpoint)
-            if sub == "generations" and good(name) and not stat.S_ISDIR(st.st_mode):
-                out.append(name)    # a FIFO or symlink there: a damaged generation, as for all
-            elif not good(name) or not stat.S_ISREG(st.st_mode):
-                self._stray(f"{sub}/{name}", "is not part of a humiofs store")
-            else:
-                out.append(name)
-        return out
-
-    def _packs_layout(self) -> None:
-        pdir = self.store.path / "packs"
-        try:
-            prefixes = set(os.listdir(pdir))
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        for i in range(256):
-            if f"{i:02x}" not in prefixes:
-                self._problem(("layout", f"packs/{i:02x}"), f"packs/{i:02x} is missing "
-                              "from the store (the writer needs it)")
-        for prefix in sorted(prefixes):
-            if os.path.islink(pdir / prefix):
-                self._problem(("layout", f"packs/{prefix}"), f"packs/{prefix} is a symlink, not "
-                              "part of a humiofs store: move it out (backup and prune refuse "
-                              "to run while it is there)")
-                continue
-            if not _HEX2.match(prefix) or not os.path.isdir(pdir / prefix):
-                self._stray(f"packs/{prefix}", "is not part of a humiofs store")
-                continue
-            for name in sorted(os.listdir(pdir / prefix)):
-                st = os.lstat(pdir / prefix / name)
-                where = f"packs/{prefix}/{name}"
-                if not PACK_NAME.match(name) or not stat.S_ISREG(st.st_mode):
-                    self._stray(where, "is not part of a humiofs store")
-                elif not name.startswith(prefix):
-                    self._stray(where, f"is a pack in the wrong folder (it belongs in "
-                                f"packs/{name[:2]}/; readers do not find it there)")
-                else:
-                    self.pack_sizes[bytes.fromhex(name)] = st.st_size
-
-    def _stray(self, where: str, why: str) -> None:
-        """A file or folder the store does not use: a warning, not damage (nothing reads it)."""
-        self.report.warnings.append(f"{where} {why}; no backed-up file depends on it: "
-                                    "move it out of the store")
-
-    # -- keys and generations -------------------------------------------------------------
-
-    def _keys(self) -> None:
-        kdir = self.store.path / "keys"
-        if len(self.key_names) == 1:
-            return          # opening the store has just unwrapped it (Argon2 is slow)
-        for name in self.key_names:
-            try:
-                master = keys.unwrap(read_store_file(kdir / name, 1 << 16), self.store.store_id,
-                                     self.passphrase)
-            except (IntegrityError, OSError) as exc:
-                self._problem(("key", name), f"key file keys/{name} is damaged ({exc}); the "
-                              "store opens with another key file, so no data is lost")
-                continue
-            if master is None:
-                # Well formed and for this store: most likely another passphrase's (a key
-                # change that was interrupted leaves the old and the new one, both valid).
-                others = [n for n in self.key_names if n != name]
-                self.report.warnings.append(
-                    f"keys/{name} does not open with this key, but another key file does: it is "
-                    "another passphrase's (left by an interrupted key change, or added), or "
-                    "damaged. Whoever knows that passphrase can open the store. If the key was "
-                    f"changed, remove it (rm {self.store.path / 'keys' / name}); or run "
-                    "`humiofs key change` with your key, which leaves one key file"
-                    + (f" (keys/{others[0]} opens with this key)" if len(others) == 1 else ""))
 
     def _generations(self) -> list[Generation]:
         gens = []
@@ -398,7 +208,7 @@ class Checker:
             key = self._problem(("missing", h), f"pack {h} is missing")
         else:
             try:
-                head = read_store_file(self.store.pack_path(pid), format.HEADER_LEN)
+                head = self.store.backend.read(pack_name(pid), format.HEADER_LEN)
                 format.check_header(head, format.TYPE_PACK, format.PACK_VERSION, f"pack {h}")
             except FileNotFoundError:
                 key = self._problem(("missing", h), f"pack {h} is missing")
@@ -515,11 +325,9 @@ class Checker:
             self._pack(pid)     # a malformed pack is damage even if nothing refers to it
         # The packs a backup run has listed in its journal are its own (FORMAT.md 8).
         of_runs: set[bytes] = set()
-        tmp = self.store.path / "tmp"
         try:
-            for name in os.listdir(tmp):
-                if journal.JOURNAL_NAME.match(name):
-                    of_runs.update(journal.read(tmp / name)[0])
+            for name in journal.journal_names(self.store.backend):
+                of_runs.update(journal.read(self.store.backend, name)[0])
         except OSError:
             pass
         runs = [p for p in unused if p in of_runs]
@@ -534,7 +342,7 @@ class Checker:
             # unless every pack is a running or interrupted backup's (noted above).
             self._problem(("generation", "none"), f"the store has {len(self.pack_sizes)} "
                           "pack(s) but no generation: its generations are missing. Put "
-                          f"{self.store.path / 'generations'} back from a copy of the store "
+                          f"{self.store.at('generations')} back from a copy of the store "
                           "(an rsync or snapshot of BACKUP_DIR). Nothing will be deleted: "
                           "prune deletes no pack while the store has no generation")
             return

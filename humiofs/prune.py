@@ -1,12 +1,13 @@
-"""Retention (docs/FORMAT.md section 10): which generations to keep, and removing every store
-file that no kept generation needs, crash-safely and next to a running writer and mounts.
+"""Pruning (docs/FORMAT.md section 10): removing the generations the retention policy
+(prune_policy.py) drops, then every store file that no kept generation needs, crash-safely and
+next to a running writer and mounts.
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -15,23 +16,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked
+from humiofs.prune_policy import DAY_MS, HOUR_MS, Decision, TreeDiff, plan
 from humiofs.store import journal
-from humiofs.store.durable import (
-    NotRegularFile,
-    fsync_dir,
-    open_store_file,
-    read_store_file,
-    store_io_error,
-)
+from humiofs.store.backend import Busy, Item, iter_names
+from humiofs.store.durable import NotRegularFile, store_io_error
 from humiofs.store.format import DIR, FILE, Generation, Ref
-from humiofs.store.generations import NO_GENERATION_OPENS, format_time
+from humiofs.store.generations import NO_GENERATION_OPENS
 from humiofs.store.repository import PACK_NAME, Store, list_packs
-from humiofs.store.storemeta import refuse_planted
+from humiofs.store.storemeta import pack_name, refuse_planted
+
+__all__ = ["DAY_MS", "HOUR_MS", "Decision", "TreeDiff", "plan", "prune", "prune_lock",
+           "read_record", "referenced_packs", "set_aside", "set_aside_names"]
 
 log = logging.getLogger(__name__)
 
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
 DEFAULT_GRACE_S = 3600.0
 LOCK_NAME = "prune.lock"
 RECORD_DIR = "prune"
@@ -39,9 +37,6 @@ RECORD_DIR = "prune"
 # --set-aside-damaged` (FORMAT.md 10.4): kept for a look, used by nothing.
 SET_ASIDE_DIR = "damaged"
 RECORD_NAME = re.compile(r"^(\d{13})-([0-9a-f]{16})$")
-# The diff keeps the listings it read, up to this many entries in all (not listings: a folder
-# may hold a hundred thousand files, and memory must not follow the node's size).
-_TREE_CACHE_ENTRIES = 1 << 18
 
 
 @contextmanager
@@ -53,11 +48,18 @@ def prune_lock(store: Store, wait: bool = False, reading: bool = False) -> Itera
     `reading` (check): on a store this process cannot write (a read-only disk), a missing
     lock file cannot be made and is not needed: no prune has run there through this path.
     """
-    path = store.path / LOCK_NAME
+    path = store.at(LOCK_NAME)
     if not reading:
-        refuse_planted(store.path)
+        refuse_planted(store.backend)
     try:
-        fd = open_store_file(path, os.O_RDONLY | os.O_CREAT)
+        try:
+            held = store.backend.lock(LOCK_NAME, b"")
+        except Busy:
+            if not wait:
+                raise StoreLocked(f"a prune or check is running on {store.path}; "
+                                  "try again when it has finished") from None
+            log.warning("a prune or check is running on %s; waiting for it", store.path)
+            held = store.backend.lock(LOCK_NAME, b"", math.inf)
     except NotRegularFile as exc:
         if not reading:
             raise StoreError(f"{path} is {exc.strerror}: move it out of the store (the next "
@@ -67,159 +69,13 @@ def prune_lock(store: Store, wait: bool = False, reading: bool = False) -> Itera
         return
     except OSError as exc:
         if not (reading and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
-            raise store_io_error(exc, str(path)) from None
-        try:
-            fd = open_store_file(path)
-        except FileNotFoundError:
-            log.debug("%s is missing and cannot be made: checking without it", path)
-            yield
-            return
-        except OSError as exc2:
-            raise StoreIOError(f"cannot open {path}: {exc2.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                raise StoreLocked(f"a prune or check is running on {store.path}; "
-                                  "try again when it has finished") from None
-            log.warning("a prune or check is running on %s; waiting for it", store.path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            raise store_io_error(exc, path) from None
+        # The lock file is missing and cannot be made here (an existing one opens).
+        log.debug("%s is missing and cannot be made: checking without it", path)
         yield
-    finally:
-        os.close(fd)
-
-
-# -- the policy -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Decision:
-    """Whether a generation is kept, and why (empty reason: dropped).
-
-    `compared`: it was compared with its successor (FORMAT.md 10.1), which happens whenever
-    that successor is younger than DELETE_BACKUP_AFTER_MILLIS. `gone_ms` is then when paths of
-    it first went missing (the successor's time), with one of them in `gone_path`, or None if
-    the successor holds them all.
-    """
-
-    name: str
-    keep: bool
-    reason: str
-    compared: bool = False
-    gone_ms: int | None = None
-    gone_path: bytes | None = None
-
-
-def plan(gens: list[tuple[str, Generation | None]], now_ms: int, delete_after_ms: int,
-         lacks: Callable[[Generation, Generation], bytes | None]) -> list[Decision]:
-    """Decides, for generations given oldest first, which ones retention keeps.
-
-    Each readable generation is compared with its successor, the next readable one in this
-    full list (kept or not), so the time a path went missing is that of the first generation
-    that lacked it, however many generations after it earlier prunes dropped. `lacks(g, n)`
-    returns a path that `g` has and the newer `n` does not (None if there is none). A
-    generation that cannot be read (None) is always kept. See FORMAT.md section 10.1.
-    """
-    checkpoints = [i for i, (_, gen) in enumerate(gens) if gen is not None and gen.checkpoint]
-    if checkpoints:
-        # FORMAT.md 7.4: a checkpoint is kept until a readable complete generation is newer;
-        # the rules below see the complete generations only.
-        rest = [i for i in range(len(gens)) if i not in set(checkpoints)]
-        decided = dict(zip(rest, plan([gens[i] for i in rest], now_ms, delete_after_ms, lacks)))
-        complete = [i for i in rest if gens[i][1] is not None]
-        newest_complete = complete[-1] if complete else -1
-        for i in checkpoints:
-            name = gens[i][0]
-            decided[i] = (Decision(name, True, "checkpoint of a backup that has not finished: "
-                                   "the next run resumes from it") if i > newest_complete
-                          else Decision(name, False, ""))
-        return [decided[i] for i in range(len(gens))]
-    young_from = now_ms - delete_after_ms
-    hourly_from = now_ms - min(DAY_MS, delete_after_ms)
-    readable = [(i, gen) for i, (_, gen) in enumerate(gens) if gen is not None]
-    reasons: list[list[str]] = [[] for _ in gens]
-    compared: set[int] = set()
-    gone: dict[int, tuple[int, bytes]] = {}
-    if readable:
-        reasons[readable[-1][0]].append("latest")
-    # Rules 2 and 3: a generation holding a path its successor lacks, while that successor
-    # (the first without the path) is younger than D; and that successor, which dates it.
-    for (i, gen), (j, succ) in zip(readable, readable[1:]):
-        if succ.time_ms <= young_from:
-            continue        # whatever it lacks went missing more than D ago: no diff needed
-        compared.add(i)
-        path = lacks(gen, succ)
-        if path is None:
-            continue
-        gone[i] = (succ.time_ms, path)
-        shown, until = os.fsdecode(path), format_time(succ.time_ms + delete_after_ms)
-        reasons[i].append(f"holds {shown}, gone at {format_time(succ.time_ms)}, "
-                          f"kept until {until}")
-        reasons[j].append(f"first without {shown}: dates its deletion until {until}")
-    # Rules 4 and 5: the newest readable generation of each recent hour and day.
-    hours: set[int] = set()
-    days: set[int] = set()
-    for i, gen in reversed(readable):
-        hour, day = gen.time_ms // HOUR_MS, gen.time_ms // DAY_MS
-        if gen.time_ms > hourly_from and hour not in hours:
-            reasons[i].append("last of its hour")
-        elif gen.time_ms > young_from and day not in days:
-            reasons[i].append("last of its day")
-        hours.add(hour)
-        days.add(day)
-    out = []
-    for i, (name, maybe) in enumerate(gens):
-        if maybe is None:
-            out.append(Decision(name, True, "unreadable, kept as it is"))
-            continue
-        when, path = gone.get(i, (None, None))
-        out.append(Decision(name, bool(reasons[i]), "; ".join(reasons[i]), i in compared,
-                            when, path))
-    return out
-
-
-class TreeDiff:
-    """`lacks` for `plan`: a path of one generation missing from another, found by a tree
-    walk that skips equal subtrees (unchanged folders share their refs)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._cache: dict[Ref, dict[bytes, tuple[int, Ref | None]]] = {}
-        self._cached = 0        # entries in _cache
-        self.damaged: list[str] = []
-
-    def _entries(self, ref: Ref) -> dict[bytes, tuple[int, Ref | None]]:
-        got = self._cache.get(ref)
-        if got is None:
-            got = {e.name: (e.type, e.subtree) for e in self.store.read_tree(ref)}
-            if self._cached + len(got) > _TREE_CACHE_ENTRIES:
-                self._cache.clear()
-                self._cached = 0
-            self._cache[ref] = got
-            self._cached += len(got)
-        return got
-
-    def _missing(self, g: Ref, k: Ref, rel: bytes) -> bytes | None:
-        if g == k:
-            return None
-        theirs = self._entries(k)
-        for name, (etype, sub) in self._entries(g).items():
-            path = rel + b"/" + name if rel else name
-            other = theirs.get(name)
-            if other is None or other[0] != etype:
-                return path
-            if etype == DIR and sub is not None and other[1] is not None:
-                found = self._missing(sub, other[1], path)
-                if found is not None:
-                    return found
-        return None
-
-    def __call__(self, g: Generation, k: Generation) -> bytes | None:
-        try:
-            return self._missing(g.root.tree, k.root.tree, b"")
-        except StoreError as exc:
-            self.damaged.append(f"generation {g.name} or {k.name}: {exc}")
-            return b"(unreadable)"     # keeps g: never drop what cannot be compared
+        return
+    with held:
+        yield
 
 
 # -- what the kept generations need -----------------------------------------------------------
@@ -261,7 +117,7 @@ def read_record(store: Store, name: str) -> Record:
     m = RECORD_NAME.match(name)
     if not m:
         raise ValueError("not a prune record name")
-    doc = json.loads(read_store_file(store.path / RECORD_DIR / name, 64 << 20))
+    doc = json.loads(store.backend.read(f"{RECORD_DIR}/{name}", 64 << 20))
     if doc.get("version") != 1 or not isinstance(doc.get("packs"), list):
         raise ValueError("not a prune record")
     packs = set()
@@ -389,7 +245,7 @@ class _Prune:
         dropped = set(r.dropped)
         remaining = [n for n in (names if self.dry_run else self.store.list_generations())
                      if n not in dropped and n not in r.set_aside]
-        cutoff = 0
+        cutoff = 0.0
         roots = []
         for name in remaining:
             # Loaded first: a generation that reads back is a root even if its file goes
@@ -402,10 +258,10 @@ class _Prune:
             if gen is not None:
                 roots.append(gen.root.tree)
             try:
-                st = os.stat(self.store.path / "generations" / name)
+                st = self.store.backend.stat(f"generations/{name}")
             except FileNotFoundError:
                 continue
-            cutoff = max(cutoff, st.st_mtime_ns)
+            cutoff = max(cutoff, st.mtime)
         # No pack is deleted while the store is damaged; the caller says so (once).
         if r.unreadable or r.damaged:
             return r
@@ -439,22 +295,20 @@ class _Prune:
     def _drop_generations(self, names: list[str]) -> None:
         if not names:
             return
-        gdir = self.store.path / "generations"
+        backend = self.store.backend
         for name in names:
             try:
-                os.unlink(gdir / name)
-            except FileNotFoundError:
-                pass
+                backend.delete(f"generations/{name}")
             except OSError as exc:
                 raise StoreIOError(f"cannot delete generation {name}: {exc.strerror}") from None
             log.info("removed generation %s", name)
-        fsync_dir(gdir)
+        backend.sync("generations")
 
-    def _packs(self, packs: dict[bytes, os.stat_result], needed: set[bytes],
-               cutoff_ns: int | None) -> None:
+    def _packs(self, packs: dict[bytes, Item], needed: set[bytes],
+               cutoff: float | None) -> None:
         """Deletes recorded packs whose grace is over, and records (or with grace 0 deletes)
         the other unneeded ones: all of them if no writer runs (`cutoff_ns` None), else those
-        older than `cutoff_ns`."""
+        older than `cutoff` (a generation file's mtime)."""
         r = self.result
         records = self._records()
         pending: set[bytes] = set()
@@ -471,11 +325,11 @@ class _Prune:
                 if pid not in needed and pid in packs and pid not in pending:
                     self._delete_pack(pid, packs.pop(pid))
             if not self.dry_run:
-                _unlink(self.store.path / RECORD_DIR / rec.name)
+                self._unlink(f"{RECORD_DIR}/{rec.name}")
         unneeded = {pid: st for pid, st in packs.items() if pid not in needed}
         r.pending_packs = len(pending & unneeded.keys())
         condemn = {pid: st for pid, st in unneeded.items()
-                   if pid not in pending and (cutoff_ns is None or st.st_mtime_ns < cutoff_ns)}
+                   if pid not in pending and (cutoff is None or st.mtime < cutoff)}
         r.young_packs = len(unneeded) - r.pending_packs - len(condemn)
         if not condemn:
             return
@@ -484,14 +338,14 @@ class _Prune:
                 self._delete_pack(pid, st)
             return
         r.condemned_packs = len(condemn)
-        r.condemned_bytes = sum(st.st_size for st in condemn.values())
+        r.condemned_bytes = sum(st.size for st in condemn.values())
         if not self.dry_run:
             self._write_record(sorted(condemn))
 
     def _records(self) -> list[Record]:
-        rdir = self.store.path / RECORD_DIR
+        rdir = self.store.at(RECORD_DIR)
         try:
-            names = sorted(os.listdir(rdir))
+            names = sorted(i.name.rpartition("/")[2] for i in self.store.backend.list(RECORD_DIR))
         except FileNotFoundError:
             return []
         except NotADirectoryError:
@@ -509,68 +363,63 @@ class _Prune:
                 log.warning("prune record %s is unreadable (%s); %s", name, exc,
                             "ignoring it" if self.dry_run else "removing it")
                 if not self.dry_run and RECORD_NAME.match(name):
-                    _unlink(rdir / name)
+                    self._unlink(f"{RECORD_DIR}/{name}")
         return out
 
     def _write_record(self, packs: list[bytes]) -> None:
-        rdir = self.store.path / RECORD_DIR
         try:
-            os.mkdir(rdir, 0o700)
-            fsync_dir(self.store.path)
-        except FileExistsError:
-            pass
+            self.store.backend.make_folder(RECORD_DIR)
         except OSError as exc:
-            raise StoreIOError(f"cannot create {rdir}: {exc.strerror}") from None
+            raise StoreIOError(f"cannot create {self.store.at(RECORD_DIR)}: "
+                               f"{exc.strerror}") from None
         now_ms = max(self.now_ms, int(time.time() * 1000))
         doc = {"version": 1, "time_ms": now_ms, "packs": [p.hex() for p in packs]}
         name = f"{now_ms:013d}-{os.urandom(8).hex()}"
         self.store.write_file(f"{RECORD_DIR}/{name}", json.dumps(doc).encode() + b"\n")
 
-    def _delete_pack(self, pid: bytes, st: os.stat_result) -> None:
+    def _delete_pack(self, pid: bytes, st: Item) -> None:
         r = self.result
         r.deleted_packs += 1
-        r.deleted_bytes += st.st_size
+        r.deleted_bytes += st.size
         if self.dry_run:
             return
         try:
-            os.unlink(self.store.pack_path(pid))
-        except FileNotFoundError:
-            pass
+            self.store.backend.delete(pack_name(pid))
         except OSError as exc:
             raise StoreIOError(f"cannot delete pack {pid.hex()}: {exc.strerror}") from None
 
 
+    def _unlink(self, name: str) -> None:
+        try:
+            self.store.backend.delete(name)
+        except OSError as exc:
+            raise StoreIOError(f"cannot delete {self.store.at(name)}: {exc.strerror}") from None
+
+
 def set_aside(store: Store, name: str) -> None:
     """Moves the generation file `name` to NAME/damaged/ (created if needed), durably."""
-    aside = store.path / SET_ASIDE_DIR
+    aside = store.at(SET_ASIDE_DIR)
+    backend = store.backend
     try:
+        backend.make_folder(SET_ASIDE_DIR)
         try:
-            os.mkdir(aside, 0o700)
-            fsync_dir(store.path)
+            backend.rename(f"generations/{name}", f"{SET_ASIDE_DIR}/{name}")
         except FileExistsError:
-            pass
-        os.rename(store.path / "generations" / name, aside / name)
+            # Set aside before, and put back since: the copy in generations/ is the newer.
+            backend.delete(f"{SET_ASIDE_DIR}/{name}")
+            backend.rename(f"generations/{name}", f"{SET_ASIDE_DIR}/{name}")
     except FileNotFoundError:
         return
     except OSError as exc:
         raise StoreIOError(f"cannot move generation {name} to {aside}: {exc.strerror}") from None
-    fsync_dir(aside)
-    fsync_dir(store.path / "generations")
+    backend.sync(SET_ASIDE_DIR)
+    backend.sync("generations")
     log.warning("moved generation %s, which cannot be read, to %s", name, aside)
 
 
-def set_aside_names(store_path: os.PathLike[str]) -> list[str]:
+def set_aside_names(store: Store) -> list[str]:
     """Names of the generation files set aside in NAME/damaged/."""
     try:
-        return sorted(os.listdir(os.path.join(store_path, SET_ASIDE_DIR)))
+        return list(iter_names(store.backend.list(SET_ASIDE_DIR)))
     except OSError:
         return []
-
-
-def _unlink(path: os.PathLike[str]) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise StoreIOError(f"cannot delete {os.fspath(path)}: {exc.strerror}") from None

@@ -20,7 +20,6 @@ from types import FrameType
 
 from humiofs.errors import StoreError
 from humiofs.store import generations
-from humiofs.store.durable import fsync_dir
 from humiofs.store.format import DIR, Entry, Ref, Xattrs
 from humiofs.store.repository import Store
 
@@ -152,14 +151,10 @@ def remove_superseded(store: Store, names: list[str]) -> None:
     supersedes). A failure costs a warning: prune drops them later (FORMAT.md 10.1)."""
     if not names:
         return
-    gdir = store.path / "generations"
     try:
         for name in names:
-            try:
-                os.unlink(gdir / name)
-            except FileNotFoundError:
-                pass
-        fsync_dir(gdir)
+            store.backend.delete(f"generations/{name}")
+        store.backend.sync("generations")
     except OSError as exc:
         log.warning("could not remove a superseded checkpoint (%s); prune removes it",
                     exc.strerror)

@@ -26,7 +26,7 @@ from humiofs.errors import ConfigError, Interrupted, StoreError, StoreIOError, S
 from humiofs.store.format import Generation, Ref
 from humiofs.store.generations import complete_name, format_time, latest_readable
 from humiofs.store.localstate import LocalState
-from humiofs.store.repository import Store, list_packs, looks_like_store
+from humiofs.store.repository import Store, backend_of, is_store, list_packs, looks_like_store
 from humiofs.system import sdnotify
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def _open_store(cfg: Config, interval: float) -> Store | None:
     if stopped meanwhile. A store never seen here is created, as by a one-shot backup."""
     path = cfg.store_path()
     state = LocalState.of(cfg.state_dir)
-    if looks_like_store(path) or state is None or not state.known_place(path):
+    backend = backend_of(path)
+    if looks_like_store(backend) or state is None or not state.known_place(path):
         return Store.open_or_create(path, cfg.passphrase())
     stop = threading.Event()
     old = {s: signal.signal(s, lambda signum, frame: stop.set())
@@ -73,7 +74,7 @@ def _open_store(cfg: Config, interval: float) -> Store | None:
                     "looking every %gs. A one-shot `humiofs backup` starts a new store there",
                     path, interval)
         sdnotify.ready(f"waiting for the store {path}")
-        while not looks_like_store(path):
+        while not looks_like_store(backend):
             if stop.wait(interval):
                 return None
         log.info("the store %s is back", path)
@@ -83,7 +84,11 @@ def _open_store(cfg: Config, interval: float) -> Store | None:
             signal.signal(s, handler)
 
 
-def _where(path: os.PathLike[str]) -> tuple[int, int] | None:
+def _where(path: os.PathLike[str] | None) -> tuple[int, int] | None:
+    """The device and inode of a local store's folder (not store access: telling that the
+    backup drive went away, and leaving the store out of the node's backup)."""
+    if path is None:
+        return None
     try:
         st = os.stat(path)
     except OSError:
@@ -121,16 +126,16 @@ class Watch:
         self._pruned_at: tuple[int, float] | None = None    # (committed, monotonic time)
         self.rolled_back: str | None = None     # the rollback this watch started on
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._home = _where(store.path)     # the store's folder as it was opened
+        self._home = _where(store.backend.local_path)   # the store's folder as it was opened
 
     def _store_gone(self) -> str | None:
         """Why the store this watch opened is not where it was (the backup drive went away,
         BACKUP_DIR or the store was moved), or None if it is there. Raises StoreIOError if
         another folder is there now."""
-        if not (self.store.path / "config").is_file():
+        if not is_store(self.store.backend):
             return (f"the store {self.store.path} is gone (the backup drive is not mounted, or "
                     "BACKUP_DIR or the store was moved?)")
-        if _where(self.store.path) != self._home:
+        if _where(self.store.backend.local_path) != self._home:
             # The writer lock this watch holds is on the folder it opened, not on this one:
             # stop (exit 7, which the unit restarts), and the next run opens this one.
             raise StoreIOError(f"{self.store.path} is not the folder this watch opened (the "
@@ -209,8 +214,7 @@ class Watch:
     def _start_tracker(self) -> Tracker | None:
         skip = None
         try:
-            st = os.stat(self.store.path)
-            skip = (st.st_dev, st.st_ino)
+            skip = _where(self.store.backend.local_path)
             # The real path: DIRECTORY may be a symlink, and watches do not follow symlinks.
             return Tracker(os.fsencode(os.path.realpath(self.source)), Excluder(self.excludes),
                            skip)

@@ -241,8 +241,10 @@ class Backup:
             if parent.checkpoint:
                 self._superseded = checkpoint.chain(self.store, parent.name)
         try:
-            st = os.stat(self.store.path)
-            self._store_ino = (st.st_dev, st.st_ino)
+            # Not store access: the store's folder, left out of a backup of a node it is in.
+            if self.store.backend.local_path is not None:
+                st = os.stat(self.store.backend.local_path)
+                self._store_ino = (st.st_dev, st.st_ino)
         except OSError:
             pass
         if self._progress.enabled:
@@ -428,7 +430,7 @@ class Backup:
     def _stored(self, ref: Ref) -> bool:
         """True if the pack of `ref` is in the store and long enough to hold the blob."""
         if self._present is None:
-            self._present = {pid: st.st_size for pid, st in list_packs(self.store).items()}
+            self._present = {pid: item.size for pid, item in list_packs(self.store).items()}
         size = self._present.get(ref.pack)
         return size is not None and ref.offset + ref.stored_len <= size
 

@@ -21,12 +21,19 @@ from humiofs import errors
 from humiofs.backup import scan
 from humiofs.cli import summary
 from humiofs.config import Config
+from humiofs.store.backend import store_at
 from humiofs.errors import HumiofsError, Interrupted, StoreError
 from humiofs.progress import human_bytes
 from humiofs.store import generations, keys
 from humiofs.store.format import generation_time
 from humiofs.store.localstate import LocalState
-from humiofs.store.repository import Store, generation_names, list_stores, looks_like_store
+from humiofs.store.repository import (
+    Store,
+    backend_of,
+    generation_names,
+    list_stores,
+    looks_like_store,
+)
 
 log = logging.getLogger("humiofs")
 
@@ -316,8 +323,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         _human(args, f"no backups in {cfg.backup_dir}")
         return errors.EXIT_OK
     for name in names:
-        path = cfg.backup_dir / name
-        if not looks_like_store(path):
+        path = store_at(cfg.backup_dir, name)
+        if not looks_like_store(backend_of(path)):
             raise errors.NoSuchStore(f"no humiofs store at {path}")
         store: Store | None = None
         if cfg.backup_key:

@@ -93,7 +93,7 @@ class _Opening(threading.Thread):
     mount) run while the mount's modules (pyfuse3, trio, the model) are imported; the unwrap
     runs in OpenSSL without the GIL. result() gives its stores or raises what it raised."""
 
-    def __init__(self, backup_dir: Path, key: Passphrase, name: str | None,
+    def __init__(self, backup_dir: Path | str, key: Passphrase, name: str | None,
                  allow_none: bool) -> None:
         super().__init__(name="open-stores", daemon=True)
         self._args = (backup_dir, key, name, allow_none)
@@ -119,6 +119,7 @@ class _Opening(threading.Thread):
 def cmd_mount(args: argparse.Namespace) -> int:
     from humiofs import errors
     from humiofs.cli import load_config
+    from humiofs.store.backend import is_remote, store_at
     from humiofs.mount import mount
     from humiofs.store import generations
     from humiofs.store import repository as store
@@ -146,7 +147,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         # --at has it: never an older one in its place.
         for name, gen in model.shown():
             if gen is None or gen.name != at.name:
-                names = store.generation_names(cfg.backup_dir / name)
+                names = store.generation_names(store_at(cfg.backup_dir, name))
                 if at.name in names:
                     model.close()
                     raise errors.IntegrityError(
@@ -158,9 +159,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
             if gen is not None:
                 print(f"humiofs: {name}/ shows generation {generations.describe(gen)} "
                       f"(--at {at.text})", flush=True)
+    again = _foreground_argv(args, mountpoint) if is_remote(cfg.backup_dir) else None
     return mount.run(model, mountpoint, foreground=args.foreground,
                      allow_other=args.allow_other, log_handler=log_handler,
-                     source=args.source or "humiofs")
+                     source=args.source or "humiofs", again=again)
+
+
+def _foreground_argv(args: argparse.Namespace, mountpoint: Path) -> list[str]:
+    """This mount's command line in the foreground (mount.respawn): the same settings, the
+    key read again from where it was (never put on the command line)."""
+    argv = ["mount", "--foreground", "--quiet"]
+    for flag, value in (("--config", args.config), ("--key-file", args.key_file),
+                        ("--backup-dir", args.backup_dir), ("--name", args.name),
+                        ("--at", args.at), ("--log", args.log), ("--source", args.source)):
+        if value is not None:
+            argv += [flag, os.path.abspath(value) if isinstance(value, Path) else str(value)]
+    argv += ["--allow-other"] if args.allow_other else []
+    argv += ["--debug"] if args.debug else []
+    return argv + ["--", os.path.abspath(mountpoint)]
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

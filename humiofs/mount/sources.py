@@ -3,7 +3,6 @@ stores that appear in BACKUP_DIR after the mount started. FUSE-free and thread-s
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,8 @@ from humiofs.store import generations
 from humiofs.store.format import Generation, generation_time
 from humiofs.store.keys import Passphrase
 from humiofs.store.localstate import LocalState
-from humiofs.store.repository import Store, list_stores, looks_like_store
+from humiofs.store.backend import open_location, store_at
+from humiofs.store.repository import Store, backend_of, list_stores, looks_like_store
 from humiofs.store.storemeta import read_config
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,10 @@ class Source:
         """True while BACKUP_DIR/NAME still holds this store (blocking I/O): not moved away,
         deleted, or replaced by another store of the same name."""
         try:
-            return looks_like_store(self.store.path) and \
-                read_config(self.store.path) == self.store.store_id
+            return looks_like_store(self.store.backend) and \
+                read_config(self.store.backend) == self.store.store_id
         except (StoreError, StoreIOError, OSError):
-            return looks_like_store(self.store.path)    # its config is damaged, not gone
+            return looks_like_store(self.store.backend)     # its config is damaged, not gone
 
     def refresh(self) -> None:
         """Lists the generations again and picks the one NAME/ shows (blocking I/O): the
@@ -65,12 +65,13 @@ class Source:
         if not self.still_there():
             if not self.gone:
                 log.warning("backup %s went away from %s (moved or deleted); it is left out of "
-                            "the mount until it is back", self.store.name, self.store.path.parent)
+                            "the mount until it is back", self.store.name,
+                            str(self.store.path).rpartition("/")[0])
             self.gone, self.names, self.current = True, [], None
             return
         if self.gone:
             log.info("backup %s is back in %s; it is in the mount again", self.store.name,
-                     self.store.path.parent)
+                     str(self.store.path).rpartition("/")[0])
             self.gone = False
         try:
             names = self.store.list_generations()
@@ -149,23 +150,26 @@ class Source:
         return [(generations.folder_time(generation_time(n)).encode(), n) for n in self.names]
 
 
-def backup_dir_stores(backup_dir: Path) -> list[str]:
+def backup_dir_stores(backup_dir: Path | str) -> list[str]:
     """list_stores, with a BACKUP_DIR that is not a readable folder a ConfigError (exit 2) of
     one line: a file, a symlink loop or a folder without read permission is a setting to fix,
     not a damaged store. A BACKUP_DIR that does not exist (yet) holds no stores."""
+    location = open_location(backup_dir)
     try:
-        os.listdir(backup_dir)
-    except FileNotFoundError:
+        location.names()
+    except FileNotFoundError as exc:
+        if location.local_path is None:     # a missing bucket: a setting to fix
+            raise ConfigError(str(exc.strerror)) from None
         return []
     except NotADirectoryError:
         raise ConfigError(f"BACKUP_DIR {backup_dir} is not a folder; set BACKUP_DIR to the "
                           "folder that holds the backups") from None
     except OSError as exc:
         raise ConfigError(f"cannot read BACKUP_DIR {backup_dir}: {exc.strerror}") from None
-    return list_stores(backup_dir)
+    return list_stores(location)
 
 
-def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = None,
+def open_sources(backup_dir: Path | str, key: str | Passphrase, name: str | None = None,
                  allow_none: bool = False) -> list[Store]:
     """Opens every store in `backup_dir` that `key` opens (or only `name`).
 
@@ -179,9 +183,9 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
     """
     if name is not None:
         backup_dir_stores(backup_dir)       # a BACKUP_DIR that is no readable folder: exit 2
-        if not looks_like_store(backup_dir / name):
-            raise NoSuchStore(f"no humiofs store at {backup_dir / name}")
-        return [Store.open(backup_dir / name, key)]
+        if not looks_like_store(backend_of(store_at(backup_dir, name))):
+            raise NoSuchStore(f"no humiofs store at {store_at(backup_dir, name)}")
+        return [Store.open(store_at(backup_dir, name), key)]
     names = backup_dir_stores(backup_dir)
     if not names:
         if allow_none:
@@ -190,7 +194,7 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
     stores = []
     damaged: list[StoreError | StoreIOError] = []
     for n in names:
-        store = _open(backup_dir / n, key)
+        store = _open(store_at(backup_dir, n), key)
         if isinstance(store, Store):
             stores.append(store)
         elif store is not None:
@@ -210,20 +214,21 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
                    "read these backups")
 
 
-def _open(path: Path, key: str | Passphrase) -> Store | StoreError | StoreIOError | None:
+def _open(path: Path | str, key: str | Passphrase) -> Store | StoreError | StoreIOError | None:
     """The store at `path`; else, told once in the log, None if the key does not open it or
     the error that keeps it out of the mount."""
+    name = str(path).rstrip("/").rpartition("/")[2]
     try:
         return Store.open(path, key)
     except WrongKey:
         log.warning("the key does not open the backup %s; it is left out of the mount",
-                    path.name)
+                    name)
         return None
     except (StoreError, StoreIOError) as exc:       # damaged; or unreadable to this user
-        log.warning("backup %s is left out of the mount: %s", path.name, exc)
+        log.warning("backup %s is left out of the mount: %s", name, exc)
         return exc
     except OSError as exc:      # an OS error Store.open does not map (a permission, say)
-        log.warning("backup %s is left out of the mount: cannot open it: %s", path.name,
+        log.warning("backup %s is left out of the mount: cannot open it: %s", name,
                     exc.strerror or exc)
         return StoreError(f"cannot open {path}: {exc.strerror or exc}")
 
@@ -234,7 +239,7 @@ class NewStores:
     A store the key does not open, or that is damaged, is told once and not tried again while
     its name stays in BACKUP_DIR."""
 
-    def __init__(self, backup_dir: Path, key: Passphrase, known: list[str]) -> None:
+    def __init__(self, backup_dir: Path | str, key: Passphrase, known: list[str]) -> None:
         self.backup_dir, self.key = backup_dir, key
         self.checked = time.monotonic()
         self._seen = set(known)
@@ -264,7 +269,7 @@ class NewStores:
                 if n in self._seen:
                     continue
                 self._seen.add(n)
-                store = _open(self.backup_dir / n, self.key)
+                store = _open(store_at(self.backup_dir, n), self.key)
                 if isinstance(store, Store):
                     opened.append(store)
                     log.info("backup %s appeared; it is now in the mount", n)

@@ -124,7 +124,7 @@ class Tree:
             self._next += 1
 
     @classmethod
-    def from_backup_dir(cls, backup_dir: Path, key: str | Passphrase, name: str | None = None,
+    def from_backup_dir(cls, backup_dir: Path | str, key: str | Passphrase, name: str | None = None,
                         at: generations.At | None = None,
                         state: LocalState | None = None,
                         stores: list[Store] | None = None) -> Tree:
@@ -139,7 +139,7 @@ class Tree:
         if stores is None:
             stores = open_sources(backup_dir, key, name, allow_none=watch)
         new_stores = NewStores(backup_dir, Passphrase.of(key),
-                               listed + [s.path.name for s in stores]) if watch else None
+                               listed + [s.name for s in stores]) if watch else None
         tree = cls(stores, at, state=state, new_stores=new_stores)
         if not stores:
             log.warning("no backups in %s yet; each appears in the mount once it is created",
@@ -173,7 +173,10 @@ class Tree:
 
     def start_worker(self, close_fds: tuple[int, ...] = ()) -> None:
         """Forks the decryption worker over the open stores (see reader.Reader.start_worker).
-        Stores that appear later are read in threads."""
+        Stores that appear later are read in threads, and so is object storage: its client
+        (obstore's tokio runtime) does not work in a forked child."""
+        if any(src.store.backend.local_path is None for src in self._sources):
+            return
         self.reader.start_worker([src.store for src in self._sources], close_fds)
 
     def close(self) -> None:

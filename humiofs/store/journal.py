@@ -9,12 +9,13 @@ import logging
 import os
 import re
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from humiofs.errors import StoreIOError
 from humiofs.store import format
-from humiofs.store.durable import read_store_file, store_io_error, write_all
+from humiofs.store.backend import Backend, iter_names
+from humiofs.store.durable import store_io_error
+from humiofs.store.storemeta import at, pack_name
 
 if TYPE_CHECKING:
     from humiofs.store.repository import Store
@@ -30,62 +31,47 @@ class RunJournal:
     """One run's journal, `tmp/<hex16>.journal`, created with the run's first pack.
 
     `add` is called for each pack before it is renamed into packs/; `committing` before the
-    generation is written (with an fsync: the line must be on disk before the generation can
-    be); `close` once the generation is written or the run is given up. Thread-safe (packs are
-    made durable on a background thread).
+    generation is written (made durable: the line must be stored before the generation can
+    be); `close` once the generation is written or the run is given up. Thread-safe (packs
+    are made durable on a background thread).
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.path: Path | None = None
-        self._fd = -1
+        self.name: str | None = None        # the journal's store file, once it has one
         self._lock = threading.Lock()
 
     def add(self, pack_id: bytes) -> None:
         self._append(f"pack {pack_id.hex()}\n", sync=False)
 
     def committing(self, generation: str) -> None:
-        if self.path is not None:      # a run that stored no pack has nothing to protect
+        if self.name is not None:      # a run that stored no pack has nothing to protect
             self._append(f"commit {generation}\n", sync=True)
 
     def _append(self, line: str, sync: bool) -> None:
         with self._lock:
-            if self._fd < 0:
-                path = self.store.path / "tmp" / f"{os.urandom(8).hex()}.journal"
-                try:
-                    self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
-                                       | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                except OSError as exc:
-                    raise store_io_error(exc, "the run's journal") from None
-                self.path = path
-            write_all(self._fd, line.encode(), "the run's journal")
-            if sync:
-                try:
-                    os.fsync(self._fd)
-                except OSError as exc:
-                    raise store_io_error(exc, "the run's journal") from None
+            if self.name is None:
+                self.name = f"tmp/{os.urandom(8).hex()}.journal"
+            try:
+                self.store.backend.append(self.name, line.encode(), sync)
+            except OSError as exc:
+                raise store_io_error(exc, "the run's journal") from None
 
     def close(self, committed: bool) -> None:
         """Closes the journal; removes it if the run's generation is committed (else the
         caller reclaims what it lists, see `reclaim`)."""
         with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-            if committed and self.path is not None:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                self.path = None
+            if committed and self.name is not None:
+                self.store.backend.delete(self.name)
+                self.name = None
 
 
-def read(path: Path) -> tuple[list[bytes], str | None]:
-    """The packs a journal lists and the generation it was about to commit (None if none).
-    A line cut short by a crash is ignored: it was written before what it announces."""
+def read(backend: Backend, name: str) -> tuple[list[bytes], str | None]:
+    """The packs the journal `name` lists and the generation it was about to commit (None if
+    none). A line cut short by a crash is ignored: it was written before what it announces."""
     packs: list[bytes] = []
     commit = None
-    text = read_store_file(path, 64 << 20).decode("ascii", "replace")
+    text = backend.read(name, 64 << 20).decode("ascii", "replace")
     for line in text.split("\n"):
         m = _PACK_LINE.match(line)
         if m:
@@ -97,18 +83,22 @@ def read(path: Path) -> tuple[list[bytes], str | None]:
     return packs, commit
 
 
+def journal_names(backend: Backend) -> list[str]:
+    """The journals in tmp/, as store file names (`tmp/<hex16>.journal`), sorted."""
+    return [f"tmp/{n}" for n in iter_names(backend.list("tmp")) if JOURNAL_NAME.match(n)]
+
+
 def listed_packs(store: Store) -> set[bytes]:
     """The packs the journals in tmp/ list: those of runs that are under way or were
     interrupted (an unreadable journal lists none)."""
     out: set[bytes] = set()
-    tmp = store.path / "tmp"
     try:
-        names = [n for n in os.listdir(tmp) if JOURNAL_NAME.match(n)]
+        names = journal_names(store.backend)
     except OSError:
         return out
     for name in names:
         try:
-            out.update(read(tmp / name)[0])
+            out.update(read(store.backend, name)[0])
         except OSError:
             continue
     return out
@@ -118,38 +108,33 @@ def reclaim(store: Store) -> int:
     """Deletes the packs of every run whose journal is in tmp/ and that did not commit its
     generation, and the journals; returns the number of packs deleted. Call only while
     holding the writer lock (no run of another writer can be under way)."""
-    tmp = store.path / "tmp"
-    journals = sorted(n for n in os.listdir(tmp) if JOURNAL_NAME.match(n))
+    backend = store.backend
+    journals = journal_names(backend)
     if not journals:
         return 0
     # A pack written after every generation file is referenced by none of them. Asked on
     # top of the journal's word, so that a journal that is wrong (planted, or copied in from
     # elsewhere) can never delete a pack a generation may need; what this keeps, prune
     # removes later.
-    newest_generation = 0
-    gdir = store.path / "generations"
-    for name in store.list_generations():
-        try:
-            newest_generation = max(newest_generation, os.lstat(gdir / name).st_mtime_ns)
-        except FileNotFoundError:
-            continue
+    gens = set(store.list_generations())
+    newest_generation = max((i.mtime for i in backend.list("generations")
+                             if i.name.rpartition("/")[2] in gens), default=0.0)
     deleted = 0
     for name in journals:
-        path = tmp / name
         try:
-            packs, commit = read(path)
+            packs, commit = read(backend, name)
         except OSError as exc:
             log.warning("cannot read the journal %s (%s); its packs are left to prune",
-                        path, exc.strerror)
+                        at(backend, name), exc.strerror)
             packs, commit = [], None
-        if commit is not None and os.path.lexists(gdir / commit):
+        if commit is not None and _exists(backend, f"generations/{commit}"):
             packs = []              # committed: its generation needs them
         for pid in packs:
-            pack = store.pack_path(pid)
+            pack = pack_name(pid)
             try:
-                if os.lstat(pack).st_mtime_ns <= newest_generation:
+                if backend.stat(pack).mtime <= newest_generation:
                     continue
-                os.unlink(pack)
+                backend.delete(pack)
                 deleted += 1
             except FileNotFoundError:
                 continue
@@ -157,9 +142,17 @@ def reclaim(store: Store) -> int:
                 raise StoreIOError(f"cannot remove pack {pid.hex()} of a backup run that did "
                                    f"not finish: {exc.strerror}") from None
         try:
-            os.unlink(path)
+            backend.delete(name)
         except FileNotFoundError:
             pass
     if deleted:
         log.info("removed %d pack(s) of a backup run that did not finish", deleted)
     return deleted
+
+
+def _exists(backend: Backend, name: str) -> bool:
+    try:
+        backend.stat(name)
+    except FileNotFoundError:
+        return False
+    return True

@@ -1,5 +1,6 @@
-"""Writing one pack (docs/FORMAT.md section 6): blobs appended under tmp/, then made
-durable under packs/ (fsync, rename, fsync of the folder) or dropped.
+"""Writing one pack (docs/FORMAT.md section 6): blobs appended to an upload of the backend
+(backend.Upload: on a local store a file under tmp/), then made durable under packs/ or
+dropped.
 """
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from humiofs.store import crypto, format
+from humiofs.store.backend import Upload
 from humiofs.store.crypto import CHUNK, STORED_CHUNK
-from humiofs.store.durable import fsync_dir, store_io_error, unlink_quietly, write_all
+from humiofs.store.durable import store_io_error
+from humiofs.store.storemeta import pack_name
 from humiofs.store.format import Ref
 
 if TYPE_CHECKING:
@@ -19,15 +22,13 @@ _BATCH_CHUNKS = 4  # chunks encrypted into one write: 256 KiB stays in the CPU c
 
 
 class PackWriter:
-    """Writes one pack under tmp/; `finish` makes it durable under packs/, `abort` drops it."""
+    """Writes one pack; `finish` makes it durable under packs/, `abort` drops it."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.pack_id = os.urandom(16)
-        self._tmp = store._tmp_path()
         try:
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                               | os.O_CLOEXEC, 0o600)
+            self._upload: Upload | None = store.backend.create(pack_name(self.pack_id))
         except OSError as exc:
             raise store_io_error(exc, "a new pack") from None
         self.size = 0
@@ -35,7 +36,12 @@ class PackWriter:
         self._write(format.header(format.TYPE_PACK, format.PACK_VERSION))
 
     def _write(self, data: bytes | memoryview) -> None:
-        write_all(self._fd, data, f"pack {self.pack_id.hex()}")
+        if self._upload is None:
+            raise ValueError("the pack is finished or aborted")
+        try:
+            self._upload.write(data)
+        except OSError as exc:
+            raise store_io_error(exc, f"pack {self.pack_id.hex()}") from None
         self.size += len(data)
 
     def add(self, kind: int, plaintext: bytes) -> Ref:
@@ -100,20 +106,17 @@ class PackWriter:
 
     def finish(self) -> None:
         """Makes the pack durable under its final name; refs into it become valid."""
-        final = self.store.pack_path(self.pack_id)
+        upload, self._upload = self._upload, None
+        if upload is None:
+            raise ValueError("the pack is finished or aborted")
         try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            os.rename(self._tmp, final)
-            fsync_dir(final.parent)
+            upload.commit()
         except OSError as exc:
-            self.abort()
+            upload.abort()
             raise store_io_error(exc, f"pack {self.pack_id.hex()}") from None
 
     def abort(self) -> None:
         """Drops the unfinished pack."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        unlink_quietly(self._tmp)
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            upload.abort()

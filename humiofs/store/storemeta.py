@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import stat
 from collections.abc import Callable
-from pathlib import Path
 
 from humiofs.errors import IntegrityError, NoSuchStore, StoreError, StoreMetadataDamaged, refused
 from humiofs.store import keys
-from humiofs.store.durable import NotRegularFile, read_store_file
+from humiofs.store.backend import FILE, FOLDER, Backend, iter_names
+from humiofs.store.durable import NotRegularFile
 
 STORE_FORMAT = "humiofs-store"
 STORE_VERSION = 1
@@ -23,79 +21,89 @@ STORE_VERSION = 1
 # follow a symlink at (FORMAT.md 11): a symlink there could make a run as root write a host
 # file outside the store. BACKUP_DIR and NAME themselves may be symlinks (a store on another
 # disk): that is the operator's choice, not something planted inside the store.
-GUARDED = ("config", "keys", "packs", "generations", "tmp", "prune", "damaged", "lock",
-           "prune.lock")
 _FOLDERS = ("keys", "packs", "generations", "tmp", "prune", "damaged")
 
 
-def refuse_planted(path: Path) -> None:
-    """Raises StoreError (exit 5, one line) if a store folder or lock file of the store at
-    `path`, or one of packs/'s 256 folders, is a symlink, or if lock or prune.lock is not a
-    regular file. Call before a writer or prune opens anything in the store."""
-    for name in GUARDED:
-        where = path / name
-        try:
-            mode = os.lstat(where).st_mode
-        except OSError:
-            continue        # missing: what needs it says so
-        if stat.S_ISLNK(mode):
-            raise StoreError(f"{where} is a symlink, not part of a humiofs store: move it out")
-        if name in _FOLDERS and not stat.S_ISDIR(mode):
-            raise StoreError(f"{where} is not a folder, so nothing can be written into the "
-                             f"store: move it out of the store, then put the folder back from "
-                             f"a copy of the store (or, for tmp, `mkdir -m 700 {where}`)")
-        if name in ("lock", "prune.lock") and not stat.S_ISREG(mode):
-            what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-            raise StoreError(f"{where} is {what}, not the {name} file of a humiofs store: "
-                             "move it out of the store (the next run makes the file again)")
+def pack_name(pack_id: bytes) -> str:
+    """The store file of a pack: `packs/<first 2 hex digits>/<32 hex digits>` (FORMAT.md 2)."""
+    h = pack_id.hex()
+    return f"packs/{h[:2]}/{h}"
+
+
+def at(backend: Backend, name: str = "") -> str:
+    """The store file or folder `name` of `backend`, for messages: a path on a local store."""
+    return f"{backend.location}/{name}" if name else backend.location
+
+
+def refuse_planted(backend: Backend) -> None:
+    """Raises StoreError (exit 5, one line) if a store folder or lock file of the store, or
+    one of packs/'s 256 folders, is a symlink, or if lock or prune.lock is not a regular
+    file (Backend.planted). Call before a writer or prune opens anything in the store."""
     try:
-        with os.scandir(path / "packs") as it:
-            for de in it:
-                if de.is_symlink():
-                    raise StoreError(f"{path / 'packs' / de.name} is a symlink, not part of "
-                                     "a humiofs store: move it out")
+        if backend.stat("config").symlink:
+            raise StoreError(f"{at(backend, 'config')} is a symlink, not part of a humiofs "
+                             "store: move it out")
     except OSError:
-        pass
+        pass            # missing: what needs it says so
+    why = backend.planted(_FOLDERS, ("lock", "prune.lock"))
+    if why is not None:
+        raise StoreError(why)
 
 
-def is_store(path: Path) -> bool:
-    """True if `path` looks like a humiofs store (it has a config file)."""
-    return (path / "config").is_file()
-
-
-def looks_like_store(path: Path) -> bool:
-    """True if `path` is a store, or what is left of one that lost its config; also True if
-    `path` is a folder this user may not look into (opening it then says why)."""
+def _kind(backend: Backend, name: str) -> str | None:
     try:
-        return is_store(path) or (path / "generations").is_dir() or (path / "keys").is_dir()
+        return backend.stat(name).kind
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def is_store(backend: Backend) -> bool:
+    """True if `backend` looks like a humiofs store (it has a config file)."""
+    try:
+        return _kind(backend, "config") == FILE
+    except PermissionError:
+        return False
+    except OSError:
+        return False
+
+
+def looks_like_store(backend: Backend) -> bool:
+    """True if `backend` is a store, or what is left of one that lost its config; also True if
+    it is a folder this user may not look into (opening it then says why)."""
+    try:
+        return (_kind(backend, "config") == FILE or _kind(backend, "generations") == FOLDER
+                or _kind(backend, "keys") == FOLDER)
     except PermissionError:
         return True
+    except OSError:
+        return False
 
 
-def read_config(path: Path, fits: Callable[[bytes], bool] = lambda _: False) -> bytes:
-    """The store id from `path`/config; NoSuchStore if `path` holds no store at all,
+def read_config(backend: Backend, fits: Callable[[bytes], bool] = lambda _: False) -> bytes:
+    """The store id from the store's config; NoSuchStore if `backend` holds no store at all,
     StoreMetadataDamaged if it holds one whose config is missing or damaged. `fits(store_id)`
     tells whether the master key the key files hold under that store id (unwrapped with the
     key given) authenticates a generation of the store: only then does the advice offer the
     key files' store id for a new config (key files copied from another store carry its
     id)."""
-    config_path = path / "config"
+    path = backend.location
+    config_path = at(backend, "config")
     try:
-        raw = read_store_file(config_path, 1 << 16)
+        raw = backend.read("config", 1 << 16)
     except FileNotFoundError:
-        if not looks_like_store(path):
+        if not looks_like_store(backend):
             raise NoSuchStore(f"no humiofs store at {path}") from None
         raise StoreMetadataDamaged(
             f"{config_path} is missing, but {path} holds a humiofs store (generations/ and "
-            f"keys/ are there); the data may be intact. {config_fix(path, fits)}") from None
+            f"keys/ are there); the data may be intact. {config_fix(backend, fits)}") from None
     except NotRegularFile as exc:
-        if not looks_like_store(path):
+        if not looks_like_store(backend):
             raise NoSuchStore(f"no humiofs store at {path}: {config_path} is "
                               f"{exc.strerror}") from None
         raise StoreError(f"{config_path} is {exc.strerror}: move it out of the store, and put "
                          "the store's config back from a copy of it") from None
     except (NotADirectoryError, IsADirectoryError) as exc:
-        if not looks_like_store(path):     # BACKUP_DIR or the store is a file, not a folder
+        if not looks_like_store(backend):     # BACKUP_DIR or the store is a file, not a folder
             raise NoSuchStore(f"no humiofs store at {path}: {exc.strerror}") from None
         raise StoreError(f"cannot read {config_path}: {exc.strerror}") from None
     except OSError as exc:
@@ -114,19 +122,19 @@ def read_config(path: Path, fits: Callable[[bytes], bool] = lambda _: False) -> 
             raise ValueError("store id of the wrong length")
     except (ValueError, KeyError, TypeError):
         raise StoreMetadataDamaged(f"{config_path} is damaged (not the JSON of FORMAT.md "
-                                   f"4.1); the data may be intact. {config_fix(path, fits)}") from None
+                                   f"4.1); the data may be intact. {config_fix(backend, fits)}") from None
     return store_id
 
 
-def config_fix(path: Path, fits: Callable[[bytes], bool]) -> str:
+def config_fix(backend: Backend, fits: Callable[[bytes], bool]) -> str:
     """How to put back a store's config: it holds nothing but the format, its version and the
     store id, which every key file repeats; offered only if `fits` that id (see read_config),
     never on the key files' word alone."""
     ids = set()
     try:
-        for name in os.listdir(path / "keys"):
+        for name in iter_names(backend.list("keys")):
             try:
-                ids.add(json.loads(read_store_file(path / "keys" / name, 1 << 16))["store_id"])
+                ids.add(json.loads(backend.read(f"keys/{name}", 1 << 16))["store_id"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
     except OSError:
@@ -148,7 +156,7 @@ def config_fix(path: Path, fits: Callable[[bytes], bool]) -> str:
     return advice
 
 
-def damage(path: Path, store_id: bytes, key_dir: Path,
+def damage(backend: Backend, store_id: bytes,
            problems: dict[str, IntegrityError | OSError],
            passphrases: list[str],
            opens_generations: Callable[[bytes, bytes], bool | None]) -> StoreMetadataDamaged:
@@ -157,6 +165,7 @@ def damage(path: Path, store_id: bytes, key_dir: Path,
     `opens_generations(store_id, master)` tells whether that master key authenticates a
     generation of the store (None: the store has none), which tells a config that changed
     from key files that came from another store."""
+    path, key_dir = backend.location, at(backend, "keys")
     foreign = {name: exc.store_id for name, exc in problems.items()
                if isinstance(exc, keys.ForeignKeyFile)}
     config_id = store_id.hex()
@@ -167,7 +176,7 @@ def damage(path: Path, store_id: bytes, key_dir: Path,
         for name, own_id in foreign.items():
             for passphrase in passphrases:
                 try:
-                    opened = keys.unwrap(read_store_file(key_dir / name, 1 << 16), own_id,
+                    opened = keys.unwrap(backend.read(f"keys/{name}", 1 << 16), own_id,
                                          passphrase)
                 except (IntegrityError, OSError):
                     break
@@ -176,7 +185,7 @@ def damage(path: Path, store_id: bytes, key_dir: Path,
                 fits = opens_generations(own_id, opened)
                 if fits:
                     return StoreMetadataDamaged(
-                        f"{path / 'config'} is damaged: it names the store id {config_id}, "
+                        f"{at(backend, 'config')} is damaged: it names the store id {config_id}, "
                         f"but the key file keys/{name} is for store id {own_id.hex()}, and "
                         "the key opens it and the store's generations with it, so key and key "
                         f"files are right. Set \"store_id\" in config back to {own_id.hex()} "

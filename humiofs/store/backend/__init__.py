@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +32,13 @@ OTHER = "other"      # a symlink, FIFO, device or socket where a store file belo
 class Item:
     """One entry of a listing. `name`: relative to the store's root (`packs/ab/abcd…`);
     `kind`: FILE, FOLDER or OTHER; `size`: bytes (0 for a folder); `mtime`: seconds since
-    the epoch (the upload time on object storage)."""
+    the epoch (the upload time on object storage); `symlink`: an OTHER that is a symlink
+    (added for check's advice; object storage leaves it False)."""
     name: str
     kind: str
     size: int
     mtime: float
+    symlink: bool = False
 
 
 class Upload(ABC):
@@ -159,6 +160,13 @@ class Backend(ABC):
     def locked(self, name: str) -> bool:
         """True if someone holds the lock `name` now, or that cannot be told."""
 
+    def planted(self, folders: tuple[str, ...], files: tuple[str, ...]) -> str | None:
+        """One line saying what is planted where a store folder of `folders` or a lock file
+        of `files` belongs (a symlink, or the wrong type of file), which a writer or prune
+        refuses to write into or through; None if nothing is. Object storage has neither
+        symlinks nor folders: None. (Added with local.py.)"""
+        return None
+
     def close(self) -> None:
         """Releases cached handles. The backend may not be used afterwards."""
 
@@ -185,6 +193,35 @@ class Location(ABC):
         atomically: it appears complete or not at all. FileExistsError if a store of that
         name exists (then open it instead); FileNotFoundError if BACKUP_DIR is missing (it is
         never created: an unmounted drive must not fill the local disk)."""
+
+    def remove_dead_creations(self, name: str) -> None:
+        """Removes what creations of the store `name` that were killed left behind (a local
+        staging folder). Object storage creates a store by writing its files: nothing to do.
+        (Added with local.py.)"""
+
+
+def is_remote(backup_dir: Path | str) -> bool:
+    """Whether BACKUP_DIR names object storage (`s3://BUCKET/PREFIX`) rather than a folder."""
+    return isinstance(backup_dir, str) and backup_dir.startswith("s3://")
+
+
+def store_at(backup_dir: Path | str, name: str) -> Path | str:
+    """The store `name` in BACKUP_DIR: a Path in a folder, `s3://BUCKET/PREFIX/NAME` on
+    object storage."""
+    if is_remote(backup_dir):
+        return f"{str(backup_dir).rstrip('/')}/{name}"
+    return Path(backup_dir) / name
+
+
+def open_location(backup_dir: Path | str) -> Location:
+    """The Location BACKUP_DIR names: object storage (S3Location, with the AWS_* settings
+    config.load registered, s3.use_settings) for `s3://BUCKET/PREFIX`, else a local folder
+    (LocalLocation). ValueError with one line for a malformed s3:// URL or setting."""
+    if is_remote(backup_dir):
+        from humiofs.store.backend import s3
+        return s3.open_s3(str(backup_dir))
+    from humiofs.store.backend.local import LocalLocation
+    return LocalLocation(Path(backup_dir))
 
 
 def iter_names(items: list[Item], kind: str = FILE) -> Iterator[str]:
