@@ -22,73 +22,13 @@ import pytest
 from humiofs.store.backend import Backend, Item, Lock, Upload
 from humiofs.store.backend.blockfolder import PIECE
 from humiofs.store.backend.cache import CachedBackend
+from humiofs.store.backend.s3 import location_from_env
 from s3util import S3Server
 
 pytestmark = pytest.mark.s3
 
 B = 128 << 10                 # the tests' block size: small, so that packs of a few MiB do
 DEADLINE_S = 30.0
-
-
-class S3Objects(Backend):
-    """The read side of a store on S3, over obstore: what the cache calls.
-    TODO: the S3Backend of branch s3 replaces this once it is merged."""
-
-    def __init__(self, server: S3Server, bucket: str) -> None:
-        self.store = server.store(bucket)
-        self.location = f"s3://{bucket}/store"
-        self.local_path = None
-
-    def put(self, name: str, data: bytes) -> None:
-        import obstore
-        obstore.put(self.store, name, data)
-
-    def read(self, name: str, limit: int | None = None) -> bytes:
-        import obstore
-        return bytes(obstore.get(self.store, name).bytes())[:limit]
-
-    def read_into(self, name: str, offset: int, out: memoryview, nowait: bool = False) -> bool:
-        import obstore
-        if nowait:
-            return False
-        data = obstore.get_range(self.store, name, start=offset, length=len(out))
-        if len(data) < len(out):
-            raise EOFError(name)
-        out[:] = memoryview(data)
-        return True
-
-    def stat(self, name: str) -> Item:
-        import obstore
-        meta = obstore.head(self.store, name)
-        return Item(name, "file", meta["size"], meta["last_modified"].timestamp())
-
-    def list(self, folder: str = "", recursive: bool = False) -> list[Item]:
-        raise NotImplementedError
-
-    def write(self, name: str, data: bytes, exclusive: bool = True) -> None:
-        raise NotImplementedError
-
-    def create(self, name: str) -> Upload:
-        raise NotImplementedError
-
-    def append(self, name: str, data: bytes, sync: bool) -> None:
-        raise NotImplementedError
-
-    def delete(self, name: str) -> None:
-        import obstore
-        obstore.delete(self.store, name)
-
-    def rename(self, src: str, dst: str) -> None:
-        raise NotImplementedError
-
-    def make_folder(self, folder: str) -> None:
-        pass
-
-    def lock(self, name: str, info: bytes, wait_s: float = 0.0) -> Lock:
-        raise NotImplementedError
-
-    def locked(self, name: str) -> bool:
-        raise NotImplementedError
 
 
 class Counting(Backend):
@@ -151,25 +91,33 @@ class Counting(Backend):
         return self.inner.locked(name)
 
 
+Packs = tuple[Backend, dict[str, bytes]]
+
+
 @pytest.fixture(scope="module")
-def packs(s3_server: S3Server) -> Iterator[tuple[S3Objects, dict[str, bytes]]]:
-    """A bucket holding a config object and packs of a few MiB; none ends on a block edge."""
+def packs(s3_server: S3Server) -> Iterator[Packs]:
+    """A store on S3 (the real S3Backend) holding a config object and packs of a few MiB;
+    none ends on a block edge."""
     bucket = s3_server.new_bucket()
     try:
-        objects = S3Objects(s3_server, bucket)
+        backend = s3_backend(s3_server.settings, bucket)
         rng = random.Random(15)
         data = {}
         for k, size in enumerate([10 * B + 1000, 6 * B + 7, 3 * B - 5, 20 * B + 123]):
             name = f"packs/{k:02x}/{os.urandom(16).hex()}"
             data[name] = rng.randbytes(size)
-            objects.put(name, data[name])
-        objects.put("config", b"the config")
-        yield objects, data
+            backend.write(name, data[name])
+        backend.write("config", b"the config")
+        yield backend, data
     finally:
         s3_server.remove_bucket(bucket)
 
 
-def cached(packs: tuple[S3Objects, dict[str, bytes]], folder: Path, max_bytes: int = 64 * B,
+def s3_backend(settings: dict[str, str], bucket: str) -> Backend:
+    return location_from_env(f"s3://{bucket}/backups", settings).store("node1")
+
+
+def cached(packs: Packs, folder: Path, max_bytes: int = 64 * B,
            **kw: int) -> tuple[CachedBackend, Counting, dict[str, bytes]]:
     counting = Counting(packs[0])
     return CachedBackend(counting, folder, max_bytes, block_bytes=B, **kw), counting, packs[1]
@@ -195,7 +143,7 @@ def wait_for(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
-def test_hits_do_not_reach_the_store(packs: tuple[S3Objects, dict[str, bytes]],
+def test_hits_do_not_reach_the_store(packs: Packs,
                                      tmp_path: Path) -> None:
     cache, counting, data = cached(packs, tmp_path / "c", readahead_blocks=0)
     name = next(iter(data))
@@ -226,7 +174,7 @@ def test_hits_do_not_reach_the_store(packs: tuple[S3Objects, dict[str, bytes]],
     cache.close()
 
 
-def test_nowait_only_from_the_cache(packs: tuple[S3Objects, dict[str, bytes]],
+def test_nowait_only_from_the_cache(packs: Packs,
                                     tmp_path: Path) -> None:
     cache, counting, data = cached(packs, tmp_path / "c", readahead_blocks=0)
     name = list(data)[1]
@@ -239,7 +187,7 @@ def test_nowait_only_from_the_cache(packs: tuple[S3Objects, dict[str, bytes]],
     cache.close()
 
 
-def test_bounded_and_least_recently_used_evicted(packs: tuple[S3Objects, dict[str, bytes]],
+def test_bounded_and_least_recently_used_evicted(packs: Packs,
                                                  tmp_path: Path) -> None:
     folder = tmp_path / "c"
     limit = 5 * B
@@ -270,7 +218,7 @@ def test_bounded_and_least_recently_used_evicted(packs: tuple[S3Objects, dict[st
         assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
 
 
-def test_read_ahead_for_sequential_readers(packs: tuple[S3Objects, dict[str, bytes]],
+def test_read_ahead_for_sequential_readers(packs: Packs,
                                            tmp_path: Path) -> None:
     cache, counting, data = cached(packs, tmp_path / "c", readahead_blocks=4)
     name = list(data)[3]                  # 21 blocks
@@ -293,7 +241,7 @@ def test_read_ahead_for_sequential_readers(packs: tuple[S3Objects, dict[str, byt
     cache.close()
 
 
-def test_no_read_ahead_for_random_reads(packs: tuple[S3Objects, dict[str, bytes]],
+def test_no_read_ahead_for_random_reads(packs: Packs,
                                         tmp_path: Path) -> None:
     cache, counting, data = cached(packs, tmp_path / "c", readahead_blocks=4)
     name = list(data)[3]
@@ -317,7 +265,7 @@ def damage(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate", "header", "empty", "swap"])
-def test_damaged_block_file_is_fetched_again(packs: tuple[S3Objects, dict[str, bytes]],
+def test_damaged_block_file_is_fetched_again(packs: Packs,
                                              tmp_path: Path, how: str) -> None:
     cache, counting, data = cached(packs, tmp_path / "c", readahead_blocks=0)
     name = list(data)[0]
@@ -335,7 +283,7 @@ def test_damaged_block_file_is_fetched_again(packs: tuple[S3Objects, dict[str, b
     cache.close()
 
 
-def test_discard_and_delete_drop_a_packs_blocks(packs: tuple[S3Objects, dict[str, bytes]],
+def test_discard_and_delete_drop_a_packs_blocks(packs: Packs,
                                                 tmp_path: Path) -> None:
     cache, counting, data = cached(packs, tmp_path / "c", readahead_blocks=0)
     a, b = list(data)[:2]
@@ -349,7 +297,7 @@ def test_discard_and_delete_drop_a_packs_blocks(packs: tuple[S3Objects, dict[str
     cache.close()
 
 
-def test_many_threads(packs: tuple[S3Objects, dict[str, bytes]], tmp_path: Path) -> None:
+def test_many_threads(packs: Packs, tmp_path: Path) -> None:
     """Threads reading at random, some sequentially, with a cache too small for it all: every
     byte right, the bound kept, and a block wanted by many at once fetched once."""
     folder = tmp_path / "c"
@@ -398,12 +346,10 @@ CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from s3util import S3Server
-from test_cache import B, S3Objects, read
+from test_cache import B, read, s3_backend
 from humiofs.store.backend.cache import CachedBackend
-server = S3Server(json.loads(sys.argv[2]), False)
-cache = CachedBackend(S3Objects(server, sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]),
-                      block_bytes=B, readahead_blocks=2)
+cache = CachedBackend(s3_backend(json.loads(sys.argv[2]), sys.argv[3]), Path(sys.argv[4]),
+                      int(sys.argv[5]), block_bytes=B, readahead_blocks=2)
 name, size = sys.argv[6], int(sys.argv[7])
 for rounds in range(3):
     for pos in range(0, size, B):
@@ -414,7 +360,7 @@ print(cache.blocks.hits)
 """
 
 
-def test_processes_share_the_folder(packs: tuple[S3Objects, dict[str, bytes]],
+def test_processes_share_the_folder(packs: Packs,
                                     tmp_path: Path, s3_server: S3Server) -> None:
     """Two processes (the mount's server and its decryption worker) using one folder keep
     the one limit between them, and read right."""
@@ -422,7 +368,7 @@ def test_processes_share_the_folder(packs: tuple[S3Objects, dict[str, bytes]],
     limit = 8 * B
     cache, counting, data = cached(packs, folder, max_bytes=limit, readahead_blocks=2)
     names = list(data)
-    bucket = packs[0].location.split("/")[2]
+    bucket = packs[0].location.split("/")[2]      # s3://BUCKET/backups/node1
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(Path(__file__).parent), json.dumps(s3_server.settings),
          bucket, str(folder), str(limit), names[3], str(len(data[names[3]]))],
@@ -442,12 +388,13 @@ def test_processes_share_the_folder(packs: tuple[S3Objects, dict[str, bytes]],
     assert not list(folder.glob("??/.tmp-*"))
 
 
-class InMemory(S3Objects):
+class InMemory(Counting):
     """Packs from a dict: for a forked child, where obstore cannot run (its runtime's threads
     stay in the parent)."""
 
-    def __init__(self, location: str, data: dict[str, bytes]) -> None:
-        self.location, self.local_path, self.data = location, None, data
+    def __init__(self, inner: Backend, data: dict[str, bytes]) -> None:
+        super().__init__(inner)
+        self.data = data
 
     def read_into(self, name: str, offset: int, out: memoryview, nowait: bool = False) -> bool:
         out[:] = self.data[name][offset:offset + len(out)]
@@ -471,7 +418,7 @@ class Gated(Counting):
         return super().read_into(name, offset, out, nowait)
 
 
-def test_a_forked_child_uses_the_cache(packs: tuple[S3Objects, dict[str, bytes]],
+def test_a_forked_child_uses_the_cache(packs: Packs,
                                        tmp_path: Path) -> None:
     """A child forked while the parent's threads fetch (as the mount's decryption worker may
     be) starts with its own locks, fetches, read-ahead threads and flock: it neither waits for
@@ -493,7 +440,7 @@ def test_a_forked_child_uses_the_cache(packs: tuple[S3Objects, dict[str, bytes]]
             try:
                 import signal
                 signal.alarm(int(DEADLINE_S))
-                gated.inner = InMemory(objects.location, data)
+                gated.inner = InMemory(objects, data)
                 gated.held = ""
                 if (read(cache, names[2], 0, 2 * B) == data[names[2]][:2 * B]
                         and read(cache, names[0], 0, 4 * B) == data[names[0]][:4 * B]
@@ -515,7 +462,7 @@ def test_a_forked_child_uses_the_cache(packs: tuple[S3Objects, dict[str, bytes]]
     cache.close()
 
 
-def test_cache_folder_errors(packs: tuple[S3Objects, dict[str, bytes]],
+def test_cache_folder_errors(packs: Packs,
                              tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(OSError):
@@ -529,7 +476,7 @@ def test_cache_folder_errors(packs: tuple[S3Objects, dict[str, bytes]],
 
 
 @pytest.mark.allow_warnings
-def test_cache_trouble_never_fails_a_read(packs: tuple[S3Objects, dict[str, bytes]],
+def test_cache_trouble_never_fails_a_read(packs: Packs,
                                           tmp_path: Path) -> None:
     """The folder's subfolder is made unwritable (a full or broken cache disk): reads are
     served from the store, with one warning."""
