@@ -23,6 +23,7 @@ from humiofs.store.backend import Backend, Item, Lock, Upload
 from humiofs.store.backend.blockfolder import PIECE
 from humiofs.store.backend.cache import CachedBackend
 from humiofs.store.backend.s3 import location_from_env
+from conftest import KEY
 from s3util import S3Server
 
 pytestmark = pytest.mark.s3
@@ -499,3 +500,48 @@ def test_cache_trouble_never_fails_a_read(packs: Packs,
     finally:
         os.chmod(sub, 0o700)
     cache.close()
+
+
+def test_a_pack_put_back_after_damage_reads_again(s3_server: S3Server, s3_bucket: str,
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store on S3 read through the cache, as the mount does: a pack damaged on the server
+    fails authentication (and its damaged blocks land in the cache); once the good pack is
+    put back, the file reads again: the Store drops the stale blocks and reads the pack once
+    more, so the damage does not outlive its repair (backend/cache.py)."""
+    from storetools import FAST_KDF, backup, files
+
+    from humiofs.errors import IntegrityError
+    from humiofs.store import crypto
+    from humiofs.store.backend import s3
+    from humiofs.store.repository import Store, pack_name
+    monkeypatch.setattr(s3, "_settings", s3.S3Settings.from_env(s3_server.settings))
+    url = f"s3://{s3_bucket}/backups"
+    node = tmp_path / "node"
+    node.mkdir()
+    contents = random.Random(3).randbytes(3 * B + 100)
+    (node / "segment").write_bytes(contents)
+    (node / "cluster_membership.uuid").write_text("3f0e6a8c-1b2d-4e5f-9a7b-0c1d2e3f4a5b")
+    gen, _ = backup(Store.create(f"{url}/node1", KEY, FAST_KDF), node, host_id="1")
+    plain = location_from_env(url, s3_server.settings).store("node1")
+    cached = Counting(plain)
+    store = Store.open(CachedBackend(cached, tmp_path / "cache", 64 * B, block_bytes=B), KEY)
+    ref = files(store, gen)["segment"].data
+    assert ref is not None
+    last = crypto.chunk_count(ref.plain_len) - 1
+
+    def read_file() -> bytes:
+        return bytes(store.read_chunks(ref, crypto.KIND_DATA, 0, last))
+
+    name = pack_name(ref.pack)
+    good = plain.read(name)
+    bad = bytearray(good)
+    bad[ref.offset + 2 * B] ^= 1
+    plain.write(name, bytes(bad), exclusive=False)
+    with pytest.raises(IntegrityError):
+        read_file()
+    plain.write(name, good, exclusive=False)        # put back from a copy
+    assert read_file() == contents
+    fetched = len(cached.reads)
+    assert read_file() == contents                   # and from the cache again
+    assert len(cached.reads) == fetched

@@ -16,9 +16,9 @@ with it, so the cache serves exactly the bytes it fetched, and a block file dama
 local disk is a miss, fetched again. So a cached block fails authentication only if the pack
 already did when it was fetched, and then it would again: packs are immutable. The exception
 is a pack put back from a copy after damage (README, "After a bad check"): for that,
-`discard(name)` drops a pack's blocks, and a Store that sees an IntegrityError for a pack
-read through a cache calls it before reading the pack once more (so a bad block never
-becomes a permanent EIO).
+`discard(name)` drops a pack's blocks, and the Store, when bytes read through a cache
+(`caches`) fail authentication, calls it and reads them once more from the store
+(Store.read_chunks_into), so a bad block never becomes a permanent EIO.
 
 Errors: the wrapped backend's (FileNotFoundError for a missing pack, EOFError for a read past
 its end, OSError). The cache's own trouble (a full disk, its folder removed) is logged once
@@ -74,6 +74,8 @@ class CachedBackend(Backend):
     threads; read-ahead holds at most 2 x readahead_blocks blocks in memory at once.
     Thread-safe, and safe in a child forked from a process using it.
     Raises OSError if `folder` cannot be made or is not a folder this user owns."""
+
+    caches = True
 
     def __init__(self, inner: Backend, folder: Path, max_bytes: int, *,
                  block_bytes: int = BLOCK_BYTES, readahead_blocks: int = READAHEAD_BLOCKS,
