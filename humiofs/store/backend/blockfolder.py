@@ -64,7 +64,7 @@ class BlockFolder:
         self._namespace = os.fsencode(namespace) + b"\0"
         # For tests: blocks served, block files found damaged, eviction passes.
         self.hits = self.damaged = self.evictions = 0
-        _make_folder(self.folder)
+        make_folder(self.folder)
         self.reset()
         with self._usage_locked() as fd:
             self._rescan(fd, self.max_bytes)
@@ -318,7 +318,7 @@ class _UsageLock:
             c._usage_lock.release()
 
 
-def _make_folder(folder: Path) -> None:
+def make_folder(folder: Path) -> None:
     """Makes `folder` mode 0700 (and its parents), or checks that it is a folder this user
     owns, and makes it 0700. OSError otherwise."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
