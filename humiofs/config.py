@@ -24,9 +24,11 @@ DEFAULT_DELETE_AFTER_MS = 604_800_000
 SETTINGS = ("DIRECTORY", "BACKUP_NAME", "BACKUP_KEY", "BACKUP_KEY_FILE", "BACKUP_DIR",
             "DELETE_BACKUP_AFTER_MILLIS", "BOOTSTRAP_HOST_ID", "BACKUP_EXCLUDE",
             "BACKUP_INTERVAL_SECONDS", "BACKUP_STATE_DIR", "BACKUP_CHECKPOINT_SECONDS",
-            "BACKUP_CHECKPOINT_BYTES") + s3_backend.SETTINGS
+            "BACKUP_CHECKPOINT_BYTES", "BACKUP_CACHE_DIR", "BACKUP_CACHE_BYTES"
+            ) + s3_backend.SETTINGS
 DEFAULT_CHECKPOINT_S = 300
 DEFAULT_CHECKPOINT_BYTES = 1 << 30
+DEFAULT_CACHE_BYTES = 1 << 30
 log = logging.getLogger(__name__)
 _KEY_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$")
 _HOST_ID = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,99}")
@@ -63,6 +65,10 @@ class Config:
     # detection, FORMAT.md 9.1); outside every store. `load` always sets it; None (a Config
     # made in code) keeps no record.
     state_dir: Path | None = None
+    # The mount's on-disk cache of pack bytes from object storage (store/backend/cache.py):
+    # its folder (None: no cache), and its size limit in bytes (0: no cache).
+    cache_dir: Path | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def need_directory(self) -> Path:
         """The data directory to back up, which must exist (checked before any store is
@@ -254,6 +260,8 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
     directory = merged.get("DIRECTORY") or None
     backup_dir = _backup_dir(merged)
     excludes = tuple(p.strip() for p in merged.get("BACKUP_EXCLUDE", "").split(",") if p.strip())
+    state_dir = Path(os.path.abspath(merged.get("BACKUP_STATE_DIR")
+                                     or default_state_dir(environ)))
     return Config(
         # Absolute: a mount in the background leaves the working folder for /.
         backup_dir=backup_dir,
@@ -270,8 +278,9 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
         checkpoint_s=_int_setting(merged, "BACKUP_CHECKPOINT_SECONDS", DEFAULT_CHECKPOINT_S),
         checkpoint_bytes=_int_setting(merged, "BACKUP_CHECKPOINT_BYTES",
                                       DEFAULT_CHECKPOINT_BYTES),
-        state_dir=Path(os.path.abspath(merged.get("BACKUP_STATE_DIR")
-                                       or default_state_dir(environ))),
+        state_dir=state_dir,
+        cache_dir=Path(os.path.abspath(merged.get("BACKUP_CACHE_DIR") or state_dir / "cache")),
+        cache_bytes=_int_setting(merged, "BACKUP_CACHE_BYTES", DEFAULT_CACHE_BYTES),
     )
 
 

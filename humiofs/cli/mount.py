@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from humiofs.mount.sources import PackCache
     from humiofs.store.keys import Passphrase
     from humiofs.store.repository import Store
 
@@ -94,9 +95,9 @@ class _Opening(threading.Thread):
     runs in OpenSSL without the GIL. result() gives its stores or raises what it raised."""
 
     def __init__(self, backup_dir: Path | str, key: Passphrase, name: str | None,
-                 allow_none: bool) -> None:
+                 allow_none: bool, cache: PackCache | None) -> None:
         super().__init__(name="open-stores", daemon=True)
-        self._args = (backup_dir, key, name, allow_none)
+        self._args = (backup_dir, key, name, allow_none, cache)
         self._stores: list[Store] = []
         self._error: BaseException | None = None
         self.start()
@@ -132,16 +133,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
     at = generations.parse_at(args.at) if args.at else None
     mountpoint = mount.check_mountpoint(args.mountpoint)
     log_handler = mount.open_log(args.log)
+    from humiofs.mount.sources import PackCache
+    cache = None
+    if is_remote(cfg.backup_dir) and cfg.cache_dir is not None and cfg.cache_bytes > 0:
+        cache = PackCache(cfg.cache_dir, cfg.cache_bytes)
+        cache.check()
     # Only --name limits the mount: BACKUP_NAME in a node's env file names the store that
     # node writes, while an operator mounting wants to see every backup the key opens.
-    opening = _Opening(cfg.backup_dir, key, args.name, args.name is None and at is None)
+    opening = _Opening(cfg.backup_dir, key, args.name, args.name is None and at is None, cache)
     try:
         from humiofs.mount import fs, tree  # noqa: F401  (pyfuse3 and trio, while the keys unwrap)
     finally:
         opening.join()
     stores = opening.result()
     model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at,
-                                      state=LocalState.of(cfg.state_dir), stores=stores)
+                                      state=LocalState.of(cfg.state_dir), stores=stores,
+                                      cache=cache)
     if at is not None and at.name is not None:
         # A generation asked for by name is that one or an error (FORMAT.md 7.2), as restore
         # --at has it: never an older one in its place.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from humiofs.errors import ConfigError, NoSuchStore, StoreError, StoreIOError, WrongKey
@@ -12,12 +13,41 @@ from humiofs.store import generations
 from humiofs.store.format import Generation, generation_time
 from humiofs.store.keys import Passphrase
 from humiofs.store.localstate import LocalState
-from humiofs.store.backend import LocationMissing
-from humiofs.store.backend.factory import open_location, store_at
+from humiofs.store.backend import Backend, LocationMissing
+from humiofs.store.backend.factory import is_remote, open_location, store_at
 from humiofs.store.repository import Store, backend_of, list_stores, looks_like_store
 from humiofs.store.storemeta import read_config
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackCache:
+    """The mount's on-disk cache of pack bytes from object storage (store/backend/cache.py):
+    its folder (BACKUP_CACHE_DIR) and size limit in bytes (BACKUP_CACHE_BYTES), shared by
+    every store of the mount."""
+    folder: Path
+    max_bytes: int
+
+    def check(self) -> None:
+        """Makes the folder now (mode 0700): ConfigError (exit 2) with one line if it cannot
+        be, so that a mount does not start with every store left out for it."""
+        from humiofs.store.backend.blockfolder import make_folder
+        try:
+            make_folder(self.folder)
+        except OSError as exc:
+            raise ConfigError(f"BACKUP_CACHE_DIR {self.folder}: {exc.strerror}") from None
+
+
+def mount_backend(where: Path | str, cache: PackCache | None) -> Backend:
+    """The backend the mount reads the store at `where` (BACKUP_DIR/NAME) through: on object
+    storage, behind `cache` (none if None or of 0 bytes); a local folder as it is (its pages
+    are in the kernel's cache already). OSError if the cache folder cannot be made."""
+    backend = backend_of(where)
+    if cache is None or cache.max_bytes <= 0 or not is_remote(where):
+        return backend
+    from humiofs.store.backend.cache import CachedBackend
+    return CachedBackend(backend, cache.folder, cache.max_bytes)
 
 
 class Source:
@@ -171,8 +201,9 @@ def backup_dir_stores(backup_dir: Path | str) -> list[str]:
 
 
 def open_sources(backup_dir: Path | str, key: str | Passphrase, name: str | None = None,
-                 allow_none: bool = False) -> list[Store]:
-    """Opens every store in `backup_dir` that `key` opens (or only `name`).
+                 allow_none: bool = False, cache: PackCache | None = None) -> list[Store]:
+    """Opens every store in `backup_dir` that `key` opens (or only `name`), each read
+    through `cache` if it is on object storage (mount_backend).
 
     A store the key does not open, or that cannot be opened (damaged, unreadable), is left out
     with one warning. If none opens: with `allow_none` (a mount that watches BACKUP_DIR for
@@ -186,7 +217,7 @@ def open_sources(backup_dir: Path | str, key: str | Passphrase, name: str | None
         backup_dir_stores(backup_dir)       # a BACKUP_DIR that is no readable folder: exit 2
         if not looks_like_store(backend_of(store_at(backup_dir, name))):
             raise NoSuchStore(f"no humiofs store at {store_at(backup_dir, name)}")
-        return [Store.open(store_at(backup_dir, name), key)]
+        return [_unlock(store_at(backup_dir, name), key, cache)]
     names = backup_dir_stores(backup_dir)
     if not names:
         if allow_none:
@@ -195,7 +226,7 @@ def open_sources(backup_dir: Path | str, key: str | Passphrase, name: str | None
     stores = []
     damaged: list[StoreError | StoreIOError] = []
     for n in names:
-        store = _open(store_at(backup_dir, n), key)
+        store = _open(store_at(backup_dir, n), key, cache)
         if isinstance(store, Store):
             stores.append(store)
         elif store is not None:
@@ -215,12 +246,13 @@ def open_sources(backup_dir: Path | str, key: str | Passphrase, name: str | None
                    "read these backups")
 
 
-def _open(path: Path | str, key: str | Passphrase) -> Store | StoreError | StoreIOError | None:
+def _open(path: Path | str, key: str | Passphrase, cache: PackCache | None
+          ) -> Store | StoreError | StoreIOError | None:
     """The store at `path`; else, told once in the log, None if the key does not open it or
     the error that keeps it out of the mount."""
     name = str(path).rstrip("/").rpartition("/")[2]
     try:
-        return Store.open(path, key)
+        return _unlock(path, key, cache)
     except WrongKey:
         log.warning("the key does not open the backup %s; it is left out of the mount",
                     name)
@@ -234,14 +266,25 @@ def _open(path: Path | str, key: str | Passphrase) -> Store | StoreError | Store
         return StoreError(f"cannot open {path}: {exc.strerror or exc}")
 
 
+def _unlock(path: Path | str, key: str | Passphrase, cache: PackCache | None) -> Store:
+    """Store.open through mount_backend; a backend whose store does not open is closed."""
+    backend = mount_backend(path, cache)
+    try:
+        return Store.open(backend, key)
+    except BaseException:
+        backend.close()
+        raise
+
+
 class NewStores:
     """Watches BACKUP_DIR for stores created after the mount started (or moved back, or
     replaced), and opens them with the key (one Argon2id unwrap each, in the caller's thread).
     A store the key does not open, or that is damaged, is told once and not tried again while
     its name stays in BACKUP_DIR."""
 
-    def __init__(self, backup_dir: Path | str, key: Passphrase, known: list[str]) -> None:
-        self.backup_dir, self.key = backup_dir, key
+    def __init__(self, backup_dir: Path | str, key: Passphrase, known: list[str],
+                 cache: PackCache | None = None) -> None:
+        self.backup_dir, self.key, self.cache = backup_dir, key, cache
         self.checked = time.monotonic()
         self._seen = set(known)
         self._lock = threading.Lock()
@@ -270,7 +313,7 @@ class NewStores:
                 if n in self._seen:
                     continue
                 self._seen.add(n)
-                store = _open(store_at(self.backup_dir, n), self.key)
+                store = _open(store_at(self.backup_dir, n), self.key, self.cache)
                 if isinstance(store, Store):
                     opened.append(store)
                     log.info("backup %s appeared; it is now in the mount", n)

@@ -42,7 +42,8 @@ from humiofs.mount.chunkcache import CACHE_BYTES
 from humiofs.mount.numbering import GLOBALDATA, Folder, Numbering
 from humiofs.mount.prefetch import Prefetcher
 from humiofs.mount.reader import Damaged, Reader, WouldBlock
-from humiofs.mount.sources import NewStores, Source, backup_dir_stores, open_sources
+from humiofs.mount.sources import (NewStores, PackCache, Source, backup_dir_stores,
+                                   open_sources)
 from humiofs.store import generations
 from humiofs.store.format import DIR, FILE, SYMLINK, Entry, Generation, Xattrs
 from humiofs.store.keys import Passphrase
@@ -127,19 +128,21 @@ class Tree:
     def from_backup_dir(cls, backup_dir: Path | str, key: str | Passphrase, name: str | None = None,
                         at: generations.At | None = None,
                         state: LocalState | None = None,
-                        stores: list[Store] | None = None) -> Tree:
+                        stores: list[Store] | None = None,
+                        cache: PackCache | None = None) -> Tree:
         """Opens the stores and reads which generation each shows (see open_sources); with
         `state`, warns when a store was rolled back (localstate). Without `name` and `at`, a
         BACKUP_DIR with no stores yet (or none at all yet) is fine: stores created later
         appear in the mount (within REFRESH_S of a listing of its root). `stores`: what
         open_sources(backup_dir, key, name, allow_none=name is None and at is None) gave,
-        if the caller opened them already."""
+        if the caller opened them already. `cache`: stores on object storage are read through
+        it (sources.mount_backend)."""
         watch = name is None and at is None
         listed = backup_dir_stores(backup_dir) if watch else []
         if stores is None:
-            stores = open_sources(backup_dir, key, name, allow_none=watch)
+            stores = open_sources(backup_dir, key, name, allow_none=watch, cache=cache)
         new_stores = NewStores(backup_dir, Passphrase.of(key),
-                               listed + [s.name for s in stores]) if watch else None
+                               listed + [s.name for s in stores], cache) if watch else None
         tree = cls(stores, at, state=state, new_stores=new_stores)
         if not stores:
             log.warning("no backups in %s yet; each appears in the mount once it is created",

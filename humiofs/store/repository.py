@@ -296,15 +296,26 @@ class Store:
         if not self.read_stored_into(ref.pack, start, stored, nowait):
             return None
         cipher = self.cipher(kind, ref.oid)
-        pos = n = 0
-        try:
-            for index in range(first, last + 1):
-                piece = stored[pos:pos + STORED_CHUNK]
-                n += cipher.decrypt_chunk_into(index, piece, index == last_index, out[n:])
-                pos += len(piece)
-        except IntegrityError as exc:
-            raise IntegrityError(f"pack {ref.pack.hex()} at offset {ref.offset}: {exc}") from None
-        return n
+        for attempt in (0, 1):
+            pos = n = 0
+            try:
+                for index in range(first, last + 1):
+                    piece = stored[pos:pos + STORED_CHUNK]
+                    n += cipher.decrypt_chunk_into(index, piece, index == last_index, out[n:])
+                    pos += len(piece)
+                return n
+            except IntegrityError as exc:
+                if attempt or not self.backend.caches:
+                    raise IntegrityError(f"pack {ref.pack.hex()} at offset {ref.offset}: "
+                                         f"{exc}") from None
+            # A cached copy (the mount's, on object storage) may be stale: a pack put back
+            # after damage. Once more from the store itself (backend/cache.py).
+            log.info("pack %s fails authentication at offset %d; reading it again from the "
+                     "store, not the cache", ref.pack.hex(), ref.offset)
+            self.backend.discard(pack_name(ref.pack))
+            if nowait or not self.read_stored_into(ref.pack, start, stored):
+                return None
+        raise AssertionError("unreachable")
 
     def iter_blob(self, ref: Ref, kind: int,
                   batch_chunks: int = _BATCH_CHUNKS) -> Iterator[bytearray]:

@@ -181,6 +181,14 @@ class Backend(ABC):
         symlinks nor folders: None. (Added with local.py.)"""
         return None
 
+    #: True for a backend that serves packs from a cache of its own (cache.CachedBackend):
+    #: bytes that fail authentication may then be a stale copy, worth one more read after
+    #: `discard`.
+    caches = False
+
+    def discard(self, name: str) -> None:
+        """Forgets what this backend caches of the file `name` (see `caches`). Never raises."""
+
     def close(self) -> None:
         """Releases cached handles. The backend may not be used afterwards."""
 
