@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import random
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli, write_env
-from mountutil import Mount, tiny_node
+from mountutil import Mount, is_mounted, tiny_node
 from s3util import S3Server
 
 pytestmark = pytest.mark.s3
@@ -51,7 +52,12 @@ def test_a_cache_folder_that_cannot_be_made_is_a_setting_to_fix(
         s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     env = s3_env(tmp_path, s3_server, s3_bucket, BACKUP_CACHE_DIR=str(tmp_path / "file"))
-    (tmp_path / "mnt").mkdir()
-    res = run_cli("mount", "--config", env, tmp_path / "mnt")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        res = run_cli("mount", "--config", env, mnt)
+    finally:
+        if is_mounted(mnt):                 # only if the test fails: never leave it mounted
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and "BACKUP_CACHE_DIR" in res.stderr, res.stderr
