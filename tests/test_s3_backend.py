@@ -94,6 +94,45 @@ def test_ranged_reads(backend: S3Backend) -> None:
 
 
 @pytest.mark.s3
+def test_small_reads_going_forward_share_requests(backend: S3Backend,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore of many small files reads a pack forward in small pieces: one request per
+    4 MiB window, not per piece; reads that jump around, or are large, fetch what they ask."""
+    data = os.urandom(6 << 20)
+    backend.write("packs/ab/abcd", data)
+    fetched: list[tuple[int, int]] = []
+    real = backend._get_range
+
+    def counting(name: str, offset: int, length: int) -> memoryview:
+        fetched.append((offset, length))
+        return real(name, offset, length)
+    monkeypatch.setattr(backend, "_get_range", counting)
+    pos = 0
+    while pos < len(data):
+        size = min(10_000 + pos % 7, len(data) - pos)
+        out = bytearray(size)
+        assert backend.read_into("packs/ab/abcd", pos, memoryview(out))
+        assert out == data[pos:pos + size]
+        pos += size
+    assert len(fetched) <= 4, fetched           # the first piece, then two windows
+    fetched.clear()
+    backend.discard("packs/ab/abcd")      # what the windows hold is forgotten
+    for at in (5 << 20, 1 << 20, 3 << 20, 100):
+        out = bytearray(4096)
+        assert backend.read_into("packs/ab/abcd", at, memoryview(out))
+        assert out == data[at:at + 4096]
+    assert [n for _, n in fetched] == [4096] * 4
+    fetched.clear()
+    out = bytearray(1 << 20)
+    for at in (0, 1 << 20):
+        assert backend.read_into("packs/ab/abcd", at, memoryview(out))
+        assert out == data[at:at + (1 << 20)]
+    assert [n for _, n in fetched] == [1 << 20] * 2
+    with pytest.raises(EOFError):
+        backend.read_into("packs/ab/abcd", len(data) - 100, memoryview(bytearray(4096)))
+
+
+@pytest.mark.s3
 def test_listing(backend: S3Backend) -> None:
     for name in ("config", "keys/k1", "packs/ab/p1", "packs/ab/p2", "packs/cd/p3",
                  "generations/g1"):

@@ -28,6 +28,7 @@ from humiofs.store.backend import (
     Lock,
     Upload,
 )
+from humiofs.store.backend.s3reads import ReadWindows
 from humiofs.store.backend.s3settings import (
     CONNECT_S,
     REQUEST_S,
@@ -43,6 +44,8 @@ __all__ = ["SETTINGS", "S3Backend", "S3Location", "S3Settings", "location_from_e
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
+
+    from humiofs.store.backend.s3lock import S3Lock
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +180,8 @@ class S3Backend(Backend):
         self.local_path = None
         self._pieces: dict[str, int] = {}   # appended file -> its last piece number, ours
         self._lock = threading.Lock()
-        self._held: list[Any] = []           # s3lock.S3Lock objects this backend holds
+        self._windows = ReadWindows()
+        self._held: list[S3Lock] = []        # the locks taken through this backend
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -241,24 +245,28 @@ class S3Backend(Backend):
         return bytes(out if limit is None else out[:limit])
 
     def read_into(self, name: str, offset: int, out: memoryview, nowait: bool = False) -> bool:
-        import obstore
         if nowait:
             return False
         if not len(out):
             return True
-        try:
-            data = obstore.get_range(self.client, self.key(name), start=offset,
-                                     length=len(out))
-        except Exception as exc:
-            if "416" in str(exc).split("\n", 1)[0]:
-                raise EOFError(f"{self.location}/{name} ends before {offset}") from None
-            raise self.error(exc, name) from None
-        got = memoryview(data)
+        got = self._windows.read(name, offset, len(out), self._get_range)
         if len(got) < len(out):
             raise EOFError(f"{self.location}/{name} ends at {offset + len(got)}, "
                            f"{offset + len(out)} needed")
         out[:] = got
         return True
+
+    def _get_range(self, name: str, offset: int, length: int) -> memoryview:
+        """At most `length` bytes at `offset` of `name`: one ranged GET (fewer bytes at the
+        end of the object, none past it)."""
+        import obstore
+        try:
+            return memoryview(obstore.get_range(self.client, self.key(name), start=offset,
+                                                length=length))
+        except Exception as exc:
+            if "416" in str(exc).split("\n", 1)[0]:
+                return memoryview(b"")
+            raise self.error(exc, name) from None
 
     def stat(self, name: str) -> Item:
         import obstore
@@ -375,6 +383,7 @@ class S3Backend(Backend):
         """Removes the object `name`, and the pieces of an appended file that this backend
         has appended to, listed, read or stat'd."""
         import obstore
+        self.ensure_held()      # a prune that lost its lock deletes nothing more
         with self._lock:
             appended = name in self._pieces
         keys = [self.key(name)]
@@ -388,6 +397,14 @@ class S3Backend(Backend):
             raise self.error(exc, name) from None
         with self._lock:
             self._pieces.pop(name, None)
+        self._windows.forget(name)
+
+    # Reads forward through a pack are served from windows (s3reads.py): a pack put back
+    # after damage is worth one more read, afresh.
+    caches = True
+
+    def discard(self, name: str) -> None:
+        self._windows.forget(name)
 
     def rename(self, src: str, dst: str) -> None:
         """Copy, then delete: not atomic (a crash between leaves both, which names the same
