@@ -16,7 +16,7 @@ from pathlib import Path
 
 from humiofs.errors import ConfigError, show
 from humiofs.store.backend import s3 as s3_backend
-from humiofs.store.backend import store_at
+from humiofs.store.backend.factory import store_at
 from humiofs.store.keys import Passphrase, canonical_passphrase, check_passphrase
 
 DEFAULT_BACKUP_DIR = "/backup"

@@ -245,7 +245,7 @@ class _Prune:
         dropped = set(r.dropped)
         remaining = [n for n in (names if self.dry_run else self.store.list_generations())
                      if n not in dropped and n not in r.set_aside]
-        cutoff = 0.0
+        cutoff = 0
         roots = []
         for name in remaining:
             # Loaded first: a generation that reads back is a root even if its file goes
@@ -261,7 +261,7 @@ class _Prune:
                 st = self.store.backend.stat(f"generations/{name}")
             except FileNotFoundError:
                 continue
-            cutoff = max(cutoff, st.mtime)
+            cutoff = max(cutoff, st.time_ns())
         # No pack is deleted while the store is damaged; the caller says so (once).
         if r.unreadable or r.damaged:
             return r
@@ -305,10 +305,10 @@ class _Prune:
         backend.sync("generations")
 
     def _packs(self, packs: dict[bytes, Item], needed: set[bytes],
-               cutoff: float | None) -> None:
+               cutoff_ns: int | None) -> None:
         """Deletes recorded packs whose grace is over, and records (or with grace 0 deletes)
         the other unneeded ones: all of them if no writer runs (`cutoff_ns` None), else those
-        older than `cutoff` (a generation file's mtime)."""
+        older than `cutoff_ns` (a generation file's mtime)."""
         r = self.result
         records = self._records()
         pending: set[bytes] = set()
@@ -329,7 +329,7 @@ class _Prune:
         unneeded = {pid: st for pid, st in packs.items() if pid not in needed}
         r.pending_packs = len(pending & unneeded.keys())
         condemn = {pid: st for pid, st in unneeded.items()
-                   if pid not in pending and (cutoff is None or st.mtime < cutoff)}
+                   if pid not in pending and (cutoff_ns is None or st.time_ns() < cutoff_ns)}
         r.young_packs = len(unneeded) - r.pending_packs - len(condemn)
         if not condemn:
             return

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT
 from humiofs.store.backend import FILE, FOLDER, Busy, Lock
-from humiofs.store.backend import s3 as s3mod
+from humiofs.store.backend import s3upload
 from humiofs.store.backend.s3 import S3Backend, S3Location, S3Settings, parse_url
 from s3util import S3Server
 
@@ -158,7 +158,7 @@ def test_uploads_appear_only_complete(backend: S3Backend, s3_server: S3Server,
     """Small packs go in one PUT on commit, large ones as a multipart upload while they are
     written; either way nothing is seen under the name before commit, and abort leaves
     nothing (no object, no unfinished multipart upload)."""
-    monkeypatch.setattr(s3mod, "PART", 5 << 20)    # S3's smallest part
+    monkeypatch.setattr(s3upload, "PART", 5 << 20)    # S3's smallest part
     data = os.urandom(size)
     admin = s3_server.admin()
     for finish in ("abort", "commit"):

@@ -21,7 +21,7 @@ from humiofs import errors
 from humiofs.backup import scan
 from humiofs.cli import summary
 from humiofs.config import Config
-from humiofs.store.backend import store_at
+from humiofs.store.backend.factory import is_remote, store_at
 from humiofs.errors import HumiofsError, Interrupted, StoreError
 from humiofs.progress import human_bytes
 from humiofs.store import generations, keys
@@ -318,6 +318,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    if cfg.backup_name and is_remote(cfg.backup_dir):
+        list_stores(cfg.backup_dir)     # a missing bucket, said as such
     names = [cfg.backup_name] if cfg.backup_name else list_stores(cfg.backup_dir)
     if not names:
         _human(args, f"no backups in {cfg.backup_dir}")

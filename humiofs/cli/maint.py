@@ -9,7 +9,7 @@ from collections.abc import Callable
 from humiofs import errors
 from humiofs.cli import summary
 from humiofs.progress import human_bytes
-from humiofs.store.backend import store_at
+from humiofs.store.backend.factory import store_at
 from humiofs.store.format import generation_time
 from humiofs.store.generations import format_time
 from humiofs.store.localstate import LocalState

@@ -120,7 +120,7 @@ class _Opening(threading.Thread):
 def cmd_mount(args: argparse.Namespace) -> int:
     from humiofs import errors
     from humiofs.cli import load_config
-    from humiofs.store.backend import is_remote, store_at
+    from humiofs.store.backend.factory import is_remote, store_at
     from humiofs.mount import mount
     from humiofs.store import generations
     from humiofs.store import repository as store

@@ -13,7 +13,8 @@ from humiofs.store import generations
 from humiofs.store.format import Generation, generation_time
 from humiofs.store.keys import Passphrase
 from humiofs.store.localstate import LocalState
-from humiofs.store.backend import Backend, is_remote, open_location, store_at
+from humiofs.store.backend import Backend, LocationMissing
+from humiofs.store.backend.factory import is_remote, open_location, store_at
 from humiofs.store.repository import Store, backend_of, list_stores, looks_like_store
 from humiofs.store.storemeta import read_config
 
@@ -187,9 +188,9 @@ def backup_dir_stores(backup_dir: Path | str) -> list[str]:
     location = open_location(backup_dir)
     try:
         location.names()
-    except FileNotFoundError as exc:
-        if location.local_path is None:     # a missing bucket: a setting to fix
-            raise ConfigError(str(exc.strerror)) from None
+    except LocationMissing as exc:      # a missing bucket: a setting to fix
+        raise ConfigError(str(exc.strerror)) from None
+    except FileNotFoundError:
         return []
     except NotADirectoryError:
         raise ConfigError(f"BACKUP_DIR {backup_dir} is not a folder; set BACKUP_DIR to the "

@@ -117,8 +117,8 @@ def reclaim(store: Store) -> int:
     # elsewhere) can never delete a pack a generation may need; what this keeps, prune
     # removes later.
     gens = set(store.list_generations())
-    newest_generation = max((i.mtime for i in backend.list("generations")
-                             if i.name.rpartition("/")[2] in gens), default=0.0)
+    newest_generation = max((i.time_ns() for i in backend.list("generations")
+                             if i.name.rpartition("/")[2] in gens), default=0)
     deleted = 0
     for name in journals:
         try:
@@ -132,7 +132,7 @@ def reclaim(store: Store) -> int:
         for pid in packs:
             pack = pack_name(pid)
             try:
-                if backend.stat(pack).mtime <= newest_generation:
+                if backend.stat(pack).time_ns() <= newest_generation:
                     continue
                 backend.delete(pack)
                 deleted += 1

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from humiofs.errors import StoreError
 from humiofs.store import format
-from humiofs.store.backend import is_remote
+from humiofs.store.backend.factory import is_remote
 from humiofs.store.generations import complete_name, format_time
 
 if TYPE_CHECKING:

@@ -16,15 +16,8 @@ from pathlib import Path
 
 from humiofs.errors import IntegrityError, NoSuchObject, StoreError, refused
 from humiofs.store import crypto, format, journal, keys, opening, writerlock
-from humiofs.store.backend import (
-    FILE,
-    FOLDER,
-    Backend,
-    Item,
-    Location,
-    open_location,
-    store_at,
-)
+from humiofs.store.backend import FILE, FOLDER, Backend, Item, Location
+from humiofs.store.backend.factory import open_location, store_at
 from humiofs.store.crypto import CHUNK, STORED_CHUNK, ObjectCipher
 from humiofs.store.durable import NotRegularFile, store_io_error
 from humiofs.store.format import Ref
@@ -36,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_TREE_BYTES = 1 << 30
 MAX_GENERATION_BYTES = 16 << 20
 _BATCH_CHUNKS = 4  # chunks per read of a whole blob (restore, check)
+_CHECKED_PACKS = 1 << 16    # packs whose checked header a Store remembers
 _scratch = threading.local()
 
 PACK_NAME = re.compile(r"^[0-9a-f]{32}$")
@@ -46,8 +40,9 @@ __all__ = ["PACK_NAME", "Store", "is_store", "list_packs", "list_stores", "looks
 
 def _split(where: Path | str) -> tuple[Location, str]:
     """BACKUP_DIR/NAME as (BACKUP_DIR's location, NAME)."""
-    parent, _, name = os.fspath(where).rstrip("/").rpartition("/")
-    return open_location(parent or "/"), name
+    text = os.fspath(where).rstrip("/")
+    parent, slash, name = text.rpartition("/")
+    return open_location(parent or (slash or ".")), name
 
 
 def backend_of(where: Path | str | Backend) -> Backend:
@@ -101,7 +96,10 @@ class Store:
         self._master = master
         # The form of the passphrase that opened the store (check tries it on every key file).
         self.passphrase = passphrase
-        self._checked_packs: set[bytes] = set()     # packs whose header was checked
+        # Packs whose header was checked, with their store file names (a lookup here is the
+        # mount's hot path: cheaper than formatting the name). Bounded: once full it starts
+        # again, and a pack is checked anew (an 8-byte read).
+        self._checked_packs: dict[bytes, str] = {}
 
     def __repr__(self) -> str:
         return f"Store({self.backend.location!r})"
@@ -238,8 +236,9 @@ class Store:
         """Closes cached pack files."""
         self.backend.close()
 
-    def _check_pack(self, pack_id: bytes, name: str) -> None:
-        """Checks the pack's header, once per pack (FORMAT.md 6)."""
+    def _check_pack(self, pack_id: bytes) -> str:
+        """Checks the pack's header (FORMAT.md 6); returns its store file name."""
+        name = pack_name(pack_id)
         h = pack_id.hex()
         try:
             head = self.backend.read(name, format.HEADER_LEN)
@@ -249,18 +248,21 @@ class Store:
             raise refused(exc, f"pack {h}") or StoreError(
                 f"cannot open pack {h}: {exc.strerror}") from None
         format.check_header(head, format.TYPE_PACK, format.PACK_VERSION, f"pack {h}")
-        self._checked_packs.add(pack_id)
+        if len(self._checked_packs) >= _CHECKED_PACKS:
+            self._checked_packs = {}
+        self._checked_packs[pack_id] = name
+        return name
 
     def read_stored_into(self, pack_id: bytes, offset: int, out: memoryview,
                          nowait: bool = False) -> bool:
         """Fills `out` with the stored bytes at `offset` of a pack; a short read is an error.
         With `nowait`, returns False instead of waiting for the disk or the network (see
         Backend.read_into), and when the pack's header is not checked yet."""
-        name = pack_name(pack_id)
-        if pack_id not in self._checked_packs:
+        name = self._checked_packs.get(pack_id)
+        if name is None:
             if nowait:
                 return False
-            self._check_pack(pack_id, name)
+            name = self._check_pack(pack_id)
         try:
             return self.backend.read_into(name, offset, out, nowait)
         except EOFError:

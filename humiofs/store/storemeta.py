@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from humiofs.errors import IntegrityError, NoSuchStore, StoreError, StoreMetadataDamaged, refused
 from humiofs.store import keys
-from humiofs.store.backend import FILE, FOLDER, Backend, iter_names
+from humiofs.store.backend import FILE, FOLDER, Backend, LocationMissing, iter_names
 from humiofs.store.durable import NotRegularFile
 
 STORE_FORMAT = "humiofs-store"
@@ -51,20 +51,21 @@ def refuse_planted(backend: Backend) -> None:
 
 
 def _kind(backend: Backend, name: str) -> str | None:
+    """The kind of the entry `name`, None if there is none (or a symlink loop is in the
+    way); other OSErrors (a name too long, a permission) are raised."""
     try:
         return backend.stat(name).kind
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
 
 
 def is_store(backend: Backend) -> bool:
     """True if `backend` looks like a humiofs store (it has a config file)."""
-    try:
-        return _kind(backend, "config") == FILE
-    except PermissionError:
-        return False
-    except OSError:
-        return False
+    return _kind(backend, "config") == FILE
 
 
 def looks_like_store(backend: Backend) -> bool:
@@ -75,8 +76,6 @@ def looks_like_store(backend: Backend) -> bool:
                 or _kind(backend, "keys") == FOLDER)
     except PermissionError:
         return True
-    except OSError:
-        return False
 
 
 def read_config(backend: Backend, fits: Callable[[bytes], bool] = lambda _: False) -> bytes:
@@ -90,6 +89,8 @@ def read_config(backend: Backend, fits: Callable[[bytes], bool] = lambda _: Fals
     config_path = at(backend, "config")
     try:
         raw = backend.read("config", 1 << 16)
+    except LocationMissing as exc:
+        raise NoSuchStore(str(exc.strerror)) from None
     except FileNotFoundError:
         if not looks_like_store(backend):
             raise NoSuchStore(f"no humiofs store at {path}") from None

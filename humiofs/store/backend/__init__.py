@@ -7,7 +7,7 @@ A `Location` is BACKUP_DIR (a local folder, or `s3://BUCKET/PREFIX`); each store
 
 Nothing above this package opens, lists, renames or deletes a store path itself (STYLE.md:
 restic's `internal/backend` under `internal/repository` is the model). The local folder is
-`local.py`; object storage is `s3.py`.
+`local.py`; object storage is `s3.py`; `factory.open_location` picks one for a BACKUP_DIR.
 
 Errors follow the filesystem's, so one caller's handling serves every backend: a missing
 object raises FileNotFoundError; something that is not a regular file under a store file's
@@ -32,13 +32,22 @@ OTHER = "other"      # a symlink, FIFO, device or socket where a store file belo
 class Item:
     """One entry of a listing. `name`: relative to the store's root (`packs/ab/abcd…`);
     `kind`: FILE, FOLDER or OTHER; `size`: bytes (0 for a folder); `mtime`: seconds since
-    the epoch (the upload time on object storage); `symlink`: an OTHER that is a symlink
-    (added for check's advice; object storage leaves it False)."""
+    the epoch (the upload time on object storage). Added with local.py, both optional:
+    `symlink`, an OTHER that is a symlink (for check's advice; object storage leaves it
+    False); `mtime_ns`, the mtime in nanoseconds where the backend has it exactly (a local
+    file's; 0 if not: see `time_ns`)."""
     name: str
     kind: str
     size: int
     mtime: float
     symlink: bool = False
+    mtime_ns: int = 0
+
+    def time_ns(self) -> int:
+        """The mtime in nanoseconds: exact where the backend gave it (prune and the journal
+        compare a pack's time with a generation's, and a float of seconds cannot tell
+        apart two times less than a microsecond apart)."""
+        return self.mtime_ns or round(self.mtime * 1e9)
 
 
 class Upload(ABC):
@@ -70,6 +79,11 @@ class Lock(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class LocationMissing(FileNotFoundError):
+    """BACKUP_DIR itself is not there where a backend cannot make it tell (a bucket that
+    does not exist): raised by any call; strerror is the one line to show."""
 
 
 class Busy(Exception):
@@ -206,30 +220,6 @@ class Location(ABC):
         """Removes what creations of the store `name` that were killed left behind (a local
         staging folder). Object storage creates a store by writing its files: nothing to do.
         (Added with local.py.)"""
-
-
-def is_remote(backup_dir: Path | str) -> bool:
-    """Whether BACKUP_DIR names object storage (`s3://BUCKET/PREFIX`) rather than a folder."""
-    return isinstance(backup_dir, str) and backup_dir.startswith("s3://")
-
-
-def store_at(backup_dir: Path | str, name: str) -> Path | str:
-    """The store `name` in BACKUP_DIR: a Path in a folder, `s3://BUCKET/PREFIX/NAME` on
-    object storage."""
-    if is_remote(backup_dir):
-        return f"{str(backup_dir).rstrip('/')}/{name}"
-    return Path(backup_dir) / name
-
-
-def open_location(backup_dir: Path | str) -> Location:
-    """The Location BACKUP_DIR names: object storage (S3Location, with the AWS_* settings
-    config.load registered, s3.use_settings) for `s3://BUCKET/PREFIX`, else a local folder
-    (LocalLocation). ValueError with one line for a malformed s3:// URL or setting."""
-    if is_remote(backup_dir):
-        from humiofs.store.backend import s3
-        return s3.open_s3(str(backup_dir))
-    from humiofs.store.backend.local import LocalLocation
-    return LocalLocation(Path(backup_dir))
 
 
 def iter_names(items: list[Item], kind: str = FILE) -> Iterator[str]:

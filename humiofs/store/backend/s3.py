@@ -12,102 +12,41 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import re
 import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from humiofs.store.backend import FILE, FOLDER, Backend, Item, Location, Lock, Upload
+from humiofs.store.backend import (
+    FILE,
+    FOLDER,
+    Backend,
+    Item,
+    Location,
+    LocationMissing,
+    Lock,
+    Upload,
+)
+from humiofs.store.backend.s3settings import (
+    CONNECT_S,
+    REQUEST_S,
+    RETRIES,
+    RETRY_WINDOW_S,
+    SETTINGS,
+    S3Settings,
+    parse_url,
+)
+
+__all__ = ["SETTINGS", "S3Backend", "S3Location", "S3Settings", "location_from_env", "open_s3",
+           "parse_url", "use_settings"]
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
 
 log = logging.getLogger(__name__)
 
-# Requests: a connection must be made in CONNECT_S and a whole request (a part of a pack, a
-# ranged read) done in REQUEST_S. A failed request (5xx, refused or dropped connection,
-# timeout) is tried again after 0.2, 0.4, 0.8, 1.6, 3.2 s (with jitter), at most RETRIES times
-# and not after RETRY_WINDOW_S: a server that is down is reported after about 6 s, one that
-# hangs after at most RETRY_WINDOW_S + REQUEST_S = 50 s.
-CONNECT_S = 5
-REQUEST_S = 20
-RETRIES = 5
-RETRY_WINDOW_S = 30
-# A pack larger than this is sent as a multipart upload in parts of this size while it is
-# written (memory: the queue plus the parts in flight, ~PART * (QUEUED_PARTS + PARALLEL_PARTS));
-# a smaller one is sent in one PUT on commit.
-PART = 8 << 20
-QUEUED_PARTS = 1
-PARALLEL_PARTS = 2
-
 _PIECE = re.compile(r"^(.+)~(\d{8})$")    # one append of an appended file
-
-SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP")
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Where the S3 service is and who we are there, from the AWS_* settings. The secret is
-    kept out of repr (and so out of logs and tracebacks)."""
-    endpoint: str | None
-    access_key_id: str | None
-    secret_access_key: str | None = field(repr=False)
-    region: str = "us-east-1"
-    allow_http: bool = False
-    session_token: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> S3Settings:
-        """Reads AWS_ENDPOINT_URL (none: AWS itself), AWS_ACCESS_KEY_ID,
-        AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (temporary credentials), AWS_REGION (else
-        AWS_DEFAULT_REGION, else us-east-1) and AWS_ALLOW_HTTP (true/false; an http://
-        endpoint on a loopback address is allowed without it). ValueError with one line for
-        a bad value."""
-        endpoint = env.get("AWS_ENDPOINT_URL") or None
-        allow = env.get("AWS_ALLOW_HTTP", "").strip().lower()
-        if allow not in ("", "true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"AWS_ALLOW_HTTP must be true or false, not {allow!r}")
-        allow_http = allow in ("true", "1", "yes")
-        if endpoint is not None:
-            m = re.match(r"^(https?)://([^/:]+|\[[^]]+\])(:\d+)?/?$", endpoint)
-            if not m:
-                raise ValueError(f"AWS_ENDPOINT_URL must look like https://HOST[:PORT], "
-                                 f"not {endpoint!r}")
-            if m.group(1) == "http" and not allow_http:
-                if m.group(2) not in ("127.0.0.1", "localhost", "[::1]"):
-                    raise ValueError(f"AWS_ENDPOINT_URL {endpoint} is plain http, which shows "
-                                     "object names and sizes on the network: use https, or set "
-                                     "AWS_ALLOW_HTTP=true")
-                allow_http = True
-        return cls(endpoint, env.get("AWS_ACCESS_KEY_ID") or None,
-                   env.get("AWS_SECRET_ACCESS_KEY") or None,
-                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-                   allow_http, env.get("AWS_SESSION_TOKEN") or None)
-
-
-def parse_url(url: str) -> tuple[str, str]:
-    """(bucket, prefix) of `s3://BUCKET[/PREFIX]`; the prefix has no leading or trailing `/`.
-    ValueError with one line if it is not such a URL."""
-    m = re.match(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?$", url)
-    if not m:
-        raise ValueError(f"{url!r} is not s3://BUCKET/PREFIX (a bucket name is 3-63 lower-case "
-                         "letters, digits, dots and hyphens)")
-    prefix = (m.group(2) or "").strip("/")
-    parts = prefix.split("/") if prefix else []
-    if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-        raise ValueError(f"{url!r}: the prefix may not have empty, '.' or '..' parts, or parts "
-                         "starting with '.'")
-    return m.group(1), prefix
-
-
-def _unquote(etag: str | None) -> str:
-    # RadosGW answers 412 to If-Match with the quoted ETag (docs/S3.md).
-    return (etag or "").strip('"')
-
 
 class S3Location(Location):
     """BACKUP_DIR=s3://BUCKET/PREFIX. One HTTP client, shared by its stores (thread-safe).
@@ -195,7 +134,7 @@ class S3Location(Location):
                 f" ({code.group(1) if code else 'forbidden'}): check AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, and that this user may use the bucket"))
         if "NoSuchBucket" in text:
-            return FileNotFoundError(errno.ENOENT, (
+            return LocationMissing(errno.ENOENT, (
                 f"the bucket {self.bucket} does not exist at {self.endpoint}; create it "
                 "(humiofs never does) or correct BACKUP_DIR"))
         if isinstance(exc, FileNotFoundError) or isinstance(exc, ox.NotFoundError):
@@ -408,7 +347,8 @@ class S3Backend(Backend):
             return False
 
     def create(self, name: str) -> Upload:
-        return _S3Upload(self, name)
+        from humiofs.store.backend.s3upload import S3Upload
+        return S3Upload(self, name)
 
     def append(self, name: str, data: bytes, sync: bool) -> None:
         """One object per append (`name~00000001`, …): durable when this returns, whatever
@@ -478,130 +418,6 @@ class S3Backend(Backend):
     def locked(self, name: str) -> bool:
         from humiofs.store.backend.s3lock import is_held
         return is_held(self, name)
-
-
-_DONE = object()
-_ABORT = object()
-
-
-class _S3Upload(Upload):
-    """A pack on its way: held in memory up to PART bytes and PUT on commit; past that, a
-    multipart upload fed from this thread through a queue of parts, completed on commit and
-    aborted (by the client, on the failed iterator) on abort. The object appears only
-    complete."""
-
-    def __init__(self, backend: S3Backend, name: str) -> None:
-        self.backend = backend
-        self.name = name
-        self._buffer = bytearray()
-        self._queue: queue.Queue[object] | None = None
-        self._thread: threading.Thread | None = None
-        self._failure: BaseException | None = None
-        self._closed = False
-
-    def write(self, data: bytes | memoryview) -> None:
-        if self._closed:
-            raise ValueError("upload is closed")
-        self._buffer += data
-        if len(self._buffer) < PART:
-            return
-        if self._thread is None:
-            self._start()
-        while len(self._buffer) >= PART:
-            part = bytes(self._buffer[:PART])
-            del self._buffer[:PART]
-            self._send(part)
-
-    def _start(self) -> None:
-        self._queue = queue.Queue(QUEUED_PARTS)
-        self._thread = threading.Thread(target=self._run, name="s3-upload", daemon=True)
-        self._thread.start()
-
-    def _parts(self) -> Iterator[bytes]:
-        assert self._queue is not None
-        while True:
-            part = self._queue.get()
-            if part is _DONE:
-                return
-            if part is _ABORT:
-                raise _Aborted()
-            yield part      # type: ignore[misc]
-
-    def _run(self) -> None:
-        import obstore
-        try:
-            obstore.put(self.backend.client, self.backend.key(self.name), self._parts(),
-                        chunk_size=PART, max_concurrency=PARALLEL_PARTS)
-        except BaseException as exc:
-            self._failure = exc
-            assert self._queue is not None
-            while True:     # unblock a writer waiting on a full queue
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-
-    def _send(self, item: object) -> None:
-        assert self._queue is not None and self._thread is not None
-        while self._failure is None:
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                if not self._thread.is_alive():
-                    break
-        self._raise()
-
-    def _raise(self) -> None:
-        exc = self._failure
-        self.abort()
-        if isinstance(exc, _Aborted) or exc is None:
-            raise OSError(errno.EIO, f"the upload of {self.backend.location}/{self.name} "
-                                     "stopped")
-        raise self.backend.error(exc, self.name) from None
-
-    def commit(self) -> None:
-        import obstore
-        if self._closed:
-            raise ValueError("upload is closed")
-        try:
-            self.backend.ensure_held()
-        except OSError:
-            self.abort()
-            raise
-        if self._thread is None:
-            data, self._buffer = bytes(self._buffer), bytearray()
-            self._closed = True
-            try:
-                obstore.put(self.backend.client, self.backend.key(self.name), data,
-                            use_multipart=False)
-            except Exception as exc:
-                raise self.backend.error(exc, self.name) from None
-            return
-        if self._buffer:
-            self._send(bytes(self._buffer))
-            self._buffer = bytearray()
-        self._send(_DONE)
-        self._thread.join()
-        self._closed = True
-        if self._failure is not None:
-            self._raise()
-
-    def abort(self) -> None:
-        self._closed = True
-        self._buffer = bytearray()
-        if self._thread is not None and self._queue is not None:
-            if self._thread.is_alive():
-                try:
-                    self._queue.put(_ABORT, timeout=REQUEST_S)
-                except queue.Full:
-                    pass
-            self._thread.join(RETRY_WINDOW_S + REQUEST_S)
-            self._thread = None
-
-
-class _Aborted(Exception):
-    pass
 
 
 _settings: S3Settings | None = None
