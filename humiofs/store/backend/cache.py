@@ -335,7 +335,10 @@ class CachedBackend(Backend):
 
     def _ahead_fetch(self, name: str, size: int, run: _Ints) -> None:
         try:
-            for part in _runs(run):
+            # A reader's fetch that ended before `run` was registered stored its block.
+            present = [i for i in run if self.blocks.has(name, i)]
+            self._finish(name, present)
+            for part in _runs([i for i in run if i not in present]):
                 self._fetch(name, size, part)
         except BaseException as exc:
             # Not the reader's business: it fetches the block itself when it gets there, and
