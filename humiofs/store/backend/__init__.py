@@ -126,7 +126,8 @@ class Backend(ABC):
     def list(self, folder: str = "", recursive: bool = False) -> list[Item]:
         """The entries of `folder` ("" is the store's root), sorted by name; with `recursive`,
         every file below it and no folders. FileNotFoundError if the folder is missing;
-        NotADirectoryError if a file is in its place."""
+        NotADirectoryError if a file is in its place. Object storage has no folders: there
+        a folder with nothing in it lists empty, and neither is raised (s3.py)."""
 
     # -- writing ----------------------------------------------------------------------------
 
