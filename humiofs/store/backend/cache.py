@@ -172,17 +172,22 @@ class CachedBackend(Backend):
     def locked(self, name: str) -> bool:
         return self.inner.locked(name)
 
+    def planted(self, folders: tuple[str, ...], files: tuple[str, ...]) -> str | None:
+        return self.inner.planted(folders, files)
+
     def close(self) -> None:
         """Stops read-ahead (waiting for fetches under way), then closes the wrapped backend."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            # Read-ahead cancelled before it ran: nobody may wait for it.
+            for (name, index) in list(self._fetching):
+                self._finish_locked(name, index, None)
         self.blocks.close()
         _instances.discard(self)
         self.inner.close()
-
-    # -- block files --------------------------------------------------------------------------
 
     # -- fetching -----------------------------------------------------------------------------
 
@@ -288,11 +293,13 @@ class CachedBackend(Backend):
         """Wakes whoever waits for the blocks `run`, giving them `blocks` (None: failed)."""
         with self._lock:
             for index in run:
-                fetch = self._fetching.pop((name, index), None)
-                if fetch is None:
-                    continue
-                fetch.data = blocks[index] if blocks else None
-                fetch.done.set()
+                self._finish_locked(name, index, blocks[index] if blocks else None)
+
+    def _finish_locked(self, name: str, index: int, data: memoryview | None) -> None:
+        fetch = self._fetching.pop((name, index), None)
+        if fetch is not None:
+            fetch.data = data
+            fetch.done.set()
 
     # -- read-ahead ---------------------------------------------------------------------------
 
