@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from humiofs.store.backend import Backend, Item, Lock, Upload
-from humiofs.store.backend.blockfolder import PIECE
+from humiofs.store.backend.blockfolder import PIECE, BlockFolder, MemoryBlocks
 from humiofs.store.backend.cache import CachedBackend
 from humiofs.store.backend.s3 import location_from_env
 from conftest import KEY
@@ -130,6 +130,11 @@ def read(backend: Backend, name: str, offset: int, size: int, nowait: bool = Fal
     if not backend.read_into(name, offset, memoryview(out), nowait):
         return None
     return bytes(out)
+
+
+def block_file(cache: CachedBackend, name: str, index: int) -> Path:
+    assert isinstance(cache.blocks, BlockFolder)
+    return cache.blocks._path(name, index)
 
 
 def block_files(folder: Path) -> list[Path]:
@@ -271,7 +276,7 @@ def test_damaged_block_file_is_fetched_again(packs: Packs,
     cache, counting, data = cached(packs, tmp_path / "c", readahead_blocks=0)
     name = list(data)[0]
     assert read(cache, name, 0, 2 * B) == data[name][:2 * B]
-    first, second = (cache.blocks._path(name, i) for i in (0, 1))
+    first, second = (block_file(cache, name, i) for i in (0, 1))
     if how == "swap":          # another block's file (its CRCs match) under this name
         os.replace(second, first)
     else:
@@ -484,7 +489,7 @@ def test_cache_trouble_never_fails_a_read(packs: Packs,
     folder = tmp_path / "c"
     cache, counting, data = cached(packs, folder, readahead_blocks=0)
     name = list(data)[0]
-    sub = cache.blocks._path(name, 0).parent
+    sub = block_file(cache, name, 0).parent
     sub.mkdir(mode=0o700)
     (sub / ".tmp-0").mkdir()
     os.chmod(sub, 0o500)
@@ -545,3 +550,25 @@ def test_a_pack_put_back_after_damage_reads_again(s3_server: S3Server, s3_bucket
     fetched = len(cached.reads)
     assert read_file() == contents                   # and from the cache again
     assert len(cached.reads) == fetched
+
+
+def test_in_memory_for_a_restore(packs: Packs) -> None:
+    """Without a folder the blocks live in memory, bounded (a restore's read-ahead): reads
+    right, each block fetched once while it stays, read-ahead for an in-order reader."""
+    counting = Counting(packs[0])
+    data = packs[1]
+    cache = CachedBackend(counting, None, 6 * B, block_bytes=B, readahead_blocks=3)
+    name = list(data)[3]                  # 21 blocks
+    pos = 0
+    while pos < len(data[name]):          # in order, in pieces that straddle blocks
+        size = min(B // 3 + 17, len(data[name]) - pos)
+        assert read(cache, name, pos, size) == data[name][pos:pos + size]
+        pos += size
+        assert isinstance(cache.blocks, MemoryBlocks) and cache.blocks._bytes <= 6 * B
+    wait_for(lambda: cache.fetched >= 21, "read-ahead to the end")
+    cache.close()
+    assert sorted(counting.blocks_read(name)) == list(range(21))
+    assert len(counting.reads) < 21       # read-ahead fetched runs of blocks in one request
+    assert cache.blocks.evictions > 0
+    with pytest.raises(EOFError):
+        read(cache, name, len(data[name]) - 5, 6)

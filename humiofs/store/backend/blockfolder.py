@@ -1,5 +1,6 @@
-"""The cache folder of the mount's pack cache (cache.py): block files, their checks, and
-eviction of the least recently used under a size limit, shared by the processes using it.
+"""Where the pack cache (cache.py) keeps its blocks: the mount's cache folder (BlockFolder:
+block files, their checks, and eviction of the least recently used under a size limit,
+shared by the processes using it), or memory for a restore's read-ahead (MemoryBlocks).
 
 `folder` (mode 0700, made if missing) holds one file per block, mode 0600, named
 `ab/<32 hex>.<block index>`, where the hex is the first 128 bits of SHA-256 over a namespace
@@ -33,6 +34,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -351,3 +353,62 @@ def _unlink(path: str) -> bool:
     except OSError:
         return False
 
+
+
+class MemoryBlocks:
+    """BlockFolder's interface over memory: at most `max_bytes` of blocks, the least recently
+    used dropped first. For a reader that reads each pack once, in order (a restore), where
+    read-ahead is what counts and a cache on disk would only be written and thrown away.
+    Thread-safe."""
+
+    def __init__(self, max_bytes: int, block_bytes: int) -> None:
+        self.max_bytes, self.block_bytes = max_bytes, block_bytes
+        self.hits = self.damaged = self.evictions = 0
+        self._blocks: OrderedDict[tuple[str, int], tuple[int, bytes]] = OrderedDict()
+        self._bytes = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+            self._bytes = 0
+
+    def has(self, name: str, index: int) -> bool:
+        with self._lock:
+            return (name, index) in self._blocks
+
+    def get(self, name: str, index: int, skip: int, out: memoryview,
+            nowait: bool = False) -> int | None:
+        """As BlockFolder.get."""
+        with self._lock:
+            found = self._blocks.get((name, index))
+            if found is None:
+                return None
+            self._blocks.move_to_end((name, index))
+            self.hits += 1
+        size, data = found
+        if skip + len(out) > len(data):
+            raise EOFError(f"{name} ends at byte {index * self.block_bytes + len(data)}")
+        out[:] = memoryview(data)[skip:skip + len(out)]
+        return size
+
+    def put(self, name: str, index: int, size: int, data: bytes | memoryview) -> None:
+        block = bytes(data)
+        with self._lock:
+            old = self._blocks.pop((name, index), None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            self._blocks[(name, index)] = (size, block)
+            self._bytes += len(block)
+            while self._bytes > self.max_bytes and len(self._blocks) > 1:
+                _, (_, dropped) = self._blocks.popitem(last=False)
+                self._bytes -= len(dropped)
+                self.evictions += 1
+
+    def discard(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._blocks if k[0] == name]:
+                self._bytes -= len(self._blocks.pop(key)[1])

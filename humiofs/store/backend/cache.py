@@ -3,9 +3,10 @@
 `CachedBackend` wraps any Backend and passes every call through, except `read_into` of an
 immutable pack (a name under `packs/`): that is served from aligned blocks of the pack's
 stored bytes (`block_bytes`, 1 MiB by default) kept as files in a local folder
-(blockfolder.py: their layout, checks and eviction), and a sequential reader gets the next
-blocks fetched ahead of it in the background. Only the mount uses it: a restore or check
-reads each pack once, and would only churn the cache.
+(blockfolder.py: their layout, checks and eviction) or in memory, and a sequential reader
+gets the next blocks fetched ahead of it in the background. The mount uses it with a folder; a restore
+from object storage with its blocks in memory (MemoryBlocks), for the read-ahead alone: it
+reads each pack once, in order.
 
 What is cached is ciphertext exactly as the store holds it, so the cache reveals no more than
 the store does, and every byte it serves is still authenticated by the Store above it.
@@ -35,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from humiofs.store.backend import Backend, Item, Lock, Upload
-from humiofs.store.backend.blockfolder import BlockFolder
+from humiofs.store.backend.blockfolder import BlockFolder, MemoryBlocks
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ BLOCK_BYTES = 1 << 20        # default block: one ranged GET per MiB of a pack
 READAHEAD_BLOCKS = 8         # how far ahead of a sequential reader blocks are fetched
 READAHEAD_THREADS = 2        # fetches in flight at once for read-ahead
 READAHEAD_RUN = 2            # blocks per read-ahead fetch (one ranged GET)
+MEMORY_BYTES = 32 << 20      # blocks a restore keeps in memory (read-ahead included)
 _SIZES = 4096                # pack sizes remembered (a HEAD each otherwise)
 _SEQUENTIAL = 1024           # packs whose last read block is remembered
 
@@ -69,7 +71,7 @@ class _Fetch:
 
 class CachedBackend(Backend):
     """`inner` with its packs' bytes cached in `folder`, at most `max_bytes` of block files
-    (see BlockFolder). `block_bytes` must be a multiple of 64 KiB. A sequential reader of a
+    (see BlockFolder); with `folder` None, in memory (MemoryBlocks: for a restore). `block_bytes` must be a multiple of 64 KiB. A sequential reader of a
     pack gets up to `readahead_blocks` blocks fetched ahead of it, by `readahead_threads`
     threads; read-ahead holds at most 2 x readahead_blocks blocks in memory at once.
     Thread-safe, and safe in a child forked from a process using it.
@@ -77,13 +79,15 @@ class CachedBackend(Backend):
 
     caches = True
 
-    def __init__(self, inner: Backend, folder: Path, max_bytes: int, *,
+    def __init__(self, inner: Backend, folder: Path | None, max_bytes: int, *,
                  block_bytes: int = BLOCK_BYTES, readahead_blocks: int = READAHEAD_BLOCKS,
                  readahead_threads: int = READAHEAD_THREADS) -> None:
         self.inner = inner
         self.location = inner.location
         self.local_path = inner.local_path
-        self.blocks = BlockFolder(folder, inner.location, max_bytes, block_bytes)
+        self.blocks: BlockFolder | MemoryBlocks = (
+            BlockFolder(folder, inner.location, max_bytes, block_bytes) if folder is not None
+            else MemoryBlocks(max_bytes, block_bytes))
         self.block_bytes = block_bytes
         self.readahead_blocks = readahead_blocks
         self.readahead_threads = readahead_threads
@@ -172,17 +176,22 @@ class CachedBackend(Backend):
     def locked(self, name: str) -> bool:
         return self.inner.locked(name)
 
+    def planted(self, folders: tuple[str, ...], files: tuple[str, ...]) -> str | None:
+        return self.inner.planted(folders, files)
+
     def close(self) -> None:
         """Stops read-ahead (waiting for fetches under way), then closes the wrapped backend."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            # Read-ahead cancelled before it ran: nobody may wait for it.
+            for (name, index) in list(self._fetching):
+                self._finish_locked(name, index, None)
         self.blocks.close()
         _instances.discard(self)
         self.inner.close()
-
-    # -- block files --------------------------------------------------------------------------
 
     # -- fetching -----------------------------------------------------------------------------
 
@@ -288,11 +297,13 @@ class CachedBackend(Backend):
         """Wakes whoever waits for the blocks `run`, giving them `blocks` (None: failed)."""
         with self._lock:
             for index in run:
-                fetch = self._fetching.pop((name, index), None)
-                if fetch is None:
-                    continue
-                fetch.data = blocks[index] if blocks else None
-                fetch.done.set()
+                self._finish_locked(name, index, blocks[index] if blocks else None)
+
+    def _finish_locked(self, name: str, index: int, data: memoryview | None) -> None:
+        fetch = self._fetching.pop((name, index), None)
+        if fetch is not None:
+            fetch.data = data
+            fetch.done.set()
 
     # -- read-ahead ---------------------------------------------------------------------------
 
