@@ -90,7 +90,11 @@ class StoreFiles:
                                   f"{'folder' if expected[0] else 'file'} is expected)")
                 else:
                     self._stray(name, "has the wrong type")
-        for name, (_, required) in ROOT_LAYOUT.items():
+        # Object storage has no folders: one with nothing in it is not seen, and not missing.
+        folders = self.store.backend.local_path is not None
+        for name, (folder, required) in ROOT_LAYOUT.items():
+            if folder and not folders:
+                continue
             if required and name == "generations" and name not in present:
                 self._problem(("layout", name), f"generations is missing from the store: the "
                               "store's generations are gone. Put the folder back from a copy "
@@ -160,7 +164,7 @@ class StoreFiles:
         except (FileNotFoundError, NotADirectoryError):
             return
         prefixes = set(listed)
-        for i in range(256):
+        for i in range(256 if backend.local_path is not None else 0):
             if f"{i:02x}" not in prefixes:
                 self._problem(("layout", f"packs/{i:02x}"), f"packs/{i:02x} is missing "
                               "from the store (the writer needs it)")

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from humiofs.errors import ConfigError, show
+from humiofs.store.backend import s3 as s3_backend
+from humiofs.store.backend.factory import store_at
 from humiofs.store.keys import Passphrase, canonical_passphrase, check_passphrase
 
 DEFAULT_BACKUP_DIR = "/backup"
@@ -22,9 +24,11 @@ DEFAULT_DELETE_AFTER_MS = 604_800_000
 SETTINGS = ("DIRECTORY", "BACKUP_NAME", "BACKUP_KEY", "BACKUP_KEY_FILE", "BACKUP_DIR",
             "DELETE_BACKUP_AFTER_MILLIS", "BOOTSTRAP_HOST_ID", "BACKUP_EXCLUDE",
             "BACKUP_INTERVAL_SECONDS", "BACKUP_STATE_DIR", "BACKUP_CHECKPOINT_SECONDS",
-            "BACKUP_CHECKPOINT_BYTES")
+            "BACKUP_CHECKPOINT_BYTES", "BACKUP_CACHE_DIR", "BACKUP_CACHE_BYTES"
+            ) + s3_backend.SETTINGS
 DEFAULT_CHECKPOINT_S = 300
 DEFAULT_CHECKPOINT_BYTES = 1 << 30
+DEFAULT_CACHE_BYTES = 1 << 30
 log = logging.getLogger(__name__)
 _KEY_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$")
 _HOST_ID = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,99}")
@@ -42,7 +46,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 class Config:
     """The resolved settings; the key is kept out of repr so it cannot reach a log."""
 
-    backup_dir: Path
+    # A local folder (absolute), or object storage: the string `s3://BUCKET/PREFIX`.
+    backup_dir: Path | str
     directory: Path | None = None
     backup_name: str | None = None
     backup_key: str | None = field(default=None, repr=False)
@@ -60,6 +65,10 @@ class Config:
     # detection, FORMAT.md 9.1); outside every store. `load` always sets it; None (a Config
     # made in code) keeps no record.
     state_dir: Path | None = None
+    # The mount's on-disk cache of pack bytes from object storage (store/backend/cache.py):
+    # its folder (None: no cache), and its size limit in bytes (0: no cache).
+    cache_dir: Path | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def need_directory(self) -> Path:
         """The data directory to back up, which must exist (checked before any store is
@@ -89,8 +98,9 @@ class Config:
         earlier version read from the same source (FORMAT.md 4.4)."""
         return Passphrase(self.need_key(), self.key_source or "the key given", self.key_legacy)
 
-    def store_path(self) -> Path:
-        return self.backup_dir / self.need_name()
+    def store_path(self) -> Path | str:
+        """BACKUP_DIR/BACKUP_NAME: a Path, or `s3://BUCKET/PREFIX/NAME`."""
+        return store_at(self.backup_dir, self.need_name())
 
 
 def parse_env_file(text: str, source: str, environ: Mapping[str, str],
@@ -248,10 +258,13 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
         raise ConfigError(f"BACKUP_NAME {name!r} must be letters, digits, '.', '_' or '-' "
                           "and must not start with '.'")
     directory = merged.get("DIRECTORY") or None
+    backup_dir = _backup_dir(merged)
     excludes = tuple(p.strip() for p in merged.get("BACKUP_EXCLUDE", "").split(",") if p.strip())
+    state_dir = Path(os.path.abspath(merged.get("BACKUP_STATE_DIR")
+                                     or default_state_dir(environ)))
     return Config(
         # Absolute: a mount in the background leaves the working folder for /.
-        backup_dir=Path(os.path.abspath(merged.get("BACKUP_DIR") or DEFAULT_BACKUP_DIR)),
+        backup_dir=backup_dir,
         directory=Path(directory) if directory else None,
         backup_name=name,
         backup_key=key,
@@ -265,9 +278,32 @@ def load(flags: Mapping[str, str | None], env_file: Path | None = None,
         checkpoint_s=_int_setting(merged, "BACKUP_CHECKPOINT_SECONDS", DEFAULT_CHECKPOINT_S),
         checkpoint_bytes=_int_setting(merged, "BACKUP_CHECKPOINT_BYTES",
                                       DEFAULT_CHECKPOINT_BYTES),
-        state_dir=Path(os.path.abspath(merged.get("BACKUP_STATE_DIR")
-                                       or default_state_dir(environ))),
+        state_dir=state_dir,
+        cache_dir=Path(os.path.abspath(merged.get("BACKUP_CACHE_DIR") or state_dir / "cache")),
+        cache_bytes=_int_setting(merged, "BACKUP_CACHE_BYTES", DEFAULT_CACHE_BYTES),
     )
+
+
+def _backup_dir(merged: Mapping[str, str]) -> Path | str:
+    """BACKUP_DIR: an absolute Path (a mount in the background leaves the working folder for
+    /), or `s3://BUCKET/PREFIX` with the AWS_* settings checked and registered for it."""
+    value = merged.get("BACKUP_DIR") or DEFAULT_BACKUP_DIR
+    if not value.lower().startswith("s3:"):
+        return Path(os.path.abspath(value))
+    try:
+        bucket, prefix = s3_backend.parse_url(value)
+    except ValueError as exc:
+        raise ConfigError(f"BACKUP_DIR {exc}") from None
+    try:
+        s3_backend.use_settings(merged)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not merged.get(k)]
+    if missing:
+        raise ConfigError(f"BACKUP_DIR is on object storage but {' and '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not set (in the env file "
+                          "or the environment)")
+    return f"s3://{bucket}" + (f"/{prefix}" if prefix else "")
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:

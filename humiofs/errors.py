@@ -5,6 +5,7 @@ The exit codes are part of the interface and are listed in the README.
 from __future__ import annotations
 
 import errno
+import os
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -113,14 +114,25 @@ def show(name: bytes) -> str:
     return name.decode("utf-8", "backslashreplace").translate(_CONTROL)
 
 
+_UNREACHABLE = (errno.ECONNREFUSED, errno.ETIMEDOUT, errno.ECONNRESET, errno.EHOSTUNREACH,
+                errno.ENETUNREACH, errno.ENOLCK)
+
+
 def refused(exc: OSError, what: str, setting: bool = False) -> HumiofsError | None:
     """The error for an OS refusal that is neither damage nor a bug, or None: no permission
-    on the backup disk (exit 7, as a disk that cannot be written), or, if `what` is a path
+    on the backup disk, or object storage that cannot be reached or whose lock was lost
+    (exit 7, as a disk that cannot be written), or, if `what` is a path
     the settings name (not a part of a store, where it is damage), one that cannot be one (too
     long, a file where a folder belongs, a symlink loop: exit 2)."""
     if exc.errno in (errno.EACCES, errno.EPERM):
+        if exc.strerror not in (os.strerror(errno.EACCES), os.strerror(errno.EPERM)):
+            # Object storage's refusal: its line names the credentials to check.
+            return StoreIOError(f"cannot read or write {what}: {exc.strerror}")
         return StoreIOError(f"cannot read or write {what}: {exc.strerror} (run humiofs as the "
                             "user that owns the backups, or give this user access)")
+    if exc.errno in _UNREACHABLE:
+        # Object storage that does not answer (after the backend's retries): not damage.
+        return StoreIOError(f"cannot read or write {what}: {exc.strerror}")
     if setting and exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP):
         return ConfigError(f"{what}: {exc.strerror} (check BACKUP_DIR and BACKUP_NAME)")
     return None

@@ -468,3 +468,16 @@ def test_a_real_humio_env_file_with_a_typo(tmp_path: Path,
     assert cfg.backup_dir == Path("/backup")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         f"{p}:33: BACKUP_DRI is not a humiofs setting and is ignored; did you mean BACKUP_DIR?"]
+
+
+def test_the_mounts_cache_settings(tmp_path: Path) -> None:
+    """BACKUP_CACHE_DIR defaults to a folder in BACKUP_STATE_DIR, BACKUP_CACHE_BYTES to 1 GiB;
+    a size that is not a whole number is one line (exit 2)."""
+    cfg = load(NO_FLAGS, env_file=env_file(tmp_path, f"BACKUP_STATE_DIR={tmp_path}/state\n"),
+               environ={})
+    assert cfg.cache_dir == tmp_path / "state" / "cache" and cfg.cache_bytes == 1 << 30
+    cfg = load(NO_FLAGS, env_file=env_file(
+        tmp_path, "BACKUP_CACHE_DIR=/var/cache/humiofs\nBACKUP_CACHE_BYTES= 0 \n"), environ={})
+    assert cfg.cache_dir == Path("/var/cache/humiofs") and cfg.cache_bytes == 0
+    with pytest.raises(ConfigError, match="BACKUP_CACHE_BYTES must be a whole number"):
+        load(NO_FLAGS, env_file=env_file(tmp_path, "BACKUP_CACHE_BYTES=1G\n"), environ={})

@@ -375,6 +375,13 @@ def test_dropins_read_the_env_file_as_humiofs_does(tmp_path: Path) -> None:
     env.write_text("BACKUP_DIR=backup\n")
     with pytest.raises(ConfigError, match="absolute"):
         dropins(env)
+    # Object storage is no path to wait for or to open up in the sandbox.
+    env.write_text("BACKUP_DIR=s3://bucket/backups\nDIRECTORY=/data/humio\n")
+    units = dropins(env)
+    assert "RequiresMountsFor=/data/humio\n" in units["humiofs-backup.service"]
+    assert "ReadWritePaths" not in units["humiofs-backup.service"]
+    assert "s3:" not in units["humiofs-backup.service"] + units["humiofs-mount.service"]
+    assert "RequiresMountsFor" not in units["humiofs-mount.service"]
 
 
 def test_helper_form_maps_mount_options() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from humiofs import config as configmod
 from humiofs.config import Config
+from humiofs.store.backend.factory import is_remote
 from humiofs.store.repository import Store
 
 EPILOG = """\
@@ -48,9 +49,21 @@ def load_config(args: argparse.Namespace) -> Config:
     return configmod.load(flags, env_file=args.config, key_file=args.key_file)
 
 
-def open_store(cfg: Config) -> Store:
-    """Opens the configured store (it must exist)."""
-    return Store.open(cfg.store_path(), cfg.passphrase())
+def open_store(cfg: Config, read_ahead: bool = False) -> Store:
+    """Opens the configured store (it must exist). `read_ahead`, for a command that reads
+    whole packs in order (restore): a store on object storage is read in blocks of 1 MiB
+    with the next ones fetched in the background (backend/cache.py), in memory."""
+    where = cfg.store_path()
+    if read_ahead and is_remote(where):
+        from humiofs.store.backend.cache import MEMORY_BYTES, CachedBackend
+        from humiofs.store.repository import backend_of
+        backend = CachedBackend(backend_of(where), None, MEMORY_BYTES)
+        try:
+            return Store.open(backend, cfg.passphrase())
+        except BaseException:
+            backend.close()
+            raise
+    return Store.open(where, cfg.passphrase())
 
 
 def human(args: argparse.Namespace, line: str) -> None:

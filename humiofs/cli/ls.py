@@ -12,6 +12,7 @@ from humiofs.cli.common import add_json, human, load_config
 from humiofs.errors import StoreError
 from humiofs.progress import human_bytes
 from humiofs.store import generations
+from humiofs.store.backend.factory import is_remote, store_at
 from humiofs.store.format import generation_time
 from humiofs.store.localstate import LocalState
 from humiofs.store.repository import (
@@ -39,12 +40,14 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
 
 def cmd_ls(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    if cfg.backup_name and is_remote(cfg.backup_dir):
+        list_stores(cfg.backup_dir)     # a missing bucket, said as such
     names = [cfg.backup_name] if cfg.backup_name else list_stores(cfg.backup_dir)
     if not names:
         human(args, f"no backups in {cfg.backup_dir}")
         return errors.EXIT_OK
     for name in names:
-        path = cfg.backup_dir / name
+        path = store_at(cfg.backup_dir, name)
         if not looks_like_store(backend_of(path)):
             raise errors.NoSuchStore(f"no humiofs store at {path}")
         store: Store | None = None

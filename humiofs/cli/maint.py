@@ -10,6 +10,7 @@ from humiofs import errors
 from humiofs.cli import summary
 from humiofs.cli.common import load_config, open_store
 from humiofs.progress import human_bytes
+from humiofs.store.backend.factory import store_at
 from humiofs.store.format import generation_time
 from humiofs.store.generations import format_time
 from humiofs.store.localstate import LocalState
@@ -273,7 +274,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"no pack was deleted: {len(r.unreadable)} generation file(s) cannot be read "
             f"({r.damaged[0]}), and a generation that cannot be read may need any pack. "
             "`humiofs prune --set-aside-damaged` moves them to "
-            f"{store.path / 'damaged'}/ (that state of the node is lost anyway) and then "
+            f"{store_at(store.path, 'damaged')}/ (that state of the node is lost anyway) and then "
             "frees what the readable generations do not need")
     if r.damaged:
         raise errors.StoreError(_no_pack_deleted(r.damaged[0]))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from humiofs.mount.sources import PackCache
     from humiofs.store.keys import Passphrase
     from humiofs.store.repository import Store
 
@@ -93,10 +94,10 @@ class _Opening(threading.Thread):
     mount) run while the mount's modules (pyfuse3, trio, the model) are imported; the unwrap
     runs in OpenSSL without the GIL. result() gives its stores or raises what it raised."""
 
-    def __init__(self, backup_dir: Path, key: Passphrase, name: str | None,
-                 allow_none: bool) -> None:
+    def __init__(self, backup_dir: Path | str, key: Passphrase, name: str | None,
+                 allow_none: bool, cache: PackCache | None) -> None:
         super().__init__(name="open-stores", daemon=True)
-        self._args = (backup_dir, key, name, allow_none)
+        self._args = (backup_dir, key, name, allow_none, cache)
         self._stores: list[Store] = []
         self._error: BaseException | None = None
         self.start()
@@ -122,6 +123,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from humiofs.mount import mount
     from humiofs.store import generations
     from humiofs.store import repository as store
+    from humiofs.store.backend.factory import is_remote, store_at
     from humiofs.store.localstate import LocalState
 
     if args.debug:
@@ -131,22 +133,28 @@ def cmd_mount(args: argparse.Namespace) -> int:
     at = generations.parse_at(args.at) if args.at else None
     mountpoint = mount.check_mountpoint(args.mountpoint)
     log_handler = mount.open_log(args.log)
+    from humiofs.mount.sources import PackCache
+    cache = None
+    if is_remote(cfg.backup_dir) and cfg.cache_dir is not None and cfg.cache_bytes > 0:
+        cache = PackCache(cfg.cache_dir, cfg.cache_bytes)
+        cache.check()
     # Only --name limits the mount: BACKUP_NAME in a node's env file names the store that
     # node writes, while an operator mounting wants to see every backup the key opens.
-    opening = _Opening(cfg.backup_dir, key, args.name, args.name is None and at is None)
+    opening = _Opening(cfg.backup_dir, key, args.name, args.name is None and at is None, cache)
     try:
         from humiofs.mount import fs, tree  # noqa: F401  (pyfuse3 and trio, while the keys unwrap)
     finally:
         opening.join()
     stores = opening.result()
     model = tree.Tree.from_backup_dir(cfg.backup_dir, key, args.name, at,
-                                      state=LocalState.of(cfg.state_dir), stores=stores)
+                                      state=LocalState.of(cfg.state_dir), stores=stores,
+                                      cache=cache)
     if at is not None and at.name is not None:
         # A generation asked for by name is that one or an error (FORMAT.md 7.2), as restore
         # --at has it: never an older one in its place.
         for name, gen in model.shown():
             if gen is None or gen.name != at.name:
-                names = store.generation_names(cfg.backup_dir / name)
+                names = store.generation_names(store_at(cfg.backup_dir, name))
                 if at.name in names:
                     model.close()
                     raise errors.IntegrityError(
@@ -158,9 +166,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
             if gen is not None:
                 print(f"humiofs: {name}/ shows generation {generations.describe(gen)} "
                       f"(--at {at.text})", flush=True)
+    again = _foreground_argv(args, mountpoint) if is_remote(cfg.backup_dir) else None
     return mount.run(model, mountpoint, foreground=args.foreground,
                      allow_other=args.allow_other, log_handler=log_handler,
-                     source=args.source or "humiofs")
+                     source=args.source or "humiofs", again=again)
+
+
+def _foreground_argv(args: argparse.Namespace, mountpoint: Path) -> list[str]:
+    """This mount's command line in the foreground (mount.respawn): the same settings, the
+    key read again from where it was (never put on the command line)."""
+    argv = ["mount", "--foreground", "--quiet"]
+    for flag, value in (("--config", args.config), ("--key-file", args.key_file),
+                        ("--backup-dir", args.backup_dir), ("--name", args.name),
+                        ("--at", args.at), ("--log", args.log), ("--source", args.source)):
+        if value is not None:
+            argv += [flag, os.path.abspath(value) if isinstance(value, Path) else str(value)]
+    argv += ["--allow-other"] if args.allow_other else []
+    argv += ["--debug"] if args.debug else []
+    return argv + ["--", os.path.abspath(mountpoint)]
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

@@ -53,7 +53,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     at = generations.parse_at(args.at) if args.at is not None else None
-    store = open_store(cfg)
+    store = open_store(cfg, read_ahead=True)
     picked = generations.pick(store, at)
     gen = picked.generation
     state = LocalState.of(cfg.state_dir)

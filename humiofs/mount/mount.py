@@ -238,13 +238,20 @@ def open_log(log_file: Path | None) -> logging.Handler | None:
 
 def run(model: tree.Tree, mountpoint: Path, foreground: bool = False,
         allow_other: bool = False, log_handler: logging.Handler | None = None,
-        source: str = "humiofs") -> int:
+        source: str = "humiofs", again: list[str] | None = None) -> int:
     """Mounts `model` at `mountpoint` (already checked); in the background unless `foreground`.
     `log_handler` is open_log's; `source` see options(). Returns the exit code."""
     opts = options(allow_other, source)
+    ready = os.environ.pop(READY_FD_ENV, None)
+    if foreground and ready is not None and ready.isdigit():
+        return serve_respawned(model, mountpoint, opts, int(ready), log_handler)
     if foreground:
         serve(model, mountpoint, opts)
         return 0
+    if again is not None:
+        # `again`: the command line of this mount in the foreground, for respawn.
+        model.close()
+        return respawn(again, mountpoint)
     return _background(model, mountpoint, opts, log_handler)
 
 
@@ -285,9 +292,66 @@ def _background(model: tree.Tree, mountpoint: Path, opts: set[str],
     return 0
 
 
-def _detach(handler: logging.Handler | None) -> None:
+#: Set in the environment of a mount started again in a fresh process (respawn): the fd of
+#: the pipe on which it says it is ready.
+READY_FD_ENV = "HUMIOFS_MOUNT_READY_FD"
+
+
+def respawn(argv: list[str], mountpoint: Path) -> int:
+    """Starts `humiofs ARGV` (a `mount --foreground` of the same settings) as a new process in
+    its own session and waits until it serves `mountpoint`, as _background does for a fork.
+
+    For object storage: its client (obstore, on a tokio runtime) does not survive fork(), and
+    this process has used it to open the stores, so the mount runs in a fresh interpreter
+    that opens them again (and forks no decryption worker, tree.start_worker)."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "humiofs", *argv], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(w,),
+            start_new_session=True, cwd="/", env={**os.environ, READY_FD_ENV: str(w)})
+    finally:
+        os.close(w)
+    reply = _read_all(r, READY_TIMEOUT_S)
+    if reply != READY:
+        if proc.poll() is None and not reply:
+            proc.kill()
+        message = reply.decode("utf-8", "replace").strip() if reply else (
+            "the mount process ended before it was ready; run with --foreground to see why")
+        raise TargetError(message.removeprefix("error: "))
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not os.path.ismount(mountpoint):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise TargetError(f"{mountpoint} did not come up; run with --foreground to see why")
+        time.sleep(0.01)
+    print(f"humiofs: mounted at {mountpoint} (pid {proc.pid}); unmount with: humiofs umount "
+          f"{mountpoint}")
+    return 0
+
+
+def serve_respawned(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int,
+                    handler: logging.Handler | None) -> int:
+    """The process respawn started: serves as _background's child does, telling the parent
+    on `ready_fd` that it is ready or why it failed."""
+    code = 1
+    try:
+        _detach(handler, new_session=False)
+        serve(model, mountpoint, opts, ready_fd=ready_fd)
+        code = 0
+    except HumiofsError as exc:
+        _report(ready_fd, str(exc))
+        log.error("%s", exc)
+        code = exc.exit_code
+    except BaseException as exc:  # the parent must hear of anything
+        _report(ready_fd, f"{type(exc).__name__}: {exc}")
+        log.exception("mount failed")
+    return code
+
+
+def _detach(handler: logging.Handler | None, new_session: bool = True) -> None:
     """Leaves the terminal's session and stdio; logs go to --log FILE, else to syslog."""
-    os.setsid()
+    if new_session:
+        os.setsid()
     os.chdir("/")
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from humiofs.errors import ConfigError, NoSuchStore, StoreError, StoreIOError, WrongKey
@@ -12,11 +13,41 @@ from humiofs.store import generations
 from humiofs.store.format import Generation, generation_time
 from humiofs.store.keys import Passphrase
 from humiofs.store.localstate import LocalState
-from humiofs.store.backend.factory import open_location
+from humiofs.store.backend import Backend, LocationMissing
+from humiofs.store.backend.factory import is_remote, open_location, store_at
 from humiofs.store.repository import Store, backend_of, list_stores, looks_like_store
 from humiofs.store.storemeta import read_config
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackCache:
+    """The mount's on-disk cache of pack bytes from object storage (store/backend/cache.py):
+    its folder (BACKUP_CACHE_DIR) and size limit in bytes (BACKUP_CACHE_BYTES), shared by
+    every store of the mount."""
+    folder: Path
+    max_bytes: int
+
+    def check(self) -> None:
+        """Makes the folder now (mode 0700): ConfigError (exit 2) with one line if it cannot
+        be, so that a mount does not start with every store left out for it."""
+        from humiofs.store.backend.blockfolder import make_folder
+        try:
+            make_folder(self.folder)
+        except OSError as exc:
+            raise ConfigError(f"BACKUP_CACHE_DIR {self.folder}: {exc.strerror}") from None
+
+
+def mount_backend(where: Path | str, cache: PackCache | None) -> Backend:
+    """The backend the mount reads the store at `where` (BACKUP_DIR/NAME) through: on object
+    storage, behind `cache` (none if None or of 0 bytes); a local folder as it is (its pages
+    are in the kernel's cache already). OSError if the cache folder cannot be made."""
+    backend = backend_of(where)
+    if cache is None or cache.max_bytes <= 0 or not is_remote(where):
+        return backend
+    from humiofs.store.backend.cache import CachedBackend
+    return CachedBackend(backend, cache.folder, cache.max_bytes)
 
 
 class Source:
@@ -65,12 +96,13 @@ class Source:
         if not self.still_there():
             if not self.gone:
                 log.warning("backup %s went away from %s (moved or deleted); it is left out of "
-                            "the mount until it is back", self.store.name, self.store.path.parent)
+                            "the mount until it is back", self.store.name,
+                            str(self.store.path).rpartition("/")[0])
             self.gone, self.names, self.current = True, [], None
             return
         if self.gone:
             log.info("backup %s is back in %s; it is in the mount again", self.store.name,
-                     self.store.path.parent)
+                     str(self.store.path).rpartition("/")[0])
             self.gone = False
         try:
             names = self.store.list_generations()
@@ -149,13 +181,15 @@ class Source:
         return [(generations.folder_time(generation_time(n)).encode(), n) for n in self.names]
 
 
-def backup_dir_stores(backup_dir: Path) -> list[str]:
+def backup_dir_stores(backup_dir: Path | str) -> list[str]:
     """list_stores, with a BACKUP_DIR that is not a readable folder a ConfigError (exit 2) of
     one line: a file, a symlink loop or a folder without read permission is a setting to fix,
     not a damaged store. A BACKUP_DIR that does not exist (yet) holds no stores."""
     location = open_location(backup_dir)
     try:
         location.names()
+    except LocationMissing as exc:      # a missing bucket: a setting to fix
+        raise ConfigError(str(exc.strerror)) from None
     except FileNotFoundError:
         return []
     except NotADirectoryError:
@@ -166,9 +200,10 @@ def backup_dir_stores(backup_dir: Path) -> list[str]:
     return list_stores(location)
 
 
-def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = None,
-                 allow_none: bool = False) -> list[Store]:
-    """Opens every store in `backup_dir` that `key` opens (or only `name`).
+def open_sources(backup_dir: Path | str, key: str | Passphrase, name: str | None = None,
+                 allow_none: bool = False, cache: PackCache | None = None) -> list[Store]:
+    """Opens every store in `backup_dir` that `key` opens (or only `name`), each read
+    through `cache` if it is on object storage (mount_backend).
 
     A store the key does not open, or that cannot be opened (damaged, unreadable), is left out
     with one warning. If none opens: with `allow_none` (a mount that watches BACKUP_DIR for
@@ -180,9 +215,9 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
     """
     if name is not None:
         backup_dir_stores(backup_dir)       # a BACKUP_DIR that is no readable folder: exit 2
-        if not looks_like_store(backend_of(backup_dir / name)):
-            raise NoSuchStore(f"no humiofs store at {backup_dir / name}")
-        return [Store.open(backup_dir / name, key)]
+        if not looks_like_store(backend_of(store_at(backup_dir, name))):
+            raise NoSuchStore(f"no humiofs store at {store_at(backup_dir, name)}")
+        return [_unlock(store_at(backup_dir, name), key, cache)]
     names = backup_dir_stores(backup_dir)
     if not names:
         if allow_none:
@@ -191,7 +226,7 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
     stores = []
     damaged: list[StoreError | StoreIOError] = []
     for n in names:
-        store = _open(backup_dir / n, key)
+        store = _open(store_at(backup_dir, n), key, cache)
         if isinstance(store, Store):
             stores.append(store)
         elif store is not None:
@@ -211,22 +246,34 @@ def open_sources(backup_dir: Path, key: str | Passphrase, name: str | None = Non
                    "read these backups")
 
 
-def _open(path: Path, key: str | Passphrase) -> Store | StoreError | StoreIOError | None:
+def _open(path: Path | str, key: str | Passphrase, cache: PackCache | None
+          ) -> Store | StoreError | StoreIOError | None:
     """The store at `path`; else, told once in the log, None if the key does not open it or
     the error that keeps it out of the mount."""
+    name = str(path).rstrip("/").rpartition("/")[2]
     try:
-        return Store.open(path, key)
+        return _unlock(path, key, cache)
     except WrongKey:
         log.warning("the key does not open the backup %s; it is left out of the mount",
-                    path.name)
+                    name)
         return None
     except (StoreError, StoreIOError) as exc:       # damaged; or unreadable to this user
-        log.warning("backup %s is left out of the mount: %s", path.name, exc)
+        log.warning("backup %s is left out of the mount: %s", name, exc)
         return exc
     except OSError as exc:      # an OS error Store.open does not map (a permission, say)
-        log.warning("backup %s is left out of the mount: cannot open it: %s", path.name,
+        log.warning("backup %s is left out of the mount: cannot open it: %s", name,
                     exc.strerror or exc)
         return StoreError(f"cannot open {path}: {exc.strerror or exc}")
+
+
+def _unlock(path: Path | str, key: str | Passphrase, cache: PackCache | None) -> Store:
+    """Store.open through mount_backend; a backend whose store does not open is closed."""
+    backend = mount_backend(path, cache)
+    try:
+        return Store.open(backend, key)
+    except BaseException:
+        backend.close()
+        raise
 
 
 class NewStores:
@@ -235,8 +282,9 @@ class NewStores:
     A store the key does not open, or that is damaged, is told once and not tried again while
     its name stays in BACKUP_DIR."""
 
-    def __init__(self, backup_dir: Path, key: Passphrase, known: list[str]) -> None:
-        self.backup_dir, self.key = backup_dir, key
+    def __init__(self, backup_dir: Path | str, key: Passphrase, known: list[str],
+                 cache: PackCache | None = None) -> None:
+        self.backup_dir, self.key, self.cache = backup_dir, key, cache
         self.checked = time.monotonic()
         self._seen = set(known)
         self._lock = threading.Lock()
@@ -265,7 +313,7 @@ class NewStores:
                 if n in self._seen:
                     continue
                 self._seen.add(n)
-                store = _open(self.backup_dir / n, self.key)
+                store = _open(store_at(self.backup_dir, n), self.key, self.cache)
                 if isinstance(store, Store):
                     opened.append(store)
                     log.info("backup %s appeared; it is now in the mount", n)

@@ -41,7 +41,8 @@ from humiofs.mount.chunkcache import CACHE_BYTES
 from humiofs.mount.listing import Listings, Loaded, Replies, is_seed
 from humiofs.mount.numbering import Folder, Numbering
 from humiofs.mount.reader import Damaged, Reader, WouldBlock
-from humiofs.mount.sources import NewStores, Source, backup_dir_stores, open_sources
+from humiofs.mount.sources import (NewStores, PackCache, Source, backup_dir_stores,
+                                   open_sources)
 from humiofs.store import generations
 from humiofs.store.format import DIR, FILE, SYMLINK, Entry, Generation, Xattrs
 from humiofs.store.keys import Passphrase
@@ -114,22 +115,24 @@ class Tree:
         self.listings.replies_of = replies_of
 
     @classmethod
-    def from_backup_dir(cls, backup_dir: Path, key: str | Passphrase, name: str | None = None,
+    def from_backup_dir(cls, backup_dir: Path | str, key: str | Passphrase, name: str | None = None,
                         at: generations.At | None = None,
                         state: LocalState | None = None,
-                        stores: list[Store] | None = None) -> Tree:
+                        stores: list[Store] | None = None,
+                        cache: PackCache | None = None) -> Tree:
         """Opens the stores and reads which generation each shows (see open_sources); with
         `state`, warns when a store was rolled back (localstate). Without `name` and `at`, a
         BACKUP_DIR with no stores yet (or none at all yet) is fine: stores created later
         appear in the mount (within REFRESH_S of a listing of its root). `stores`: what
         open_sources(backup_dir, key, name, allow_none=name is None and at is None) gave,
-        if the caller opened them already."""
+        if the caller opened them already. `cache`: stores on object storage are read through
+        it (sources.mount_backend)."""
         watch = name is None and at is None
         listed = backup_dir_stores(backup_dir) if watch else []
         if stores is None:
-            stores = open_sources(backup_dir, key, name, allow_none=watch)
+            stores = open_sources(backup_dir, key, name, allow_none=watch, cache=cache)
         new_stores = NewStores(backup_dir, Passphrase.of(key),
-                               listed + [s.path.name for s in stores]) if watch else None
+                               listed + [s.name for s in stores], cache) if watch else None
         tree = cls(stores, at, state=state, new_stores=new_stores)
         if not stores:
             log.warning("no backups in %s yet; each appears in the mount once it is created",
@@ -163,7 +166,10 @@ class Tree:
 
     def start_worker(self, close_fds: tuple[int, ...] = ()) -> None:
         """Forks the decryption worker over the open stores (see reader.Reader.start_worker).
-        Stores that appear later are read in threads."""
+        Stores that appear later are read in threads, and so is object storage: its client
+        (obstore's tokio runtime) does not work in a forked child."""
+        if any(src.store.backend.local_path is None for src in self._sources):
+            return
         self.reader.start_worker([src.store for src in self._sources], close_fds)
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from humiofs.errors import StoreError
 from humiofs.store import format
+from humiofs.store.backend.factory import is_remote
 from humiofs.store.generations import complete_name, format_time
 
 if TYPE_CHECKING:
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _warned: set[str] = set()
+
+
+def _place(store_path: Path | str) -> str:
+    """A short hash of where the store is: its real folder, or its s3:// URL."""
+    where = str(store_path) if is_remote(store_path) else os.path.realpath(store_path)
+    return hashlib.blake2b(os.fsencode(where), digest_size=8).hexdigest()
 
 
 class LocalState:
@@ -42,11 +49,10 @@ class LocalState:
         code, not from settings)."""
         return None if folder is None else cls(folder)
 
-    def _path(self, store_id: bytes, store_path: Path) -> Path:
+    def _path(self, store_id: bytes, store_path: Path | str) -> Path:
         # Per store id and place: a copy of a store elsewhere (a clone, a restore from an
         # older copy) has the same id but is not a rollback of this one.
-        place = hashlib.blake2b(os.fsencode(os.path.realpath(store_path)),
-                                digest_size=8).hexdigest()
+        place = _place(store_path)
         return self.folder / f"{store_id.hex()}-{place}.json"
 
     def _trouble(self, what: str, exc: OSError) -> None:
@@ -57,7 +63,7 @@ class LocalState:
             log.warning("cannot %s (%s); rollback detection (BACKUP_STATE_DIR) is off for this "
                         "run", what, exc.strerror)
 
-    def recorded(self, store_id: bytes, store_path: Path) -> str | None:
+    def recorded(self, store_id: bytes, store_path: Path | str) -> str | None:
         """The newest generation this host recorded for the store at `store_path`, or None."""
         path = self._path(store_id, store_path)
         try:
@@ -82,11 +88,10 @@ class LocalState:
             return None
         return name
 
-    def known_place(self, store_path: Path) -> bool:
+    def known_place(self, store_path: Path | str) -> bool:
         """True if this host recorded a store at `store_path` (whatever its id): a backup
         --watch then waits for that store rather than create a new one there."""
-        place = hashlib.blake2b(os.fsencode(os.path.realpath(store_path)),
-                                digest_size=8).hexdigest()
+        place = _place(store_path)
         try:
             return any(name.endswith(f"-{place}.json") for name in os.listdir(self.folder))
         except OSError:
@@ -148,7 +153,7 @@ class LocalState:
             break
         return self.observe(store, newest, names, record)
 
-    def _record(self, store_id: bytes, store_path: Path, newest: str) -> None:
+    def _record(self, store_id: bytes, store_path: Path | str, newest: str) -> None:
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
             lock = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

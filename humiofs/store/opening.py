@@ -20,7 +20,7 @@ from humiofs.errors import (
     refused,
 )
 from humiofs.store import format, keys, storemeta
-from humiofs.store.backend import Backend, Location, iter_names
+from humiofs.store.backend import Backend, Location, LocationMissing, iter_names
 from humiofs.store.durable import store_io_error
 from humiofs.store.storemeta import STORE_FORMAT, STORE_VERSION, at, looks_like_store
 
@@ -39,6 +39,8 @@ def list_stores(location: Location) -> list[str]:
     says so), sorted; [] if BACKUP_DIR does not exist."""
     try:
         names = location.names()
+    except LocationMissing as exc:
+        raise NoSuchStore(str(exc.strerror)) from None
     except FileNotFoundError:
         return []
     except NotADirectoryError:
@@ -86,6 +88,8 @@ def create(location: Location, name: str, passphrase: str,
         backend = location.create_store(name, files, FOLDERS)
     except NotADirectoryError:
         raise NoSuchStore(f"BACKUP_DIR {location.location} is not a folder") from None
+    except LocationMissing as exc:
+        raise NoSuchStore(str(exc.strerror)) from None
     except FileNotFoundError:
         # Never create BACKUP_DIR: if it is an unmounted network drive, the backup would
         # silently fill the local disk instead.

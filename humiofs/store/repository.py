@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from humiofs.errors import IntegrityError, NoSuchObject, StoreError, refused
 from humiofs.store import crypto, format, journal, keys, opening, writerlock
 from humiofs.store.backend import FILE, FOLDER, Backend, Item, Location
-from humiofs.store.backend.factory import open_location
+from humiofs.store.backend.factory import open_location, store_at
 from humiofs.store.crypto import CHUNK, STORED_CHUNK, ObjectCipher
 from humiofs.store.durable import NotRegularFile, store_io_error
 from humiofs.store.format import Ref
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_TREE_BYTES = 1 << 30
 MAX_GENERATION_BYTES = 16 << 20
 _BATCH_CHUNKS = 4  # chunks per read of a whole blob (restore, check)
+_REMOTE_BATCH_CHUNKS = 64   # the same from object storage: 4 MiB per request
 _CHECKED_PACKS = 1 << 16    # packs whose checked header a Store remembers
 _scratch = threading.local()
 
@@ -105,9 +107,9 @@ class Store:
         return f"Store({self.backend.location!r})"
 
     @property
-    def path(self) -> Path:
-        """The store's folder (or its location) for messages: not for access."""
-        return self.backend.local_path or Path(self.backend.location)
+    def path(self) -> Path | str:
+        """The store's folder, or its `s3://BUCKET/PREFIX/NAME`: for messages, not access."""
+        return self.backend.local_path or self.backend.location
 
     @property
     def name(self) -> str:
@@ -175,7 +177,9 @@ class Store:
             kind = None
         except OSError as exc:
             raise store_io_error(exc, tmp) from None
-        if kind != FOLDER:
+        if kind is None and self.backend.local_path is None:
+            pass    # object storage: no folders, and a folder with nothing in it is not seen
+        elif kind != FOLDER:
             if kind is not None:
                 raise StoreError(f"{tmp} is not a folder, so nothing can be written into the "
                                  f"store: move it out of the store, then `mkdir -m 700 {tmp}`")
@@ -192,9 +196,9 @@ class Store:
     def new_pack(self) -> PackWriter:
         return PackWriter(self)
 
-    def pack_path(self, pack_id: bytes) -> Path:
-        """Where a local store keeps the pack, for messages and tests: not for access."""
-        return self.path / pack_name(pack_id)
+    def pack_path(self, pack_id: bytes) -> Path | str:
+        """Where the store keeps the pack, for messages and tests: not for access."""
+        return store_at(self.path, pack_name(pack_id))
 
     def cipher(self, kind: int, oid: bytes) -> ObjectCipher:
         return ObjectCipher(self._master, kind, oid)
@@ -294,23 +298,48 @@ class Store:
         if not self.read_stored_into(ref.pack, start, stored, nowait):
             return None
         cipher = self.cipher(kind, ref.oid)
-        pos = n = 0
-        try:
-            for index in range(first, last + 1):
-                piece = stored[pos:pos + STORED_CHUNK]
-                n += cipher.decrypt_chunk_into(index, piece, index == last_index, out[n:])
-                pos += len(piece)
-        except IntegrityError as exc:
-            raise IntegrityError(f"pack {ref.pack.hex()} at offset {ref.offset}: {exc}") from None
-        return n
+        for attempt in (0, 1):
+            pos = n = 0
+            try:
+                for index in range(first, last + 1):
+                    piece = stored[pos:pos + STORED_CHUNK]
+                    n += cipher.decrypt_chunk_into(index, piece, index == last_index, out[n:])
+                    pos += len(piece)
+                return n
+            except IntegrityError as exc:
+                if attempt or not self.backend.caches:
+                    raise IntegrityError(f"pack {ref.pack.hex()} at offset {ref.offset}: "
+                                         f"{exc}") from None
+            # A cached copy (the mount's, on object storage) may be stale: a pack put back
+            # after damage. Once more from the store itself (backend/cache.py).
+            log.info("pack %s fails authentication at offset %d; reading it again from the "
+                     "store, not the cache", ref.pack.hex(), ref.offset)
+            self.backend.discard(pack_name(ref.pack))
+            if nowait or not self.read_stored_into(ref.pack, start, stored):
+                return None
+        raise AssertionError("unreachable")
 
     def iter_blob(self, ref: Ref, kind: int,
-                  batch_chunks: int = _BATCH_CHUNKS) -> Iterator[bytearray]:
-        """The authenticated plaintext of a blob in order, a batch of chunks at a time."""
+                  batch_chunks: int | None = None) -> Iterator[bytearray]:
+        """The authenticated plaintext of a blob in order, a batch of chunks at a time
+        (default: 4 from a folder; 64, one ranged request of 4 MiB, from object storage,
+        where the next batch is fetched while the caller uses this one)."""
+        remote = self.backend.local_path is None
+        batch = batch_chunks or (_REMOTE_BATCH_CHUNKS if remote else _BATCH_CHUNKS)
         n = crypto.chunk_count(ref.plain_len)
-        for first in range(0, n, batch_chunks):
-            last = min(n - 1, first + batch_chunks - 1)
-            yield self.read_chunks(ref, kind, first, last)
+        spans = [(first, min(n - 1, first + batch - 1)) for first in range(0, n, batch)]
+        if not remote or len(spans) < 2:
+            for first, last in spans:
+                yield self.read_chunks(ref, kind, first, last)
+            return
+        # A request's latency, not its bytes, is what a read from object storage costs.
+        with ThreadPoolExecutor(1, thread_name_prefix="blob-ahead") as ahead:
+            pending = ahead.submit(self.read_chunks, ref, kind, *spans[0])
+            for i in range(len(spans)):
+                got = pending.result()
+                if i + 1 < len(spans):
+                    pending = ahead.submit(self.read_chunks, ref, kind, *spans[i + 1])
+                yield got
 
     def read_blob(self, ref: Ref, kind: int) -> bytes:
         """The whole authenticated plaintext of a (metadata-sized) blob."""

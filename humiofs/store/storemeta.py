@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from humiofs.errors import IntegrityError, NoSuchStore, StoreError, StoreMetadataDamaged, refused
 from humiofs.store import keys
-from humiofs.store.backend import FILE, FOLDER, Backend, iter_names
+from humiofs.store.backend import FILE, FOLDER, Backend, LocationMissing, iter_names
 from humiofs.store.durable import NotRegularFile
 
 STORE_FORMAT = "humiofs-store"
@@ -89,6 +89,8 @@ def read_config(backend: Backend, fits: Callable[[bytes], bool] = lambda _: Fals
     config_path = at(backend, "config")
     try:
         raw = backend.read("config", 1 << 16)
+    except LocationMissing as exc:
+        raise NoSuchStore(str(exc.strerror)) from None
     except FileNotFoundError:
         if not looks_like_store(backend):
             raise NoSuchStore(f"no humiofs store at {path}") from None

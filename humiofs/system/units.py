@@ -37,7 +37,11 @@ def dropins(env_file: Path) -> dict[str, str]:
     if the file cannot be read or a path cannot go into a unit."""
     text = config.read_env_text(env_file)
     values = config.parse_env_file(text, str(env_file), {})
-    backup_dir = _path("BACKUP_DIR", values.get("BACKUP_DIR") or config.DEFAULT_BACKUP_DIR)
+    raw_dir = values.get("BACKUP_DIR") or config.DEFAULT_BACKUP_DIR
+    # Object storage is no path: nothing to wait for or open up but the network, which the
+    # units wait for anyway (network-online.target).
+    remote = raw_dir.startswith("s3:")
+    backup_dir = "" if remote else _path("BACKUP_DIR", raw_dir)
     head = (f"# Written by scripts/install from {env_file}; run it again after changing "
             "BACKUP_DIR,\n# DIRECTORY, BACKUP_STATE_DIR or BACKUP_KEY_FILE there.\n")
     key = ""
@@ -52,17 +56,19 @@ def dropins(env_file: Path) -> dict[str, str]:
                               "path with blanks at its ends")
         key = (f"LoadCredential={CREDENTIAL}:{key_file.replace('%', '%%')}\n"
                f"Environment=BACKUP_KEY_FILE=%d/{CREDENTIAL}\n")
-    needs = [backup_dir]
+    needs = [backup_dir] if backup_dir else []
     if values.get("DIRECTORY"):
         needs.append(_path("DIRECTORY", values["DIRECTORY"]))
     # '-': a drive that is not mounted yet must not stop the sandbox from being set up;
     # humiofs then says so (exit 2) and the unit tries again.
-    writable = [_path("BACKUP_DIR", values.get("BACKUP_DIR") or config.DEFAULT_BACKUP_DIR, "-")]
+    writable = [] if remote else [_path("BACKUP_DIR", raw_dir, "-")]
     if values.get("BACKUP_STATE_DIR"):
         writable.append(_path("BACKUP_STATE_DIR", values["BACKUP_STATE_DIR"], "-"))
-    backup = (head + "[Unit]\n" + f"RequiresMountsFor={' '.join(needs)}\n\n[Service]\n"
-              + f"ReadWritePaths={' '.join(writable)}\n" + key)
-    mount = head + "[Unit]\n" + f"RequiresMountsFor={backup_dir}\n\n[Service]\n" + key
+    backup = (head + "[Unit]\n" + (f"RequiresMountsFor={' '.join(needs)}\n" if needs else "")
+              + "\n[Service]\n"
+              + (f"ReadWritePaths={' '.join(writable)}\n" if writable else "") + key)
+    mount = (head + "[Unit]\n" + (f"RequiresMountsFor={backup_dir}\n" if backup_dir else "")
+             + "\n[Service]\n" + key)
     return {"humiofs-backup.service": backup, "humiofs-mount.service": mount}
 
 

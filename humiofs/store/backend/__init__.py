@@ -81,6 +81,11 @@ class Lock(ABC):
         self.release()
 
 
+class LocationMissing(FileNotFoundError):
+    """BACKUP_DIR itself is not there where a backend cannot make it tell (a bucket that
+    does not exist): raised by any call; strerror is the one line to show."""
+
+
 class Busy(Exception):
     """Backend.lock found the lock held. `info`: the bytes its holder stored with it (b""
     if none or unreadable)."""
@@ -121,7 +126,8 @@ class Backend(ABC):
     def list(self, folder: str = "", recursive: bool = False) -> list[Item]:
         """The entries of `folder` ("" is the store's root), sorted by name; with `recursive`,
         every file below it and no folders. FileNotFoundError if the folder is missing;
-        NotADirectoryError if a file is in its place."""
+        NotADirectoryError if a file is in its place. Object storage has no folders: there
+        a folder with nothing in it lists empty, and neither is raised (s3.py)."""
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -175,6 +181,14 @@ class Backend(ABC):
         refuses to write into or through; None if nothing is. Object storage has neither
         symlinks nor folders: None. (Added with local.py.)"""
         return None
+
+    #: True for a backend that serves packs from a cache of its own (cache.CachedBackend):
+    #: bytes that fail authentication may then be a stale copy, worth one more read after
+    #: `discard`.
+    caches = False
+
+    def discard(self, name: str) -> None:
+        """Forgets what this backend caches of the file `name` (see `caches`). Never raises."""
 
     def close(self) -> None:
         """Releases cached handles. The backend may not be used afterwards."""

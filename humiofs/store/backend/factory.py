@@ -5,13 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from humiofs.store.backend import Location
-from humiofs.store.backend.local import LocalLocation
+
+
+def is_remote(backup_dir: Path | str) -> bool:
+    """Whether BACKUP_DIR names object storage (`s3://BUCKET/PREFIX`) rather than a folder.
+    config.load keeps such a BACKUP_DIR a string (a Path would fold its `//`)."""
+    return isinstance(backup_dir, str) and backup_dir.startswith("s3://")
+
+
+def store_at(backup_dir: Path | str, name: str) -> Path | str:
+    """The store `name` in BACKUP_DIR: a Path in a folder, `s3://BUCKET/PREFIX/NAME` on
+    object storage."""
+    if is_remote(backup_dir):
+        return f"{str(backup_dir).rstrip('/')}/{name}"
+    return Path(backup_dir) / name
 
 
 def open_location(backup_dir: Path | str) -> Location:
-    """The Location BACKUP_DIR names: for now always a local folder (LocalLocation).
-
-    Object storage (`s3://BUCKET/PREFIX`) is added here, by s3.py: test the string's scheme
-    before it is taken for a path."""
-    # s3://: return s3.S3Location(...) here.
+    """The Location BACKUP_DIR names: object storage (S3Location, with the AWS_* settings
+    config.load registered, s3.use_settings) for `s3://BUCKET/PREFIX`, else a local folder
+    (LocalLocation). ValueError with one line for a malformed s3:// URL or setting."""
+    if is_remote(backup_dir):
+        from humiofs.store.backend import s3
+        return s3.open_s3(str(backup_dir))
+    from humiofs.store.backend.local import LocalLocation
     return LocalLocation(Path(backup_dir))

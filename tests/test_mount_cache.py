@@ -1,0 +1,63 @@
+"""The mount of a store on S3 reads through its pack cache (BACKUP_CACHE_DIR,
+BACKUP_CACHE_BYTES): a real mount in a subprocess over the local server (scripts/s3-server)."""
+from __future__ import annotations
+
+import hashlib
+import random
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, write_env
+from mountutil import Mount, is_mounted, tiny_node
+from s3util import S3Server
+
+pytestmark = pytest.mark.s3
+
+MiB = 1 << 20
+
+
+def s3_env(tmp_path: Path, server: S3Server, bucket: str, **extra: str) -> Path:
+    return write_env(tmp_path / "node.env", f"s3://{bucket}/backups",  # type: ignore[arg-type]
+                     directory=tmp_path / "node", **server.settings, **extra)
+
+
+def test_mount_reads_through_a_bounded_cache(s3_server: S3Server, s3_bucket: str,
+                                             tmp_path: Path) -> None:
+    data = random.Random(7).randbytes(6 * MiB + 12345)
+    tiny_node(tmp_path / "node", {"segments/big": data, "small": b"small file"})
+    cache = tmp_path / "cache"
+    env = s3_env(tmp_path, s3_server, s3_bucket, BACKUP_CACHE_DIR=str(cache),
+                 BACKUP_CACHE_BYTES=str(3 * MiB))
+    res = run_cli("backup", "--config", env, "-q")
+    assert res.returncode == 0, res.stderr
+    with Mount(env, tmp_path / "mnt") as m:
+        node = m.path / "node1"
+        assert (node / "small").read_bytes() == b"small file"
+        with open(node / "segments" / "big", "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+            f.seek(5 * MiB + 3)
+            assert f.read(100_000) == data[5 * MiB + 3:5 * MiB + 100_003]
+        blocks = [p for p in cache.glob("??/*") if not p.name.startswith(".")]
+        assert blocks
+        assert sum(p.stat().st_size for p in blocks) <= 3 * MiB
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in blocks)
+        assert m.stderr() == ""
+
+
+def test_a_cache_folder_that_cannot_be_made_is_a_setting_to_fix(
+        s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    env = s3_env(tmp_path, s3_server, s3_bucket, BACKUP_CACHE_DIR=str(tmp_path / "file"))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        res = run_cli("mount", "--config", env, mnt)
+    finally:
+        if is_mounted(mnt):                 # only if the test fails: never leave it mounted
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "BACKUP_CACHE_DIR" in res.stderr, res.stderr
