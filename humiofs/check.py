@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 
 from humiofs.check_layout import Key, Problem, Report, StoreFiles
-from humiofs.errors import IntegrityError, StoreError
+from humiofs.errors import IntegrityError, StoreError, refused
 from humiofs.progress import human_bytes
 from humiofs.store import crypto, format, journal
 from humiofs.store.format import DIR, FILE, Generation, Ref
@@ -213,6 +213,10 @@ class Checker(StoreFiles):
             except FileNotFoundError:
                 key = self._problem(("missing", h), f"pack {h} is missing")
             except (OSError, IntegrityError) as exc:
+                # No permission is this user's to fix, not damage (README, exit 7).
+                where = self.store.at(pack_name(pid))
+                if isinstance(exc, OSError) and (err := refused(exc, where)):
+                    raise err from None
                 key = self._problem(("header", h), f"pack {h} is not a readable humiofs pack "
                                     f"({exc})")
         self._pack_ok[pid] = key
@@ -328,8 +332,9 @@ class Checker(StoreFiles):
         try:
             for name in journal.journal_names(self.store.backend):
                 of_runs.update(journal.read(self.store.backend, name)[0])
-        except OSError:
-            pass
+        except OSError as exc:
+            if err := refused(exc, str(exc.filename or self.store.at("tmp"))):
+                raise err from None
         runs = [p for p in unused if p in of_runs]
         other = [p for p in unused if p not in of_runs]
         if runs:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from humiofs.errors import IntegrityError, StoreError
+from humiofs.errors import IntegrityError, StoreError, refused
 from humiofs.prune import RECORD_DIR, RECORD_NAME, SET_ASIDE_DIR, read_record
 from humiofs.store import format, keys
 from humiofs.store.backend import FILE, FOLDER
@@ -134,7 +134,9 @@ class StoreFiles:
                 "them: delete them once you no longer want to look at them")
         try:
             leftovers = len(self.store.backend.list("tmp"))
-        except OSError:
+        except OSError as exc:
+            if err := refused(exc, self.store.at("tmp")):
+                raise err from None
             leftovers = 0
         if leftovers:
             self.report.notes.append(f"{leftovers} file(s) in tmp/ left by an interrupted run "
@@ -207,6 +209,9 @@ class StoreFiles:
                 master = keys.unwrap(self.store.backend.read(f"keys/{name}", 1 << 16),
                                      self.store.store_id, self.passphrase)
             except (IntegrityError, OSError) as exc:
+                where = self.store.at(f"keys/{name}")
+                if isinstance(exc, OSError) and (err := refused(exc, where)):
+                    raise err from None
                 self._problem(("key", name), f"key file keys/{name} is damaged ({exc}); the "
                               "store opens with another key file, so no data is lost")
                 continue

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked
+from humiofs.errors import NoSuchObject, StoreError, StoreIOError, StoreLocked, refused
 from humiofs.prune_policy import DAY_MS, HOUR_MS, Decision, TreeDiff, plan
 from humiofs.store import journal
 from humiofs.store.backend import Busy, Item, iter_names
@@ -113,11 +113,16 @@ class Record:
 
 
 def read_record(store: Store, name: str) -> Record:
-    """Parses prune/NAME; raises ValueError if it is malformed."""
+    """Parses prune/NAME; raises ValueError if it is malformed, OSError if it cannot be read,
+    and StoreIOError (exit 7) if this user may not read it (not a damaged record)."""
     m = RECORD_NAME.match(name)
     if not m:
         raise ValueError("not a prune record name")
-    doc = json.loads(store.backend.read(f"{RECORD_DIR}/{name}", 64 << 20))
+    try:
+        raw = store.backend.read(f"{RECORD_DIR}/{name}", 64 << 20)
+    except OSError as exc:
+        raise refused(exc, store.at(f"{RECORD_DIR}/{name}")) or exc
+    doc = json.loads(raw)
     if doc.get("version") != 1 or not isinstance(doc.get("packs"), list):
         raise ValueError("not a prune record")
     packs = set()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import KEY, clean_env, run_cli
 from mountutil import DEADLINE_S, backup, create_store, tiny_node
+from storetools import wait_not_racy
 
 
 def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -222,3 +223,138 @@ def test_mount_of_a_read_only_store_given_as_a_relative_path(ro_store: Path) -> 
         deadline = time.monotonic() + DEADLINE_S
         while m and os.path.exists(f"/proc/{m.group(1)}") and time.monotonic() < deadline:
             time.sleep(0.02)
+
+
+# -- what user nobody meets inside a store it owns ----------------------------------------------
+
+@pytest.fixture
+def nobodys(request: pytest.FixtureRequest) -> Path:
+    """A store BACKUP_DIR/node1 (one backup of NODE) owned by user nobody, outside pytest's
+    folders (nobody cannot pass through them), with a state folder nobody may write."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run as nobody")
+    tmp = Path(tempfile.mkdtemp(prefix="humiofs-nobody-"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    os.chmod(tmp, 0o755)
+    store = create_store(tmp / "backup" / "node1")
+    node = tiny_node(tmp / "node", {"a": os.urandom(70_000), "b": b"x"})
+    wait_not_racy(node)     # so that a backup of it stores nothing new
+    backup(store, node)
+    store.close()
+    (tmp / "state").mkdir()
+    # Not the node: a new ctime would make its files changed ones.
+    for top in (tmp / "backup", tmp / "state"):
+        for folder, dirs, files in os.walk(top):
+            for name in [folder, *(os.path.join(folder, f) for f in files)]:
+                os.chown(name, 65534, 65534)
+    return tmp
+
+
+def _as_nobody(tmp: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "humiofs", *map(str, args), "--backup-dir",
+           str(tmp / "backup"), "--name", "node1"]
+    if args[0] == "backup":
+        cmd += ["--directory", str(tmp / "node")]
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
+        env={**clean_env(), "BACKUP_KEY": KEY, "BACKUP_STATE_DIR": str(tmp / "state"),
+             "HOME": str(tmp / "state"), "BOOTSTRAP_HOST_ID": "1"},
+        capture_output=True, text=True, timeout=120, cwd=tmp)
+
+
+def _a_pack(store: Path) -> Path:
+    return sorted(p for p in (store / "packs").glob("*/*") if p.is_file())[0]
+
+
+@pytest.mark.parametrize("command", [["backup"], ["prune", "--grace", "0"], ["check"]])
+def test_an_unreadable_packs_folder_is_named(nobodys: Path, command: list[str]) -> None:
+    """The line names the folder of packs/ that cannot be read, not packs/ itself (an empty
+    one: nothing but the listing of packs/ goes into it)."""
+    folder = next(p for p in sorted((nobodys / "backup" / "node1" / "packs").iterdir())
+                  if not any(p.iterdir()))
+    os.chmod(folder, 0)
+    _one_line(_as_nobody(nobodys, *command), 7, f"cannot read or write {folder}: Permission "
+              "denied")
+
+
+CHECK, READ_DATA, PRUNE = ["check"], ["check", "--read-data"], ["prune", "--grace", "0"]
+
+
+@pytest.mark.parametrize("what,command", [
+    *((what, command) for what in ("pack", "key file", "prune record", "journal")
+      for command in (CHECK, READ_DATA)),
+    ("prune record", PRUNE),    # prune reads no data pack, second key file or journal here
+])
+def test_an_unreadable_store_file_is_exit_7_not_damage(nobodys: Path, what: str,
+                                                       command: list[str]) -> None:
+    """check (and prune) call a store file this user may not read what it is: exit 7,
+    naming it; never damage (exit 5), a damaged record dropped, or nothing at all. (Generations
+    and config: test_no_permission_is_exit_7_not_damage and the store opening.)"""
+    store = nobodys / "backup" / "node1"
+    if what == "pack":
+        victim = _a_pack(store)
+    elif what == "key file":
+        # A second key file (sorted last), so that the store opens with the first one and
+        # check reads this one by itself.
+        [first] = (store / "keys").iterdir()
+        victim = store / "keys" / ("f" * 32)
+        shutil.copy2(first, victim)
+    elif what == "prune record":
+        (store / "prune").mkdir(mode=0o700)
+        os.chown(store / "prune", 65534, 65534)
+        victim = store / "prune" / "1796070917750-0123456789abcdef"
+        victim.write_text('{"version": 1, "packs": []}\n')
+    else:
+        victim = store / "tmp" / "0123456789abcdef.journal"
+        victim.write_text(f"pack {_a_pack(store).name}\n")
+    os.chown(victim, 65534, 65534)
+    os.chmod(victim, 0)
+    _one_line(_as_nobody(nobodys, *command), 7, f"cannot read or write {victim}: Permission "
+              "denied")
+    assert victim.exists()
+
+
+def test_what_cannot_be_removed_from_tmp_is_exit_7(nobodys: Path) -> None:
+    """A folder in tmp/ holding something this user may not remove: one line naming it."""
+    store = nobodys / "backup" / "node1"
+    (store / "tmp" / "dd").mkdir()
+    (store / "tmp" / "dd" / "x").write_text("root's")
+    proc = _as_nobody(nobodys, "backup")
+    _one_line(proc, 7, f"cannot read or write {store / 'tmp' / 'dd' / 'x'}: Permission denied")
+
+
+# -- the working folder deleted under a command -------------------------------------------------
+
+@pytest.mark.parametrize("args,code", [
+    (["ls", "--backup-dir", "backup"], 2),
+    (["ls", "--backup-dir", "ABS", "--key-file", "key"], 2),
+    (["ls", "--backup-dir", "ABS"], 0),
+    (["check", "--backup-dir", "ABS", "--name", "node1"], 0),
+    (["backup", "--backup-dir", "ABS", "--name", "node1", "--directory", "node"], 2),
+    (["restore", "--backup-dir", "ABS", "--name", "node1", "--to", "r"], 6),
+    (["mount", "--backup-dir", "ABS", "mnt"], 2),
+])
+def test_a_deleted_working_folder_is_one_line(paths: Path, tmp_path: Path, args: list[str],
+                                             code: int) -> None:
+    """A relative path cannot be found once the working folder is deleted: one line that
+    says so, never exit 1; absolute paths still work."""
+    gone = tmp_path / "gone"
+    args = [str(paths / "backup") if a == "ABS" else a for a in args]
+    proc = subprocess.run(
+        ["sh", "-c", 'mkdir "$0" && cd "$0" && rmdir "$0" && exec "$@"', str(gone),
+         sys.executable, "-m", "humiofs", *args],
+        env={**clean_env(), "BACKUP_KEY": KEY}, capture_output=True, text=True, timeout=120)
+    if code == 0:
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    else:
+        _one_line(proc, code, "the working folder was deleted")
+
+
+def test_a_relative_state_dir_in_a_deleted_working_folder(paths: Path, tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    proc = subprocess.run(
+        ["sh", "-c", 'mkdir "$0" && cd "$0" && rmdir "$0" && exec "$@"', str(gone),
+         sys.executable, "-m", "humiofs", "ls", "--backup-dir", str(paths / "backup")],
+        env={**clean_env(), "BACKUP_KEY": KEY, "BACKUP_STATE_DIR": "state"},
+        capture_output=True, text=True, timeout=120)
+    _one_line(proc, 2, "the working folder was deleted")

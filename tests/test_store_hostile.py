@@ -318,3 +318,94 @@ def test_prune_on_a_damaged_generation_says_once_what_it_did(tmp_path: Path) -> 
     kept, total = int(m.group(1)), int(m.group(2))
     if kept < total:
         assert f"(removed {total - kept} by retention: " in r.stdout
+
+
+def test_a_folder_in_tmp_is_removed_by_the_next_backup(stored: tuple[Path, Path],
+                                                       tmp_path: Path) -> None:
+    """tmp/ holds only a running writer's files: a folder there (nested, holding symlinks to
+    a file and a folder outside the store) is removed with a warning, nothing it points to."""
+    env, store = stored
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "precious").write_text("keep me")
+    (outside / "sub" / "also").write_text("keep me too")
+    planted = store / "tmp" / "dd"
+    (planted / "deeper").mkdir(parents=True)
+    (planted / "deeper" / "file").write_bytes(b"x" * 1000)
+    (planted / "to-file").symlink_to(outside / "precious")
+    (planted / "deeper" / "to-folder").symlink_to(outside / "sub")
+    (store / "tmp" / "to-outside").symlink_to(outside)
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 0 and "the next backup removes them" in r.stdout, r.stdout + r.stderr
+    r = run_cli("backup", "-c", env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"removed the folder {planted} and what it held" in r.stderr
+    assert os.listdir(store / "tmp") == []
+    assert (outside / "precious").read_text() == "keep me"
+    assert (outside / "sub" / "also").read_text() == "keep me too"
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 0 and "tmp/" not in r.stdout, r.stdout + r.stderr
+
+
+def test_a_removed_empty_packs_folder_is_made_again(stored: tuple[Path, Path]) -> None:
+    """`find packs -type d -empty -delete`, then a backup with new data: the folders its packs
+    go in are made again (0700, with a warning); check still names the others missing."""
+    env, store = stored
+    node = Path(next(ln.split("=", 1)[1] for ln in env.read_text().splitlines()
+                     if ln.startswith("DIRECTORY=")))
+    for folder in (store / "packs").iterdir():
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    before = set(os.listdir(store / "packs"))
+    assert len(before) < 16
+    made: set[str] = set()
+    for i in range(5):      # a new pack goes into a removed folder 15 times in 16 or more
+        (node / f"new-{i}").write_bytes(os.urandom(100_000))
+        r = run_cli("backup", "-c", env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        made = set(os.listdir(store / "packs")) - before
+        if made:
+            break
+    assert made, "no pack went into a removed folder"
+    for name in made:
+        assert os.stat(store / "packs" / name).st_mode & 0o777 == 0o700
+        assert f"{store / 'packs' / name} was missing; made it again" in r.stderr
+    r = run_cli("check", "-c", env)
+    assert r.returncode == 5 and "is missing from the store (the writer needs it)" in r.stdout
+    assert "fails authentication" not in r.stdout and "pack " not in r.stdout, r.stdout
+    restored = store.parent.parent / "restored"
+    r = run_cli("restore", "-c", env, "--to", restored)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (restored / f"new-{i}").read_bytes() == (node / f"new-{i}").read_bytes()
+
+
+def test_ls_lists_every_store_past_a_damaged_one(stored: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    """BACKUP_DIR with `alias`, `bad` (its config a folder) and `good`: all three are listed,
+    `bad` with its error (in --json its `error`), and ls exits 5 with one error line."""
+    env, store = stored
+    backups = store.parent
+    shutil.copytree(store, backups / "alias")
+    shutil.copytree(store, backups / "good")
+    store.rename(backups / "bad")
+    (backups / "bad" / "config").unlink()
+    (backups / "bad" / "config").mkdir()
+    all_env = write_env(tmp_path / "all.env", backups, name=None)
+    r = run_cli("ls", "-c", all_env)
+    assert r.returncode == 5, r.stdout + r.stderr
+    heads = [ln.split(":")[0] for ln in r.stdout.splitlines() if not ln.startswith(" ")]
+    assert heads == ["alias", "bad", "good"], r.stdout
+    assert "bad: cannot be listed: " in r.stdout and "config is a folder" in r.stdout
+    assert "config is a folder" in _one_line(r.stderr)
+    r = run_cli("ls", "-c", all_env, "--json")
+    assert r.returncode == 5, r.stdout + r.stderr
+    objs = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert [(o["store"], o["opened"], o["error"] is None, len(o["generations"]))
+            for o in objs] == [("alias", True, True, 1), ("bad", False, False, 0),
+                               ("good", True, True, 1)]
+    assert "config is a folder" in objs[1]["error"]
+    (backups / "worse" / "keys").mkdir(parents=True)     # a store that lost its config
+    r = run_cli("ls", "-c", all_env)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "2 of 4 stores could not be listed (bad, worse)" in _one_line(r.stderr)
+    assert "good: 1 generation(s)" in r.stdout

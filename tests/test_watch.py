@@ -319,6 +319,22 @@ def test_sigterm_during_a_big_file(watch: Callable[..., WatchProc], node: Path,
     check_ok(tmp_path)
 
 
+def test_a_folder_in_tmp_does_not_stop_the_watch(watch: Callable[..., WatchProc], node: Path,
+                                                 tmp_path: Path) -> None:
+    """A folder planted in tmp/ (a store that has been backed up into once) is removed, with
+    a warning, as the watch starts; the watch then runs on."""
+    env = write_env(tmp_path / "env-first", tmp_path / "backup", directory=node)
+    assert run_cli("backup", "--config", env, "--no-progress").returncode == EXIT_OK
+    planted = tmp_path / "backup" / "node1" / "tmp" / "dd"
+    (planted / "deeper").mkdir(parents=True)
+    (planted / "deeper" / "file").write_bytes(b"x")
+    w = watch()
+    wait_for(lambda: "nothing changed" in w.stderr(), "an idle pass", proc=w.proc)
+    assert not planted.exists()
+    assert f"removed the folder {planted}" in w.stderr()
+    assert w.stop() == EXIT_OK, w.stderr()
+
+
 def test_wrong_key_exits_at_once(watch: Callable[..., WatchProc], node: Path,
                                  tmp_path: Path) -> None:
     w = watch()

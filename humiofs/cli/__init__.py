@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -170,6 +171,18 @@ class _Part(io.StringIO):
         return len(text)
 
 
+_NO_WORKING_FOLDER = ("the working folder was deleted, so a relative path cannot be "
+                      "found: cd to a folder that exists, or give absolute paths")
+
+
+def _working_folder_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def _run(args: argparse.Namespace) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -178,7 +191,9 @@ def _run(args: argparse.Namespace) -> int:
         with scan.deep_walk():
             return func(args)
     except HumiofsError as exc:
-        print(f"humiofs: error: {exc}", file=sys.stderr)
+        hint = (f" ({_NO_WORKING_FOLDER})" if exc.exit_code in (errors.EXIT_USAGE,
+                errors.EXIT_TARGET) and _working_folder_gone() else "")
+        print(f"humiofs: error: {exc}{hint}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         exc2 = Interrupted(_INTERRUPTED.get(args.func.__name__, "interrupted; the store is "
@@ -192,6 +207,10 @@ def _run(args: argparse.Namespace) -> int:
         # bug, but still one line (the traceback with -v). No permission, a name too long
         # or a file where a folder belongs are the user's to fix wherever they show up.
         log.debug("unexpected OS error", exc_info=True)
+        if isinstance(exc, FileNotFoundError) and not exc.filename and _working_folder_gone():
+            # os.getcwd(), for a relative path (Path.resolve, os.path.abspath): no name given.
+            print(f"humiofs: error: {_NO_WORKING_FOLDER}", file=sys.stderr)
+            return errors.EXIT_USAGE
         where = f": {exc.filename}" if exc.filename else ""
         mapped = errors.refused(exc, str(exc.filename or "a file"), setting=True)
         if mapped is not None:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from humiofs import errors
 from humiofs.cli import summary
 from humiofs.cli.common import add_json, human, load_config
+from humiofs.config import Config
 from humiofs.errors import StoreError
 from humiofs.progress import human_bytes
 from humiofs.store import generations
@@ -46,59 +48,85 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not names:
         human(args, f"no backups in {cfg.backup_dir}")
         return errors.EXIT_OK
+    if cfg.backup_name:
+        _ls_store(args, cfg, names[0])      # the store the settings name: its error is the run's
+        return errors.EXIT_OK
+    # Every store of BACKUP_DIR is listed, whatever is wrong with one: its error is its line,
+    # and the run exits with the highest exit code among them.
+    failed: list[tuple[str, errors.HumiofsError]] = []
     for name in names:
-        path = store_at(cfg.backup_dir, name)
-        if not looks_like_store(backend_of(path)):
-            raise errors.NoSuchStore(f"no humiofs store at {path}")
-        store: Store | None = None
-        if cfg.backup_key:
-            try:
-                store = Store.open(path, cfg.passphrase())
-            except (errors.WrongKey, errors.StoreMetadataDamaged) as exc:
-                # The store the settings name must open, as for every other command; when
-                # listing all of BACKUP_DIR, the others may belong to nodes with other keys.
-                if cfg.backup_name:
-                    raise
-                why = ("the key does not open this backup" if isinstance(exc, errors.WrongKey)
-                       else f"cannot be opened: {exc}")
-                if args.json:
-                    summary.emit("ls", store=name, opened=False, error=why, generations=[])
-                else:
-                    print(f"{name}: {why}")
-                continue
-        rows = [row for gname in generation_names(path)
-                if (row := _ls_row(store, gname)) is not None]
-        # What restore, the mount's NAME/ and the next backup take as the latest: the newest
-        # generation that reads back.
-        readable = [row for row in rows if row["files"] is not None and not row["checkpoint"]]
-        if readable:
-            readable[-1]["latest"] = True
-        state = LocalState.of(cfg.state_dir) if store is not None else None
-        if store is not None and state is not None:
-            newest = readable[-1]["name"] if readable else None
-            rollback = state.observe(store, newest, [row["name"] for row in rows])
-            if rollback:
-                log.warning("%s", rollback)
-        if args.json:
-            summary.emit("ls", store=name, opened=store is not None, error=None,
-                         generations=rows)
-            continue
-        cps = sum(1 for row in rows if row["checkpoint"])
-        print(f"{name}: {len(rows) - cps} generation(s)"
-              + (f", {cps} checkpoint(s)" if cps else ""))
-        for row in rows:
-            line = f"  {row['time']}  {row['name']}"
-            if row["damaged"]:
-                line += f"  DAMAGED: {row['damaged']}"
-            elif row["checkpoint"]:
-                line += (f"  checkpoint (partial): {row['files']} files  "
-                         f"{human_bytes(row['bytes'])} so far")
-                line += f"  node {row['node']}" if row["node"] is not None else ""
-            elif row["files"] is not None:
-                line += f"  {row['files']} files  {human_bytes(row['bytes'])}"
-                line += f"  node {row['node']}" if row["node"] is not None else ""
-            print(line + ("  (latest)" if row["latest"] else ""))
-    return errors.EXIT_OK
+        try:
+            _ls_store(args, cfg, name)
+        except errors.HumiofsError as exc:
+            failed.append((name, exc))
+            if args.json:
+                summary.emit("ls", store=name, opened=False, error=str(exc), generations=[])
+            else:
+                print(f"{name}: cannot be listed: {exc}", flush=True)
+    if not failed:
+        return errors.EXIT_OK
+    worst = max(failed, key=lambda f: f[1].exit_code)
+    if len(failed) == 1:
+        print(f"humiofs: error: {worst[1]}", file=sys.stderr)
+    else:
+        print(f"humiofs: error: {len(failed)} of {len(names)} stores could not be listed "
+              f"({', '.join(name for name, _ in failed)}); the first: {failed[0][1]}",
+              file=sys.stderr)
+    return worst[1].exit_code
+
+
+def _ls_store(args: argparse.Namespace, cfg: Config, name: str) -> None:
+    """Lists the store `name` of BACKUP_DIR; HumiofsError if it cannot be."""
+    path = store_at(cfg.backup_dir, name)
+    if not looks_like_store(backend_of(path)):
+        raise errors.NoSuchStore(f"no humiofs store at {path}")
+    store: Store | None = None
+    if cfg.backup_key:
+        try:
+            store = Store.open(path, cfg.passphrase())
+        except errors.WrongKey:
+            # The store the settings name must open, as for every other command; when
+            # listing all of BACKUP_DIR, the others may belong to nodes with other keys.
+            if cfg.backup_name:
+                raise
+            why = "the key does not open this backup"
+            if args.json:
+                summary.emit("ls", store=name, opened=False, error=why, generations=[])
+            else:
+                print(f"{name}: {why}")
+            return
+    rows = [row for gname in generation_names(path)
+            if (row := _ls_row(store, gname)) is not None]
+    # What restore, the mount's NAME/ and the next backup take as the latest: the newest
+    # generation that reads back.
+    readable = [row for row in rows if row["files"] is not None and not row["checkpoint"]]
+    if readable:
+        readable[-1]["latest"] = True
+    state = LocalState.of(cfg.state_dir) if store is not None else None
+    if store is not None and state is not None:
+        newest = readable[-1]["name"] if readable else None
+        rollback = state.observe(store, newest, [row["name"] for row in rows])
+        if rollback:
+            log.warning("%s", rollback)
+    if args.json:
+        summary.emit("ls", store=name, opened=store is not None, error=None,
+                     generations=rows)
+        return
+    cps = sum(1 for row in rows if row["checkpoint"])
+    print(f"{name}: {len(rows) - cps} generation(s)"
+          + (f", {cps} checkpoint(s)" if cps else ""))
+    for row in rows:
+        line = f"  {row['time']}  {row['name']}"
+        if row["damaged"]:
+            line += f"  DAMAGED: {row['damaged']}"
+        elif row["checkpoint"]:
+            line += (f"  checkpoint (partial): {row['files']} files  "
+                     f"{human_bytes(row['bytes'])} so far")
+            line += f"  node {row['node']}" if row["node"] is not None else ""
+        elif row["files"] is not None:
+            line += f"  {row['files']} files  {human_bytes(row['bytes'])}"
+            line += f"  node {row['node']}" if row["node"] is not None else ""
+        print(line + ("  (latest)" if row["latest"] else ""))
 
 
 def _ls_row(store: Store | None, gname: str) -> dict[str, Any] | None:

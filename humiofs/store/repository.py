@@ -6,6 +6,7 @@ and a failed run's packs journal.py's.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from humiofs.errors import IntegrityError, NoSuchObject, StoreError, refused
+from humiofs.errors import IntegrityError, NoSuchObject, StoreError, StoreIOError, refused
 from humiofs.store import crypto, format, journal, keys, opening, writerlock
 from humiofs.store.backend import FILE, FOLDER, Backend, Item, Location
 from humiofs.store.backend.factory import open_location, store_at
@@ -74,7 +75,8 @@ def list_packs(store: Store) -> dict[bytes, Item]:
     try:
         items = store.backend.list("packs", recursive=True)
     except OSError as exc:
-        where = at(store.backend, "packs")
+        # The listing goes into packs/xx: name the folder that failed, not packs/.
+        where = str(exc.filename) if exc.filename else at(store.backend, "packs")
         raise refused(exc, where) or StoreError(
             f"cannot list {where}: {exc.strerror} (run humiofs check)") from None
     for item in items:
@@ -191,7 +193,22 @@ class Store:
                         "files)", tmp)
         journal.reclaim(self)
         for item in self.backend.list("tmp"):
-            self.backend.delete(item.name)
+            try:
+                if item.kind == FOLDER:
+                    # No writer makes one: planted, or left by a tool. tmp/ holds only a running
+                    # writer's files and the writer lock is held, so it goes too.
+                    self.backend.delete_folder(item.name)
+                    log.warning("removed the folder %s and what it held (tmp/ holds only a "
+                                "running backup's files)", self.at(item.name))
+                else:
+                    self.backend.delete(item.name)
+            except OSError as exc:
+                where = str(exc.filename) if exc.filename else self.at(item.name)
+                if exc.errno in (errno.EROFS, errno.ENOSPC):
+                    raise store_io_error(exc, where) from None
+                raise refused(exc, where) or StoreIOError(
+                    f"cannot remove {where}: {exc.strerror or exc} (tmp/ holds only a running "
+                    "backup's files: remove it by hand, then run again)") from None
 
     def new_pack(self) -> PackWriter:
         return PackWriter(self)
@@ -247,7 +264,7 @@ class Store:
         except FileNotFoundError:
             raise NoSuchObject(f"pack {h} is missing from the store") from None
         except OSError as exc:
-            raise refused(exc, f"pack {h}") or StoreError(
+            raise refused(exc, self.at(name)) or StoreError(
                 f"cannot open pack {h}: {exc.strerror}") from None
         format.check_header(head, format.TYPE_PACK, format.PACK_VERSION, f"pack {h}")
         if len(self._checked_packs) >= _CHECKED_PACKS:
@@ -274,7 +291,7 @@ class Store:
         except NotRegularFile as exc:
             raise StoreError(f"cannot open pack {pack_id.hex()}: {exc.strerror}") from None
         except OSError as exc:
-            raise refused(exc, f"pack {pack_id.hex()}") or StoreError(
+            raise refused(exc, self.at(name)) or StoreError(
                 f"cannot read pack {pack_id.hex()}: {exc.strerror}") from None
 
     def read_chunks(self, ref: Ref, kind: int, first: int, last: int) -> bytearray:
@@ -371,7 +388,7 @@ class Store:
             # command alike (FORMAT.md 9.1): it is never opened through or read from.
             raise IntegrityError(f"generation {name} is {exc.strerror}") from None
         except OSError as exc:
-            raise refused(exc, f"generation {name}") or StoreError(
+            raise refused(exc, self.at(f"{folder}/{name}")) or StoreError(
                 f"cannot read generation {name}: {exc.strerror}") from None
         where = f"generation {name}"
         format.check_header(data, format.TYPE_GENERATION, format.GENERATION_VERSION, where)

@@ -13,8 +13,9 @@ Errors follow the filesystem's, so one caller's handling serves every backend: a
 object raises FileNotFoundError; something that is not a regular file under a store file's
 name raises durable.NotRegularFile; a refused access raises PermissionError (or OSError with
 EROFS for a read-only store); a full store raises OSError with ENOSPC; anything else an
-OSError whose strerror is one line a user can act on. Backends retry transient failures
-themselves (with backoff) before raising.
+OSError whose strerror is one line a user can act on, and whose `filename`, where set, is the
+exact file or folder it is about (a recursive listing's may be a subfolder's). Backends retry
+transient failures themselves (with backoff) before raising.
 """
 from __future__ import annotations
 
@@ -149,6 +150,14 @@ class Backend(ABC):
     @abstractmethod
     def delete(self, name: str) -> None:
         """Removes the file `name`; a missing one is not an error."""
+
+    def delete_folder(self, folder: str) -> None:
+        """Removes the folder `folder` and everything below it, never following a symlink
+        (something planted in tmp/, which only ever holds a running writer's files); a missing
+        one is not an error. Object storage deletes every object under the prefix. (Added
+        with the cleaning of tmp/.)"""
+        for item in self.list(folder, recursive=True):
+            self.delete(item.name)
 
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:

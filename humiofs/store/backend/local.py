@@ -79,11 +79,30 @@ class LocalUpload(Upload):
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
-            os.rename(self._tmp, self._final)
+            try:
+                os.rename(self._tmp, self._final)
+            except FileNotFoundError:
+                self._remake_folder()
+                os.rename(self._tmp, self._final)
             fsync_dir(self._final.parent)
         except OSError:
             self.abort()
             raise
+
+    def _remake_folder(self) -> None:
+        """Makes the folder the file goes in (packs/xx) again if it was removed (an empty
+        folder, say by `find -empty -delete`): it only ever holds packs, so one made anew is
+        what was there. Only that folder: a store that lost packs/ is not written into.
+        Raises the rename's FileNotFoundError if it was not the folder that was missing."""
+        folder = self._final.parent
+        if os.path.lexists(folder) or not os.path.lexists(self._tmp):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self._final))
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            return          # another writer's, just now
+        fsync_dir(folder.parent)
+        log.warning("%s was missing; made it again (it holds only packs)", folder)
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -265,6 +284,23 @@ class LocalBackend(Backend):
                 if of.users == 0:
                     os.close(of.fd)
         unlink_quietly(self._path(name))
+
+    def delete_folder(self, folder: str) -> None:
+        """See Backend.delete_folder: shutil.rmtree, which works on fds here (it never follows
+        a symlink, even one swapped in while it runs) and refuses a symlink at `folder`. The
+        first failure (other than something gone already) is raised once the rest is removed,
+        naming the path that failed."""
+        failed: list[OSError] = []
+
+        def onerror(func: object, path: str, exc_info: tuple[type, BaseException, object]) -> None:
+            exc = exc_info[1]
+            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and not failed:
+                # rmtree works relative to folder fds: its errors name only the last component.
+                failed.append(OSError(exc.errno, exc.strerror or str(exc), path))
+
+        shutil.rmtree(self._path(folder), onerror=onerror)
+        if failed:
+            raise failed[0]
 
     def rename(self, src: str, dst: str) -> None:
         link_or_rename(self._path(src), self._path(dst))
