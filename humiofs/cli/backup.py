@@ -74,7 +74,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         run = Backup(store, opts)
         gen = run.run(parent)
         if state and (done := generations.complete_name(gen)) is not None:
-            state.observe(store, done)
+            state.record(store, done)
     s = run.stats
     code = (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or s.lost_deleted
             or rollback else errors.EXIT_OK)
