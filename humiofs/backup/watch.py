@@ -308,7 +308,7 @@ class Watch:
         self.last_pass.update(committed=True, generation=summary.generation(gen),
                               bytes_stored=run.stats.bytes_stored)
         if self.state is not None and (done := complete_name(gen)) is not None:
-            self.state.observe(self.store, done)
+            self.state.record(self.store, done)
         self.committed += 1
         s = run.stats
         log.info("generation %s: %d new, %d changed files, %d skipped, %d bytes stored "

@@ -40,8 +40,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    from humiofs.backup.prewarm import Prewarm
     from humiofs.backup.scan import DEFAULT_EXCLUDES
-    from humiofs.backup.writer import Backup, BackupOptions
 
     cfg = load_config(args)
     source = cfg.need_directory()
@@ -52,7 +52,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         interval = args.interval if args.interval is not None else cfg.interval_s
         return watch.run(cfg, interval, tuple(args.exclude), not args.no_progress,
                          json_out=args.json, quiet=args.quiet)
-    store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
+    # Opening the store is mostly its key's derivation: the run's imports and the node's
+    # metadata are read meanwhile (backup/prewarm.py).
+    with Prewarm(source):
+        store = Store.open_or_create(cfg.store_path(), cfg.passphrase())
+    from humiofs.backup.writer import Backup, BackupOptions
     opts = BackupOptions(source=source, backup_name=store.name,
                          excludes=DEFAULT_EXCLUDES + cfg.excludes + tuple(args.exclude),
                          host_id=cfg.host_id, progress=None if not args.no_progress else False,
@@ -70,7 +74,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         run = Backup(store, opts)
         gen = run.run(parent)
         if state and (done := generations.complete_name(gen)) is not None:
-            state.observe(store, done)
+            state.record(store, done)
     s = run.stats
     code = (errors.EXIT_PARTIAL if s.skipped or s.healed or s.vanished or s.lost_deleted
             or rollback else errors.EXIT_OK)

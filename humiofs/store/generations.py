@@ -147,10 +147,11 @@ def latest_readable(store: Store) -> Generation | None:
     ones with a warning; None if the store has none. Raises StoreError (exit 5) if the store
     has generation files and none of them reads back: its key files may hold another store's
     master key, and a generation committed under it would mix two master keys in one store."""
-    if not store.list_generations():    # raises its own StoreError if it cannot list
+    names = store.list_generations()    # raises its own StoreError if it cannot list
+    if not names:
         return None
     try:
-        return pick(store, checkpoints=True).generation
+        return pick(store, checkpoints=True, names=names).generation
     except StoreError as exc:
         if exc.exit_code == 2:      # no generation at all
             return None
@@ -187,14 +188,17 @@ class Picked:
     damaged: tuple[tuple[str, str], ...] = ()
 
 
-def pick(store: Store, at: At | None = None, checkpoints: bool = False) -> Picked:
+def pick(store: Store, at: At | None = None, checkpoints: bool = False,
+         names: list[str] | None = None) -> Picked:
     """The latest generation, or the latest one `at` chooses, that reads back: a damaged
     newer one is left out with a warning, so restore, the mount, ls and backup agree on what
     the latest generation is (FORMAT.md 7.2). Checkpoints (partial, FORMAT.md 7.4) are
     passed over unless `checkpoints` (the parent of a backup). A generation asked for by name
     is that one, damaged or a checkpoint (with a warning). StoreError with exit 2 if no
-    generation matches, 5 if none of those that match can be read."""
-    names = store.list_generations()
+    generation matches, 5 if none of those that match can be read. `names`: the store's
+    generation names, listed a moment ago by the caller (else listed here)."""
+    if names is None:
+        names = store.list_generations()
     if at is not None and at.name is not None:
         if at.name not in names:
             raise StoreError(f"store {store.path} has no generation {at.name}", 2)

@@ -97,6 +97,13 @@ class LocalState:
         except OSError:
             return False
 
+    def record(self, store: Store, newest: str) -> None:
+        """Records `newest` (a complete generation this host just committed) if it is later
+        than the record: `observe` without the rollback check, which needs a listing of the
+        store's generations (a request on object storage) and whose warning a writer that
+        has just committed has no use for."""
+        self._record(store.store_id, store.path, newest)
+
     def observe(self, store: Store, newest: str | None,
                 names: list[str] | None = None, record: bool = True) -> str | None:
         """Compares the store with the record, given its newest generation that authenticated
