@@ -50,8 +50,10 @@ class ChunkCache:
         self._load: list[Load | None] = [None] * self.slots
         self._pins = [0] * self.slots
         self._hand = 0
+        self.closed = False       # close() released the slots: a load still running fails
 
     def close(self) -> None:
+        self.closed = True
         try:
             self.view.release()
             self.shared.close()

@@ -346,6 +346,12 @@ class Reader:
         except StoreError as exc:
             error = str(exc)
         except Exception as exc:  # a system task must not raise: it would end the mount
+            if self.cache.closed:
+                # A read-ahead still running when the mount closed: its slots are gone, and
+                # nobody should wait for them (ValueError: released memoryview). Not a fault.
+                load.error = "the mount is closing"
+                load.done.set()
+                return
             log.exception("internal error reading %s", f.path)
             error = f"internal error: {exc}"
         self.cache.finish(load, error)
