@@ -93,6 +93,12 @@ def test_read_and_limit(backend: Backend) -> None:
     assert backend.read("generations/g1", 100) == b"0123456789"
     with pytest.raises(FileNotFoundError):
         backend.read("generations/none")
+    # An empty file read with a limit (object storage answers a range past the end with 416).
+    backend.write("generations/g0", b"")
+    assert backend.read("generations/g0", 16) == b""
+    assert backend.read("generations/g0") == b""
+    with pytest.raises(EOFError):
+        backend.read_into("generations/g0", 0, memoryview(bytearray(1)))
 
 
 def test_read_into_and_eof(backend: Backend) -> None:
