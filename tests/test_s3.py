@@ -341,3 +341,50 @@ def test_settings_errors(tmp_path: Path, node: Path) -> None:
     assert res.returncode == 7, res.stderr
     assert "cannot connect to http://127.0.0.1:9" in one_line(res)
     assert KEY not in res.stderr
+
+
+@pytest.mark.allow_warnings
+def test_watch_rides_out_an_outage(env: Path, tmp_path: Path, node: Path, s3_server: S3Server,
+                                   s3_bucket: str, rgw: None) -> None:
+    """The service going away for a while fails the watch's passes (one line, --json an
+    object with `error`), not the watch: it keeps its lock and commits once it is back."""
+    import json
+    live = tmp_path / "live"
+    subprocess.run(["cp", "-a", "--sparse=always", str(node), str(live)], check=True)
+    env2 = s3_env(tmp_path / "live.env", s3_server, s3_bucket, live)
+    out_path, err_path = tmp_path / "watch.out", tmp_path / "watch.err"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "--config",
+                                 str(env2), "--watch", "--interval", "1", "--json"],
+                                env=clean_env(), cwd=ROOT, stdout=out, stderr=err)
+
+    def passes() -> list[dict[str, object]]:
+        return [json.loads(ln) for ln in out_path.read_text().splitlines() if ln.strip()]
+    try:
+        wait_for(lambda: proc.poll() is not None or any(p.get("committed") for p in passes()),
+                 "the first generation", 60)
+        assert proc.poll() is None, err_path.read_text()
+        assert server_command("rgw-kill").returncode == 0
+        seen = len(passes())
+        wait_for(lambda: proc.poll() is not None or any(p.get("error") for p in passes()[seen:]),
+                 "a pass failing for the outage", 60)
+        assert proc.poll() is None, err_path.read_text()
+        assert server_command("rgw-start").returncode == 0
+        (live / "written-later").write_bytes(b"y" * 5000)
+        seen = len(passes())
+        wait_for(lambda: proc.poll() is not None
+                 or any(p.get("committed") for p in passes()[seen:]), "a pass after it", 90)
+        assert proc.poll() is None, err_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, err_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = err_path.read_text()
+    assert "Traceback" not in log and "cannot remove the lock" not in log, log
+    failed = [p for p in passes() if p.get("error")]
+    assert failed and "cannot connect to" in str(failed[0]["error"]), failed
+    target = tmp_path / "restored"
+    assert run_cli("restore", "--config", env2, "--to", target).returncode == 0
+    assert tree_digest(target) == source_digest(live)
