@@ -30,7 +30,9 @@ from humiofs.store.backend import (
 )
 from humiofs.store.backend.s3reads import ReadWindows
 from humiofs.store.backend.s3settings import (
+    BACKOFF_S,
     CONNECT_S,
+    MAX_BACKOFF_S,
     REQUEST_S,
     RETRIES,
     RETRY_WINDOW_S,
@@ -78,8 +80,9 @@ class S3Location(Location):
                             "timeout": timedelta(seconds=REQUEST_S)},
             retry_config={"max_retries": RETRIES,
                           "retry_timeout": timedelta(seconds=RETRY_WINDOW_S),
-                          "backoff": {"init_backoff": timedelta(milliseconds=200),
-                                      "max_backoff": timedelta(seconds=4), "base": 2}})
+                          "backoff": {"init_backoff": timedelta(seconds=BACKOFF_S),
+                                      "max_backoff": timedelta(seconds=MAX_BACKOFF_S),
+                                      "base": 2}})
 
     def key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel

@@ -9,12 +9,16 @@ from dataclasses import dataclass, field
 
 # Requests: a connection must be made in CONNECT_S and a whole request (a part of a pack, a
 # ranged read) done in REQUEST_S. A failed request (5xx, refused or dropped connection,
-# timeout) is tried again after 0.2, 0.4, 0.8, 1.6, 3.2 s (with jitter), at most RETRIES times
-# and not after RETRY_WINDOW_S: a server that is down is reported after about 6 s, one that
-# hangs after at most RETRY_WINDOW_S + REQUEST_S = 50 s.
+# timeout) is tried again at most RETRIES times and not after RETRY_WINDOW_S, after waits
+# drawn by obstore's jittered backoff: the first BACKOFF_S, each next one between BACKOFF_S
+# and twice the previous, at most MAX_BACKOFF_S. A server that is down is reported after 3 to
+# about 14 s, typically 6 s (a restarting service is ridden out); one that hangs after at most
+# RETRY_WINDOW_S + REQUEST_S = 50 s.
 CONNECT_S = 5
 REQUEST_S = 20
-RETRIES = 5
+RETRIES = 6
+BACKOFF_S = 0.5
+MAX_BACKOFF_S = 4
 RETRY_WINDOW_S = 30
 SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP")
