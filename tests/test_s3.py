@@ -332,6 +332,38 @@ def test_settings_errors(tmp_path: Path, node: Path) -> None:
         res = run_cli("backup", "--config", env)
         assert res.returncode == 2, res.stderr
         assert want in one_line(res)
+    # What the environment holds goes into request headers: a control character is refused
+    # (obstore would panic), without showing the value (it may be the secret).
+    base = write_env(tmp_path / "b.env", "s3://bucket/x", directory=node,  # type: ignore
+                     AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="id",
+                     AWS_SECRET_ACCESS_KEY="secret")
+    for name, value in [("AWS_REGION", "x\x01"), ("AWS_SESSION_TOKEN", "tok\x7fen"),
+                        ("AWS_SECRET_ACCESS_KEY", "se cret\x02"),
+                        ("AWS_ACCESS_KEY_ID", "id\u00e9")]:
+        res = run_cli("ls", "--config", base, env={**clean_env(), name: value})
+        assert res.returncode == 2, res.stderr
+        line = one_line(res)
+        assert f"{name} may hold only visible ASCII" in line and value not in res.stderr, line
+        assert "panicked" not in res.stderr
+    for url, want in [("s3://bucket//x", "may not have empty"),
+                      ("s3://bucket/x//y", "may not have empty"),
+                      ("S3://bucket/x", "written s3:// (lower case), not S3://")]:
+        env = write_env(tmp_path / "u.env", url, directory=node,  # type: ignore
+                        AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="id",
+                        AWS_SECRET_ACCESS_KEY="secret")
+        res = run_cli("ls", "--config", env)
+        assert res.returncode == 2 and want in one_line(res), res.stderr
+    env = write_env(tmp_path / "p.env", "s3://bucket/x", directory=node,  # type: ignore
+                    AWS_ENDPOINT_URL="https://user:hunter2@s3.example.com",
+                    AWS_ACCESS_KEY_ID="id", AWS_SECRET_ACCESS_KEY="secret")
+    res = run_cli("ls", "--config", env)
+    assert res.returncode == 2 and "user:***@s3.example.com" in one_line(res), res.stderr
+    assert "hunter2" not in res.stderr
+    env = write_env(tmp_path / "k.env", "s3://bucket/x", directory=node,  # type: ignore
+                    AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="id",
+                    AWS_SECRET_KEY="secret")
+    res = run_cli("ls", "--config", env)
+    assert "did you mean AWS_SECRET_ACCESS_KEY?" in res.stderr, res.stderr
     # AWS_* in the env file are humiofs settings: no "not a humiofs setting" warning.
     env = write_env(tmp_path / "e.env", "s3://bucket/x", directory=node,  # type: ignore
                     AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="id",
