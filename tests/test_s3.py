@@ -166,8 +166,18 @@ def test_mount_read_when_the_service_goes_away(env: Path, node: Path, tmp_path: 
             (m.path / "node1" / rel).read_bytes()
         assert e.value.errno == errno.EIO
         assert time.monotonic() - started < 60
+        # Listing a folder not read yet: EIO too, not the network's ECONNREFUSED.
+        folders = sorted(p.relative_to(node) for p in node.rglob("*") if p.is_dir())
+        with pytest.raises(OSError) as e:
+            for folder in folders:
+                os.listdir(m.path / "node1" / folder)
+        assert e.value.errno == errno.EIO
         assert server_command("rgw-start").returncode == 0
         assert (m.path / "node1" / rel).read_bytes() == big.read_bytes()
+    log = m.log.read_text()
+    # One line per failure, as for a disk's I/O error: no "internal error", no traceback.
+    assert "cannot connect to" in log and "internal error" not in log, log
+    assert "Traceback" not in log, log
 
 
 @pytest.mark.allow_warnings
