@@ -319,7 +319,9 @@ def test_wrong_credentials(tmp_path: Path, s3_server: S3Server, s3_bucket: str,
                            node: Path) -> None:
     env = s3_env(tmp_path / "e.env", s3_server, s3_bucket, node,
                  AWS_SECRET_ACCESS_KEY="not-the-secret-at-all")
-    for args in (["backup"], ["ls"], ["check"], ["restore", "--to", tmp_path / "r"]):
+    (tmp_path / "mnt").mkdir()
+    for args in (["backup"], ["ls"], ["check"], ["restore", "--to", tmp_path / "r"],
+                 ["mount", tmp_path / "mnt"]):
         res = run_cli(*args, "--config", env)
         assert res.returncode == 7, (args, res.stderr)
         line = one_line(res)
