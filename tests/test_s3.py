@@ -432,3 +432,31 @@ def test_watch_rides_out_an_outage(env: Path, tmp_path: Path, node: Path, s3_ser
     target = tmp_path / "restored"
     assert run_cli("restore", "--config", env2, "--to", target).returncode == 0
     assert tree_digest(target) == source_digest(live)
+
+
+def test_an_endpoint_that_is_not_s3(tmp_path: Path, node: Path) -> None:
+    """A web server at AWS_ENDPOINT_URL answering 404 to bucket calls is a setting to fix
+    (exit 2), not a damaged store (5)."""
+    import http.server
+    import threading
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+        do_HEAD = do_PUT = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = write_env(tmp_path / "e.env", "s3://bucket/x", directory=node,  # type: ignore
+                        AWS_ENDPOINT_URL=f"http://127.0.0.1:{server.server_address[1]}",
+                        AWS_ACCESS_KEY_ID="id", AWS_SECRET_ACCESS_KEY="secret")
+        for args in (["ls"], ["check"], ["restore", "--to", tmp_path / "r"]):
+            res = run_cli(*args, "--config", env)
+            assert res.returncode == 2, (args, res.stderr)
+            assert "does not look like an S3 service" in one_line(res)
+    finally:
+        server.shutdown()
+        server.server_close()

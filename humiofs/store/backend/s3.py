@@ -158,6 +158,12 @@ class S3Location(Location):
                 f"{self.endpoint} did not answer in time (tried for {_tried(text)})"))
         status = re.search(r"status code: (\d{3} [A-Za-z ]+?):", text)
         code = re.search(r"<Code>([A-Za-z]+)</Code>", text)
+        if status and status.group(1).startswith("404") and not code:
+            # A bucket call answered 404 with no S3 error code: not an S3 service (a web
+            # server at AWS_ENDPOINT_URL), or BACKUP_DIR's bucket part is a path there.
+            return LocationMissing(errno.ENOENT, (
+                f"{self.endpoint} answered 404 Not Found without an S3 error code for {what}: "
+                "it does not look like an S3 service; correct AWS_ENDPOINT_URL or BACKUP_DIR"))
         if status:
             reason = status.group(1) + (f", {code.group(1)}" if code else "")
             return OSError(errno.EIO, f"{self.endpoint} answered {reason} for {what}")
