@@ -166,8 +166,18 @@ def test_mount_read_when_the_service_goes_away(env: Path, node: Path, tmp_path: 
             (m.path / "node1" / rel).read_bytes()
         assert e.value.errno == errno.EIO
         assert time.monotonic() - started < 60
+        # Listing a folder not read yet: EIO too, not the network's ECONNREFUSED.
+        folders = sorted(p.relative_to(node) for p in node.rglob("*") if p.is_dir())
+        with pytest.raises(OSError) as e:
+            for folder in folders:
+                os.listdir(m.path / "node1" / folder)
+        assert e.value.errno == errno.EIO
         assert server_command("rgw-start").returncode == 0
         assert (m.path / "node1" / rel).read_bytes() == big.read_bytes()
+    log = m.log.read_text()
+    # One line per failure, as for a disk's I/O error: no "internal error", no traceback.
+    assert "cannot connect to" in log and "internal error" not in log, log
+    assert "Traceback" not in log, log
 
 
 @pytest.mark.allow_warnings
@@ -309,7 +319,9 @@ def test_wrong_credentials(tmp_path: Path, s3_server: S3Server, s3_bucket: str,
                            node: Path) -> None:
     env = s3_env(tmp_path / "e.env", s3_server, s3_bucket, node,
                  AWS_SECRET_ACCESS_KEY="not-the-secret-at-all")
-    for args in (["backup"], ["ls"], ["check"], ["restore", "--to", tmp_path / "r"]):
+    (tmp_path / "mnt").mkdir()
+    for args in (["backup"], ["ls"], ["check"], ["restore", "--to", tmp_path / "r"],
+                 ["mount", tmp_path / "mnt"]):
         res = run_cli(*args, "--config", env)
         assert res.returncode == 7, (args, res.stderr)
         line = one_line(res)
@@ -332,6 +344,38 @@ def test_settings_errors(tmp_path: Path, node: Path) -> None:
         res = run_cli("backup", "--config", env)
         assert res.returncode == 2, res.stderr
         assert want in one_line(res)
+    # What the environment holds goes into request headers: a control character is refused
+    # (obstore would panic), without showing the value (it may be the secret).
+    base = write_env(tmp_path / "b.env", "s3://bucket/x", directory=node,  # type: ignore
+                     AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="id",
+                     AWS_SECRET_ACCESS_KEY="secret")
+    for name, value in [("AWS_REGION", "x\x01"), ("AWS_SESSION_TOKEN", "tok\x7fen"),
+                        ("AWS_SECRET_ACCESS_KEY", "se cret\x02"),
+                        ("AWS_ACCESS_KEY_ID", "id\u00e9")]:
+        res = run_cli("ls", "--config", base, env={**clean_env(), name: value})
+        assert res.returncode == 2, res.stderr
+        line = one_line(res)
+        assert f"{name} may hold only visible ASCII" in line and value not in res.stderr, line
+        assert "panicked" not in res.stderr
+    for url, want in [("s3://bucket//x", "may not have empty"),
+                      ("s3://bucket/x//y", "may not have empty"),
+                      ("S3://bucket/x", "written s3:// (lower case), not S3://")]:
+        env = write_env(tmp_path / "u.env", url, directory=node,  # type: ignore
+                        AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="id",
+                        AWS_SECRET_ACCESS_KEY="secret")
+        res = run_cli("ls", "--config", env)
+        assert res.returncode == 2 and want in one_line(res), res.stderr
+    env = write_env(tmp_path / "p.env", "s3://bucket/x", directory=node,  # type: ignore
+                    AWS_ENDPOINT_URL="https://user:hunter2@s3.example.com",
+                    AWS_ACCESS_KEY_ID="id", AWS_SECRET_ACCESS_KEY="secret")
+    res = run_cli("ls", "--config", env)
+    assert res.returncode == 2 and "user:***@s3.example.com" in one_line(res), res.stderr
+    assert "hunter2" not in res.stderr
+    env = write_env(tmp_path / "k.env", "s3://bucket/x", directory=node,  # type: ignore
+                    AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="id",
+                    AWS_SECRET_KEY="secret")
+    res = run_cli("ls", "--config", env)
+    assert "did you mean AWS_SECRET_ACCESS_KEY?" in res.stderr, res.stderr
     # AWS_* in the env file are humiofs settings: no "not a humiofs setting" warning.
     env = write_env(tmp_path / "e.env", "s3://bucket/x", directory=node,  # type: ignore
                     AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="id",
@@ -341,3 +385,78 @@ def test_settings_errors(tmp_path: Path, node: Path) -> None:
     assert res.returncode == 7, res.stderr
     assert "cannot connect to http://127.0.0.1:9" in one_line(res)
     assert KEY not in res.stderr
+
+
+@pytest.mark.allow_warnings
+def test_watch_rides_out_an_outage(env: Path, tmp_path: Path, node: Path, s3_server: S3Server,
+                                   s3_bucket: str, rgw: None) -> None:
+    """The service going away for a while fails the watch's passes (one line, --json an
+    object with `error`), not the watch: it keeps its lock and commits once it is back."""
+    import json
+    live = tmp_path / "live"
+    subprocess.run(["cp", "-a", "--sparse=always", str(node), str(live)], check=True)
+    env2 = s3_env(tmp_path / "live.env", s3_server, s3_bucket, live)
+    out_path, err_path = tmp_path / "watch.out", tmp_path / "watch.err"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "humiofs", "backup", "--config",
+                                 str(env2), "--watch", "--interval", "1", "--json"],
+                                env=clean_env(), cwd=ROOT, stdout=out, stderr=err)
+
+    def passes() -> list[dict[str, object]]:
+        return [json.loads(ln) for ln in out_path.read_text().splitlines() if ln.strip()]
+    try:
+        wait_for(lambda: proc.poll() is not None or any(p.get("committed") for p in passes()),
+                 "the first generation", 60)
+        assert proc.poll() is None, err_path.read_text()
+        assert server_command("rgw-kill").returncode == 0
+        seen = len(passes())
+        wait_for(lambda: proc.poll() is not None or any(p.get("error") for p in passes()[seen:]),
+                 "a pass failing for the outage", 60)
+        assert proc.poll() is None, err_path.read_text()
+        assert server_command("rgw-start").returncode == 0
+        (live / "written-later").write_bytes(b"y" * 5000)
+        seen = len(passes())
+        wait_for(lambda: proc.poll() is not None
+                 or any(p.get("committed") for p in passes()[seen:]), "a pass after it", 90)
+        assert proc.poll() is None, err_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, err_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = err_path.read_text()
+    assert "Traceback" not in log and "cannot remove the lock" not in log, log
+    failed = [p for p in passes() if p.get("error")]
+    assert failed and "cannot connect to" in str(failed[0]["error"]), failed
+    target = tmp_path / "restored"
+    assert run_cli("restore", "--config", env2, "--to", target).returncode == 0
+    assert tree_digest(target) == source_digest(live)
+
+
+def test_an_endpoint_that_is_not_s3(tmp_path: Path, node: Path) -> None:
+    """A web server at AWS_ENDPOINT_URL answering 404 to bucket calls is a setting to fix
+    (exit 2), not a damaged store (5)."""
+    import http.server
+    import threading
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+        do_HEAD = do_PUT = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = write_env(tmp_path / "e.env", "s3://bucket/x", directory=node,  # type: ignore
+                        AWS_ENDPOINT_URL=f"http://127.0.0.1:{server.server_address[1]}",
+                        AWS_ACCESS_KEY_ID="id", AWS_SECRET_ACCESS_KEY="secret")
+        for args in (["ls"], ["check"], ["restore", "--to", tmp_path / "r"]):
+            res = run_cli(*args, "--config", env)
+            assert res.returncode == 2, (args, res.stderr)
+            assert "does not look like an S3 service" in one_line(res)
+    finally:
+        server.shutdown()
+        server.server_close()

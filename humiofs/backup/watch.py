@@ -8,6 +8,7 @@ a safety net, a pass walks everything instead.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 FULL_WALK_S = 900.0
 PRUNE_EVERY = 10          # passes; and only if a generation was committed since the last prune,
 PRUNE_IDLE_S = 3600.0     # or this long has passed (generations age, recorded packs fall due)
+_OUTAGE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT,
+                            errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED})
 _COALESCE_S = 0.1         # while sleeping, read inotify events at most this often
 
 
@@ -183,7 +186,13 @@ class Watch:
                     deadline = time.monotonic() + self.interval
                     started = time.monotonic()
                     self.last_pass = {}
-                    parent = self._pass(parent)
+                    try:
+                        parent = self._pass(parent)
+                    except (OSError, errors.HumiofsError) as exc:
+                        why = self._outage(exc)
+                        if why is None or isinstance(exc, Interrupted):
+                            raise
+                        parent = self._failed(parent, why)
                     self.passes += 1
                     if self.json_out:
                         summary.emit("backup", store=self.store.name, watch_pass=self.passes,
@@ -316,6 +325,23 @@ class Watch:
                  s.bytes_stored, "full" if full else "incremental", time.monotonic() - start)
         return gen
 
+    def _outage(self, exc: BaseException) -> str | None:
+        """Why a pass failed if the object storage service could not be reached (refused or
+        dropped connections, timeouts, after the client's retries: README "Object storage"),
+        else None. Such a pass is retried next interval like a backup drive that went away;
+        a local store's errors are not outages."""
+        if self.store.backend.local_path is not None:
+            return None
+        seen: BaseException | None = exc
+        for _ in range(8):
+            if seen is None:
+                break
+            if isinstance(seen, (ConnectionError, TimeoutError)) or (
+                    isinstance(seen, OSError) and seen.errno in _OUTAGE_ERRNOS):
+                return str(exc)
+            seen = seen.__cause__ or seen.__context__
+        return None
+
     def _failed(self, parent: Generation | None, why: str) -> Generation | None:
         """A pass that failed for a passing reason: one line, retried next interval."""
         log.warning("backup pass failed: %s; trying again in %gs", why, self.interval)
@@ -358,9 +384,15 @@ class Watch:
         except (OSError, errors.HumiofsError) as exc:
             if isinstance(exc, Interrupted):
                 raise
-            gone = self._store_gone()
+            try:
+                gone = self._outage(exc) or self._store_gone()
+            except OSError as again:
+                gone = self._outage(again)
+                if gone is None:
+                    raise
             if gone:
                 log.warning("prune failed: %s; the next pass tries again", gone)
+                self._pruned_at = None
                 return
             if not isinstance(exc, StoreError):
                 raise

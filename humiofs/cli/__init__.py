@@ -234,5 +234,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"humiofs: error: {exc.strerror or exc}{where} (not expected here: please "
               "report it, with the output of -vv)", file=sys.stderr)
         return errors.EXIT_INTERNAL
+    except BaseException as exc:
+        # The last resort for a panic in obstore's Rust code (pyo3's PanicException, not an
+        # Exception): config.py refuses the settings known to cause one.
+        if type(exc).__name__ != "PanicException":
+            raise
+        log.debug("panic in the S3 client", exc_info=True)
+        print(f"humiofs: error: the S3 client failed: {str(exc).splitlines()[0][:200]} (not "
+              "expected: please report it, with the output of -vv)", file=sys.stderr)
+        return errors.EXIT_IO
     finally:
         signal.signal(signal.SIGTERM, old_term)

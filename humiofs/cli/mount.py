@@ -137,7 +137,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cache = None
     if is_remote(cfg.backup_dir) and cfg.cache_dir is not None and cfg.cache_bytes > 0:
         cache = PackCache(cfg.cache_dir, cfg.cache_bytes)
-        cache.check()
+        if not cache.check():
+            cache = None
     # Only --name limits the mount: BACKUP_NAME in a node's env file names the store that
     # node writes, while an operator mounting wants to see every backup the key opens.
     opening = _Opening(cfg.backup_dir, key, args.name, args.name is None and at is None, cache)

@@ -16,7 +16,7 @@ from typing import TypeVar, cast
 import pyfuse3
 import trio
 
-from humiofs.errors import StoreError
+from humiofs.errors import StoreError, StoreIOError
 from humiofs.mount import tree
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ ATTR_CACHE = 65_536
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
+_STORE_DOWN = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                         errno.ENETUNREACH, errno.ECONNABORTED, errno.ENOLCK})
+
+
 def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
@@ -46,8 +50,15 @@ def _fuse_error(what: str, args: tuple[object, ...], exc: Exception) -> pyfuse3.
     if isinstance(exc, tree.NotFound):
         log.debug("%s%r: not found", what, args)
         return pyfuse3.FUSEError(errno.ENOENT)
-    if isinstance(exc, StoreError):
+    if isinstance(exc, (StoreError, StoreIOError)):
+        # Damaged store data, or the store unreadable (its drive gone, the S3 service down).
         log.error("%s: %s", what, exc)
+        return pyfuse3.FUSEError(errno.EIO)
+    if isinstance(exc, OSError) and (isinstance(exc, (ConnectionError, TimeoutError))
+                                     or exc.errno in _STORE_DOWN):
+        # Reaching the store failed (after the client's retries): for a reader, an I/O
+        # error like a disk's, not a network error of its own.
+        log.error("%s: %s", what, exc.strerror or exc)
         return pyfuse3.FUSEError(errno.EIO)
     if isinstance(exc, OSError):
         log.debug("%s%r: %s", what, args, exc)
@@ -239,12 +250,8 @@ class Operations(pyfuse3.Operations):
                     reply = made[i - 2] if made else entry(attrs[i - 2], volatile)
                 if not reply_to(token, name, reply, i + 1):
                     break
-        except StoreError as exc:
-            log.error("readdir: %s", exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("internal error in readdir")
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise _fuse_error("readdir", (fh, start_id), exc) from None
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         self._dirs.pop(fh, None)

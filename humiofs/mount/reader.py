@@ -26,7 +26,7 @@ from bisect import bisect_right
 
 import trio
 
-from humiofs.errors import StoreError
+from humiofs.errors import StoreError, StoreIOError
 from humiofs.mount.chunkcache import CACHE_BYTES, ChunkCache, Load
 from humiofs.mount.decryptd import Worker
 from humiofs.store import crypto
@@ -343,8 +343,10 @@ class Reader:
         try:
             await trio.to_thread.run_sync(f.store.read_chunks_into, ref, crypto.KIND_DATA,
                                           first, last, self.cache.region(load))
-        except StoreError as exc:
-            error = str(exc)
+        except (StoreError, StoreIOError) as exc:
+            error = str(exc)        # damaged, or the store unreadable (the S3 service down)
+        except OSError as exc:
+            error = exc.strerror or str(exc)
         except Exception as exc:  # a system task must not raise: it would end the mount
             if self.cache.closed:
                 # A read-ahead still running when the mount closed: its slots are gone, and
@@ -362,8 +364,11 @@ class Reader:
         try:
             buf = await trio.to_thread.run_sync(f.store.read_chunks, f.ref, crypto.KIND_DATA,
                                                 first, last)
-        except StoreError as exc:
+        except (StoreError, StoreIOError) as exc:
             raise Damaged(f"cannot read {f.path} at data offset {start}: {exc}") from None
+        except OSError as exc:
+            raise Damaged(f"cannot read {f.path} at data offset {start}: "
+                          f"{exc.strerror or exc}") from None
         skip = start - first * CHUNK
         return bytes(memoryview(buf)[skip:skip + n])
 

@@ -29,14 +29,19 @@ class PackCache:
     folder: Path
     max_bytes: int
 
-    def check(self) -> None:
-        """Makes the folder now (mode 0700): ConfigError (exit 2) with one line if it cannot
-        be, so that a mount does not start with every store left out for it."""
+    def check(self) -> bool:
+        """Makes the folder now (mode 0700). False, with one warning, if it cannot be (a
+        read-only disk, a file in the way): the mount then reads without the cache rather
+        than not at all, or with every store left out for it."""
         from humiofs.store.backend.blockfolder import make_folder
         try:
             make_folder(self.folder)
         except OSError as exc:
-            raise ConfigError(f"BACKUP_CACHE_DIR {self.folder}: {exc.strerror}") from None
+            log.warning("BACKUP_CACHE_DIR %s: %s; mounting without the cache of pack blocks "
+                        "(every read goes to the object storage)", self.folder,
+                        exc.strerror or exc)
+            return False
+        return True
 
 
 def mount_backend(where: Path | str, cache: PackCache | None) -> Backend:
@@ -196,6 +201,10 @@ def backup_dir_stores(backup_dir: Path | str) -> list[str]:
         raise ConfigError(f"BACKUP_DIR {backup_dir} is not a folder; set BACKUP_DIR to the "
                           "folder that holds the backups") from None
     except OSError as exc:
+        if is_remote(backup_dir):
+            # The service refused us (403) or could not be reached: exit 7 as for every
+            # command (README, exit codes), not a setting (2).
+            raise StoreIOError(f"cannot read BACKUP_DIR {backup_dir}: {exc.strerror}") from None
         raise ConfigError(f"cannot read BACKUP_DIR {backup_dir}: {exc.strerror}") from None
     return list_stores(location)
 

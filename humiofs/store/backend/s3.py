@@ -30,7 +30,9 @@ from humiofs.store.backend import (
 )
 from humiofs.store.backend.s3reads import ReadWindows
 from humiofs.store.backend.s3settings import (
+    BACKOFF_S,
     CONNECT_S,
+    MAX_BACKOFF_S,
     REQUEST_S,
     RETRIES,
     RETRY_WINDOW_S,
@@ -78,8 +80,9 @@ class S3Location(Location):
                             "timeout": timedelta(seconds=REQUEST_S)},
             retry_config={"max_retries": RETRIES,
                           "retry_timeout": timedelta(seconds=RETRY_WINDOW_S),
-                          "backoff": {"init_backoff": timedelta(milliseconds=200),
-                                      "max_backoff": timedelta(seconds=4), "base": 2}})
+                          "backoff": {"init_backoff": timedelta(seconds=BACKOFF_S),
+                                      "max_backoff": timedelta(seconds=MAX_BACKOFF_S),
+                                      "base": 2}})
 
     def key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -155,6 +158,12 @@ class S3Location(Location):
                 f"{self.endpoint} did not answer in time (tried for {_tried(text)})"))
         status = re.search(r"status code: (\d{3} [A-Za-z ]+?):", text)
         code = re.search(r"<Code>([A-Za-z]+)</Code>", text)
+        if status and status.group(1).startswith("404") and not code:
+            # A bucket call answered 404 with no S3 error code: not an S3 service (a web
+            # server at AWS_ENDPOINT_URL), or BACKUP_DIR's bucket part is a path there.
+            return LocationMissing(errno.ENOENT, (
+                f"{self.endpoint} answered 404 Not Found without an S3 error code for {what}: "
+                "it does not look like an S3 service; correct AWS_ENDPOINT_URL or BACKUP_DIR"))
         if status:
             reason = status.group(1) + (f", {code.group(1)}" if code else "")
             return OSError(errno.EIO, f"{self.endpoint} answered {reason} for {what}")

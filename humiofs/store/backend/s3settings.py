@@ -9,12 +9,16 @@ from dataclasses import dataclass, field
 
 # Requests: a connection must be made in CONNECT_S and a whole request (a part of a pack, a
 # ranged read) done in REQUEST_S. A failed request (5xx, refused or dropped connection,
-# timeout) is tried again after 0.2, 0.4, 0.8, 1.6, 3.2 s (with jitter), at most RETRIES times
-# and not after RETRY_WINDOW_S: a server that is down is reported after about 6 s, one that
-# hangs after at most RETRY_WINDOW_S + REQUEST_S = 50 s.
+# timeout) is tried again at most RETRIES times and not after RETRY_WINDOW_S, after waits
+# drawn by obstore's jittered backoff: the first BACKOFF_S, each next one between BACKOFF_S
+# and twice the previous, at most MAX_BACKOFF_S. A server that is down is reported after 3 to
+# about 14 s, typically 6 s (a restarting service is ridden out); one that hangs after at most
+# RETRY_WINDOW_S + REQUEST_S = 50 s.
 CONNECT_S = 5
 REQUEST_S = 20
-RETRIES = 5
+RETRIES = 6
+BACKOFF_S = 0.5
+MAX_BACKOFF_S = 4
 RETRY_WINDOW_S = 30
 SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP")
@@ -38,6 +42,15 @@ class S3Settings:
         AWS_DEFAULT_REGION, else us-east-1) and AWS_ALLOW_HTTP (true/false; an http://
         endpoint on a loopback address is allowed without it). ValueError with one line for
         a bad value."""
+        for name in SETTINGS:
+            value = env.get(name) or ""
+            bad = next((i for i, c in enumerate(value) if not "!" <= c <= "~"), None)
+            if bad is not None:
+                # Request headers and URLs carry these: visible ASCII only (obstore panics on
+                # a control character). The value itself may be a secret: not shown.
+                raise ValueError(f"{name} may hold only visible ASCII characters (no blanks or "
+                                 f"control characters); character {bad + 1} is "
+                                 f"{'U+%04X' % ord(value[bad])}")
         endpoint = env.get("AWS_ENDPOINT_URL") or None
         allow = env.get("AWS_ALLOW_HTTP", "").strip().lower()
         if allow not in ("", "true", "false", "1", "0", "yes", "no"):
@@ -46,8 +59,8 @@ class S3Settings:
         if endpoint is not None:
             m = re.match(r"^(https?)://([^/:]+|\[[^]]+\])(:\d+)?/?$", endpoint)
             if not m:
-                raise ValueError(f"AWS_ENDPOINT_URL must look like https://HOST[:PORT], "
-                                 f"not {endpoint!r}")
+                raise ValueError(f"AWS_ENDPOINT_URL must look like https://HOST[:PORT] (no "
+                                 f"user or password, no path), not {redact(endpoint)!r}")
             if m.group(1) == "http" and not allow_http:
                 if m.group(2) not in ("127.0.0.1", "localhost", "[::1]"):
                     raise ValueError(f"AWS_ENDPOINT_URL {endpoint} is plain http, which shows "
@@ -60,14 +73,22 @@ class S3Settings:
                    allow_http, env.get("AWS_SESSION_TOKEN") or None)
 
 
+def redact(url: str) -> str:
+    """`url` with the password of a `user:password@` in it replaced by `***`."""
+    return re.sub(r"^([A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", url)
+
+
 def parse_url(url: str) -> tuple[str, str]:
     """(bucket, prefix) of `s3://BUCKET[/PREFIX]`; the prefix has no leading or trailing `/`.
     ValueError with one line if it is not such a URL."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme != "s3" and scheme.lower() == "s3":
+        raise ValueError(f"{url!r}: the scheme is written s3:// (lower case), not {scheme}://")
     m = re.match(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?$", url)
     if not m:
         raise ValueError(f"{url!r} is not s3://BUCKET/PREFIX (a bucket name is 3-63 lower-case "
                          "letters, digits, dots and hyphens)")
-    prefix = (m.group(2) or "").strip("/")
+    prefix = (m.group(2) or "").removeprefix("/").removesuffix("/")
     parts = prefix.split("/") if prefix else []
     if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
         raise ValueError(f"{url!r}: the prefix may not have empty, '.' or '..' parts, or parts "
