@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from humiofs.store.backend import Backend, Item, Lock, Upload
+from humiofs.store.backend import Backend, Item, Wrapper
 from humiofs.store.backend.blockfolder import PIECE, BlockFolder, MemoryBlocks
 from humiofs.store.backend.cache import CachedBackend
 from humiofs.store.backend.s3 import location_from_env
@@ -32,13 +32,11 @@ B = 128 << 10                 # the tests' block size: small, so that packs of a
 DEADLINE_S = 30.0
 
 
-class Counting(Backend):
+class Counting(Wrapper):
     """Passes every call to `inner`, recording the ranged reads and stats that reach it."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.location = inner.location
-        self.local_path = inner.local_path
+        super().__init__(inner)
         self.reads: list[tuple[str, int, int]] = []
         self.stats = 0
         self._lock = threading.Lock()
@@ -64,32 +62,14 @@ class Counting(Backend):
             self.reads.append((name, 0, -1))
         return self.inner.read(name, limit)
 
-    def list(self, folder: str = "", recursive: bool = False) -> list[Item]:
-        return self.inner.list(folder, recursive)
 
-    def write(self, name: str, data: bytes, exclusive: bool = True) -> None:
-        self.inner.write(name, data, exclusive)
 
-    def create(self, name: str) -> Upload:
-        return self.inner.create(name)
 
-    def append(self, name: str, data: bytes, sync: bool) -> None:
-        self.inner.append(name, data, sync)
 
-    def delete(self, name: str) -> None:
-        self.inner.delete(name)
 
-    def rename(self, src: str, dst: str) -> None:
-        self.inner.rename(src, dst)
 
-    def make_folder(self, folder: str) -> None:
-        self.inner.make_folder(folder)
 
-    def lock(self, name: str, info: bytes, wait_s: float = 0.0) -> Lock:
-        return self.inner.lock(name, info, wait_s)
 
-    def locked(self, name: str) -> bool:
-        return self.inner.locked(name)
 
 
 Packs = tuple[Backend, dict[str, bytes]]

@@ -203,6 +203,64 @@ class Backend(ABC):
         """Releases cached handles. The backend may not be used afterwards."""
 
 
+class Wrapper(Backend):
+    """A backend that passes every call to the backend `inner`: the base of one that adds to
+    some calls (cache.CachedBackend serves packs from its cache) and passes the rest on."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.location = inner.location
+        self.local_path = inner.local_path
+
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        return self.inner.read(name, limit)
+
+    def read_into(self, name: str, offset: int, out: memoryview, nowait: bool = False) -> bool:
+        return self.inner.read_into(name, offset, out, nowait)
+
+    def stat(self, name: str) -> Item:
+        return self.inner.stat(name)
+
+    def list(self, folder: str = "", recursive: bool = False) -> list[Item]:
+        return self.inner.list(folder, recursive)
+
+    def write(self, name: str, data: bytes, exclusive: bool = True) -> None:
+        self.inner.write(name, data, exclusive)
+
+    def create(self, name: str) -> Upload:
+        return self.inner.create(name)
+
+    def append(self, name: str, data: bytes, sync: bool) -> None:
+        self.inner.append(name, data, sync)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.inner.rename(src, dst)
+
+    def make_folder(self, folder: str) -> None:
+        self.inner.make_folder(folder)
+
+    def sync(self, folder: str = "") -> None:
+        self.inner.sync(folder)
+
+    def lock(self, name: str, info: bytes, wait_s: float = 0.0) -> Lock:
+        return self.inner.lock(name, info, wait_s)
+
+    def locked(self, name: str) -> bool:
+        return self.inner.locked(name)
+
+    def planted(self, folders: tuple[str, ...], files: tuple[str, ...]) -> str | None:
+        return self.inner.planted(folders, files)
+
+    def discard(self, name: str) -> None:
+        self.inner.discard(name)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class Location(ABC):
     """BACKUP_DIR: a place that holds stores, each under its BACKUP_NAME."""
 

@@ -35,7 +35,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from humiofs.store.backend import Backend, Item, Lock, Upload
+from humiofs.store.backend import Backend, Wrapper
 from humiofs.store.backend.blockfolder import BlockFolder, MemoryBlocks
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class _Fetch:
         self.data: memoryview | None = None     # None: the fetch failed
 
 
-class CachedBackend(Backend):
+class CachedBackend(Wrapper):
     """`inner` with its packs' bytes cached in `folder`, at most `max_bytes` of block files
     (see BlockFolder); with `folder` None, in memory (MemoryBlocks: for a restore). `block_bytes` must be a multiple of 64 KiB. A sequential reader of a
     pack gets up to `readahead_blocks` blocks fetched ahead of it, by `readahead_threads`
@@ -82,9 +82,7 @@ class CachedBackend(Backend):
     def __init__(self, inner: Backend, folder: Path | None, max_bytes: int, *,
                  block_bytes: int = BLOCK_BYTES, readahead_blocks: int = READAHEAD_BLOCKS,
                  readahead_threads: int = READAHEAD_THREADS) -> None:
-        self.inner = inner
-        self.location = inner.location
-        self.local_path = inner.local_path
+        super().__init__(inner)
         self.blocks: BlockFolder | MemoryBlocks = (
             BlockFolder(folder, inner.location, max_bytes, block_bytes) if folder is not None
             else MemoryBlocks(max_bytes, block_bytes))
@@ -137,23 +135,11 @@ class CachedBackend(Backend):
             self._sizes.pop(name, None)
         self.blocks.discard(name)
 
-    def read(self, name: str, limit: int | None = None) -> bytes:
-        return self.inner.read(name, limit)
 
-    def stat(self, name: str) -> Item:
-        return self.inner.stat(name)
 
-    def list(self, folder: str = "", recursive: bool = False) -> list[Item]:
-        return self.inner.list(folder, recursive)
 
-    def write(self, name: str, data: bytes, exclusive: bool = True) -> None:
-        self.inner.write(name, data, exclusive)
 
-    def create(self, name: str) -> Upload:
-        return self.inner.create(name)
 
-    def append(self, name: str, data: bytes, sync: bool) -> None:
-        self.inner.append(name, data, sync)
 
     def delete(self, name: str) -> None:
         # A pack deleted (prune) loses its blocks too; they would only wait for eviction.
@@ -161,23 +147,11 @@ class CachedBackend(Backend):
             self.discard(name)
         self.inner.delete(name)
 
-    def rename(self, src: str, dst: str) -> None:
-        self.inner.rename(src, dst)
 
-    def make_folder(self, folder: str) -> None:
-        self.inner.make_folder(folder)
 
-    def sync(self, folder: str = "") -> None:
-        self.inner.sync(folder)
 
-    def lock(self, name: str, info: bytes, wait_s: float = 0.0) -> Lock:
-        return self.inner.lock(name, info, wait_s)
 
-    def locked(self, name: str) -> bool:
-        return self.inner.locked(name)
 
-    def planted(self, folders: tuple[str, ...], files: tuple[str, ...]) -> str | None:
-        return self.inner.planted(folders, files)
 
     def close(self) -> None:
         """Stops read-ahead (waiting for fetches under way), then closes the wrapped backend."""
