@@ -263,16 +263,7 @@ def _background(model: tree.Tree, mountpoint: Path, opts: set[str],
         os.close(r)
         code = 1
         try:
-            _detach(handler)
-            serve(model, mountpoint, opts, ready_fd=w)
-            code = 0
-        except HumiofsError as exc:
-            _report(w, str(exc))
-            log.error("%s", exc)
-            code = exc.exit_code
-        except BaseException as exc:  # the parent must hear of anything
-            _report(w, f"{type(exc).__name__}: {exc}")
-            log.exception("mount failed")
+            code = _serve_detached(model, mountpoint, opts, w, handler, new_session=True)
         finally:
             logging.shutdown()
             os._exit(code)
@@ -333,19 +324,25 @@ def serve_respawned(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd
                     handler: logging.Handler | None) -> int:
     """The process respawn started: serves as _background's child does, telling the parent
     on `ready_fd` that it is ready or why it failed."""
-    code = 1
+    return _serve_detached(model, mountpoint, opts, ready_fd, handler, new_session=False)
+
+
+def _serve_detached(model: tree.Tree, mountpoint: Path, opts: set[str], ready_fd: int,
+                    handler: logging.Handler | None, new_session: bool) -> int:
+    """Detaches from the terminal and serves the mount until it ends, telling the parent on
+    `ready_fd` that it is ready or why it failed; returns the exit code."""
     try:
-        _detach(handler, new_session=False)
+        _detach(handler, new_session=new_session)
         serve(model, mountpoint, opts, ready_fd=ready_fd)
-        code = 0
+        return 0
     except HumiofsError as exc:
         _report(ready_fd, str(exc))
         log.error("%s", exc)
-        code = exc.exit_code
+        return exc.exit_code
     except BaseException as exc:  # the parent must hear of anything
         _report(ready_fd, f"{type(exc).__name__}: {exc}")
         log.exception("mount failed")
-    return code
+        return 1
 
 
 def _detach(handler: logging.Handler | None, new_session: bool = True) -> None:
