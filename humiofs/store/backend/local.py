@@ -105,16 +105,22 @@ class LocalUpload(Upload):
         log.warning("%s was missing; made it again (it holds only packs)", folder)
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = -1
+        self._fd = _close_quietly(self._fd)
         try:
             unlink_quietly(self._tmp)
         except OSError:
             pass
+
+
+def _close_quietly(fd: int) -> int:
+    """Closes `fd` unless it is -1, ignoring errors (an abort or release never raises);
+    returns -1, the handle's new value."""
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return -1
 
 
 class LocalLock(Lock):
@@ -122,12 +128,7 @@ class LocalLock(Lock):
         self._fd = fd
 
     def release(self) -> None:
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = -1
+        self._fd = _close_quietly(self._fd)
 
 
 class LocalBackend(Backend):
