@@ -731,3 +731,22 @@ def test_forever_retention_and_a_key_that_is_not_utf8_are_no_tracebacks(tmp_path
                 env=bad)
     assert r.returncode == 2 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr
     assert not [p for p in os.listdir(tmp_path / "b") if p != "node1"]
+
+
+def test_object_storage_without_its_client_is_one_line(tmp_path: Path) -> None:
+    """obstore is an optional extra: without it, BACKUP_DIR=s3://… is one line naming the
+    extra and exit 2, never an ImportError's traceback (the import is blocked for real)."""
+    node = tmp_path / "node"
+    node.mkdir()
+    code = ("import sys; sys.modules['obstore'] = None; from humiofs.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = clean_env()
+    env.update(BACKUP_KEY=KEY, AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="id",
+               AWS_SECRET_ACCESS_KEY="secret")
+    for args in (["ls"], ["backup", "--name", "n", "--directory", str(node)]):
+        res = subprocess.run([sys.executable, "-c", code, *args, "--backup-dir",
+                              "s3://bucket/prefix"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "pip install 'humiofs[s3]'" in lines[0], res.stderr

@@ -24,8 +24,16 @@ def store_at(backup_dir: Path | str, name: str) -> Path | str:
 def open_location(backup_dir: Path | str) -> Location:
     """The Location BACKUP_DIR names: object storage (S3Location, with the AWS_* settings
     config.load registered, s3.use_settings) for `s3://BUCKET/PREFIX`, else a local folder
-    (LocalLocation). ValueError with one line for a malformed s3:// URL or setting."""
+    (LocalLocation). ValueError with one line for a malformed s3:// URL or setting;
+    ConfigError (exit 2) if obstore, the optional S3 client, is not installed."""
     if is_remote(backup_dir):
+        try:
+            import obstore  # noqa: F401  (the optional S3 client: the `s3` extra)
+        except ImportError:
+            from humiofs.errors import ConfigError
+            raise ConfigError(f"BACKUP_DIR {backup_dir} is on object storage, which needs the "
+                              "S3 client obstore: pip install 'humiofs[s3]' (scripts/setup "
+                              "installs it)") from None
         from humiofs.store.backend import s3
         return s3.open_s3(str(backup_dir))
     from humiofs.store.backend.local import LocalLocation
